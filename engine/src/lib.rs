@@ -1,1 +1,20 @@
-//! tern-engine.
+//! tern-engine: the SMTP side of tern.
+//!
+//! A map of the crate, in the order a connection meets it:
+//!
+//! - `config`: the TOML file and `--set` overrides, parsed once into an immutable `Config`.
+//! - `server`: starts one glommio executor per core (a *shard*) and stops them on a signal.
+//! - `listener`: each shard binds its own SO_REUSEPORT socket per configured address and
+//!   accepts connections; `conn` drives one connection (plain, STARTTLS or implicit TLS).
+//! - `session`: the I/O-free SMTP state machine: commands, DATA/BDAT, replies.
+//! - `policy`: relay decisions per recipient.
+//! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
+//! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
+//!   message gets its 250 only after its record is fdatasync'ed.
+//!
+//! Data flows one way: listener → conn → session → spool. Nothing on the per-command path
+//! is shared between shards.
+
+pub mod config;
+pub mod policy;
+pub mod session;

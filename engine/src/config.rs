@@ -1,0 +1,424 @@
+//! Configuration: the one TOML file, its defaults, and `--set key=value` overrides.
+//!
+//! Owns the typed view of every setting the engine reads. It parses and validates once, at
+//! start-up (and later on reload); shards receive an immutable `Arc<Config>` and never parse
+//! anything themselves. Unknown keys are errors: a typo must not silently fall back to a default.
+//! This module must never perform I/O beyond reading the config file it is given.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Errors while loading a configuration. They name the key (and, from the TOML parser, the
+/// line) so that an operator can fix the file without reading code.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("--set {arg}: expected key=value")]
+    SetSyntax { arg: String },
+    #[error("--set {key}: {message}")]
+    SetPath { key: String, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration. Field docs are the reference for docs/configuration.md.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Host name used in the greeting, EHLO reply and Received headers. Default: the machine's.
+    pub hostname: String,
+    /// Number of shards (one glommio executor pinned per core). 0 = one per available core.
+    pub shards: usize,
+    pub listeners: Listeners,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub spool: SpoolConfig,
+    pub relay: RelayConfig,
+    pub shutdown: ShutdownConfig,
+    pub executor: ExecutorConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listeners {
+    /// Port-25 role: MTA-to-MTA relay, STARTTLS offered.
+    pub smtp: Vec<SocketAddr>,
+    /// Port-587 role (RFC 6409): submission, STARTTLS offered.
+    pub submission: Vec<SocketAddr>,
+    /// Port-465 role (RFC 8314): implicit TLS from the first byte.
+    pub smtps: Vec<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain. When unset (with `key`), a self-signed certificate is generated.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Longest command line in octets, CRLF included (RFC 5321 §4.5.3.1.4: 512).
+    pub command_line: usize,
+    /// Longest text line in DATA, CRLF included (RFC 5321 §4.5.3.1.6: 1000).
+    pub text_line: usize,
+    /// Largest message accepted, in octets (advertised as SIZE).
+    pub message_size: u64,
+    /// Recipients per transaction (RFC 5321 §4.5.3.1.8 asks for at least 100).
+    pub recipients: usize,
+    /// Negative replies in one session before it is closed with 421 4.7.0.
+    pub errors: u32,
+    /// Inactivity allowed while waiting for the client, then 421 4.4.2.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Concurrent connections one shard serves; more get 421 4.7.0.
+    pub connections_per_shard: usize,
+    /// Concurrent connections from one client IP on one shard; more get 421 4.7.0.
+    pub connections_per_ip: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Directory holding one sub-directory of segment files per shard.
+    pub dir: PathBuf,
+    /// Size of each preallocated segment file, in octets.
+    pub segment_size: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Domains this server accepts mail for from anybody (final destination or relay-to).
+    pub local_domains: Vec<String>,
+    /// Client networks trusted to relay anywhere without AUTH. Empty by default: loopback is
+    /// not trusted unless listed, so an open relay is never the accident of a default.
+    pub trusted_networks: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long sessions in the middle of a transaction may go on after SIGTERM/SIGINT.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorConfig {
+    /// io_uring ring depth per executor ring. Small values keep locked memory low.
+    pub ring_depth: usize,
+    /// Memory registered with io_uring per executor, in octets (counts against RLIMIT_MEMLOCK
+    /// when the process lacks CAP_IPC_LOCK; see shared notes).
+    pub io_memory: usize,
+    /// Pin each shard to one CPU.
+    pub pin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// tracing filter directive, e.g. "info" or "tern_engine=debug".
+    pub level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            hostname: system_hostname(),
+            shards: 0,
+            listeners: Listeners::default(),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            spool: SpoolConfig::default(),
+            relay: RelayConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            executor: ExecutorConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            smtp: vec![SocketAddr::from(([0, 0, 0, 0], 25))],
+            submission: vec![SocketAddr::from(([0, 0, 0, 0], 587))],
+            smtps: vec![SocketAddr::from(([0, 0, 0, 0], 465))],
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            command_line: 512,
+            text_line: 1000,
+            message_size: 50 * 1024 * 1024,
+            recipients: 1000,
+            errors: 20,
+            idle_timeout: Duration::from_secs(300),
+            connections_per_shard: 10_000,
+            connections_per_ip: 100,
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            dir: PathBuf::from("spool"),
+            segment_size: 32 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            local_domains: vec!["localhost".into()],
+            trusted_networks: Vec::new(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for ExecutorConfig {
+    fn default() -> Self {
+        ExecutorConfig {
+            ring_depth: 256,
+            io_memory: 512 * 1024,
+            pin: true,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if any), applies `--set` overrides, and validates.
+    pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config, ConfigError> {
+        let (text, name) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "<defaults>".to_string()),
+        };
+        Self::from_toml_str(&text, &name, sets)
+    }
+
+    /// Parses TOML text plus overrides. Separate from `load` so tests and `tern demo` can
+    /// build a configuration without touching the file system.
+    pub fn from_toml_str(text: &str, name: &str, sets: &[String]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        for arg in sets {
+            apply_set(&mut table, arg)?;
+        }
+        // Re-serialise so that serde's errors (unknown key, wrong type) come with the key
+        // path; line numbers refer to the file only when no --set was given.
+        let merged = if sets.is_empty() {
+            text.to_string()
+        } else {
+            toml::to_string(&table).map_err(|e| ConfigError::Invalid(e.to_string()))?
+        };
+        let cfg: Config = toml::from_str(&merged).map_err(|e| ConfigError::Parse {
+            path: name.to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        if l.command_line < 512 {
+            return Err(ConfigError::Invalid(
+                "limits.command_line must be at least 512 (RFC 5321 §4.5.3.1.4)".into(),
+            ));
+        }
+        if l.text_line < 1000 {
+            return Err(ConfigError::Invalid(
+                "limits.text_line must be at least 1000 (RFC 5321 §4.5.3.1.6)".into(),
+            ));
+        }
+        if l.recipients == 0 || l.errors == 0 || l.message_size == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.recipients, limits.errors and limits.message_size must be positive".into(),
+            ));
+        }
+        if self.hostname.is_empty() || self.hostname.bytes().any(|b| !b.is_ascii_graphic()) {
+            return Err(ConfigError::Invalid(
+                "hostname must be a non-empty printable ASCII name".into(),
+            ));
+        }
+        if self.listeners.smtp.is_empty()
+            && self.listeners.submission.is_empty()
+            && self.listeners.smtps.is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "listeners: at least one of smtp, submission, smtps must list an address".into(),
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key must be given together".into(),
+            ));
+        }
+        if self.spool.segment_size < 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "spool.segment_size must be at least 1 MiB".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The number of shards to start: the configured count, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        if self.shards > 0 {
+            self.shards
+        } else {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        }
+    }
+}
+
+/// Applies one `key.path=value` override. The value is read as a TOML value when it parses
+/// as one (numbers, booleans, arrays, quoted strings) and as a bare string otherwise, so
+/// `--set spool.dir=/var/spool/tern` works without shell-quoting gymnastics.
+fn apply_set(table: &mut toml::Table, arg: &str) -> Result<(), ConfigError> {
+    let (key, raw) = arg.split_once('=').ok_or_else(|| ConfigError::SetSyntax {
+        arg: arg.to_string(),
+    })?;
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(ConfigError::SetSyntax {
+            arg: arg.to_string(),
+        });
+    }
+    let value = parse_set_value(raw.trim());
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = match entry {
+            toml::Value::Table(t) => t,
+            _ => {
+                return Err(ConfigError::SetPath {
+                    key: key.to_string(),
+                    message: format!("{part} is not a table"),
+                })
+            }
+        };
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+fn parse_set_value(raw: &str) -> toml::Value {
+    let doc = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// The machine's host name, or "localhost" if it cannot be read.
+pub fn system_hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is valid for buf.len() bytes; gethostname NUL-terminates on success.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic()) => s.to_string(),
+        _ => "localhost".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate() {
+        let c = Config::from_toml_str("", "t", &[]).unwrap();
+        assert_eq!(c.limits.command_line, 512);
+        assert_eq!(c.limits.message_size, 50 * 1024 * 1024);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn unknown_key_is_an_error() {
+        let e = Config::from_toml_str("[limits]\nbogus = 1\n", "t", &[]).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides() {
+        let c = Config::from_toml_str(
+            "",
+            "t",
+            &[
+                "limits.recipients=5".into(),
+                "spool.dir=/tmp/x y".into(),
+                "listeners.smtp=[\"127.0.0.1:0\"]".into(),
+                "limits.idle_timeout=10s".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.limits.recipients, 5);
+        assert_eq!(c.spool.dir, PathBuf::from("/tmp/x y"));
+        assert_eq!(c.listeners.smtp.len(), 1);
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn bad_value_names_key() {
+        let e = Config::from_toml_str("[limits]\nrecipients = \"many\"\n", "t", &[]).unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains("recipients") && s.contains("line 2"), "{s}");
+    }
+}

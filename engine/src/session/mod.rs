@@ -1,0 +1,837 @@
+//! The SMTP session state machine (RFC 5321 with ESMTP extensions), free of I/O.
+//!
+//! A `Session` is fed the bytes a client sent (`process`) and appends replies to an output
+//! buffer; it tells the connection driver what to do next through an `Event`: read more,
+//! make a finished message durable (then call `stored`), start TLS (then call
+//! `tls_started`), or close. Because it never touches a socket, a file or a clock it can be
+//! driven by a TCP connection, by `tern stdio`, by a fuzzer, or by a test, identically.
+//!
+//! Owns: the command/transaction state, limits (line lengths, recipients, size, error
+//! count), relay decisions per RCPT, and the DATA/BDAT body as a list of `Bytes` slices of
+//! the receive buffer. Must never: block, allocate per body line, answer a command that
+//! arrived before a STARTTLS after the upgrade, or end DATA on anything but CRLF.CRLF.
+
+pub mod command;
+pub mod data;
+pub mod reply;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use memchr::{memchr, memchr2};
+
+use crate::policy::RelayPolicy;
+use command::{Body, Command, ParseError};
+use data::{BodyFlaws, DataScanner, Scan};
+use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
+
+/// The role of the listener a session arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerKind {
+    /// Port 25: relay between MTAs, STARTTLS offered.
+    Smtp,
+    /// Port 587 (RFC 6409): message submission, STARTTLS offered.
+    Submission,
+    /// Port 465 (RFC 8314): implicit TLS.
+    Smtps,
+}
+
+impl ListenerKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerKind::Smtp => "smtp",
+            ListenerKind::Submission => "submission",
+            ListenerKind::Smtps => "smtps",
+        }
+    }
+}
+
+/// Limits a session enforces; copied from the configuration.
+#[derive(Debug, Clone)]
+pub struct SessionLimits {
+    pub command_line: usize,
+    pub text_line: usize,
+    pub message_size: u64,
+    pub recipients: usize,
+    pub errors: u32,
+}
+
+/// Everything a session needs to know about where it runs. One per listener per shard,
+/// shared by that listener's sessions (immutable).
+#[derive(Debug)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub kind: ListenerKind,
+    pub limits: SessionLimits,
+    /// Whether STARTTLS can be offered (a certificate is loaded).
+    pub tls_available: bool,
+    pub policy: RelayPolicy,
+}
+
+/// What the driver must do after `process` returns.
+#[derive(Debug)]
+pub enum Event {
+    /// Every complete command in the input was handled; read more input (after flushing).
+    NeedInput,
+    /// A message is complete: make it durable, then call `Session::stored`.
+    Message(Box<Message>),
+    /// STARTTLS was accepted ("220" is in the output): flush, discard all buffered input,
+    /// run the TLS handshake, then call `Session::tls_started`.
+    StartTls,
+    /// Flush the output and close the connection.
+    Close,
+}
+
+/// A finished message, ready for the spool. `envelope.id` is empty: the spool assigns it.
+#[derive(Debug)]
+pub struct Message {
+    pub envelope: Envelope,
+    pub body: Vec<Bytes>,
+    trace: Trace,
+}
+
+/// What the Received: header says about the session (RFC 5321 §4.4).
+#[derive(Debug)]
+struct Trace {
+    helo: String,
+    peer: SocketAddr,
+    protocol: &'static str,
+    single_rcpt: Option<String>,
+}
+
+impl Message {
+    /// Builds the Received: trace header for queue id `id`. It becomes the first body slice,
+    /// so prepending it copies nothing of the body.
+    pub fn received_header(&self, hostname: &str, id: &str) -> Bytes {
+        let t = &self.trace;
+        let mut h = String::with_capacity(200);
+        h.push_str("Received: from ");
+        h.push_str(&sanitize(&t.helo));
+        h.push_str(" ([");
+        h.push_str(&t.peer.ip().to_string());
+        h.push_str("])\r\n\tby ");
+        h.push_str(hostname);
+        h.push_str(" (tern) with ");
+        h.push_str(t.protocol);
+        h.push_str(" id ");
+        h.push_str(id);
+        if let Some(r) = &t.single_rcpt {
+            h.push_str("\r\n\tfor <");
+            h.push_str(&sanitize(r));
+            h.push('>');
+        }
+        h.push_str(";\r\n\t");
+        h.push_str(&rfc5322_now());
+        h.push_str("\r\n");
+        Bytes::from(h)
+    }
+
+    /// Prepends the Received: header to the body and records the final size.
+    pub fn finish(&mut self, hostname: &str, id: &str) {
+        let hdr = self.received_header(hostname, id);
+        self.envelope.size += hdr.len() as u64;
+        self.envelope.id = id.to_string();
+        self.body.insert(0, hdr);
+    }
+}
+
+/// Keeps client-supplied text in a header to printable ASCII: CR, LF and anything else
+/// that could break or forge header structure becomes '?'.
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && c != '(' && c != ')' {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+fn rfc5322_now() -> String {
+    use time::format_description::well_known::Rfc2822;
+    time::OffsetDateTime::now_utc()
+        .format(&Rfc2822)
+        .unwrap_or_else(|_| "Thu, 1 Jan 1970 00:00:00 +0000".into())
+}
+
+/// Why the spool could not take a message; chooses the reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreError {
+    /// No space (or over the high-water mark): 452 4.3.1.
+    Full,
+    /// Any other local failure (I/O, fsync): 451 4.3.0. Never 250.
+    Local,
+}
+
+#[derive(Debug)]
+enum State {
+    Command,
+    Data(DataScanner),
+    Bdat {
+        remaining: u64,
+        last: bool,
+        chunk: u64,
+        /// The reply owed once the chunk is consumed, if the BDAT itself was refused.
+        refused: Option<(u16, &'static str, &'static str)>,
+    },
+    /// A message was handed to the driver; waiting for `stored`.
+    Storing,
+    Closed,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    body_type: Body,
+    smtputf8: bool,
+    ret: Option<Ret>,
+    envid: Option<String>,
+    by: Option<DeliverBy>,
+    auth: Option<String>,
+    rcpts: Vec<Recipient>,
+    rcpt_attempts: u32,
+    body: Vec<Bytes>,
+    bdat_size: u64,
+    bdat_oversize: bool,
+    bdat_used: bool,
+}
+
+/// One SMTP session. Created per connection by the driver; see the module docs.
+pub struct Session {
+    cfg: Rc<SessionConfig>,
+    peer: SocketAddr,
+    tls: bool,
+    helo: Option<String>,
+    esmtp: bool,
+    authenticated: Option<String>,
+    txn: Option<Transaction>,
+    state: State,
+    errors: u32,
+    /// Discarding the rest of an over-long command line until its LF.
+    discarding: bool,
+    messages: u32,
+}
+
+impl Session {
+    pub fn new(cfg: Rc<SessionConfig>, peer: SocketAddr, tls: bool) -> Self {
+        Session {
+            cfg,
+            peer,
+            tls,
+            helo: None,
+            esmtp: false,
+            authenticated: None,
+            txn: None,
+            state: State::Command,
+            errors: 0,
+            discarding: false,
+            messages: 0,
+        }
+    }
+
+    /// The 220 greeting (RFC 5321 §4.2: no enhanced code).
+    pub fn greeting(&self, out: &mut BytesMut) {
+        reply::plain(out, 220, &format!("{} ESMTP tern", self.cfg.hostname));
+    }
+
+    /// True while a mail transaction is open (MAIL given and not yet finished or reset).
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some() || !matches!(self.state, State::Command | State::Closed)
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Messages accepted in this session (for the disconnect log line).
+    pub fn messages(&self) -> u32 {
+        self.messages
+    }
+
+    /// Idle timeout expired: 421 4.4.2 and close (RFC 5321 §4.5.3.2).
+    pub fn timeout(&mut self, out: &mut BytesMut) {
+        reply::line(
+            out,
+            421,
+            "4.4.2",
+            &format!("{} Error: timeout exceeded", self.cfg.hostname),
+        );
+        self.state = State::Closed;
+    }
+
+    /// Server shutting down: 421 4.3.2 and close.
+    pub fn shutdown(&mut self, out: &mut BytesMut) {
+        reply::line(
+            out,
+            421,
+            "4.3.2",
+            &format!(
+                "{} Service shutting down, closing channel",
+                self.cfg.hostname
+            ),
+        );
+        self.state = State::Closed;
+    }
+
+    /// The TLS handshake after STARTTLS finished: RFC 3207 §4.2 says to forget everything
+    /// learned from the client before it, including the EHLO.
+    pub fn tls_started(&mut self) {
+        self.tls = true;
+        self.helo = None;
+        self.esmtp = false;
+        self.authenticated = None;
+        self.txn = None;
+        self.state = State::Command;
+    }
+
+    /// Result of making the last `Event::Message` durable.
+    pub fn stored(&mut self, result: Result<&str, StoreError>, out: &mut BytesMut) {
+        if !matches!(self.state, State::Storing) {
+            return;
+        }
+        self.state = State::Command;
+        match result {
+            Ok(id) => {
+                self.messages += 1;
+                reply::line(out, 250, "2.0.0", &format!("Ok: queued as {id}"));
+            }
+            Err(StoreError::Full) => self.error(
+                out,
+                452,
+                "4.3.1",
+                "Insufficient system storage, try again later",
+            ),
+            Err(StoreError::Local) => self.error(
+                out,
+                451,
+                "4.3.0",
+                "Local error in processing, try again later",
+            ),
+        }
+    }
+
+    /// Handles all complete input. See `Event` for what the driver does next.
+    pub fn process(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Event {
+        loop {
+            match &mut self.state {
+                State::Closed => return Event::Close,
+                State::Storing => return Event::NeedInput,
+                State::Command => {
+                    let Some(line) = self.next_line(input, out) else {
+                        if matches!(self.state, State::Closed) {
+                            return Event::Close;
+                        }
+                        return Event::NeedInput;
+                    };
+                    if let Some(ev) = self.command(&line, out) {
+                        return ev;
+                    }
+                }
+                State::Data(scanner) => {
+                    let Some(txn) = self.txn.as_mut() else {
+                        self.state = State::Command;
+                        continue;
+                    };
+                    match scanner.feed(input, &mut txn.body) {
+                        Scan::More => return Event::NeedInput,
+                        Scan::End(flaws) => {
+                            let size = scanner.size();
+                            if let Some(ev) = self.end_of_data(flaws, size, out) {
+                                return ev;
+                            }
+                        }
+                    }
+                }
+                State::Bdat {
+                    remaining,
+                    last,
+                    chunk,
+                    refused,
+                } => {
+                    if *remaining > 0 {
+                        let n = (*remaining).min(input.len() as u64) as usize;
+                        if n == 0 {
+                            return Event::NeedInput;
+                        }
+                        let piece = input.split_to(n).freeze();
+                        *remaining -= n as u64;
+                        if refused.is_none() {
+                            if let Some(txn) = self.txn.as_mut() {
+                                if txn.bdat_size + n as u64 > self.cfg.limits.message_size {
+                                    txn.bdat_oversize = true;
+                                    txn.body.clear();
+                                }
+                                txn.bdat_size += n as u64;
+                                if !txn.bdat_oversize {
+                                    txn.body.push(piece);
+                                }
+                            }
+                        }
+                        if *remaining > 0 {
+                            return Event::NeedInput;
+                        }
+                    }
+                    let (last, chunk, refused) = (*last, *chunk, *refused);
+                    self.state = State::Command;
+                    if let Some(ev) = self.end_of_chunk(last, chunk, refused, out) {
+                        return ev;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes the next complete command line out of `input`, answering over-long lines and
+    /// lines with bare CR/LF or NUL itself. Returns None when more input is needed.
+    fn next_line(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Option<BytesMut> {
+        let limit = self.cfg.limits.command_line;
+        loop {
+            // Only CRLF ends a command line; a LF without CR before it is part of the line
+            // (and makes it invalid), so "NOOP\nNOOP\r\n" is one bad line, not two commands.
+            let mut from = 0;
+            let mut bare_lf = false;
+            let end = loop {
+                match memchr(b'\n', &input[from..]) {
+                    Some(p) => {
+                        let nl = from + p;
+                        if nl > 0 && input[nl - 1] == b'\r' {
+                            break Some(nl);
+                        }
+                        bare_lf = true;
+                        from = nl + 1;
+                    }
+                    None => break None,
+                }
+            };
+            let Some(nl) = end else {
+                if input.len() >= limit {
+                    // Keep memory bounded: drop what we have, answer when the CRLF arrives.
+                    self.discarding = true;
+                    input.clear();
+                }
+                return None;
+            };
+            let line = input.split_to(nl + 1);
+            if self.discarding || line.len() > limit {
+                self.discarding = false;
+                self.error(out, 500, "5.5.2", "Error: line too long");
+            } else if bare_lf {
+                self.error(
+                    out,
+                    500,
+                    "5.5.2",
+                    "Error: bare <LF> received; lines must end with <CR><LF>",
+                );
+            } else if memchr2(b'\r', 0, &line[..nl - 1]).is_some() {
+                self.error(out, 500, "5.5.2", "Error: bare <CR> or NUL in command");
+            } else {
+                return Some(line);
+            }
+            if matches!(self.state, State::Closed) {
+                return None;
+            }
+        }
+    }
+
+    /// Counts a negative reply; past the limit the session ends with 421 4.7.0.
+    fn error(&mut self, out: &mut BytesMut, code: u16, enh: &str, text: &str) {
+        reply::line(out, code, enh, text);
+        self.errors += 1;
+        if self.errors >= self.cfg.limits.errors {
+            reply::line(
+                out,
+                421,
+                "4.7.0",
+                &format!("{} Error: too many errors", self.cfg.hostname),
+            );
+            self.state = State::Closed;
+        }
+    }
+
+    fn parse_error(&mut self, e: ParseError, verb_is_rcpt: bool, out: &mut BytesMut) {
+        match e {
+            ParseError::UnknownVerb => {
+                self.error(out, 500, "5.5.1", "Error: command not recognized")
+            }
+            ParseError::Syntax(why) => {
+                self.error(out, 501, "5.5.2", &format!("Syntax error: {why}"))
+            }
+            ParseError::BadParam(why) => self.error(out, 501, "5.5.4", &format!("Error: {why}")),
+            ParseError::UnknownParam => {
+                self.error(out, 555, "5.5.4", "Error: unsupported MAIL/RCPT parameter")
+            }
+            ParseError::BadAddress(why) => {
+                let enh = if verb_is_rcpt { "5.1.3" } else { "5.1.7" };
+                self.error(out, 501, enh, &format!("Bad address syntax: {why}"))
+            }
+            ParseError::NonAscii => self.error(
+                out,
+                553,
+                "5.6.7",
+                "Error: non-ASCII address requires SMTPUTF8",
+            ),
+        }
+    }
+
+    fn command(&mut self, line: &[u8], out: &mut BytesMut) -> Option<Event> {
+        let text = &line[..line.len() - 2];
+        let cmd = match command::parse(text) {
+            Ok(c) => c,
+            Err(e) => {
+                let is_rcpt = text.len() >= 4 && text[..4].eq_ignore_ascii_case(b"RCPT");
+                self.parse_error(e, is_rcpt, out);
+                return self.closed_event();
+            }
+        };
+        match cmd {
+            Command::Helo(name) => {
+                self.reset_transaction();
+                self.helo = Some(name.to_string());
+                self.esmtp = false;
+                reply::plain(out, 250, &self.cfg.hostname);
+            }
+            Command::Ehlo(name) => {
+                self.reset_transaction();
+                self.helo = Some(name.to_string());
+                self.esmtp = true;
+                self.ehlo_reply(out);
+            }
+            Command::Mail(m) => self.mail(m, out),
+            Command::Rcpt(r) => self.rcpt(r, out),
+            Command::Data => return self.data(out),
+            Command::Bdat { size, last } => self.bdat(size, last),
+            Command::Rset => {
+                self.reset_transaction();
+                reply::line(out, 250, "2.0.0", "Ok");
+            }
+            Command::Noop => reply::line(out, 250, "2.0.0", "Ok"),
+            Command::Quit => {
+                reply::line(out, 221, "2.0.0", "Bye");
+                self.state = State::Closed;
+                return Some(Event::Close);
+            }
+            Command::Vrfy => reply::line(
+                out,
+                252,
+                "2.5.2",
+                "Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Command::Expn => self.error(out, 502, "5.5.1", "Error: EXPN not supported"),
+            Command::Help => reply::multi(
+                out,
+                214,
+                Some("2.0.0"),
+                &[
+                    "This is tern, an ESMTP relay and submission server",
+                    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+                    "See RFC 5321 and the tern README",
+                    "End of HELP info",
+                ],
+            ),
+            Command::StartTls => return self.starttls(out),
+            Command::Auth { .. } => {
+                self.error(out, 503, "5.5.1", "Error: authentication not enabled")
+            }
+            Command::Etrn(_) => self.error(out, 502, "5.5.1", "Error: ETRN not supported"),
+        }
+        self.closed_event()
+    }
+
+    fn closed_event(&self) -> Option<Event> {
+        matches!(self.state, State::Closed).then_some(Event::Close)
+    }
+
+    fn reset_transaction(&mut self) {
+        self.txn = None;
+    }
+
+    fn ehlo_reply(&self, out: &mut BytesMut) {
+        let size = format!("SIZE {}", self.cfg.limits.message_size);
+        let mut lines: Vec<&str> = vec![
+            &self.cfg.hostname,
+            "PIPELINING",
+            &size,
+            "ENHANCEDSTATUSCODES",
+            "8BITMIME",
+            "DSN",
+            "DELIVERBY",
+            "CHUNKING",
+            "BINARYMIME",
+            "SMTPUTF8",
+            "HELP",
+        ];
+        if !self.tls && self.cfg.tls_available {
+            lines.push("STARTTLS");
+        }
+        reply::multi(out, 250, None, &lines);
+    }
+
+    fn mail(&mut self, m: command::MailFrom<'_>, out: &mut BytesMut) {
+        if self.helo.is_none() {
+            return self.error(out, 503, "5.5.1", "Error: send HELO/EHLO first");
+        }
+        if self.txn.is_some() {
+            return self.error(out, 503, "5.5.1", "Error: nested MAIL command");
+        }
+        let has_params = m.size.is_some()
+            || m.body.is_some()
+            || m.smtputf8
+            || m.ret.is_some()
+            || m.envid.is_some()
+            || m.by.is_some()
+            || m.auth.is_some();
+        if has_params && !self.esmtp {
+            // Parameters are service extensions, which HELO did not negotiate.
+            return self.error(out, 555, "5.5.4", "Error: parameters require EHLO");
+        }
+        if m.size.is_some_and(|s| s > self.cfg.limits.message_size) {
+            return self.error(out, 552, "5.3.4", "Error: message size exceeds fixed limit");
+        }
+        // RFC 4954 §5: AUTH= is honoured only from an authenticated client; otherwise it is
+        // accepted and ignored (the identity becomes <>).
+        let auth = match (&self.authenticated, m.auth) {
+            (Some(_), Some(a)) if a != "<>" => Some(command::decode_xtext(a)),
+            (Some(user), None) => Some(user.clone()),
+            _ => None,
+        };
+        self.txn = Some(Transaction {
+            sender: m.path.to_string(),
+            body_type: m.body.unwrap_or(Body::SevenBit),
+            smtputf8: m.smtputf8,
+            ret: m.ret,
+            envid: m.envid.map(command::decode_xtext),
+            by: m.by.map(|b| DeliverBy {
+                seconds: b.seconds,
+                mode: if b.return_mode {
+                    DeliverByMode::Return
+                } else {
+                    DeliverByMode::Notify
+                },
+                trace: b.trace,
+            }),
+            auth,
+            rcpts: Vec::new(),
+            rcpt_attempts: 0,
+            body: Vec::new(),
+            bdat_size: 0,
+            bdat_oversize: false,
+            bdat_used: false,
+        });
+        reply::line(out, 250, "2.1.0", "Ok");
+    }
+
+    fn rcpt(&mut self, r: command::RcptTo<'_>, out: &mut BytesMut) {
+        let Some(txn) = self.txn.as_mut() else {
+            return self.error(out, 503, "5.5.1", "Error: need MAIL command");
+        };
+        txn.rcpt_attempts += 1;
+        if !txn.smtputf8 && !r.path.is_ascii() {
+            return self.error(
+                out,
+                553,
+                "5.6.7",
+                "Error: non-ASCII address requires SMTPUTF8",
+            );
+        }
+        if txn.rcpts.len() >= self.cfg.limits.recipients {
+            return self.error(out, 452, "4.5.3", "Error: too many recipients");
+        }
+        let domain = command::domain_of(r.path);
+        if !self
+            .cfg
+            .policy
+            .may_relay(self.peer.ip(), self.authenticated.is_some(), domain)
+        {
+            return self.error(
+                out,
+                554,
+                "5.7.1",
+                &format!("<{}>: Relay access denied", r.path),
+            );
+        }
+        let Some(txn) = self.txn.as_mut() else {
+            return;
+        };
+        txn.rcpts.push(Recipient {
+            addr: r.path.to_string(),
+            notify: r.notify,
+            orcpt: r.orcpt.map(str::to_string),
+        });
+        reply::line(out, 250, "2.1.5", "Ok");
+    }
+
+    fn data(&mut self, out: &mut BytesMut) -> Option<Event> {
+        let Some(txn) = self.txn.as_ref() else {
+            self.error(out, 503, "5.5.1", "Error: need MAIL command");
+            return self.closed_event();
+        };
+        if txn.rcpts.is_empty() {
+            if txn.rcpt_attempts > 0 {
+                self.error(out, 554, "5.5.1", "Error: no valid recipients");
+            } else {
+                self.error(out, 503, "5.5.1", "Error: need RCPT command");
+            }
+            return self.closed_event();
+        }
+        if txn.bdat_used {
+            self.error(out, 503, "5.5.1", "Error: DATA after BDAT");
+            return self.closed_event();
+        }
+        if txn.body_type == Body::BinaryMime {
+            // RFC 3030 §3: BINARYMIME content can only be sent with BDAT.
+            self.error(out, 503, "5.5.1", "Error: BODY=BINARYMIME requires BDAT");
+            return self.closed_event();
+        }
+        reply::plain(out, 354, "End data with <CR><LF>.<CR><LF>");
+        self.state = State::Data(DataScanner::new(
+            self.cfg.limits.text_line,
+            self.cfg.limits.message_size,
+        ));
+        None
+    }
+
+    fn bdat(&mut self, size: u64, last: bool) {
+        // RFC 3030 §2: the chunk is consumed whatever the verdict; the reply comes after it.
+        let refused = match self.txn.as_mut() {
+            None => Some((503, "5.5.1", "Error: need MAIL command")),
+            Some(t) if t.rcpts.is_empty() => Some((503, "5.5.1", "Error: need RCPT command")),
+            Some(t) => {
+                t.bdat_used = true;
+                None
+            }
+        };
+        self.state = State::Bdat {
+            remaining: size,
+            last,
+            chunk: size,
+            refused,
+        };
+    }
+
+    fn end_of_chunk(
+        &mut self,
+        last: bool,
+        chunk: u64,
+        refused: Option<(u16, &'static str, &'static str)>,
+        out: &mut BytesMut,
+    ) -> Option<Event> {
+        if let Some((code, enh, text)) = refused {
+            self.error(out, code, enh, text);
+            return self.closed_event();
+        }
+        if !last {
+            reply::line(out, 250, "2.0.0", &format!("Ok: {chunk} octets received"));
+            return None;
+        }
+        let oversize = self.txn.as_ref().is_some_and(|t| t.bdat_oversize);
+        if oversize {
+            self.reset_transaction();
+            self.error(out, 552, "5.3.4", "Error: message file too big");
+            return self.closed_event();
+        }
+        let size = self.txn.as_ref().map_or(0, |t| t.bdat_size);
+        self.finish_message(size)
+    }
+
+    fn end_of_data(&mut self, flaws: BodyFlaws, size: u64, out: &mut BytesMut) -> Option<Event> {
+        self.state = State::Command;
+        let refusal = if flaws.oversize {
+            Some((552, "5.3.4", "Error: message file too big"))
+        } else if flaws.bare_newline {
+            Some((
+                554,
+                "5.6.0",
+                "Error: bare <CR> or <LF> in message; lines must end with <CR><LF> (RFC 5321 2.3.8)",
+            ))
+        } else if flaws.long_line {
+            Some((
+                554,
+                "5.6.0",
+                "Error: message has a line longer than allowed (RFC 5321 4.5.3.1.6)",
+            ))
+        } else {
+            None
+        };
+        if let Some((code, enh, text)) = refusal {
+            self.reset_transaction();
+            self.error(out, code, enh, text);
+            return self.closed_event();
+        }
+        self.finish_message(size)
+    }
+
+    fn finish_message(&mut self, size: u64) -> Option<Event> {
+        let txn = self.txn.take()?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let protocol = match (txn.smtputf8, self.tls, self.authenticated.is_some()) {
+            (false, false, false) if self.esmtp => "ESMTP",
+            (false, false, false) => "SMTP",
+            (false, false, true) => "ESMTPA",
+            (false, true, false) => "ESMTPS",
+            (false, true, true) => "ESMTPSA",
+            (true, false, false) => "UTF8SMTP",
+            (true, false, true) => "UTF8SMTPA",
+            (true, true, false) => "UTF8SMTPS",
+            (true, true, true) => "UTF8SMTPSA",
+        };
+        let single_rcpt = (txn.rcpts.len() == 1).then(|| txn.rcpts[0].addr.clone());
+        let envelope = Envelope {
+            id: String::new(),
+            sender: txn.sender,
+            recipients: txn.rcpts,
+            arrival_unix_micros: now,
+            size,
+            body_type: match txn.body_type {
+                Body::SevenBit => BodyType::SevenBit,
+                Body::EightBitMime => BodyType::EightBitMime,
+                Body::BinaryMime => BodyType::BinaryMime,
+            },
+            smtputf8: txn.smtputf8,
+            ret: txn.ret,
+            envid: txn.envid,
+            deliver_by: txn.by,
+            auth: txn.auth,
+            client_helo: self.helo.clone().unwrap_or_default(),
+            client_addr: self.peer.to_string(),
+        };
+        self.state = State::Storing;
+        Some(Event::Message(Box::new(Message {
+            envelope,
+            body: txn.body,
+            trace: Trace {
+                helo: self.helo.clone().unwrap_or_default(),
+                peer: self.peer,
+                protocol,
+                single_rcpt,
+            },
+        })))
+    }
+
+    fn starttls(&mut self, out: &mut BytesMut) -> Option<Event> {
+        if self.tls {
+            self.error(out, 503, "5.5.1", "Error: TLS already active");
+            return self.closed_event();
+        }
+        if !self.cfg.tls_available {
+            self.error(out, 454, "4.7.0", "TLS not available due to local problem");
+            return self.closed_event();
+        }
+        reply::line(out, 220, "2.0.0", "Ready to start TLS");
+        Some(Event::StartTls)
+    }
+}
+
+/// Drops buffered input (used at STARTTLS: CVE-2011-0411).
+pub fn discard_input(input: &mut BytesMut) {
+    let n = input.len();
+    input.advance(n);
+}
+
+#[cfg(test)]
+mod tests;

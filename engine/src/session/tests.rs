@@ -1,0 +1,234 @@
+//! Session state machine tests: bytes in, replies out, no sockets.
+
+use super::*;
+
+fn cfg() -> Rc<SessionConfig> {
+    Rc::new(SessionConfig {
+        hostname: "mx.test".into(),
+        kind: ListenerKind::Smtp,
+        limits: SessionLimits {
+            command_line: 512,
+            text_line: 1000,
+            message_size: 10_000,
+            recipients: 3,
+            errors: 20,
+        },
+        tls_available: true,
+        policy: RelayPolicy::new(&["local.test".into()], &[]),
+    })
+}
+
+/// Feeds `input` in one piece; stores every message with id "ID<n>". Returns the replies
+/// and the bodies stored.
+fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Vec<u8>>) {
+    let mut inbuf = BytesMut::from(input);
+    let mut out = BytesMut::new();
+    let mut stored = Vec::new();
+    loop {
+        match s.process(&mut inbuf, &mut out) {
+            Event::NeedInput | Event::Close => break,
+            Event::StartTls => {
+                discard_input(&mut inbuf);
+                break;
+            }
+            Event::Message(mut m) => {
+                m.finish("mx.test", "ID");
+                let body: Vec<u8> = m.body.iter().flat_map(|b| b.iter().copied()).collect();
+                stored.push(body);
+                s.stored(Ok("ID"), &mut out);
+            }
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), stored)
+}
+
+fn session() -> Session {
+    Session::new(cfg(), "192.0.2.7:4000".parse().unwrap(), false)
+}
+
+fn codes(out: &str) -> Vec<&str> {
+    out.lines().map(|l| &l[..3]).collect()
+}
+
+#[test]
+fn full_transaction_pipelined() {
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\n.\r\nQUIT\r\n",
+    );
+    assert!(out.contains("250-PIPELINING"));
+    assert!(out.contains("250 STARTTLS\r\n"));
+    assert!(
+        out.ends_with("250 2.0.0 Ok: queued as ID\r\n221 2.0.0 Bye\r\n"),
+        "{out}"
+    );
+    assert_eq!(stored.len(), 1);
+    let body = String::from_utf8(stored[0].clone()).unwrap();
+    assert!(body.starts_with("Received: from c.test ([192.0.2.7])\r\n\tby mx.test (tern) with ESMTP id ID\r\n\tfor <x@local.test>;"), "{body}");
+    assert!(body.ends_with("Subject: hi\r\n\r\n.dot\r\n"));
+    assert!(s.is_closed());
+}
+
+#[test]
+fn order_errors() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"MAIL FROM:<a@b>\r\nEHLO x\r\nRCPT TO:<x@local.test>\r\nDATA\r\nMAIL FROM:<a@b>\r\nMAIL FROM:<a@b>\r\nDATA\r\nRCPT TO:<x@elsewhere.test>\r\nDATA\r\n");
+    assert_eq!(codes(&out)[..1], ["503"]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("503 5.5.1 Error: need MAIL")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("503 5.5.1 Error: nested MAIL")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("503 5.5.1 Error: need RCPT")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("554 5.7.1 <x@elsewhere.test>: Relay access denied")));
+    assert!(lines
+        .last()
+        .unwrap()
+        .starts_with("554 5.5.1 Error: no valid recipients"));
+}
+
+#[test]
+fn too_many_recipients() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nRCPT TO:<c@local.test>\r\nRCPT TO:<d@local.test>\r\n");
+    assert!(
+        out.ends_with("452 4.5.3 Error: too many recipients\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bare_lf_in_command_and_long_line() {
+    let mut s = session();
+    let long = format!("NOOP {}\r\nNOOP\r\n", "x".repeat(600));
+    let (out, _) = drive(&mut s, format!("NOOP\nNOOP\r\n{long}").as_bytes());
+    // "NOOP\nNOOP\r\n" is one line with a bare LF inside: one error, not two commands.
+    let c = codes(&out);
+    assert_eq!(c, ["500", "500", "250"], "{out}");
+    assert!(out.contains("line too long"));
+}
+
+#[test]
+fn long_line_split_across_reads_is_discarded() {
+    let mut s = session();
+    let mut out = BytesMut::new();
+    let mut inbuf = BytesMut::from(&b"NOOP "[..]);
+    inbuf.extend_from_slice(&[b'x'; 700]);
+    assert!(matches!(s.process(&mut inbuf, &mut out), Event::NeedInput));
+    assert!(inbuf.is_empty(), "buffer must not grow without bound");
+    inbuf.extend_from_slice(b"yyy\r\nNOOP\r\n");
+    s.process(&mut inbuf, &mut out);
+    assert_eq!(
+        &out[..],
+        b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
+    );
+}
+
+#[test]
+fn error_limit_closes() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, &b"BOGUS\r\n".repeat(25));
+    assert_eq!(out.lines().filter(|l| l.starts_with("500")).count(), 20);
+    assert!(out.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"));
+    assert!(s.is_closed());
+}
+
+#[test]
+fn smuggling_rejected_session_usable() {
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@local.test>\r\nDATA\r\nhello\n.\nMAIL FROM:<evil@b>\r\nRCPT TO:<x@local.test>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\n",
+    );
+    assert!(stored.is_empty());
+    assert!(out.contains("554 5.6.0"), "{out}");
+    assert!(out.ends_with("250 2.0.0 Ok\r\n"));
+}
+
+#[test]
+fn oversize_after_dot() {
+    let mut s = session();
+    let mut input = b"EHLO x\r\nMAIL FROM:<a@b>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n".to_vec();
+    for _ in 0..200 {
+        input.extend_from_slice(&[b'a'; 98]);
+        input.extend_from_slice(b"\r\n");
+    }
+    input.extend_from_slice(b".\r\nNOOP\r\n");
+    let (out, stored) = drive(&mut s, &input);
+    assert!(stored.is_empty());
+    assert!(
+        out.ends_with("552 5.3.4 Error: message file too big\r\n250 2.0.0 Ok\r\n"),
+        "{out}"
+    );
+}
+
+#[test]
+fn size_param_checked() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"EHLO x\r\nMAIL FROM:<a@b> SIZE=20000\r\n");
+    assert!(out.ends_with("552 5.3.4 Error: message size exceeds fixed limit\r\n"));
+}
+
+#[test]
+fn bdat_chunks() {
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b> BODY=BINARYMIME\r\nRCPT TO:<x@local.test>\r\nBDAT 5\r\nab\ncdBDAT 3 LAST\r\n\x00\r.\r\nNOOP\r\n",
+    );
+    assert!(out.contains("250 2.0.0 Ok: 5 octets received"), "{out}");
+    assert!(out.contains("queued as ID"));
+    assert_eq!(stored.len(), 1);
+    assert!(stored[0].ends_with(b"ab\ncd\x00\r."));
+}
+
+#[test]
+fn bdat_without_transaction_consumes_chunk() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"EHLO x\r\nBDAT 6 LAST\r\nQUIT\r\nNOOP\r\n");
+    let c = codes(&out);
+    assert_eq!(&c[c.len() - 2..], ["503", "250"], "{out}");
+}
+
+#[test]
+fn binarymime_needs_bdat() {
+    let mut s = session();
+    let (out, _) = drive(
+        &mut s,
+        b"EHLO x\r\nMAIL FROM:<a@b> BODY=BINARYMIME\r\nRCPT TO:<x@local.test>\r\nDATA\r\n",
+    );
+    assert!(out.ends_with("503 5.5.1 Error: BODY=BINARYMIME requires BDAT\r\n"));
+}
+
+#[test]
+fn starttls_discards_pipelined_commands() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"EHLO x\r\nSTARTTLS\r\nMAIL FROM:<evil@b>\r\n");
+    assert!(out.ends_with("220 2.0.0 Ready to start TLS\r\n"), "{out}");
+    s.tls_started();
+    let (out, _) = drive(&mut s, b"MAIL FROM:<a@b>\r\nEHLO x\r\n");
+    assert!(
+        out.starts_with("503 5.5.1 Error: send HELO/EHLO first"),
+        "{out}"
+    );
+    assert!(!out.contains("STARTTLS"));
+}
+
+#[test]
+fn helo_rejects_params_and_misc_verbs() {
+    let mut s = session();
+    let (out, _) = drive(&mut s, b"HELO x\r\nMAIL FROM:<a@b> SIZE=10\r\nVRFY bob\r\nHELP\r\nEXPN list\r\nRSET\r\nMAIL FROM:<a@b> FOO=1\r\n");
+    let c = codes(&out);
+    assert_eq!(
+        c,
+        ["250", "555", "252", "214", "214", "214", "214", "502", "250", "555"],
+        "{out}"
+    );
+}
