@@ -16,5 +16,12 @@
 //! is shared between shards.
 
 pub mod config;
+pub mod conn;
+pub mod demo;
+pub mod notify;
 pub mod policy;
+pub mod queue_cli;
+pub mod server;
 pub mod session;
+pub mod spool;
+pub mod tls;

@@ -1,1 +1,157 @@
-fn main() {}
+//! The `tern` command: `serve`, `demo`, `queue`, `check-config`.
+//!
+//! Parses the command line, sets up logging, and hands over to the library. This file must
+//! stay thin: anything with logic lives in a module of its own.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tern_engine::config::Config;
+use tern_engine::server::{self, Ready};
+use tern_engine::tls::Identity;
+use tern_engine::{demo, queue_cli};
+
+#[derive(Parser)]
+#[command(
+    name = "tern",
+    version,
+    about = "tern: a thread-per-core SMTP relay and submission server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server with a configuration file.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, short = 'c')]
+        config: PathBuf,
+        /// Override any configuration key, e.g. --set limits.recipients=500
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Run a ready-to-try relay on embedded defaults (loopback ports 2525, 2587, 2465).
+    Demo {
+        /// Directory for the demo's certificate and spool.
+        #[arg(long, default_value = "tern-demo")]
+        dir: PathBuf,
+        /// Override any configuration key.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Inspect the queue.
+    Queue {
+        #[command(subcommand)]
+        command: queue_cli::QueueCmd,
+    },
+    /// Validate a configuration file and print the effective configuration.
+    CheckConfig {
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .try_init();
+}
+
+fn print_ready(r: &Ready) {
+    let mut out = std::io::stdout().lock();
+    for (kind, addr) in &r.listeners {
+        let _ = writeln!(out, "listening: {} {}", kind.name(), addr);
+    }
+    let _ = writeln!(out, "ready: {} shards", r.shards);
+    let _ = out.flush();
+}
+
+fn serve(cfg: Config, identity: Identity, after_ready: impl FnOnce(&Ready)) -> ExitCode {
+    match server::run(cfg, identity, |r| {
+        print_ready(r);
+        after_ready(r);
+    }) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tern: {e}");
+            ExitCode::from(71) // EX_OSERR
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Serve { config, set } => {
+            let cfg = match Config::load(Some(&config), &set) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tern: {e}");
+                    return ExitCode::from(78); // EX_CONFIG
+                }
+            };
+            init_logging(&cfg.log.level);
+            let identity = match (&cfg.tls.cert, &cfg.tls.key) {
+                (Some(c), Some(k)) => Identity::from_pem_files(c, k),
+                _ => {
+                    tracing::warn!(
+                        "no tls.cert/tls.key configured: using a generated self-signed certificate"
+                    );
+                    Identity::self_signed(&cfg.hostname).map(|(i, _, _)| i)
+                }
+            };
+            let identity = match identity {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("tern: {e}");
+                    return ExitCode::from(78);
+                }
+            };
+            serve(cfg, identity, |_| {})
+        }
+        Cmd::Demo { dir, set } => {
+            let prepared = match demo::prepare(&dir, &set) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("tern demo: {e}");
+                    return ExitCode::from(78);
+                }
+            };
+            init_logging(&prepared.config.log.level);
+            let dir2 = dir.clone();
+            serve(prepared.config, prepared.identity, move |r| {
+                demo::print_banner(&dir2, r)
+            })
+        }
+        Cmd::Queue { command } => queue_cli::run(command),
+        Cmd::CheckConfig { config, set } => match Config::load(config.as_deref(), &set) {
+            Ok(cfg) => match toml::to_string_pretty(&cfg) {
+                Ok(s) => {
+                    print!("{s}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tern: {e}");
+                    ExitCode::from(70)
+                }
+            },
+            Err(e) => {
+                eprintln!("tern: {e}");
+                ExitCode::from(78)
+            }
+        },
+    }
+}

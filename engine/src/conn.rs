@@ -1,0 +1,288 @@
+//! One client connection: socket I/O around a `Session`, on the shard that accepted it.
+//!
+//! Reads into a `BytesMut` receive buffer, lets the session consume it, and writes the
+//! replies it produced once the input is drained (one write per pipelined batch, RFC 2920)
+//! or before waiting on the disk. Runs the STARTTLS upgrade (dropping every byte that was
+//! buffered before it: CVE-2011-0411) and implicit TLS. Applies the idle timeout and the
+//! graceful stop.
+//!
+//! Must never: act on input received before a TLS handshake after it, let a slow or
+//! silent client hold the shard (every wait is bounded by a timer), or grow the receive
+//! buffer past what the session's limits allow.
+
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures_rustls::TlsAcceptor;
+use glommio::net::TcpStream;
+use glommio::timer::Timer;
+
+use crate::server::Shard;
+use crate::session::{reply, Event, ListenerKind, Session, SessionConfig};
+
+/// Per-listener context shared by that listener's connections on one shard.
+pub struct ListenerCtx {
+    pub session: Rc<SessionConfig>,
+    pub acceptor: Option<TlsAcceptor>,
+}
+
+/// Read size while reading commands; small so idle sessions stay small.
+const READ_COMMANDS: usize = 4 * 1024;
+/// Read size while receiving a body.
+const READ_BODY: usize = 64 * 1024;
+
+/// Releases the shard's connection counters when a connection ends, however it ends.
+struct ConnGuard {
+    shard: Rc<Shard>,
+    ip: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.shard.release_connection(self.ip);
+    }
+}
+
+/// Serves one accepted connection to completion.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, shard: Rc<Shard>) {
+    // Without TCP_NODELAY, small replies wait for delayed ACKs (~40 ms per round trip).
+    let _ = stream.set_nodelay(true);
+    let kind = lst.session.kind;
+    if let Err(why) = shard.admit_connection(peer.ip()) {
+        tracing::info!(shard = shard.id, %peer, listener = kind.name(), "refused: {why}");
+        if kind != ListenerKind::Smtps {
+            let mut out = BytesMut::new();
+            reply::line(
+                &mut out,
+                421,
+                "4.7.0",
+                &format!("{} Error: {why}, try again later", lst.session.hostname),
+            );
+            let mut s = stream;
+            let _ = timed(shard.idle_timeout, s.write_all(&out)).await;
+        }
+        return;
+    }
+    let _guard = ConnGuard {
+        shard: shard.clone(),
+        ip: peer.ip(),
+    };
+    tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
+    let started = Instant::now();
+    let mut session = Session::new(lst.session.clone(), peer, kind == ListenerKind::Smtps);
+    let result = match kind {
+        ListenerKind::Smtps => match handshake(&lst, stream, &shard).await {
+            Some(tls) => run(tls, &mut session, &shard, true).await.map(|_| ()),
+            None => Ok(()),
+        },
+        _ => match run(stream, &mut session, &shard, true).await {
+            Ok(Outcome::StartTls(plain)) => match handshake(&lst, plain, &shard).await {
+                Some(tls) => {
+                    session.tls_started();
+                    run(tls, &mut session, &shard, false).await.map(|_| ())
+                }
+                None => Ok(()),
+            },
+            Ok(Outcome::Done) => Ok(()),
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => tracing::info!(
+            shard = shard.id,
+            %peer,
+            messages = session.messages(),
+            secs = started.elapsed().as_secs_f64(),
+            "disconnect"
+        ),
+        Err(e) => tracing::info!(
+            shard = shard.id,
+            %peer,
+            messages = session.messages(),
+            error = %e,
+            "disconnect after error"
+        ),
+    }
+}
+
+async fn handshake<S>(
+    lst: &ListenerCtx,
+    stream: S,
+    shard: &Shard,
+) -> Option<futures_rustls::server::TlsStream<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let acceptor = lst.acceptor.as_ref()?;
+    match timed(shard.idle_timeout, acceptor.accept(stream)).await {
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(e)) => {
+            tracing::info!(shard = shard.id, error = %e, "TLS handshake failed");
+            None
+        }
+        None => {
+            tracing::info!(shard = shard.id, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+enum Outcome<S> {
+    Done,
+    StartTls(S),
+}
+
+enum Wake {
+    Read(std::io::Result<usize>),
+    Timeout,
+    Stop,
+}
+
+/// Runs the session over `io` until it closes or asks for STARTTLS. The receive buffer
+/// is local: returning for STARTTLS drops whatever plaintext the client pipelined.
+async fn run<S>(
+    mut io: S,
+    session: &mut Session,
+    shard: &Shard,
+    greet: bool,
+) -> std::io::Result<Outcome<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::with_capacity(512);
+    if greet {
+        session.greeting(&mut out);
+    }
+    let mut stop = shard.stopping.wait();
+    let mut grace_deadline: Option<Instant> = None;
+    loop {
+        match session.process(&mut inbuf, &mut out) {
+            Event::NeedInput => {}
+            Event::Message(mut msg) => {
+                // Let the client see the replies so far while the disk works.
+                flush(&mut io, &mut out, shard).await?;
+                let id = shard.store.store(&mut msg).await;
+                match &id {
+                    Ok(id) => tracing::info!(
+                        shard = shard.id,
+                        id = %id,
+                        from = %msg.envelope.sender,
+                        size = msg.envelope.size,
+                        nrcpt = msg.envelope.recipients.len(),
+                        "accepted"
+                    ),
+                    Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
+                }
+                session.stored(id.as_deref().map_err(|e| *e), &mut out);
+                continue;
+            }
+            Event::StartTls => {
+                flush(&mut io, &mut out, shard).await?;
+                return Ok(Outcome::StartTls(io));
+            }
+            Event::Close => {
+                flush(&mut io, &mut out, shard).await?;
+                let _ = io.close().await;
+                return Ok(Outcome::Done);
+            }
+        }
+        if shard.stopping.fired() && !session.in_transaction() {
+            session.shutdown(&mut out);
+            continue;
+        }
+        flush(&mut io, &mut out, shard).await?;
+
+        // Wait for input, the idle timer, or the stop signal.
+        let mut wait = shard.idle_timeout;
+        if let Some(d) = grace_deadline {
+            wait = wait.min(d.saturating_duration_since(Instant::now()));
+        }
+        let len = inbuf.len();
+        let chunk = if session.in_transaction() {
+            READ_BODY
+        } else {
+            READ_COMMANDS
+        };
+        inbuf.resize(len + chunk, 0);
+        let stopping = grace_deadline.is_some();
+        let woke = future::or(
+            async { Wake::Read(io.read(&mut inbuf[len..]).await) },
+            future::or(
+                async {
+                    Timer::new(wait).await;
+                    Wake::Timeout
+                },
+                async {
+                    if stopping {
+                        future::pending::<()>().await;
+                    }
+                    (&mut stop).await;
+                    Wake::Stop
+                },
+            ),
+        )
+        .await;
+        match woke {
+            Wake::Read(Ok(0)) => {
+                inbuf.truncate(len);
+                return Ok(Outcome::Done);
+            }
+            Wake::Read(Ok(n)) => inbuf.truncate(len + n),
+            Wake::Read(Err(e)) => return Err(e),
+            Wake::Timeout => {
+                inbuf.truncate(len);
+                if grace_deadline.is_some_and(|d| Instant::now() >= d) {
+                    session.shutdown(&mut out);
+                } else {
+                    session.timeout(&mut out);
+                }
+            }
+            Wake::Stop => {
+                inbuf.truncate(len);
+                if session.in_transaction() {
+                    grace_deadline = Some(Instant::now() + shard.grace);
+                } else {
+                    session.shutdown(&mut out);
+                }
+            }
+        }
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    out: &mut BytesMut,
+    shard: &Shard,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    // A client that never reads its replies must not hold the session forever.
+    let r = timed(shard.idle_timeout, async {
+        io.write_all(out).await?;
+        io.flush().await
+    })
+    .await;
+    out.clear();
+    match r {
+        Some(r) => r,
+        None => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write timed out",
+        )),
+    }
+}
+
+/// Runs `f` for at most `d`.
+async fn timed<F: std::future::Future>(d: Duration, f: F) -> Option<F::Output> {
+    future::or(async { Some(f.await) }, async {
+        Timer::new(d).await;
+        None
+    })
+    .await
+}

@@ -1,0 +1,415 @@
+//! The server: binds the listeners, starts one glommio executor (shard) per core, and
+//! stops them gracefully on SIGTERM/SIGINT.
+//!
+//! All sockets are created here, on the main thread, before any shard starts: one
+//! SO_REUSEPORT socket per configured address per shard, so the kernel spreads connections
+//! over shards, a port 0 resolves to one real port for all of them, and binding errors are
+//! reported before anything runs (and, later, before privileges are dropped). Each shard
+//! then owns its sockets, its connections, its counters and its spool segments; the only
+//! cross-thread traffic is the stop message.
+//!
+//! Must never: share mutable state between shards, or report "ready" before every shard
+//! has opened its spool and holds its listeners.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::FutureExt;
+use futures_rustls::TlsAcceptor;
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::config::Config;
+use crate::conn::{self, ListenerCtx};
+use crate::notify::LocalNotify;
+use crate::policy::RelayPolicy;
+use crate::session::{ListenerKind, SessionConfig, SessionLimits};
+use crate::spool::ShardStore;
+use crate::tls::{self, Identity};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} ({kind}): {source}")]
+    Bind {
+        kind: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("shard {shard}: {message}")]
+    Shard { shard: usize, message: String },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// One configured address, bound once per shard.
+pub struct BoundListener {
+    pub kind: ListenerKind,
+    pub addr: SocketAddr,
+    sockets: Vec<StdListener>,
+}
+
+/// Creates `shards` SO_REUSEPORT listening sockets for every configured address.
+pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<BoundListener>, ServerError> {
+    let mut out = Vec::new();
+    let kinds = [
+        (ListenerKind::Smtp, &cfg.listeners.smtp),
+        (ListenerKind::Submission, &cfg.listeners.submission),
+        (ListenerKind::Smtps, &cfg.listeners.smtps),
+    ];
+    for (kind, addrs) in kinds {
+        for &addr in addrs.iter() {
+            let err = |source| ServerError::Bind {
+                kind: kind.name(),
+                addr,
+                source,
+            };
+            let mut sockets = Vec::with_capacity(shards);
+            let mut actual = addr;
+            for _ in 0..shards {
+                let s = reuseport_socket(actual).map_err(err)?;
+                if actual.port() == 0 {
+                    actual = s.local_addr().map_err(err)?;
+                }
+                sockets.push(s);
+            }
+            out.push(BoundListener {
+                kind,
+                addr: actual,
+                sockets,
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<StdListener> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // Keep [::] from also claiming the IPv4 port, so both can be configured.
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
+/// Shard-local state shared by the shard's tasks (Rc: it never leaves its thread).
+pub struct Shard {
+    pub id: usize,
+    pub store: ShardStore,
+    pub stopping: LocalNotify,
+    pub idle_timeout: Duration,
+    pub grace: Duration,
+    connections: Cell<usize>,
+    per_ip: RefCell<HashMap<IpAddr, usize>>,
+    max_connections: usize,
+    max_per_ip: usize,
+}
+
+impl Shard {
+    /// Counts a new connection, or says why it is refused.
+    pub fn admit_connection(&self, ip: IpAddr) -> Result<(), &'static str> {
+        if self.stopping.fired() {
+            return Err("server shutting down");
+        }
+        if self.connections.get() >= self.max_connections {
+            return Err("too many connections");
+        }
+        let mut per_ip = self.per_ip.borrow_mut();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            return Err("too many connections from your address");
+        }
+        *n += 1;
+        self.connections.set(self.connections.get() + 1);
+        Ok(())
+    }
+
+    pub fn release_connection(&self, ip: IpAddr) {
+        self.connections
+            .set(self.connections.get().saturating_sub(1));
+        let mut per_ip = self.per_ip.borrow_mut();
+        if let Some(n) = per_ip.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// What `run` reports once every shard is up.
+pub struct Ready {
+    pub shards: usize,
+    pub listeners: Vec<(ListenerKind, SocketAddr)>,
+}
+
+/// Starts the server and blocks until it has stopped. `on_ready` is called once every
+/// shard is serving (the CLI prints the listening addresses there).
+pub fn run(
+    cfg: Config,
+    identity: Identity,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), ServerError> {
+    let shards = cfg.shard_count();
+    let listeners = bind_all(&cfg, shards)?;
+    let ready_info = Ready {
+        shards,
+        listeners: listeners.iter().map(|l| (l.kind, l.addr)).collect(),
+    };
+    let cfg = Arc::new(cfg);
+    let ticketer = tls::ticketer()?;
+
+    // Hand each shard its own socket of every listener.
+    let mut per_shard: Vec<Vec<(ListenerKind, StdListener)>> =
+        (0..shards).map(|_| Vec::new()).collect();
+    for l in listeners {
+        for (i, s) in l.sockets.into_iter().enumerate() {
+            per_shard[i].push((l.kind, s));
+        }
+    }
+
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
+    let mut stops = Vec::new();
+    let mut handles = Vec::new();
+    for (i, sockets) in per_shard.into_iter().enumerate() {
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        stops.push(stop_tx);
+        let placement = if cfg.executor.pin {
+            Placement::Fixed(i % cpus)
+        } else {
+            Placement::Unbound
+        };
+        let cfg = cfg.clone();
+        let identity = identity.clone();
+        let ticketer = ticketer.clone();
+        let ready_tx = ready_tx.clone();
+        let builder = LocalExecutorBuilder::new(placement)
+            .name(&format!("tern-shard-{i}"))
+            .io_memory(cfg.executor.io_memory)
+            .ring_depth(cfg.executor.ring_depth);
+        let handle = builder
+            .spawn(move || async move {
+                shard_main(i, cfg, identity, ticketer, sockets, stop_rx, ready_tx).await
+            })
+            .map_err(|e| ServerError::Shard {
+                shard: i,
+                message: e.to_string(),
+            })?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+
+    // Executor construction errors only show up on join, so every shard reports in.
+    let mut failure = None;
+    for _ in 0..shards {
+        match ready_rx.recv() {
+            Ok((_, Ok(()))) => {}
+            Ok((shard, Err(message))) => {
+                failure.get_or_insert(ServerError::Shard { shard, message });
+            }
+            Err(_) => {
+                failure.get_or_insert(ServerError::Shard {
+                    shard: 0,
+                    message: "a shard exited during start-up".into(),
+                });
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for s in stops {
+            let _ = s.send(());
+        }
+        for h in handles {
+            let _ = h.join();
+        }
+        return Err(e);
+    }
+    on_ready(&ready_info);
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(ServerError::Signals)?;
+    let sig_handle = signals.handle();
+    std::thread::Builder::new()
+        .name("tern-signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(
+                    signal = sig,
+                    "stopping: no new connections, draining sessions"
+                );
+                for s in stops {
+                    let _ = s.send(());
+                }
+            }
+        })
+        .map_err(ServerError::Signals)?;
+
+    for h in handles {
+        if let Err(e) = h.join() {
+            tracing::error!(error = %e, "shard ended with an error");
+        }
+    }
+    sig_handle.close();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shard_main(
+    id: usize,
+    cfg: Arc<Config>,
+    identity: Identity,
+    ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    sockets: Vec<(ListenerKind, StdListener)>,
+    stop_rx: oneshot::Receiver<()>,
+    ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
+) {
+    let setup = || -> Result<(Rc<Shard>, Vec<(Rc<ListenerCtx>, TcpListener)>), String> {
+        let (spool, recovered) = tern_queue::ShardSpool::open(
+            &cfg.spool.dir,
+            id as u16,
+            tern_queue::SpoolOptions {
+                segment_size: cfg.spool.segment_size,
+            },
+        )
+        .map_err(|e| format!("spool: {e}"))?;
+        tracing::info!(
+            shard = id,
+            messages = recovered.messages.len(),
+            segments = recovered.segments,
+            torn_tails_cut = recovered.torn_tails_cut,
+            corrupt_skipped = recovered.corrupt_skipped,
+            "spool recovered"
+        );
+        let tls_cfg = tls::server_config(&identity, ticketer).map_err(|e| e.to_string())?;
+        let acceptor = TlsAcceptor::from(tls_cfg);
+        let shard = Rc::new(Shard {
+            id,
+            store: ShardStore::new(spool, &cfg.hostname),
+            stopping: LocalNotify::new(),
+            idle_timeout: cfg.limits.idle_timeout,
+            grace: cfg.shutdown.grace,
+            connections: Cell::new(0),
+            per_ip: RefCell::new(HashMap::new()),
+            max_connections: cfg.limits.connections_per_shard,
+            max_per_ip: cfg.limits.connections_per_ip,
+        });
+        let policy = RelayPolicy::new(&cfg.relay.local_domains, &cfg.relay.trusted_networks);
+        let limits = SessionLimits {
+            command_line: cfg.limits.command_line,
+            text_line: cfg.limits.text_line,
+            message_size: cfg.limits.message_size,
+            recipients: cfg.limits.recipients,
+            errors: cfg.limits.errors,
+        };
+        let mut ctxs: HashMap<&'static str, Rc<ListenerCtx>> = HashMap::new();
+        let mut out = Vec::new();
+        for (kind, sock) in sockets {
+            let ctx = ctxs
+                .entry(kind.name())
+                .or_insert_with(|| {
+                    Rc::new(ListenerCtx {
+                        session: Rc::new(SessionConfig {
+                            hostname: cfg.hostname.clone(),
+                            kind,
+                            limits: limits.clone(),
+                            tls_available: true,
+                            policy: policy.clone(),
+                        }),
+                        acceptor: Some(acceptor.clone()),
+                    })
+                })
+                .clone();
+            // SAFETY: the fd comes from a listening std socket we own and give up here.
+            let l = unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) };
+            out.push((ctx, l));
+        }
+        Ok((shard, out))
+    };
+    let (shard, listeners) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = ready_tx.send((id, Err(e)));
+            return;
+        }
+    };
+    for (ctx, listener) in listeners {
+        let shard = shard.clone();
+        glommio::spawn_local(accept_loop(listener, ctx, shard)).detach();
+    }
+    let _ = ready_tx.send((id, Ok(())));
+
+    let _ = stop_rx.await;
+    shard.stopping.fire();
+    // Sessions finish their transaction (bounded by the grace period) and close.
+    while shard.connections.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::debug!(shard = id, "shard stopped");
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Rc<ListenerCtx>, shard: Rc<Shard>) {
+    let mut stop = shard.stopping.wait();
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            (&mut stop).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => break,
+            Some(Ok(stream)) => {
+                let peer = match stream.peer_addr() {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                };
+                // A bug in one session must not take the whole shard down with it.
+                let fut = std::panic::AssertUnwindSafe(conn::serve(
+                    stream,
+                    peer,
+                    ctx.clone(),
+                    shard.clone(),
+                ))
+                .catch_unwind();
+                glommio::spawn_local(async move {
+                    if fut.await.is_err() {
+                        tracing::error!(%peer, "session task panicked; connection dropped");
+                    }
+                })
+                .detach();
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = shard.id, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // Dropping the listener closes this shard's socket; the kernel stops routing to it.
+}
