@@ -50,6 +50,7 @@ fn greeting_ehlo_helo() {
         ],
         "EHLO keywords: {r}"
     );
+    c.expect("EHLO", 501, "5.5.2");
     // EHLO again resets nothing harmful; HELO is accepted too.
     c.expect("HELO client.test", 250, "localhost");
     c.quit();
@@ -337,7 +338,19 @@ fn bdat_out_of_order_consumes_chunk() {
     c.send(b"BDAT 3\r\nabc");
     c.read_reply().check(250, "2.0.0 Ok: 3 octets received");
     c.expect("DATA", 503, "5.5.1");
+    // RSET in the middle of a BDAT transaction discards it.
+    c.expect("RSET", 250, "2.0.0");
+    c.expect("MAIL FROM:<a@example.com>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@demo.test>", 250, "2.1.5");
+    c.send(b"BDAT 3 LAST\r\nxyz");
+    let id = c.read_reply().queued_id();
     c.quit();
+    assert_eq!(
+        s.stored_by_id(&id).content(),
+        b"xyz",
+        "RSET left BDAT data behind"
+    );
+    assert_eq!(s.queue_list().len(), 1);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -542,6 +555,18 @@ fn limit_message_size() {
     c.send(&wire);
     c.read_reply().check(552, "5.3.4");
     expect_marker(&mut c);
+    // Exactly at the limit is accepted (the limit is on the client's message, not on
+    // tern's own Received: header).
+    let mut exact = b"Subject: exact\r\n\r\n".to_vec();
+    while exact.len() + 100 <= 10000 {
+        exact.extend_from_slice(&[b'e'; 98]);
+        exact.extend_from_slice(b"\r\n");
+    }
+    let pad = 10000 - exact.len() - 2;
+    exact.extend(std::iter::repeat_n(b'p', pad));
+    exact.extend_from_slice(b"\r\n");
+    assert_eq!(exact.len(), 10000);
+    let id_exact = c.send_mail("a@example.com", &["b@demo.test"], &exact);
     // And a small one still goes through.
     let id = c.send_mail(
         "a@example.com",
@@ -549,9 +574,12 @@ fn limit_message_size() {
         b"Subject: small\r\n\r\nok\r\n",
     );
     c.quit();
-    let q = s.queue_list();
-    assert_eq!(q.len(), 1, "{q:?}");
-    assert_eq!(q[0].id, id);
+    let mut q: Vec<String> = s.queue_list().into_iter().map(|e| e.id).collect();
+    q.sort();
+    let mut want = vec![id_exact.clone(), id];
+    want.sort();
+    assert_eq!(q, want);
+    assert_eq!(s.stored_by_id(&id_exact).content(), &exact[..]);
 }
 
 #[test]
