@@ -1,1 +1,4 @@
 //! tern-engine.
+
+pub mod sasl;
+pub mod users;
