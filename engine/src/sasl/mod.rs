@@ -22,6 +22,7 @@
 //! ([`Mechanism::is_plaintext`] lets the session decide) and whether PLAIN may
 //! carry a foreign authzid ([`AuthContext::allow_authzid`]).
 
+pub mod client;
 mod cram_md5;
 mod digest_md5;
 mod login;

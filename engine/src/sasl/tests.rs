@@ -790,3 +790,38 @@ fn empty_store_fails_every_mechanism_with_bad_credentials() {
     let fin = scram_final(first, &challenge(&step), "b", "n,,");
     assert_eq!(h.step(&mut ex, &fin), BAD);
 }
+
+// ------------------------------------------------- client helpers round trip
+
+#[test]
+fn client_helpers_round_trip() {
+    let mut h = Harness::new("mx.example.org", "example.org", &[("ann", "pw")]);
+    let (mut ex, step) = h.start(Mechanism::CramMd5, None);
+    let resp = client::cram_md5("ann", "pw", &challenge(&step));
+    assert_eq!(h.step(&mut ex, &resp), success("ann"));
+
+    let (mut ex, nonce) = digest_start(&mut h);
+    let (resp, rspauth) = client::digest_md5(
+        "ann",
+        "example.org",
+        "pw",
+        &nonce,
+        "cn",
+        "smtp/mx.example.org",
+    );
+    assert!(
+        matches!(h.step(&mut ex, &resp), Step::Success { server_final: Some(f), .. } if f == rspauth.as_bytes())
+    );
+
+    let first = "n,,n=ann,r=cnonce";
+    let (mut ex, step) = h.start(Mechanism::ScramSha256, Some(first.as_bytes()));
+    let fin = client::scram_client_final(first, &challenge(&step), "pw").expect("final");
+    assert!(matches!(h.step(&mut ex, &fin), Step::Success { .. }));
+    assert_eq!(client::scram_client_final(first, b"garbage", "pw"), None);
+
+    assert_eq!(
+        h.start(Mechanism::Plain, Some(&client::plain("", "ann", "pw")))
+            .1,
+        success("ann")
+    );
+}
