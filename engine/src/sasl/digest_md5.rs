@@ -56,6 +56,9 @@ impl Digest {
     }
 
     pub(super) fn finish(self, response: &[u8], ctx: &mut AuthContext) -> Step {
+        // This exchange is over whatever the client sent: its nonce must never
+        // be accepted again, so consume it first.
+        let live = ctx.nonces.consume(self.nonce.as_bytes(), ctx.now).is_ok();
         let d = match Directives::parse(response) {
             Ok(d) => d,
             Err(()) => return Step::Failure(AuthFailure::Malformed),
@@ -64,12 +67,9 @@ impl Digest {
             Ok(f) => f,
             Err(f) => return Step::Failure(f),
         };
-        // The nonce must be the one of this exchange AND still live in the
-        // cache; consuming it makes any later use a replay.
-        if fields.nonce != self.nonce.as_bytes() {
-            return Step::Failure(AuthFailure::Replay);
-        }
-        if ctx.nonces.consume(fields.nonce, ctx.now).is_err() {
+        // The nonce must be the one of this exchange AND have been live
+        // (unused, unexpired) in the cache.
+        if fields.nonce != self.nonce.as_bytes() || !live {
             return Step::Failure(AuthFailure::Replay);
         }
         // RFC 2831 §2.1.2: an absent realm means the empty realm in A1.

@@ -333,9 +333,9 @@ fn check_authzid(
     }
 }
 
-/// Final verdict after the constant-time comparison: bad credentials first
-/// (so an authzid probe does not reveal whether the password was right...
-/// it only reaches the authzid check with right credentials), then authzid.
+/// Final verdict after the constant-time comparison. Credentials are judged
+/// first, so the authzid answer is only ever given to a client that proved
+/// the password (an authzid probe reveals nothing about other identities).
 fn verdict(
     ok: bool,
     found: bool,

@@ -208,6 +208,9 @@ impl Pending {
     /// client-final-message = channel-binding "," nonce ["," extensions] "," proof
     fn client_final(self, msg: &[u8], ctx: &mut AuthContext) -> Step {
         use AuthFailure::Malformed;
+        // The exchange ends here whatever the client sent: consume the server
+        // nonce first so it can never be accepted again.
+        let live = ctx.nonces.consume(&self.server_nonce, ctx.now).is_ok();
         if msg.len() > MAX_MESSAGE {
             return Step::Failure(Malformed);
         }
@@ -237,10 +240,7 @@ impl Pending {
             return Step::Failure(Malformed);
         };
         // RFC 5802 §5.1: the nonce must be exactly the combined one we sent.
-        if nonce != self.nonce.as_slice() {
-            return Step::Failure(AuthFailure::Replay);
-        }
-        if ctx.nonces.consume(&self.server_nonce, ctx.now).is_err() {
+        if nonce != self.nonce.as_slice() || !live {
             return Step::Failure(AuthFailure::Replay);
         }
 

@@ -825,3 +825,26 @@ fn client_helpers_round_trip() {
         success("ann")
     );
 }
+
+#[test]
+fn a_finished_exchange_kills_its_nonce_even_on_malformed_input() {
+    let mut h = digest_harness();
+    let (mut ex, nonce) = digest_start(&mut h);
+    assert_eq!(h.step(&mut ex, b"garbage"), MALFORMED);
+    assert_eq!(
+        h.nonces.consume(nonce.as_bytes(), h.now),
+        Err(nonces::NonceError::Unknown)
+    );
+    let mut h = rfc7677();
+    let (mut ex, _) = Exchange::start_with_nonce(
+        Mechanism::ScramSha256,
+        Some(b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"),
+        &mut h.ctx(),
+        RFC7677_SNONCE,
+    );
+    assert_eq!(h.step(&mut ex, b"c=biws"), MALFORMED);
+    assert_eq!(
+        h.nonces.consume(RFC7677_SNONCE.as_bytes(), h.now),
+        Err(nonces::NonceError::Unknown)
+    );
+}
