@@ -8,6 +8,8 @@
 //!   accepts connections; `conn` drives one connection (plain, STARTTLS or implicit TLS).
 //! - `session`: the I/O-free SMTP state machine: commands, DATA/BDAT, replies.
 //! - `policy`: relay decisions per recipient.
+//! - `sasl`: the AUTH mechanisms (sans-I/O server steps) and the per-shard nonce cache;
+//!   `users`: the sasldb-style store of derived secrets and `tern passwd`.
 //! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
 //! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
 //!   message gets its 250 only after its record is fdatasync'ed.
@@ -21,7 +23,9 @@ pub mod demo;
 pub mod notify;
 pub mod policy;
 pub mod queue_cli;
+pub mod sasl;
 pub mod server;
 pub mod session;
 pub mod spool;
 pub mod tls;
+pub mod users;

@@ -1,0 +1,417 @@
+//! `tern passwd`: manage the user store, like saslpasswd2 / sasldblistusers2.
+//!
+//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER`,
+//! `tern passwd --list [-f FILE]`), reading the password (stdin with `-p`, or
+//! twice from the terminal with echo off), and exit codes from sysexits.h.
+//!
+//! Must never: print a secret or the password, write the store other than
+//! through [`UserDb::save`] (atomic, 0600), or leave the terminal with echo
+//! off on a normal exit.
+//!
+//! Defaults: the file is `tern-users.db` in the current directory; the realm
+//! is this machine's host name ([`default_realm`]) — the server must use the
+//! same realm (DIGEST-MD5's stored hash covers it), so set both explicitly
+//! on hosts whose name may change.
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use super::secrets::{Secrets, DEFAULT_SCRAM_ITERATIONS, MAX_SCRAM_ITERATIONS, SCRAM_SALT_LEN};
+use super::{UserDb, UserDbError};
+use crate::sasl::saslprep::saslprep;
+
+/// sysexits.h codes.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const DATAERR: u8 = 65;
+    pub const NOINPUT: u8 = 66;
+    pub const NOUSER: u8 = 67;
+    pub const SOFTWARE: u8 = 70;
+    pub const IOERR: u8 = 74;
+    pub const CANTCREAT: u8 = 73;
+    pub const NOPERM: u8 = 77;
+}
+
+/// Longest password accepted (same bound as PLAIN/LOGIN accept on the wire).
+const MAX_PASSWORD: usize = 1024;
+
+/// Arguments of `tern passwd`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(about = "Set, delete or list users of the tern user store (like saslpasswd2)")]
+pub struct PasswdArgs {
+    /// User store file.
+    #[arg(short = 'f', long = "file", default_value = "tern-users.db")]
+    pub file: PathBuf,
+    /// Realm (default: this machine's host name).
+    #[arg(short = 'u', long = "realm")]
+    pub realm: Option<String>,
+    /// Create the user (and the file) if absent; without -c the user must exist.
+    #[arg(short = 'c', long = "create", conflicts_with = "delete")]
+    pub create: bool,
+    /// Delete the user.
+    #[arg(short = 'd', long = "delete")]
+    pub delete: bool,
+    /// Read the password from standard input (first line) without prompting.
+    #[arg(short = 'p', long = "pipe")]
+    pub pipe: bool,
+    /// SCRAM-SHA-256 iteration count.
+    #[arg(long = "iterations", default_value_t = DEFAULT_SCRAM_ITERATIONS)]
+    pub iterations: u32,
+    /// List users as `user@realm: userPassword` (never the secrets).
+    #[arg(long = "list", conflicts_with_all = ["create", "delete", "pipe", "user"])]
+    pub list: bool,
+    /// The user name.
+    #[arg(required_unless_present = "list")]
+    pub user: Option<String>,
+}
+
+/// Run `tern passwd`.
+pub fn run(args: PasswdArgs) -> ExitCode {
+    let pipe = args.pipe;
+    let code = run_with(
+        &args,
+        || read_password(pipe),
+        &mut io::stdout().lock(),
+        &mut io::stderr().lock(),
+    );
+    ExitCode::from(code)
+}
+
+/// This machine's host name, the default realm (`gethostname(2)`).
+pub fn default_realm() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: buf is writable for buf.len() bytes; gethostname writes at most
+    // that many and we only read up to the first NUL within the buffer.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let len = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    let name = std::str::from_utf8(&buf[..len]).ok()?;
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+/// Exit code for a load error.
+fn load_code(e: &UserDbError) -> u8 {
+    match e {
+        UserDbError::NotFound { .. } | UserDbError::NotRegular { .. } => exit::NOINPUT,
+        UserDbError::Permissions { .. } => exit::NOPERM,
+        UserDbError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+            exit::NOPERM
+        }
+        UserDbError::Io { .. } => exit::IOERR,
+        UserDbError::Malformed { .. } => exit::DATAERR,
+        UserDbError::InvalidName { .. } => exit::USAGE,
+    }
+}
+
+/// Exit code for a save error.
+fn save_code(e: &UserDbError) -> u8 {
+    match e {
+        UserDbError::Io { source, .. } if source.kind() == io::ErrorKind::PermissionDenied => {
+            exit::NOPERM
+        }
+        _ => exit::CANTCREAT,
+    }
+}
+
+/// The testable core: `password` supplies the password when one is needed.
+pub fn run_with(
+    args: &PasswdArgs,
+    password: impl FnOnce() -> Result<String, String>,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    let mut fail = |code: u8, msg: &dyn std::fmt::Display| {
+        let _ = writeln!(err, "tern passwd: {msg}");
+        code
+    };
+    if args.list {
+        let db = match UserDb::load(&args.file) {
+            Ok(db) => db,
+            Err(e) => return fail(load_code(&e), &e),
+        };
+        for (user, realm) in db.entries() {
+            if writeln!(out, "{user}@{realm}: userPassword").is_err() {
+                return exit::IOERR;
+            }
+        }
+        return exit::OK;
+    }
+    let Some(user) = args.user.as_deref() else {
+        return fail(exit::USAGE, &"a user name is required");
+    };
+    let realm = match args.realm.clone().or_else(default_realm) {
+        Some(r) => r,
+        None => {
+            return fail(
+                exit::USAGE,
+                &"cannot determine the host name; give a realm with -u",
+            )
+        }
+    };
+    if let Err(e) = super::check_user(user).and_then(|()| super::check_realm(&realm)) {
+        return fail(exit::USAGE, &e);
+    }
+    if !(1..=MAX_SCRAM_ITERATIONS).contains(&args.iterations) {
+        return fail(
+            exit::USAGE,
+            &format_args!("--iterations must be 1..={MAX_SCRAM_ITERATIONS}"),
+        );
+    }
+
+    let mut db = match UserDb::load(&args.file) {
+        Ok(db) => db,
+        Err(UserDbError::NotFound { .. }) if args.create => UserDb::empty(),
+        Err(e) => return fail(load_code(&e), &e),
+    };
+    let exists = db.lookup(user, &realm).is_some();
+
+    if args.delete {
+        if !db.remove(user, &realm) {
+            return fail(exit::NOUSER, &format_args!("{user}@{realm}: no such user"));
+        }
+    } else {
+        if !exists && !args.create {
+            return fail(
+                exit::NOUSER,
+                &format_args!("{user}@{realm}: no such user (use -c to create)"),
+            );
+        }
+        let password = match password() {
+            Ok(p) => p,
+            Err(msg) => return fail(exit::DATAERR, &msg),
+        };
+        if password.is_empty() {
+            return fail(exit::DATAERR, &"empty password refused");
+        }
+        if password.len() > MAX_PASSWORD {
+            return fail(exit::DATAERR, &"password longer than 1024 octets");
+        }
+        let Ok(prepared) = saslprep(&password) else {
+            return fail(
+                exit::DATAERR,
+                &"password contains a character SASLprep prohibits (RFC 4013 §2.3)",
+            );
+        };
+        let mut salt = [0u8; SCRAM_SALT_LEN];
+        rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
+        let secrets = Secrets::derive(user, &realm, &password, &prepared, &salt, args.iterations);
+        if let Err(e) = db.insert(user, &realm, secrets) {
+            return fail(exit::USAGE, &e);
+        }
+    }
+    match db.save(&args.file) {
+        Ok(()) => exit::OK,
+        Err(e) => fail(save_code(&e), &e),
+    }
+}
+
+/// First line of `r`, without its line ending; bounded.
+fn first_line(r: &mut dyn BufRead) -> Result<String, String> {
+    let mut line = Vec::new();
+    r.take(MAX_PASSWORD as u64 + 2)
+        .read_until(b'\n', &mut line)
+        .map_err(|e| format!("reading the password: {e}"))?;
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    } else if line.len() > MAX_PASSWORD {
+        return Err("password longer than 1024 octets".into());
+    }
+    String::from_utf8(line).map_err(|_| "the password is not UTF-8".to_string())
+}
+
+/// `-p`, or stdin not a terminal: the first line of stdin. Otherwise prompt
+/// twice on the terminal with echo off.
+fn read_password(pipe: bool) -> Result<String, String> {
+    let stdin = io::stdin();
+    if pipe || !stdin.is_terminal() {
+        return first_line(&mut stdin.lock());
+    }
+    let first = tty::prompt("Password: ").map_err(|e| format!("reading the password: {e}"))?;
+    let again = tty::prompt("Again (for verification): ")
+        .map_err(|e| format!("reading the password: {e}"))?;
+    if first != again {
+        return Err("passwords do not match".into());
+    }
+    Ok(first)
+}
+
+mod tty {
+    //! Echo-off password prompt on /dev/tty (termios), restored on drop.
+    use std::fs::OpenOptions;
+    use std::io::{self, BufReader, Write};
+    use std::os::fd::AsRawFd;
+
+    struct Restore {
+        fd: i32,
+        saved: libc::termios,
+    }
+
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: fd is open for the lifetime of the guard (the File
+            // outlives it); saved came from tcgetattr on the same fd.
+            unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+        }
+    }
+
+    pub(super) fn prompt(prompt: &str) -> io::Result<String> {
+        let tty = OpenOptions::new().read(true).write(true).open("/dev/tty")?;
+        let fd = tty.as_raw_fd();
+        // SAFETY: termios is plain old data; tcgetattr fills it.
+        let mut term: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is an open terminal descriptor; term is a valid pointer.
+        if unsafe { libc::tcgetattr(fd, &mut term) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let guard = Restore { fd, saved: term };
+        term.c_lflag &= !libc::ECHO;
+        term.c_lflag |= libc::ECHONL;
+        // SAFETY: as above.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &term) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (&tty).write_all(prompt.as_bytes())?;
+        let line = super::first_line(&mut BufReader::new(&tty)).map_err(io::Error::other);
+        drop(guard);
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn args(file: &std::path::Path, user: Option<&str>) -> PasswdArgs {
+        PasswdArgs {
+            file: file.to_owned(),
+            realm: Some("example.org".into()),
+            create: false,
+            delete: false,
+            pipe: true,
+            iterations: 16,
+            list: false,
+            user: user.map(str::to_owned),
+        }
+    }
+
+    fn run_ok(a: &PasswdArgs, pw: &str) -> (u8, String, String) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let pw = pw.to_owned();
+        let code = run_with(a, move || Ok(pw), &mut out, &mut err);
+        (
+            code,
+            String::from_utf8_lossy(&out).into_owned(),
+            String::from_utf8_lossy(&err).into_owned(),
+        )
+    }
+
+    #[test]
+    fn create_update_delete_list_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("users.db");
+
+        // Update without -c on a missing file: no input.
+        assert_eq!(run_ok(&args(&file, Some("alice")), "pw").0, exit::NOINPUT);
+
+        let mut create = args(&file, Some("alice"));
+        create.create = true;
+        assert_eq!(run_ok(&create, "secret1").0, exit::OK);
+        let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        create.user = Some("bob@corp".into());
+        assert_eq!(run_ok(&create, "secret2").0, exit::OK);
+
+        // Update of an existing user without -c.
+        assert_eq!(run_ok(&args(&file, Some("alice")), "secret3").0, exit::OK);
+        // Update of a missing user without -c.
+        assert_eq!(run_ok(&args(&file, Some("carol")), "x").0, exit::NOUSER);
+        // Empty password refused.
+        assert_eq!(run_ok(&create, "").0, exit::DATAERR);
+
+        let mut list = args(&file, None);
+        list.list = true;
+        let (code, out, _) = run_ok(&list, "");
+        assert_eq!(code, exit::OK);
+        assert_eq!(
+            out,
+            "alice@example.org: userPassword\nbob@corp@example.org: userPassword\n"
+        );
+        let text = std::fs::read_to_string(&file).expect("read");
+        for pw in ["secret1", "secret2", "secret3"] {
+            assert!(!text.contains(pw), "no password in the file");
+        }
+
+        let db = UserDb::load(&file).expect("load");
+        let s = db.lookup("alice", "example.org").expect("alice");
+        assert_eq!(
+            s.digest_ha1,
+            super::super::secrets::digest_ha1("alice", "example.org", b"secret3")
+        );
+
+        let mut del = args(&file, Some("alice"));
+        del.delete = true;
+        assert_eq!(run_ok(&del, "").0, exit::OK);
+        assert_eq!(run_ok(&del, "").0, exit::NOUSER);
+        let (_, out, _) = run_ok(&list, "");
+        assert_eq!(out, "bob@corp@example.org: userPassword\n");
+    }
+
+    #[test]
+    fn list_refuses_open_file_and_missing_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("users.db");
+        let mut list = args(&file, None);
+        list.list = true;
+        assert_eq!(run_ok(&list, "").0, exit::NOINPUT);
+        std::fs::write(&file, "").expect("write");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let (code, _, err) = run_ok(&list, "");
+        assert_eq!(code, exit::NOPERM);
+        assert!(err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn bad_names_are_usage_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = args(&dir.path().join("u.db"), Some("has space"));
+        a.create = true;
+        assert_eq!(run_ok(&a, "pw").0, exit::USAGE);
+        a.user = Some("ok".into());
+        a.realm = Some("bad@realm".into());
+        assert_eq!(run_ok(&a, "pw").0, exit::USAGE);
+    }
+
+    #[test]
+    fn first_line_strips_line_ending_only() {
+        let mut r = io::Cursor::new(b" pass word \r\nsecond\n".to_vec());
+        assert_eq!(first_line(&mut r).as_deref(), Ok(" pass word "));
+        let mut r = io::Cursor::new(b"no newline".to_vec());
+        assert_eq!(first_line(&mut r).as_deref(), Ok("no newline"));
+        let mut r = io::Cursor::new(vec![b'a'; 2000]);
+        assert!(first_line(&mut r).is_err());
+    }
+
+    #[test]
+    fn clap_parses_saslpasswd2_style() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: PasswdArgs,
+        }
+        let c = Cli::try_parse_from(["passwd", "-f", "x.db", "-u", "r", "-c", "-p", "bob"])
+            .expect("parse");
+        assert!(c.a.create && c.a.pipe && c.a.user.as_deref() == Some("bob"));
+        assert!(Cli::try_parse_from(["passwd", "-c", "-d", "bob"]).is_err());
+        assert!(Cli::try_parse_from(["passwd"]).is_err());
+        assert!(Cli::try_parse_from(["passwd", "--list", "-f", "x"]).is_ok());
+    }
+}
