@@ -476,6 +476,62 @@ fn smuggling_control_real_end_then_commands() {
     );
 }
 
+/// The scanner's state must survive read boundaries: commands and the end of data split
+/// into one-byte writes, a fake end split across writes, and a large body.
+#[test]
+fn data_split_across_writes_and_large_body() {
+    let s = Server::with(&[]);
+    let mut c = ehlo_client(&s);
+    let pause = || std::thread::sleep(Duration::from_millis(3));
+    for b in b"MAIL FROM:<split@example.com>\r\n" {
+        c.send(&[*b]);
+        pause();
+    }
+    c.read_reply().check(250, "2.1.0");
+    c.expect("RCPT TO:<b@demo.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "End data");
+    c.send(b"Subject: split\r\n\r\nbody\r");
+    for b in b"\n..\r\n.x\r\n\r\n" {
+        c.send(&[*b]);
+        pause();
+    }
+    for b in b".\r\n" {
+        c.send(&[*b]);
+        pause();
+    }
+    let id1 = c.read_reply().queued_id();
+
+    // A fake end split so that no single read shows it, then the real end.
+    c.expect("MAIL FROM:<fake@example.com>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@demo.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "End data");
+    c.send(b"Subject: fake\r\n\r\nx\n");
+    pause();
+    c.send(b".");
+    pause();
+    c.send(b"\nNOOP\r\n.\r\n");
+    c.read_reply().check(554, "5.6.0");
+    expect_marker(&mut c);
+
+    // 4 MiB of varied lines, written in one go.
+    let mut big = b"Subject: big\r\n\r\n".to_vec();
+    let mut i = 0u64;
+    while big.len() < 4 << 20 {
+        let line = format!("{i:08} {}\r\n", ".".repeat((i % 97) as usize));
+        big.extend_from_slice(line.as_bytes());
+        i += 1;
+    }
+    let id2 = c.send_mail("big@example.com", &["b@demo.test"], &big);
+    c.quit();
+
+    assert_eq!(
+        s.stored_by_id(&id1).content(),
+        b"Subject: split\r\n\r\nbody\r\n.\r\nx\r\n\r\n" // ".x" unstuffs to "x"
+    );
+    assert_eq!(s.stored_by_id(&id2).content(), &big[..]);
+    assert_eq!(s.queue_list().len(), 2);
+}
+
 // ---------------------------------------------------------------------------------------
 // Limits
 // ---------------------------------------------------------------------------------------
