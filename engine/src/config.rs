@@ -44,6 +44,7 @@ pub struct Config {
     pub limits: Limits,
     pub spool: SpoolConfig,
     pub relay: RelayConfig,
+    pub auth: AuthConfig,
     pub shutdown: ShutdownConfig,
     pub executor: ExecutorConfig,
     pub log: LogConfig,
@@ -112,6 +113,58 @@ pub struct RelayConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// SASL mechanisms offered, in this order. Plaintext ones (PLAIN, LOGIN) are offered
+    /// only under TLS unless `allow_plaintext_without_tls`.
+    pub mechanisms: Vec<String>,
+    /// The user store (written by `tern passwd`). A missing file means no users.
+    pub users: PathBuf,
+    /// Realm users are looked up in (and DIGEST-MD5's realm). Empty: the host name, which
+    /// is also `tern passwd`'s default.
+    pub realm: String,
+    /// Offer and accept PLAIN/LOGIN on unencrypted connections (legacy sites only).
+    pub allow_plaintext_without_tls: bool,
+    /// Allow an authorization identity different from the authentication identity.
+    pub allow_authzid: bool,
+    /// Failed AUTH attempts in one session before 421 4.7.0 and close.
+    pub max_failures: u32,
+    /// Delay added before each 535, growing with every failure in the session.
+    #[serde(with = "humantime_serde")]
+    pub tarpit: Duration,
+    /// Listener roles that require AUTH before MAIL (530 5.7.0): "submission", "smtps", "smtp".
+    pub require_on: Vec<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            mechanisms: ["CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN"]
+                .map(String::from)
+                .to_vec(),
+            users: PathBuf::from("tern-users.db"),
+            realm: String::new(),
+            allow_plaintext_without_tls: false,
+            allow_authzid: false,
+            max_failures: 3,
+            tarpit: Duration::from_millis(500),
+            require_on: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The effective realm: configured, or the host name.
+    pub fn realm_or<'a>(&'a self, hostname: &'a str) -> &'a str {
+        if self.realm.is_empty() {
+            hostname
+        } else {
+            &self.realm
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long sessions in the middle of a transaction may go on after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
@@ -147,6 +200,7 @@ impl Default for Config {
             limits: Limits::default(),
             spool: SpoolConfig::default(),
             relay: RelayConfig::default(),
+            auth: AuthConfig::default(),
             shutdown: ShutdownConfig::default(),
             executor: ExecutorConfig::default(),
             log: LogConfig::default(),
@@ -297,6 +351,25 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key must be given together".into(),
+            ));
+        }
+        for m in &self.auth.mechanisms {
+            if crate::sasl::Mechanism::from_name(m).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.mechanisms: unknown mechanism {m:?} (expected CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN, LOGIN)"
+                )));
+            }
+        }
+        for r in &self.auth.require_on {
+            if !matches!(r.as_str(), "smtp" | "submission" | "smtps") {
+                return Err(ConfigError::Invalid(format!(
+                    "auth.require_on: unknown listener role {r:?} (expected smtp, submission, smtps)"
+                )));
+            }
+        }
+        if self.auth.max_failures == 0 {
+            return Err(ConfigError::Invalid(
+                "auth.max_failures must be positive".into(),
             ));
         }
         if self.spool.segment_size < 1024 * 1024 {

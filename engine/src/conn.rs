@@ -186,6 +186,9 @@ where
                 return Ok(Outcome::StartTls(io));
             }
             Event::Close => {
+                if let Some(d) = session.take_delay() {
+                    Timer::new(d).await;
+                }
                 flush(&mut io, &mut out, shard).await?;
                 let _ = io.close().await;
                 return Ok(Outcome::Done);
@@ -194,6 +197,10 @@ where
         if shard.stopping.fired() && !session.in_transaction() {
             session.shutdown(&mut out);
             continue;
+        }
+        if let Some(d) = session.take_delay() {
+            // AUTH tarpit: only failed attempts get here.
+            Timer::new(d).await;
         }
         flush(&mut io, &mut out, shard).await?;
 

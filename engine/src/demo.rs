@@ -23,6 +23,8 @@ pub enum DemoError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error("cannot create the demo user: {0}")]
+    User(String),
 }
 
 pub struct Prepared {
@@ -50,6 +52,9 @@ key = "{d}/key.pem"
 dir = "{d}/spool"
 [relay]
 local_domains = ["localhost", "demo.test"]
+[auth]
+users = "{d}/users.db"
+require_on = ["submission", "smtps"]
 "#
     )
 }
@@ -66,7 +71,41 @@ pub fn prepare(dir: &Path, sets: &[String]) -> Result<Prepared, DemoError> {
         _ => (dir.join("cert.pem"), dir.join("key.pem")),
     };
     let identity = Identity::load_or_generate(&config.hostname, &cert, &key)?;
+    create_demo_user(&config)?;
     Ok(Prepared { config, identity })
+}
+
+/// The demo's user: `demo` / `demo`, created once in the demo's user store.
+pub const DEMO_USER: &str = "demo";
+pub const DEMO_PASSWORD: &str = "demo";
+
+fn create_demo_user(config: &Config) -> Result<(), DemoError> {
+    if config.auth.users.exists() {
+        return Ok(());
+    }
+    let args = crate::users::cli::PasswdArgs {
+        file: config.auth.users.clone(),
+        realm: Some(config.auth.realm_or(&config.hostname).to_string()),
+        create: true,
+        delete: false,
+        pipe: true,
+        iterations: crate::users::secrets::DEFAULT_SCRAM_ITERATIONS,
+        list: false,
+        user: Some(DEMO_USER.to_string()),
+    };
+    let mut err = Vec::new();
+    let code = crate::users::cli::run_with(
+        &args,
+        || Ok(DEMO_PASSWORD.to_string()),
+        &mut std::io::sink(),
+        &mut err,
+    );
+    if code != 0 {
+        return Err(DemoError::User(
+            String::from_utf8_lossy(&err).trim().to_string(),
+        ));
+    }
+    Ok(())
 }
 
 /// What a newcomer sees once the demo is up.
@@ -91,9 +130,14 @@ pub fn print_banner(dir: &Path, ready: &Ready) {
             "  swaks --server {a} --tls --tls-verify=no --from you@example.com --to user@demo.test"
         );
     }
+    if let Some(a) = find(ListenerKind::Submission) {
+        println!("Authenticated submission (user {DEMO_USER}, password {DEMO_PASSWORD}) may relay anywhere:");
+        println!("  swaks --server {a} --tls --tls-verify=no --auth PLAIN --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --from {DEMO_USER}@localhost --to friend@example.net");
+        println!("  swaks --server {a} --auth CRAM-MD5 --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --from {DEMO_USER}@localhost --to friend@example.net");
+    }
     if let Some(a) = find(ListenerKind::Smtps) {
         println!("Or with curl over implicit TLS:");
-        println!("  printf 'Subject: hello\\r\\n\\r\\nhi\\r\\n' | curl -k --url smtps://{a} --mail-from you@example.com --mail-rcpt user@demo.test --upload-file -");
+        println!("  printf 'Subject: hello\\r\\n\\r\\nhi\\r\\n' | curl -k --url smtps://{a} --user {DEMO_USER}:{DEMO_PASSWORD} --mail-from {DEMO_USER}@localhost --mail-rcpt friend@example.net --upload-file -");
     }
     println!("Then list the queue:");
     println!("  tern queue list --spool {}/spool", dir.display());

@@ -49,6 +49,8 @@ enum Cmd {
         #[command(subcommand)]
         command: queue_cli::QueueCmd,
     },
+    /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
+    Passwd(tern_engine::users::cli::PasswdArgs),
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         #[arg(long, short = 'c')]
@@ -137,6 +139,7 @@ fn main() -> ExitCode {
             })
         }
         Cmd::Queue { command } => queue_cli::run(command),
+        Cmd::Passwd(args) => tern_engine::users::cli::run(args),
         Cmd::CheckConfig { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => match toml::to_string_pretty(&cfg) {
                 Ok(s) => {

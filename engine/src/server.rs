@@ -30,9 +30,12 @@ use crate::config::Config;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
 use crate::policy::RelayPolicy;
-use crate::session::{ListenerKind, SessionConfig, SessionLimits};
+use crate::sasl::nonces::NonceCache;
+use crate::sasl::Mechanism;
+use crate::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, SessionLimits};
 use crate::spool::ShardStore;
 use crate::tls::{self, Identity};
+use crate::users::{UserDb, UserDbError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -46,6 +49,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("shard {shard}: {message}")]
     Shard { shard: usize, message: String },
+    #[error("user store: {0}")]
+    Users(#[from] crate::users::UserDbError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -176,6 +181,7 @@ pub fn run(
         shards,
         listeners: listeners.iter().map(|l| (l.kind, l.addr)).collect(),
     };
+    let users = Arc::new(load_users(&cfg)?);
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
 
@@ -205,6 +211,7 @@ pub fn run(
         let cfg = cfg.clone();
         let identity = identity.clone();
         let ticketer = ticketer.clone();
+        let users = users.clone();
         let ready_tx = ready_tx.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-shard-{i}"))
@@ -212,7 +219,10 @@ pub fn run(
             .ring_depth(cfg.executor.ring_depth);
         let handle = builder
             .spawn(move || async move {
-                shard_main(i, cfg, identity, ticketer, sockets, stop_rx, ready_tx).await
+                shard_main(
+                    i, cfg, identity, ticketer, users, sockets, stop_rx, ready_tx,
+                )
+                .await
             })
             .map_err(|e| ServerError::Shard {
                 shard: i,
@@ -281,11 +291,29 @@ pub fn run(
     Ok(())
 }
 
+/// Loads the user store; a missing file is an empty store (AUTH then always fails), so a
+/// relay without users still starts, but a file with bad permissions or syntax is an error.
+pub fn load_users(cfg: &Config) -> Result<UserDb, ServerError> {
+    match UserDb::load(&cfg.auth.users) {
+        Ok(db) => {
+            tracing::info!(users = db.len(), file = %cfg.auth.users.display(), "user store loaded");
+            Ok(db)
+        }
+        Err(UserDbError::NotFound { .. }) => {
+            tracing::warn!(file = %cfg.auth.users.display(), "user store not found: no AUTH user can log in");
+            Ok(UserDb::empty())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn shard_main(
     id: usize,
     cfg: Arc<Config>,
     identity: Identity,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
+    users: Arc<UserDb>,
     sockets: Vec<(ListenerKind, StdListener)>,
     stop_rx: oneshot::Receiver<()>,
     ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
@@ -328,6 +356,29 @@ async fn shard_main(
             recipients: cfg.limits.recipients,
             errors: cfg.limits.errors,
         };
+        let mechanisms: Vec<Mechanism> = cfg
+            .auth
+            .mechanisms
+            .iter()
+            .filter_map(|m| Mechanism::from_name(m))
+            .collect();
+        // One SASL state per shard: its own nonces, its own snapshot handle.
+        let auth_shared = Rc::new(AuthShared {
+            users: RefCell::new(users.clone()),
+            nonces: RefCell::new(NonceCache::new(16_384, Duration::from_secs(300))),
+        });
+        let auth_for = |kind: ListenerKind| {
+            (!mechanisms.is_empty()).then(|| AuthSetup {
+                mechanisms: mechanisms.clone(),
+                allow_plaintext_without_tls: cfg.auth.allow_plaintext_without_tls,
+                allow_authzid: cfg.auth.allow_authzid,
+                max_failures: cfg.auth.max_failures,
+                tarpit: cfg.auth.tarpit,
+                required: cfg.auth.require_on.iter().any(|r| r == kind.name()),
+                realm: cfg.auth.realm_or(&cfg.hostname).to_string(),
+                shared: auth_shared.clone(),
+            })
+        };
         let mut ctxs: HashMap<&'static str, Rc<ListenerCtx>> = HashMap::new();
         let mut out = Vec::new();
         for (kind, sock) in sockets {
@@ -341,6 +392,7 @@ async fn shard_main(
                             limits: limits.clone(),
                             tls_available: true,
                             policy: policy.clone(),
+                            auth: auth_for(kind),
                         }),
                         acceptor: Some(acceptor.clone()),
                     })

@@ -15,13 +15,19 @@ pub mod command;
 pub mod data;
 pub mod reply;
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::{memchr, memchr2};
 
 use crate::policy::RelayPolicy;
+use crate::sasl::nonces::NonceCache;
+use crate::sasl::{self, AuthContext, AuthFailure, ClientLine, Exchange, Mechanism, Step};
+use crate::users::UserDb;
 use command::{Body, Command, ParseError};
 use data::{BodyFlaws, DataScanner, Scan};
 use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
@@ -67,6 +73,35 @@ pub struct SessionConfig {
     /// Whether STARTTLS can be offered (a certificate is loaded).
     pub tls_available: bool,
     pub policy: RelayPolicy,
+    /// SMTP AUTH (RFC 4954); None when no mechanism is configured.
+    pub auth: Option<AuthSetup>,
+}
+
+/// AUTH settings of a listener, plus the shard's SASL state.
+#[derive(Debug)]
+pub struct AuthSetup {
+    pub mechanisms: Vec<Mechanism>,
+    pub allow_plaintext_without_tls: bool,
+    pub allow_authzid: bool,
+    pub max_failures: u32,
+    pub tarpit: Duration,
+    /// AUTH required before MAIL on this listener (530 5.7.0).
+    pub required: bool,
+    pub realm: String,
+    pub shared: Rc<AuthShared>,
+}
+
+/// The shard's SASL state: the user store snapshot (swapped whole on reload) and the
+/// shard's challenge/nonce cache. Shard-local (Rc/RefCell): never crosses threads.
+pub struct AuthShared {
+    pub users: RefCell<Arc<UserDb>>,
+    pub nonces: RefCell<NonceCache>,
+}
+
+impl std::fmt::Debug for AuthShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AuthShared {{ users: {} }}", self.users.borrow().len())
+    }
 }
 
 /// What the driver must do after `process` returns.
@@ -179,6 +214,13 @@ enum State {
     },
     /// A message was handed to the driver; waiting for `stored`.
     Storing,
+    /// An AUTH exchange is waiting for the client's next response line.
+    Auth(Box<Exchange>),
+    /// Authenticated; the server-final 334 was sent and the client's (empty) reply is due.
+    AuthFinal {
+        identity: String,
+        mech: Mechanism,
+    },
     Closed,
 }
 
@@ -213,6 +255,9 @@ pub struct Session {
     /// Discarding the rest of an over-long command line until its LF.
     discarding: bool,
     messages: u32,
+    auth_failures: u32,
+    /// Tarpit owed before the next flush (set after a failed AUTH).
+    delay: Option<Duration>,
 }
 
 impl Session {
@@ -229,6 +274,8 @@ impl Session {
             errors: 0,
             discarding: false,
             messages: 0,
+            auth_failures: 0,
+            delay: None,
         }
     }
 
@@ -244,6 +291,16 @@ impl Session {
 
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)
+    }
+
+    /// A delay the driver must wait before sending the pending replies (AUTH tarpit).
+    pub fn take_delay(&mut self) -> Option<Duration> {
+        self.delay.take()
+    }
+
+    /// The authenticated identity, if any.
+    pub fn authenticated(&self) -> Option<&str> {
+        self.authenticated.as_deref()
     }
 
     /// Messages accepted in this session (for the disconnect log line).
@@ -319,8 +376,23 @@ impl Session {
             match &mut self.state {
                 State::Closed => return Event::Close,
                 State::Storing => return Event::NeedInput,
+                State::Auth(_) | State::AuthFinal { .. } => {
+                    let Some(line) = self.next_line(input, out, sasl::MAX_LINE + 2) else {
+                        if matches!(self.state, State::Closed) {
+                            return Event::Close;
+                        }
+                        return Event::NeedInput;
+                    };
+                    self.auth_response(&line[..line.len() - 2], out);
+                    if let Some(ev) = self.closed_event() {
+                        return ev;
+                    }
+                }
                 State::Command => {
-                    let Some(line) = self.next_line(input, out) else {
+                    // AUTH may carry an initial response up to 12288 octets (RFC 4954 §4);
+                    // other commands are held to the command-line limit in `command`.
+                    let limit = self.cfg.limits.command_line.max(sasl::MAX_LINE + 2);
+                    let Some(line) = self.next_line(input, out, limit) else {
                         if matches!(self.state, State::Closed) {
                             return Event::Close;
                         }
@@ -386,8 +458,12 @@ impl Session {
 
     /// Takes the next complete command line out of `input`, answering over-long lines and
     /// lines with bare CR/LF or NUL itself. Returns None when more input is needed.
-    fn next_line(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Option<BytesMut> {
-        let limit = self.cfg.limits.command_line;
+    fn next_line(
+        &mut self,
+        input: &mut BytesMut,
+        out: &mut BytesMut,
+        limit: usize,
+    ) -> Option<BytesMut> {
         loop {
             // Only CRLF ends a command line; a LF without CR before it is part of the line
             // (and makes it invalid), so "NOOP\nNOOP\r\n" is one bad line, not two commands.
@@ -478,6 +554,12 @@ impl Session {
 
     fn command(&mut self, line: &[u8], out: &mut BytesMut) -> Option<Event> {
         let text = &line[..line.len() - 2];
+        if line.len() > self.cfg.limits.command_line
+            && !(text.len() > 5 && text[..5].eq_ignore_ascii_case(b"AUTH "))
+        {
+            self.error(out, 500, "5.5.2", "Error: line too long");
+            return self.closed_event();
+        }
         let cmd = match command::parse(text) {
             Ok(c) => c,
             Err(e) => {
@@ -532,9 +614,7 @@ impl Session {
                 ],
             ),
             Command::StartTls => return self.starttls(out),
-            Command::Auth { .. } => {
-                self.error(out, 503, "5.5.1", "Error: authentication not enabled")
-            }
+            Command::Auth { mechanism, initial } => self.auth(mechanism, initial, out),
             Command::Etrn(_) => self.error(out, 502, "5.5.1", "Error: ETRN not supported"),
         }
         self.closed_event()
@@ -563,6 +643,19 @@ impl Session {
             "SMTPUTF8",
             "HELP",
         ];
+        let auth_line;
+        if let Some(a) = &self.cfg.auth {
+            let offered: Vec<&str> = a
+                .mechanisms
+                .iter()
+                .filter(|m| self.tls || a.allow_plaintext_without_tls || !m.is_plaintext())
+                .map(|m| m.name())
+                .collect();
+            if !offered.is_empty() {
+                auth_line = format!("AUTH {}", offered.join(" "));
+                lines.push(&auth_line);
+            }
+        }
         if !self.tls && self.cfg.tls_available {
             lines.push("STARTTLS");
         }
@@ -575,6 +668,9 @@ impl Session {
         }
         if self.txn.is_some() {
             return self.error(out, 503, "5.5.1", "Error: nested MAIL command");
+        }
+        if self.authenticated.is_none() && self.cfg.auth.as_ref().is_some_and(|a| a.required) {
+            return self.error(out, 530, "5.7.0", "Authentication required");
         }
         let has_params = m.size.is_some()
             || m.body.is_some()
@@ -811,6 +907,174 @@ impl Session {
                 single_rcpt,
             },
         })))
+    }
+
+    fn auth(&mut self, mechanism: &str, initial: Option<&str>, out: &mut BytesMut) {
+        let Some(a) = self.cfg.auth.as_ref() else {
+            return self.error(out, 503, "5.5.1", "Error: authentication not enabled");
+        };
+        if !self.esmtp {
+            return self.error(out, 503, "5.5.1", "Error: send EHLO first");
+        }
+        if self.authenticated.is_some() {
+            return self.error(out, 503, "5.5.1", "Error: already authenticated");
+        }
+        if self.txn.is_some() {
+            return self.error(
+                out,
+                503,
+                "5.5.1",
+                "Error: AUTH not allowed during a mail transaction",
+            );
+        }
+        let Some(mech) = Mechanism::from_name(mechanism).filter(|m| a.mechanisms.contains(m))
+        else {
+            return self.error(out, 504, "5.5.4", "Unrecognized authentication type");
+        };
+        if mech.is_plaintext() && !self.tls && !a.allow_plaintext_without_tls {
+            return self.error(
+                out,
+                538,
+                "5.7.11",
+                "Encryption required for requested authentication mechanism",
+            );
+        }
+        let initial = match initial.map(|i| sasl::decode_client_line(i.as_bytes(), true)) {
+            None => None,
+            Some(Ok(ClientLine::Data(d))) => Some(d),
+            Some(Ok(ClientLine::Cancel)) => {
+                return self.error(out, 501, "5.0.0", "Authentication aborted");
+            }
+            Some(Err(_)) => {
+                return self.error(out, 501, "5.5.2", "Invalid base64 data in AUTH");
+            }
+        };
+        let shared = a.shared.clone();
+        let (ex, step) = {
+            let users = shared.users.borrow().clone();
+            let mut nonces = shared.nonces.borrow_mut();
+            let mut ctx = AuthContext {
+                users: &users,
+                nonces: &mut nonces,
+                hostname: &self.cfg.hostname,
+                realm: &a.realm,
+                allow_authzid: a.allow_authzid,
+                now: Instant::now(),
+            };
+            Exchange::start(mech, initial.as_deref(), &mut ctx)
+        };
+        self.auth_step(ex, step, out);
+    }
+
+    /// A client line during an AUTH exchange (RFC 4954 §4: base64, or "*" to cancel).
+    fn auth_response(&mut self, text: &[u8], out: &mut BytesMut) {
+        let state = std::mem::replace(&mut self.state, State::Command);
+        match state {
+            State::AuthFinal { identity, mech } => {
+                if text == b"*" {
+                    self.error(out, 501, "5.0.0", "Authentication aborted");
+                } else {
+                    self.auth_ok(identity, mech, out);
+                }
+            }
+            State::Auth(mut ex) => {
+                let mech = ex.mechanism();
+                match sasl::decode_client_line(text, false) {
+                    Ok(ClientLine::Cancel) => {
+                        self.error(out, 501, "5.0.0", "Authentication aborted")
+                    }
+                    Err(_) => self.auth_failed(AuthFailure::Malformed, mech, out),
+                    Ok(ClientLine::Data(d)) => {
+                        let Some(a) = self.cfg.auth.as_ref() else {
+                            return;
+                        };
+                        let shared = a.shared.clone();
+                        let step = {
+                            let users = shared.users.borrow().clone();
+                            let mut nonces = shared.nonces.borrow_mut();
+                            let mut ctx = AuthContext {
+                                users: &users,
+                                nonces: &mut nonces,
+                                hostname: &self.cfg.hostname,
+                                realm: &a.realm,
+                                allow_authzid: a.allow_authzid,
+                                now: Instant::now(),
+                            };
+                            ex.step(&d, &mut ctx)
+                        };
+                        self.auth_step(*ex, step, out);
+                    }
+                }
+            }
+            other => self.state = other,
+        }
+    }
+
+    fn auth_step(&mut self, ex: Exchange, step: Step, out: &mut BytesMut) {
+        use base64::Engine as _;
+        let mech = ex.mechanism();
+        match step {
+            Step::Challenge(c) => {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(c);
+                reply::plain(out, 334, &b64);
+                self.state = State::Auth(Box::new(ex));
+            }
+            Step::Success {
+                authcid,
+                authzid,
+                server_final,
+            } => {
+                let identity = authzid.filter(|z| !z.is_empty()).unwrap_or(authcid);
+                match server_final {
+                    Some(f) => {
+                        let b64 = base64::engine::general_purpose::STANDARD.encode(f);
+                        reply::plain(out, 334, &b64);
+                        self.state = State::AuthFinal { identity, mech };
+                    }
+                    None => self.auth_ok(identity, mech, out),
+                }
+            }
+            Step::Failure(f) => self.auth_failed(f, mech, out),
+        }
+    }
+
+    fn auth_ok(&mut self, identity: String, mech: Mechanism, out: &mut BytesMut) {
+        tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), user = %identity, "auth ok");
+        self.authenticated = Some(identity);
+        self.state = State::Command;
+        reply::line(out, 235, "2.7.0", "Authentication successful");
+    }
+
+    fn auth_failed(&mut self, f: AuthFailure, mech: Mechanism, out: &mut BytesMut) {
+        self.state = State::Command;
+        self.auth_failures += 1;
+        tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), reason = ?f, failures = self.auth_failures, "auth failed");
+        let (max, tarpit) = self
+            .cfg
+            .auth
+            .as_ref()
+            .map_or((1, Duration::ZERO), |a| (a.max_failures, a.tarpit));
+        // Tarpit: each failure in the session waits longer before its reply. Only the
+        // failure path pays; success never waits.
+        self.delay = Some(tarpit * self.auth_failures);
+        match f {
+            AuthFailure::Malformed => {
+                self.error(out, 501, "5.5.2", "Malformed authentication response")
+            }
+            _ => self.error(out, 535, "5.7.8", "Authentication credentials invalid"),
+        }
+        if self.auth_failures >= max && !matches!(self.state, State::Closed) {
+            reply::line(
+                out,
+                421,
+                "4.7.0",
+                &format!(
+                    "{} Error: too many failed authentication attempts",
+                    self.cfg.hostname
+                ),
+            );
+            self.state = State::Closed;
+        }
     }
 
     fn starttls(&mut self, out: &mut BytesMut) -> Option<Event> {
