@@ -140,8 +140,7 @@ pub struct RecordHeader {
 impl RecordHeader {
     /// Bytes from the record's start to the end of its padded envelope.
     pub fn envelope_end(&self) -> u64 {
-        RECORD_HEADER_SIZE as u64
-            + (u64::from(self.env_len) + RECORD_ALIGN - 1) / RECORD_ALIGN * RECORD_ALIGN
+        RECORD_HEADER_SIZE as u64 + u64::from(self.env_len).div_ceil(RECORD_ALIGN) * RECORD_ALIGN
     }
 
     /// Total length of the record including padding; `None` if it overflows.

@@ -331,6 +331,7 @@ mod tests {
             .read(true)
             .write(true)
             .create(true)
+            .truncate(true)
             .open(d.path().join("f"))
             .unwrap();
         let parts: Vec<Vec<u8>> = (0..3000u32)
