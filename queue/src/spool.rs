@@ -369,6 +369,10 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
 
 /// Writes and syncs a batch of prepared records (call it on a blocking thread).
 ///
+/// Per shard, run one `commit_batch` at a time (while it syncs, the next batch
+/// accumulates): that is group commit, and it keeps a sync failure from being reported
+/// to one batch while a concurrent batch on the same file sees a success.
+///
 /// Every record is written with pwritev at its reserved offset; then one fdatasync per
 /// distinct segment. Results are in batch order. If any fdatasync fails, EVERY record of
 /// the batch fails and the segment is retired (the next `prepare` rolls to a new one):
@@ -408,7 +412,20 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
     }
     let mut sync_failure: Option<(u64, std::io::Error)> = None;
     for seg in &touched {
-        if let Err(e) = fdatasync(&seg.file) {
+        let synced = fdatasync(&seg.file).and_then(|()| {
+            // The segment was retired by a failed write in this batch, or by another
+            // batch's failed fdatasync on this file, which may have consumed a writeback
+            // error that also covered our pages (it is reported once per open file):
+            // then our "success" proves nothing.
+            if seg.is_retired() {
+                Err(std::io::Error::other(
+                    "segment retired after a failed write or a concurrent failed fdatasync",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = synced {
             seg.retire();
             tracing::error!(segment = seg.number, path = %seg.path.display(), error = %e,
                 "fdatasync failed; segment retired, the whole batch fails");
