@@ -27,6 +27,7 @@
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 
@@ -113,6 +114,10 @@ pub struct ShardSpool {
     opts: SpoolOptions,
     active: Option<Active>,
     next_segment: u64,
+    /// The next segment, being created (allocated and zeroed) ahead of time on a helper
+    /// thread once the active one is half full, so a rollover does not stall the shard's
+    /// executor for the ~20 ms that zeroing 32 MiB takes.
+    spare: Option<JoinHandle<Result<SegmentHandle, SpoolError>>>,
     id_gen: QueueIdGen,
     /// Holds the flock for as long as the spool lives.
     _lock: std::fs::File,
@@ -248,6 +253,7 @@ impl ShardSpool {
             opts,
             active,
             next_segment,
+            spare: None,
             id_gen: QueueIdGen::new(shard, floor),
             _lock: lock,
         };
@@ -326,7 +332,11 @@ impl ShardSpool {
             {
                 let off = a.write_off;
                 a.write_off += total;
-                return Ok((a.seg.clone(), off));
+                let seg = a.seg.clone();
+                if self.spare.is_none() && a.write_off > a.seg.size / 2 {
+                    self.start_spare();
+                }
+                return Ok((seg, off));
             }
             if a.seg.is_retired() {
                 tracing::warn!(
@@ -348,15 +358,78 @@ impl ShardSpool {
         Ok((a.seg.clone(), off))
     }
 
+    /// Starts creating the next normal-size segment on a helper thread. Best effort: if
+    /// the thread cannot be started, `roll` creates the segment itself.
+    fn start_spare(&mut self) {
+        let (dir, shard, number, size) = (
+            self.dir.clone(),
+            self.shard,
+            self.next_segment,
+            self.opts.segment_size,
+        );
+        let spawned = std::thread::Builder::new()
+            .name(format!("tern-seg-{shard}"))
+            .spawn(move || create_segment(&dir, shard, number, size));
+        match spawned {
+            Ok(handle) => {
+                self.next_segment += 1;
+                self.spare = Some(handle);
+            }
+            Err(e) => tracing::warn!(error = %e,
+                "cannot start a thread to pre-create the next segment; creating it at rollover"),
+        }
+    }
+
+    /// Makes a new segment of at least `size` bytes the active one: the spare if there is
+    /// one (waiting for it if it is still being zeroed), else a new one created here.
     fn roll(&mut self, size: u64) -> Result<(), SpoolError> {
-        let number = self.next_segment;
-        let seg = create_segment(&self.dir, self.shard, number, size)?;
-        self.next_segment = number + 1;
+        let spare = match self.spare.take().map(|h| h.join()) {
+            Some(Ok(Ok(seg))) if seg.size >= size => Some(seg),
+            Some(Ok(Ok(seg))) => {
+                // A record larger than a normal segment gets a segment of its own. The
+                // unused spare is deleted rather than kept for later, so that segment
+                // numbers stay in the order segments are used (rare: records > 32 MiB).
+                if let Err(e) = std::fs::remove_file(&seg.path) {
+                    tracing::warn!(path = %seg.path.display(), error = %e, "cannot remove unused spare segment");
+                }
+                None
+            }
+            Some(Ok(Err(e))) => {
+                tracing::warn!(error = %e, "pre-creating the next segment failed; retrying at rollover");
+                None
+            }
+            Some(Err(_)) => {
+                tracing::error!(
+                    "segment pre-creation thread panicked; creating the segment at rollover"
+                );
+                None
+            }
+            None => None,
+        };
+        let seg = match spare {
+            Some(seg) => seg,
+            None => {
+                let number = self.next_segment;
+                let seg = create_segment(&self.dir, self.shard, number, size)?;
+                self.next_segment = number + 1;
+                seg
+            }
+        };
         self.active = Some(Active {
             seg: Arc::new(seg),
             write_off: SEGMENT_HEADER_SIZE,
         });
         Ok(())
+    }
+}
+
+impl Drop for ShardSpool {
+    fn drop(&mut self) {
+        // Finish a segment being pre-created while the lock is still held (fields drop
+        // after this), so the next opener never races with its rename.
+        if let Some(h) = self.spare.take() {
+            let _ = h.join();
+        }
     }
 }
 

@@ -452,6 +452,22 @@ fn arbitrary_bytes_never_panic() {
 }
 
 #[test]
+fn next_segment_is_created_ahead_of_rollover() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut spool, _) = ShardSpool::open(d.path(), 0, opts(64 << 10)).unwrap();
+    let w = write_batch(&mut spool, 0, &[20_000, 20_000]);
+    assert!(w.iter().all(|w| w.at.segment == 1));
+    // Past half of segment 1: segment 2 is being created in the background (dropping
+    // the spool waits for it).
+    drop(spool);
+    assert!(seg_path(d.path(), 0, 2).exists());
+    let (mut spool, rec) = ShardSpool::open(d.path(), 0, opts(64 << 10)).unwrap();
+    assert_eq!((rec.messages.len(), rec.segments), (2, 2));
+    let more = write_batch(&mut spool, 2, &[10]);
+    assert_eq!(more[0].at.segment, 2);
+}
+
+#[test]
 fn second_open_of_a_shard_is_locked() {
     let d = tempfile::tempdir().unwrap();
     let (first, _) = ShardSpool::open(d.path(), 2, opts(8192)).unwrap();
