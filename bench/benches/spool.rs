@@ -1,8 +1,9 @@
 //! Spool append throughput: prepare + commit of 2 KiB and 64 KiB records, with and
 //! without fdatasync, in batches of 1, 8 and 64 (group commit). Reported as records/s.
 //!
-//! Files live under /var/tmp (a real disk, not tmpfs). Segment rollovers (creating and
-//! zeroing a 32 MiB segment) happen inside the timed region, as on the accept path;
+//! Files live under /var/tmp (a real disk, not tmpfs). Segment rollovers happen inside
+//! the timed region, as on the accept path (the spool pre-creates the next 32 MiB
+//! segment on a helper thread; the timed path waits only if it is not ready yet);
 //! every ~512 MiB the spool is deleted and recreated outside the timed region so the
 //! bench does not fill the disk. `segment_create` measures one rollover on its own.
 //!

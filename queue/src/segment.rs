@@ -108,8 +108,8 @@ impl SegmentHandle {
 /// the first write into one makes the next fdatasync convert the extent (a journal
 /// commit) — the stack notes measured pre-zeroed files as the fastest target.
 ///
-/// XXX: this runs on the shard thread at rollover (~tens of ms for 32 MiB). Creating the
-/// next segment ahead of time on a blocking thread would take it off the accept path.
+/// Takes ~20 ms for 32 MiB on the 2-core virtio machine, so `ShardSpool` normally runs
+/// it ahead of time on a helper thread (see `ShardSpool::start_spare`).
 pub fn create_segment(
     shard_dir: &Path,
     shard: u16,
