@@ -104,7 +104,7 @@ fn spool_append(c: &mut Criterion) {
     group
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(4));
+        .measurement_time(Duration::from_secs(3));
     for size in [2048usize, 65536] {
         let parts = body(size);
         let mut env = envelope(size as u64);
