@@ -70,7 +70,7 @@ pub enum Ret {
     Hdrs,
 }
 
-/// RFC 2852 BY=<seconds>;<mode>[T].
+/// RFC 2852 `BY=<seconds>;<mode>[T]`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DeliverBy {
     pub seconds: i64,
