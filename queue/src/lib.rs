@@ -16,7 +16,39 @@
 //! - `recovery` — walking a segment's bytes: good records, corrupt regions, torn tail.
 //! - `spool` — `ShardSpool` (one per shard), `commit_batch`, `scan_spool`, `read_body`.
 //!
-//! Each shard owns `DIR/shard-NNN/`; no shard ever writes another's files.
+//! Each shard owns `DIR/shard-NNN/`; no shard ever writes another's files. The on-disk
+//! format is specified in `record.rs` (and docs/decisions.md, "Spool format and write path").
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tern_queue::{commit_batch, read_body, BodyType, Envelope, ShardSpool, SpoolOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let opts = SpoolOptions { segment_size: 1 << 20 };
+//! let (mut spool, recovered) = ShardSpool::open(dir.path(), 0, opts.clone())?;
+//! assert!(recovered.messages.is_empty());
+//! let body = [Bytes::from_static(b"Received: ...\r\n"), Bytes::from_static(b"Subject: hi\r\n\r\nhello\r\n")];
+//! let env = Envelope {
+//!     id: spool.id_gen().next(),
+//!     sender: "a@example.org".into(),
+//!     recipients: vec![],
+//!     arrival_unix_micros: 0,
+//!     size: body.iter().map(|b| b.len() as u64).sum(),
+//!     body_type: BodyType::SevenBit,
+//!     smtputf8: false, ret: None, envid: None, deliver_by: None, auth: None,
+//!     client_helo: "client.example".into(),
+//!     client_addr: "192.0.2.1:5000".into(),
+//! };
+//! // On the shard thread: cheap, no syscalls.
+//! let pending = spool.prepare(&env, &body)?;
+//! // On a blocking thread, for a whole batch: pwritev + one fdatasync. Ok => answer 250.
+//! let committed = commit_batch(vec![pending]).pop().unwrap()?;
+//! drop(spool);
+//! let (_spool, recovered) = ShardSpool::open(dir.path(), 0, opts)?;
+//! assert_eq!(recovered.messages[0].envelope, env);
+//! assert_eq!(read_body(dir.path(), 0, committed.segment, committed.offset)?, body.concat());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 pub mod envelope;
 pub mod error;
