@@ -33,9 +33,10 @@ pub struct ShardStore {
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
-    match e {
-        SpoolError::Full => StoreError::Full,
-        _ => StoreError::Local,
+    if e.is_full() {
+        StoreError::Full
+    } else {
+        StoreError::Local
     }
 }
 

@@ -1,130 +1,70 @@
-//! tern-queue: the spool. (Temporary stub of the envelope types until the spool branch lands.)
+//! tern-queue: the durable spool (and, later, the queue runner).
+//!
+//! How an accepted message becomes durable:
+//! ```text
+//! session (shard thread)                     blocking thread
+//!   ShardSpool::prepare(env, body) ──PendingWrite──▶ commit_batch(batch)
+//!     reserve bytes in the active segment            pwritev each record at its offset
+//!     serialise the envelope (rkyv)                  one fdatasync per segment touched
+//!   ◀──────────────── Vec<Result<Committed>> ────────┘   → the engine answers 250
+//! ```
+//! Modules, one concern each:
+//! - `envelope` — what is stored about a message besides its body.
+//! - `id` — queue ids, unique across shards and restarts.
+//! - `record` — the byte layout of segment headers and records (the format spec).
+//! - `segment` — the files: creation (preallocated, zeroed), lock, mapping, pwritev/fdatasync.
+//! - `recovery` — walking a segment's bytes: good records, corrupt regions, torn tail.
+//! - `spool` — `ShardSpool` (one per shard), `commit_batch`, `scan_spool`, `read_body`.
+//!
+//! Each shard owns `DIR/shard-NNN/`; no shard ever writes another's files. The on-disk
+//! format is specified in `record.rs` (and docs/decisions.md, "Spool format and write path").
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tern_queue::{commit_batch, read_body, BodyType, Envelope, ShardSpool, SpoolOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let opts = SpoolOptions { segment_size: 1 << 20 };
+//! let (mut spool, recovered) = ShardSpool::open(dir.path(), 0, opts.clone())?;
+//! assert!(recovered.messages.is_empty());
+//! let body = [Bytes::from_static(b"Received: ...\r\n"), Bytes::from_static(b"Subject: hi\r\n\r\nhello\r\n")];
+//! let env = Envelope {
+//!     id: spool.id_gen().next(),
+//!     sender: "a@example.org".into(),
+//!     recipients: vec![],
+//!     arrival_unix_micros: 0,
+//!     size: body.iter().map(|b| b.len() as u64).sum(),
+//!     body_type: BodyType::SevenBit,
+//!     smtputf8: false, ret: None, envid: None, deliver_by: None, auth: None,
+//!     client_helo: "client.example".into(),
+//!     client_addr: "192.0.2.1:5000".into(),
+//! };
+//! // On the shard thread: cheap, no syscalls.
+//! let pending = spool.prepare(&env, &body)?;
+//! // On a blocking thread, for a whole batch: pwritev + one fdatasync. Ok => answer 250.
+//! let committed = commit_batch(vec![pending]).pop().unwrap()?;
+//! drop(spool);
+//! let (_spool, recovered) = ShardSpool::open(dir.path(), 0, opts)?;
+//! assert_eq!(recovered.messages[0].envelope, env);
+//! assert_eq!(read_body(dir.path(), 0, committed.segment, committed.offset)?, body.concat());
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Envelope {
-    pub id: String,
-    pub sender: String,
-    pub recipients: Vec<Recipient>,
-    pub arrival_unix_micros: u64,
-    pub size: u64,
-    pub body_type: BodyType,
-    pub smtputf8: bool,
-    pub ret: Option<Ret>,
-    pub envid: Option<String>,
-    pub deliver_by: Option<DeliverBy>,
-    pub auth: Option<String>,
-    pub client_helo: String,
-    pub client_addr: String,
-}
-#[derive(Debug, Clone, PartialEq)]
-pub struct Recipient {
-    pub addr: String,
-    pub notify: u8,
-    pub orcpt: Option<String>,
-}
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum BodyType {
-    SevenBit,
-    EightBitMime,
-    BinaryMime,
-}
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ret {
-    Full,
-    Hdrs,
-}
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum DeliverByMode {
-    Return,
-    Notify,
-}
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DeliverBy {
-    pub seconds: i64,
-    pub mode: DeliverByMode,
-    pub trace: bool,
-}
+pub mod envelope;
+pub mod error;
+pub mod id;
+pub mod record;
+pub mod recovery;
+pub mod segment;
+pub mod spool;
 
-// ---- temporary stub of the spool API (replaced by the spool branch) ----
-use std::path::Path;
-#[derive(Debug)]
-pub enum SpoolError {
-    Full,
-    Io(std::io::Error),
-}
-impl std::fmt::Display for SpoolError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{self:?}")
-    }
-}
-pub struct SpoolOptions {
-    pub segment_size: u64,
-}
-pub struct QueueIdGen(u64, u16);
-impl QueueIdGen {
-    pub fn next(&mut self) -> String {
-        self.0 += 1;
-        format!("{:04}{:012}", self.1, self.0)
-    }
-}
-pub struct ShardSpool(QueueIdGen);
-pub struct Recovered {
-    pub messages: Vec<RecoveredMessage>,
-    pub segments: usize,
-    pub torn_tails_cut: usize,
-    pub corrupt_skipped: usize,
-}
-pub struct RecoveredMessage {
-    pub envelope: Envelope,
-    pub segment: u64,
-    pub offset: u64,
-    pub body_len: u64,
-}
-pub struct PendingWrite(String);
-pub struct Committed {
-    pub id: String,
-    pub segment: u64,
-    pub offset: u64,
-}
-impl ShardSpool {
-    pub fn open(
-        _dir: &Path,
-        shard: u16,
-        _o: SpoolOptions,
-    ) -> Result<(ShardSpool, Recovered), SpoolError> {
-        Ok((
-            ShardSpool(QueueIdGen(0, shard)),
-            Recovered {
-                messages: vec![],
-                segments: 0,
-                torn_tails_cut: 0,
-                corrupt_skipped: 0,
-            },
-        ))
-    }
-    pub fn id_gen(&mut self) -> &mut QueueIdGen {
-        &mut self.0
-    }
-    pub fn prepare(
-        &mut self,
-        env: &Envelope,
-        _body: &[bytes::Bytes],
-    ) -> Result<PendingWrite, SpoolError> {
-        Ok(PendingWrite(env.id.clone()))
-    }
-}
-pub fn commit_batch(batch: Vec<PendingWrite>) -> Vec<Result<Committed, SpoolError>> {
-    batch
-        .into_iter()
-        .map(|p| {
-            Ok(Committed {
-                id: p.0,
-                segment: 0,
-                offset: 0,
-            })
-        })
-        .collect()
-}
-pub fn scan_spool(_dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
-    Ok(vec![])
-}
+pub use envelope::{
+    BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret, NOTIFY_DELAY, NOTIFY_FAILURE,
+    NOTIFY_NEVER, NOTIFY_SUCCESS,
+};
+pub use error::SpoolError;
+pub use id::{encode_queue_id, parse_queue_id, QueueIdGen};
+pub use spool::{
+    commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, Committed, PendingWrite,
+    Recovered, RecoveredMessage, ShardSpool, SpoolOptions,
+};

@@ -1,0 +1,194 @@
+//! Reading a segment back: which records are good, which regions are corrupt, and
+//! where the data ends.
+//!
+//! Owns: the walk over one segment's bytes. It is a pure function of those bytes (no
+//! I/O), so it can be fuzzed and is shared by `ShardSpool::open` (which then cuts torn
+//! tails) and the read-only `scan_spool`.
+//! Must never: panic or index out of bounds on any input; trust a length before the
+//! salted header checksum has validated it; treat bytes inside a body as a header
+//! (bodies are skipped by length; during resynchronisation only a header sealed with
+//! this segment's salt counts).
+//!
+//! The walk, from offset 4096:
+//! - a valid header (salted CRC, known kind, lengths inside the segment) → check the
+//!   envelope CRC, body CRC and rkyv validation; good → a record, bad → a corrupt region
+//!   of exactly that record's length;
+//! - anything else (zeros, garbage) → look for the next valid header at record
+//!   alignment. Found: the bytes in between are a hole (all zero: a reservation whose
+//!   write never happened, e.g. a failed batch) or a corrupt region; not found: stop.
+//!
+//! The data ends after the last good record. Corrupt regions before that are reported as
+//! skipped; any non-zero bytes after it are the torn tail of an interrupted write.
+
+use crate::envelope::Envelope;
+use crate::record::{
+    align_up, deserialize_envelope, RecordHeader, SegmentHeader, RECORD_ALIGN, RECORD_HEADER_SIZE,
+    RECORD_MAGIC, SEGMENT_HEADER_SIZE,
+};
+
+/// A good record.
+#[derive(Debug, Clone)]
+pub struct ScannedRecord {
+    pub offset: u64,
+    pub header: RecordHeader,
+    pub envelope: Envelope,
+}
+
+/// A byte range that is not a good record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRegion {
+    pub start: u64,
+    pub end: u64,
+    pub reason: String,
+}
+
+/// The result of walking one segment.
+#[derive(Debug, Clone)]
+pub struct SegmentScan {
+    pub header: SegmentHeader,
+    pub records: Vec<ScannedRecord>,
+    /// Corrupt regions before `data_end`: skipped, the records after them are kept.
+    pub corrupt: Vec<BadRegion>,
+    /// First byte after the last good record (8-aligned); appends continue here.
+    pub data_end: u64,
+    /// Non-zero bytes at or after `data_end`: a torn write to cut (zero) before appending.
+    pub torn: Option<BadRegion>,
+    /// The file is shorter than the size its header declares (someone truncated it):
+    /// its records are readable but it must never be appended to.
+    pub truncated: bool,
+}
+
+/// Walks a whole segment file's bytes. `Err` only when the segment header itself is
+/// unusable (then nothing in the file can be trusted to be a record).
+pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
+    let header = SegmentHeader::decode(bytes)?;
+    if header.size < SEGMENT_HEADER_SIZE {
+        return Err(format!(
+            "segment header declares an impossible size {}",
+            header.size
+        ));
+    }
+    let file_len = bytes.len() as u64;
+    let limit = file_len.min(header.size);
+    let salt = header.salt;
+    let mut records = Vec::new();
+    let mut bad: Vec<BadRegion> = Vec::new();
+    let mut pos = SEGMENT_HEADER_SIZE;
+    while pos + RECORD_HEADER_SIZE as u64 <= limit {
+        match header_at(bytes, pos, limit, salt) {
+            Some((h, total)) => {
+                let end = pos + total;
+                match check_payload(bytes, pos, &h) {
+                    Ok(envelope) => records.push(ScannedRecord {
+                        offset: pos,
+                        header: h,
+                        envelope,
+                    }),
+                    Err(reason) => bad.push(BadRegion {
+                        start: pos,
+                        end,
+                        reason,
+                    }),
+                }
+                pos = end;
+            }
+            None => match next_header(bytes, pos + RECORD_ALIGN, limit, salt) {
+                Some(next) => {
+                    let gap = &bytes[pos as usize..next as usize];
+                    if gap.iter().any(|&b| b != 0) {
+                        bad.push(BadRegion {
+                            start: pos,
+                            end: next,
+                            reason: "bytes without a valid record header (corrupted region)".into(),
+                        });
+                    }
+                    pos = next;
+                }
+                None => break,
+            },
+        }
+    }
+    let data_end = records.last().map_or(SEGMENT_HEADER_SIZE, |r| {
+        // total_len was checked when the header was accepted.
+        r.offset + r.header.total_len().unwrap_or(0)
+    });
+    let (corrupt, after): (Vec<BadRegion>, Vec<BadRegion>) =
+        bad.into_iter().partition(|b| b.start < data_end);
+    let torn = bytes
+        .get(data_end as usize..limit as usize)
+        .and_then(|tail| tail.iter().rposition(|&b| b != 0))
+        .map(|last| {
+            let end = align_up(data_end + last as u64 + 1, RECORD_ALIGN)
+                .unwrap_or(limit)
+                .min(limit);
+            let reason = after.first().map_or_else(
+                || "non-zero bytes after the last record".to_string(),
+                |b| b.reason.clone(),
+            );
+            BadRegion {
+                start: data_end,
+                end,
+                reason,
+            }
+        });
+    Ok(SegmentScan {
+        header,
+        records,
+        corrupt,
+        data_end,
+        torn,
+        truncated: file_len < header.size,
+    })
+}
+
+/// A valid record header at `pos` whose record fits below `limit`: (header, total length).
+fn header_at(bytes: &[u8], pos: u64, limit: u64, salt: u64) -> Option<(RecordHeader, u64)> {
+    let end = pos.checked_add(RECORD_HEADER_SIZE as u64)?;
+    let h = RecordHeader::decode(bytes.get(pos as usize..end as usize)?, salt, pos)?;
+    let total = h.total_len()?;
+    if pos.checked_add(total)? > limit {
+        return None;
+    }
+    Some((h, total))
+}
+
+/// The first offset ≥ `from` (at record alignment) with a valid header.
+fn next_header(bytes: &[u8], from: u64, limit: u64, salt: u64) -> Option<u64> {
+    let mut q = from;
+    while q + RECORD_HEADER_SIZE as u64 <= limit {
+        // Cheap filter before the checksum: most positions are zeros or body bytes.
+        if bytes.get(q as usize..q as usize + 4) == Some(&RECORD_MAGIC[..])
+            && header_at(bytes, q, limit, salt).is_some()
+        {
+            return Some(q);
+        }
+        q += RECORD_ALIGN;
+    }
+    None
+}
+
+/// Checks the envelope and body of a record whose header is valid.
+fn check_payload(bytes: &[u8], pos: u64, h: &RecordHeader) -> Result<Envelope, String> {
+    let env_start = pos as usize + RECORD_HEADER_SIZE;
+    let env = bytes
+        .get(env_start..env_start + h.env_len as usize)
+        .ok_or("envelope out of bounds")?;
+    if crc32c::crc32c(env) != h.env_crc {
+        return Err("envelope checksum mismatch".into());
+    }
+    let body_start = (pos + h.envelope_end()) as usize;
+    let body = bytes
+        .get(body_start..body_start + h.body_len as usize)
+        .ok_or("body out of bounds")?;
+    if crc32c::crc32c(body) != h.body_crc {
+        return Err("body checksum mismatch".into());
+    }
+    let envelope = deserialize_envelope(env)?;
+    if envelope.size != h.body_len {
+        return Err(format!(
+            "envelope size {} disagrees with the record's body length {}",
+            envelope.size, h.body_len
+        ));
+    }
+    Ok(envelope)
+}
