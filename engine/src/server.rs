@@ -318,7 +318,8 @@ async fn shard_main(
     stop_rx: oneshot::Receiver<()>,
     ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
 ) {
-    let setup = || -> Result<(Rc<Shard>, Vec<(Rc<ListenerCtx>, TcpListener)>), String> {
+    type ShardListeners = Vec<(Rc<ListenerCtx>, TcpListener)>;
+    let setup = || -> Result<(Rc<Shard>, ShardListeners), String> {
         let (spool, recovered) = tern_queue::ShardSpool::open(
             &cfg.spool.dir,
             id as u16,

@@ -653,7 +653,7 @@ mod tests {
             parse(b"MAIL FROM:<a@b> BY=0;R"),
             Err(ParseError::BadParam(_))
         ));
-        assert!(matches!(parse(b"MAIL FROM:<a@b> BY=-10;N"), Ok(_)));
+        assert!(parse(b"MAIL FROM:<a@b> BY=-10;N").is_ok());
         assert!(matches!(
             parse(b"MAIL FROM:a@b"),
             Err(ParseError::Syntax(_))
@@ -662,10 +662,7 @@ mod tests {
             parse("MAIL FROM:<jö@b>".as_bytes()),
             Err(ParseError::NonAscii)
         );
-        assert!(matches!(
-            parse("MAIL FROM:<jö@b> SMTPUTF8".as_bytes()),
-            Ok(_)
-        ));
+        assert!(parse("MAIL FROM:<jö@b> SMTPUTF8".as_bytes()).is_ok());
     }
 
     #[test]
@@ -700,10 +697,10 @@ mod tests {
             parse(b"RCPT TO:<a..b@c>"),
             Err(ParseError::BadAddress(_))
         ));
-        assert!(matches!(parse(b"RCPT TO:<\"a b\"@c>"), Ok(_)));
-        assert!(matches!(parse(b"RCPT TO:<a@[127.0.0.1]>"), Ok(_)));
-        assert!(matches!(parse(b"RCPT TO:<a@[IPv6:::1]>"), Ok(_)));
-        assert!(matches!(parse(b"RCPT TO:<a@[300.0.0.1]>"), Err(_)));
+        assert!(parse(b"RCPT TO:<\"a b\"@c>").is_ok());
+        assert!(parse(b"RCPT TO:<a@[127.0.0.1]>").is_ok());
+        assert!(parse(b"RCPT TO:<a@[IPv6:::1]>").is_ok());
+        assert!(parse(b"RCPT TO:<a@[300.0.0.1]>").is_err());
         let long = format!("RCPT TO:<{}@b>", "a".repeat(65));
         assert!(matches!(
             parse(long.as_bytes()),
