@@ -53,6 +53,7 @@ fn senders(s: &Server) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "needs spool"]
 fn python_smtplib() {
     if !require("python3", "--version") {
         return;
@@ -109,6 +110,7 @@ fn curl(args: &[&str]) -> Output {
 }
 
 #[test]
+#[ignore = "needs spool"]
 fn curl_smtp_smtps_starttls() {
     if !require("curl", "--version") {
         return;
@@ -195,6 +197,7 @@ fn curl_smtp_smtps_starttls() {
 }
 
 #[test]
+#[ignore = "needs spool"]
 fn swaks() {
     if !require("swaks", "--version") {
         return;
