@@ -133,6 +133,13 @@ pub struct AuthConfig {
     pub tarpit: Duration,
     /// Listener roles that require AUTH before MAIL (530 5.7.0): "submission", "smtps", "smtp".
     pub require_on: Vec<String>,
+    /// Failed AUTHs from one client IP (all shards together) within `ip_failure_window`
+    /// after which AUTH from that IP gets 454 4.7.0 for `ip_block`.
+    pub ip_failure_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub ip_failure_window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ip_block: Duration,
 }
 
 impl Default for AuthConfig {
@@ -148,6 +155,9 @@ impl Default for AuthConfig {
             max_failures: 3,
             tarpit: Duration::from_millis(500),
             require_on: Vec::new(),
+            ip_failure_limit: 10,
+            ip_failure_window: Duration::from_secs(600),
+            ip_block: Duration::from_secs(900),
         }
     }
 }
@@ -366,6 +376,11 @@ impl Config {
                     "auth.require_on: unknown listener role {r:?} (expected smtp, submission, smtps)"
                 )));
             }
+        }
+        if self.auth.ip_failure_limit == 0 {
+            return Err(ConfigError::Invalid(
+                "auth.ip_failure_limit must be positive".into(),
+            ));
         }
         if self.auth.max_failures == 0 {
             return Err(ConfigError::Invalid(

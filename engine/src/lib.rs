@@ -8,6 +8,7 @@
 //!   accepts connections; `conn` drives one connection (plain, STARTTLS or implicit TLS).
 //! - `session`: the I/O-free SMTP state machine: commands, DATA/BDAT, replies.
 //! - `policy`: relay decisions per recipient.
+//! - `anvil`: failed-AUTH counters per client IP, owned by hash(ip) shard, blocks broadcast.
 //! - `sasl`: the AUTH mechanisms (sans-I/O server steps) and the per-shard nonce cache;
 //!   `users`: the sasldb-style store of derived secrets and `tern passwd`.
 //! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
@@ -17,6 +18,7 @@
 //! Data flows one way: listener → conn → session → spool. Nothing on the per-command path
 //! is shared between shards.
 
+pub mod anvil;
 pub mod config;
 pub mod conn;
 pub mod demo;

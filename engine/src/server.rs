@@ -19,13 +19,15 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::channel::oneshot;
+use futures::channel::{mpsc, oneshot};
 use futures::FutureExt;
+use futures::StreamExt;
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
@@ -36,6 +38,7 @@ use crate::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, Session
 use crate::spool::ShardStore;
 use crate::tls::{self, Identity};
 use crate::users::{UserDb, UserDbError};
+use glommio::channels::channel_mesh::MeshBuilder;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -184,6 +187,7 @@ pub fn run(
     let users = Arc::new(load_users(&cfg)?);
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
+    let mesh: Mesh = MeshBuilder::full(shards, 1024);
 
     // Hand each shard its own socket of every listener.
     let mut per_shard: Vec<Vec<(ListenerKind, StdListener)>> =
@@ -199,10 +203,13 @@ pub fn run(
         .unwrap_or(1);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<(usize, Result<(), String>)>();
     let mut stops = Vec::new();
+    let mut controls = Vec::new();
     let mut handles = Vec::new();
     for (i, sockets) in per_shard.into_iter().enumerate() {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         stops.push(stop_tx);
+        let (control_tx, control_rx) = mpsc::unbounded::<Control>();
+        controls.push(control_tx);
         let placement = if cfg.executor.pin {
             Placement::Fixed(i % cpus)
         } else {
@@ -212,6 +219,7 @@ pub fn run(
         let identity = identity.clone();
         let ticketer = ticketer.clone();
         let users = users.clone();
+        let mesh = mesh.clone();
         let ready_tx = ready_tx.clone();
         let builder = LocalExecutorBuilder::new(placement)
             .name(&format!("tern-shard-{i}"))
@@ -220,7 +228,7 @@ pub fn run(
         let handle = builder
             .spawn(move || async move {
                 shard_main(
-                    i, cfg, identity, ticketer, users, sockets, stop_rx, ready_tx,
+                    i, cfg, identity, ticketer, users, mesh, sockets, stop_rx, control_rx, ready_tx,
                 )
                 .await
             })
@@ -235,7 +243,8 @@ pub fn run(
     // Executor construction errors only show up on join, so every shard reports in.
     let mut failure = None;
     for _ in 0..shards {
-        match ready_rx.recv() {
+        // A shard whose executor could not start never reports; don't wait forever.
+        match ready_rx.recv_timeout(Duration::from_secs(60)) {
             Ok((_, Ok(()))) => {}
             Ok((shard, Err(message))) => {
                 failure.get_or_insert(ServerError::Shard { shard, message });
@@ -258,28 +267,39 @@ pub fn run(
         }
         return Err(e);
     }
-    on_ready(&ready_info);
-
+    // Signal handling is installed before "ready" is announced, so a supervisor that
+    // signals right after reading it never hits the default (fatal) action.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
     ])
     .map_err(ServerError::Signals)?;
     let sig_handle = signals.handle();
+    let reload_cfg = cfg.clone();
+    let reload_controls = controls.clone();
     std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
+            let mut stops = Some(stops);
+            for sig in signals.forever() {
+                if sig == signal_hook::consts::SIGHUP {
+                    tracing::info!("SIGHUP: reloading the user store");
+                    reload_users(&reload_cfg, &reload_controls);
+                    continue;
+                }
                 tracing::info!(
                     signal = sig,
                     "stopping: no new connections, draining sessions"
                 );
-                for s in stops {
+                for s in stops.take().into_iter().flatten() {
                     let _ = s.send(());
                 }
             }
         })
         .map_err(ServerError::Signals)?;
+    spawn_users_watcher(cfg.clone(), controls);
+    on_ready(&ready_info);
 
     for h in handles {
         if let Err(e) = h.join() {
@@ -289,6 +309,52 @@ pub fn run(
     sig_handle.close();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Messages from the main side to a shard.
+pub enum Control {
+    /// A new user-store snapshot.
+    Users(Arc<UserDb>),
+}
+
+/// Loads the user store again and hands the new snapshot to every shard. A store that
+/// fails to load (bad mode, syntax) is reported and the old one stays in force.
+fn reload_users(cfg: &Config, controls: &[mpsc::UnboundedSender<Control>]) {
+    match load_users(cfg) {
+        Ok(db) => {
+            let db = Arc::new(db);
+            for c in controls {
+                let _ = c.unbounded_send(Control::Users(db.clone()));
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "user store not reloaded; keeping the previous one"),
+    }
+}
+
+/// Reloads the user store when its file changes (`tern passwd` replaces it by rename, so
+/// inode, size or mtime change), polling once a second.
+fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Control>>) {
+    use std::os::unix::fs::MetadataExt;
+    let stamp = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .ok()
+            .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+    };
+    let mut last = stamp(&cfg.auth.users);
+    let _ = std::thread::Builder::new()
+        .name("tern-users-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            if controls.iter().all(|c| c.is_closed()) {
+                return;
+            }
+            let now = stamp(&cfg.auth.users);
+            if now != last {
+                last = now;
+                tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
+                reload_users(&cfg, &controls);
+            }
+        });
 }
 
 /// Loads the user store; a missing file is an empty store (AUTH then always fails), so a
@@ -314,12 +380,32 @@ async fn shard_main(
     identity: Identity,
     ticketer: Arc<dyn rustls::server::ProducesTickets>,
     users: Arc<UserDb>,
+    mesh: Mesh,
     sockets: Vec<(ListenerKind, StdListener)>,
     stop_rx: oneshot::Receiver<()>,
+    mut control_rx: mpsc::UnboundedReceiver<Control>,
     ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
 ) {
+    // Join the anvil mesh first: every shard must join before any can go on, so a shard
+    // must not bail out of start-up before this point.
+    let anvil = match Anvil::join(
+        mesh,
+        AnvilLimits {
+            limit: cfg.auth.ip_failure_limit,
+            window: cfg.auth.ip_failure_window,
+            cooldown: cfg.auth.ip_block,
+        },
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = ready_tx.send((id, Err(e)));
+            return;
+        }
+    };
     type ShardListeners = Vec<(Rc<ListenerCtx>, TcpListener)>;
-    let setup = || -> Result<(Rc<Shard>, ShardListeners), String> {
+    let setup = || -> Result<(Rc<Shard>, ShardListeners, Rc<AuthShared>), String> {
         let (spool, recovered) = tern_queue::ShardSpool::open(
             &cfg.spool.dir,
             id as u16,
@@ -367,6 +453,7 @@ async fn shard_main(
         let auth_shared = Rc::new(AuthShared {
             users: RefCell::new(users.clone()),
             nonces: RefCell::new(NonceCache::new(16_384, Duration::from_secs(300))),
+            anvil: anvil.clone(),
         });
         let auth_for = |kind: ListenerKind| {
             (!mechanisms.is_empty()).then(|| AuthSetup {
@@ -403,9 +490,9 @@ async fn shard_main(
             let l = unsafe { TcpListener::from_raw_fd(sock.into_raw_fd()) };
             out.push((ctx, l));
         }
-        Ok((shard, out))
+        Ok((shard, out, auth_shared))
     };
-    let (shard, listeners) = match setup() {
+    let (shard, listeners, auth_shared) = match setup() {
         Ok(v) => v,
         Err(e) => {
             let _ = ready_tx.send((id, Err(e)));
@@ -417,6 +504,19 @@ async fn shard_main(
         glommio::spawn_local(accept_loop(listener, ctx, shard)).detach();
     }
     let _ = ready_tx.send((id, Ok(())));
+
+    // Control messages from the main side (reloads). Swapping the Arc is all a reload
+    // does: sessions in an exchange keep the snapshot they cloned.
+    glommio::spawn_local(async move {
+        while let Some(c) = control_rx.next().await {
+            match c {
+                Control::Users(db) => {
+                    *auth_shared.users.borrow_mut() = db;
+                }
+            }
+        }
+    })
+    .detach();
 
     let _ = stop_rx.await;
     shard.stopping.fire();

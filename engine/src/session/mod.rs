@@ -96,6 +96,8 @@ pub struct AuthSetup {
 pub struct AuthShared {
     pub users: RefCell<Arc<UserDb>>,
     pub nonces: RefCell<NonceCache>,
+    /// Failed-AUTH counting per client IP across shards.
+    pub anvil: Rc<crate::anvil::Anvil>,
 }
 
 impl std::fmt::Debug for AuthShared {
@@ -931,6 +933,14 @@ impl Session {
         else {
             return self.error(out, 504, "5.5.4", "Unrecognized authentication type");
         };
+        if a.shared.anvil.is_blocked(self.peer.ip()) {
+            return self.error(
+                out,
+                454,
+                "4.7.0",
+                "Too many failed authentication attempts from your address, try again later",
+            );
+        }
         if mech.is_plaintext() && !self.tls && !a.allow_plaintext_without_tls {
             return self.error(
                 out,
@@ -1054,6 +1064,9 @@ impl Session {
             .auth
             .as_ref()
             .map_or((1, Duration::ZERO), |a| (a.max_failures, a.tarpit));
+        if let Some(a) = &self.cfg.auth {
+            a.shared.anvil.record_failure(self.peer.ip());
+        }
         // Tarpit: each failure in the session waits longer before its reply. Only the
         // failure path pays; success never waits.
         self.delay = Some(tarpit * self.auth_failures);

@@ -1,0 +1,271 @@
+//! anvil: failed-AUTH counting per client IP across shards (named after Postfix's anvil).
+//!
+//! Each client IP has one owner shard, `hash(ip) % shards`. A shard that sees a failed AUTH
+//! sends a one-way `Failure(ip)` message to the owner over the glommio channel mesh (or
+//! counts it itself when it is the owner). When an IP crosses `limit` failures within
+//! `window`, the owner blocks it for `cooldown` and broadcasts `Block` to every shard, which
+//! keeps its own copy of the block list. So the check made before every AUTH is a lookup in
+//! a shard-local map: no message, no lock, and nothing on the successful path waits.
+//!
+//! Owns: the counters of the IPs this shard owns, and this shard's copy of the blocks.
+//! Must never: wait on another shard while a client waits, or grow without bound (both maps
+//! are capped; when a cap is hit, expired entries go first, then the oldest half).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+
+/// Messages between shards.
+#[derive(Debug, Clone, Copy)]
+pub enum AnvilMsg {
+    /// A failed AUTH from this IP, sent to its owner.
+    Failure(IpAddr),
+    /// The owner blocked this IP for this long (from receipt).
+    Block(IpAddr, Duration),
+}
+
+pub type Mesh = MeshBuilder<AnvilMsg, Full>;
+
+/// Settings (from `[auth]`).
+#[derive(Debug, Clone, Copy)]
+pub struct AnvilLimits {
+    pub limit: u32,
+    pub window: Duration,
+    pub cooldown: Duration,
+}
+
+const MAX_ENTRIES: usize = 100_000;
+
+/// One shard's anvil. Shard-local (Rc): never crosses threads; the mesh does.
+pub struct Anvil {
+    limits: AnvilLimits,
+    me: usize,
+    peers: usize,
+    senders: Option<Senders<AnvilMsg>>,
+    counts: RefCell<HashMap<IpAddr, (u32, Instant)>>,
+    blocked: RefCell<HashMap<IpAddr, Instant>>,
+}
+
+impl std::fmt::Debug for Anvil {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Anvil {{ me: {}, peers: {} }}", self.me, self.peers)
+    }
+}
+
+impl Anvil {
+    /// An anvil that counts alone (one shard, or tests).
+    pub fn local(limits: AnvilLimits) -> Rc<Anvil> {
+        Rc::new(Anvil {
+            limits,
+            me: 0,
+            peers: 1,
+            senders: None,
+            counts: RefCell::new(HashMap::new()),
+            blocked: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Joins the mesh (every shard must join before any returns) and starts the tasks that
+    /// receive from the other shards. Must run inside the shard's executor.
+    pub async fn join(mesh: Mesh, limits: AnvilLimits) -> Result<Rc<Anvil>, String> {
+        if mesh.nr_peers() <= 1 {
+            return Ok(Anvil::local(limits));
+        }
+        let (senders, mut receivers): (Senders<AnvilMsg>, Receivers<AnvilMsg>) = mesh
+            .join()
+            .await
+            .map_err(|e| format!("cannot join the anvil channel mesh: {e}"))?;
+        let anvil = Rc::new(Anvil {
+            limits,
+            me: senders.peer_id(),
+            peers: senders.nr_consumers(),
+            senders: Some(senders),
+            counts: RefCell::new(HashMap::new()),
+            blocked: RefCell::new(HashMap::new()),
+        });
+        for (_, rx) in receivers.streams() {
+            let a = anvil.clone();
+            glommio::spawn_local(async move {
+                while let Some(msg) = rx.recv().await {
+                    a.handle(msg);
+                }
+            })
+            .detach();
+        }
+        Ok(anvil)
+    }
+
+    /// Whether AUTH from `ip` is refused right now (454 4.7.0). Shard-local lookup.
+    pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        let mut blocked = self.blocked.borrow_mut();
+        match blocked.get(&ip) {
+            Some(&until) if Instant::now() < until => true,
+            Some(_) => {
+                blocked.remove(&ip);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Records a failed AUTH: counted here if this shard owns `ip`, otherwise sent to the
+    /// owner without waiting (if its queue is full the failure is dropped: counting is a
+    /// defence, not an account).
+    pub fn record_failure(&self, ip: IpAddr) {
+        let owner = self.owner(ip);
+        if owner == self.me {
+            self.count(ip);
+        } else if let Some(s) = &self.senders {
+            let _ = s.try_send_to(owner, AnvilMsg::Failure(ip));
+        }
+    }
+
+    fn owner(&self, ip: IpAddr) -> usize {
+        if self.peers <= 1 {
+            return self.me;
+        }
+        // DefaultHasher::new() uses fixed keys, so every shard computes the same owner.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        ip.hash(&mut h);
+        (h.finish() % self.peers as u64) as usize
+    }
+
+    fn handle(&self, msg: AnvilMsg) {
+        match msg {
+            AnvilMsg::Failure(ip) => self.count(ip),
+            AnvilMsg::Block(ip, d) => self.block_locally(ip, d),
+        }
+    }
+
+    fn count(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let over = {
+            let mut counts = self.counts.borrow_mut();
+            if counts.len() >= MAX_ENTRIES && !counts.contains_key(&ip) {
+                let window = self.limits.window;
+                counts.retain(|_, (_, start)| now.duration_since(*start) < window);
+                if counts.len() >= MAX_ENTRIES {
+                    trim_oldest(&mut counts, |(_, start)| *start);
+                }
+            }
+            let e = counts.entry(ip).or_insert((0, now));
+            if now.duration_since(e.1) >= self.limits.window {
+                *e = (0, now);
+            }
+            e.0 += 1;
+            if e.0 >= self.limits.limit {
+                counts.remove(&ip);
+                true
+            } else {
+                false
+            }
+        };
+        if over {
+            tracing::warn!(%ip, cooldown_secs = self.limits.cooldown.as_secs(), "too many failed AUTH attempts: blocking AUTH from this address");
+            self.block_locally(ip, self.limits.cooldown);
+            if let Some(s) = &self.senders {
+                for peer in 0..self.peers {
+                    if peer != self.me {
+                        let _ = s.try_send_to(peer, AnvilMsg::Block(ip, self.limits.cooldown));
+                    }
+                }
+            }
+        }
+    }
+
+    fn block_locally(&self, ip: IpAddr, d: Duration) {
+        let now = Instant::now();
+        let mut blocked = self.blocked.borrow_mut();
+        if blocked.len() >= MAX_ENTRIES && !blocked.contains_key(&ip) {
+            blocked.retain(|_, until| *until > now);
+            if blocked.len() >= MAX_ENTRIES {
+                trim_oldest(&mut blocked, |until| *until);
+            }
+        }
+        blocked.insert(ip, now + d);
+    }
+}
+
+/// Drops the older half of a map by the instant `key` returns.
+fn trim_oldest<V>(map: &mut HashMap<IpAddr, V>, key: impl Fn(&V) -> Instant) {
+    let mut times: Vec<Instant> = map.values().map(&key).collect();
+    times.sort_unstable();
+    let cut = times[times.len() / 2];
+    map.retain(|_, v| key(v) > cut);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_limit_and_expires() {
+        let a = Anvil::local(AnvilLimits {
+            limit: 3,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_millis(50),
+        });
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let other: IpAddr = "192.0.2.10".parse().unwrap();
+        a.record_failure(ip);
+        a.record_failure(ip);
+        assert!(!a.is_blocked(ip));
+        a.record_failure(ip);
+        assert!(a.is_blocked(ip));
+        assert!(!a.is_blocked(other));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!a.is_blocked(ip));
+    }
+
+    #[test]
+    fn mesh_spreads_blocks_to_every_shard() {
+        use glommio::{LocalExecutorBuilder, Placement};
+        let mesh: Mesh = MeshBuilder::full(2, 64);
+        let limits = AnvilLimits {
+            limit: 4,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handles: Vec<_> = (0..2)
+            .map(|i| {
+                let mesh = mesh.clone();
+                let tx = tx.clone();
+                LocalExecutorBuilder::new(Placement::Unbound)
+                    .ring_depth(64)
+                    .io_memory(128 * 1024)
+                    .spawn(move || async move {
+                        let a = Anvil::join(mesh, limits).await.unwrap();
+                        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+                        // Each shard sees two failures; together they reach the limit.
+                        a.record_failure(ip);
+                        a.record_failure(ip);
+                        let mut blocked = false;
+                        for _ in 0..200 {
+                            if a.is_blocked(ip) {
+                                blocked = true;
+                                break;
+                            }
+                            glommio::timer::sleep(Duration::from_millis(5)).await;
+                        }
+                        tx.send((i, blocked)).unwrap();
+                        // Stay alive until both have checked, so messages are delivered.
+                        glommio::timer::sleep(Duration::from_millis(200)).await;
+                    })
+                    .unwrap()
+            })
+            .collect();
+        drop(tx);
+        let results: Vec<_> = rx.iter().collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(results.len(), 2);
+        assert!(results.iter().all(|(_, b)| *b), "{results:?}");
+    }
+}
