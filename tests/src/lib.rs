@@ -444,13 +444,8 @@ impl Stored {
 
 /// The stored bytes of one scanned message.
 fn read_stored_body(spool: &Path, m: &tern_queue::RecoveredMessage) -> Vec<u8> {
-    // XXX: main still has the stub tern-queue (no read_body, no RecoveredMessage::shard).
-    // Once the "queue: spool" branch is merged, replace this body with
-    //     tern_queue::read_body(spool, m.shard, m.segment, m.offset)
-    //         .unwrap_or_else(|e| panic!("read_body {}: {e}", m.envelope.id))
-    // and drop the `#[ignore = "needs spool"]` markers in tests/tests/*.rs.
-    let _ = (spool, m);
-    unimplemented!("spool not merged yet: see the XXX above")
+    tern_queue::read_body(spool, m.shard, m.segment, m.offset)
+        .unwrap_or_else(|e| panic!("read_body {}: {e}", m.envelope.id))
 }
 
 /// Byte-string search.

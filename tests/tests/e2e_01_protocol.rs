@@ -175,7 +175,6 @@ fn syntax_and_parameter_errors() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs spool"]
 fn pipelined_batch_replies_in_order() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -221,7 +220,6 @@ fn pipelined_batch_replies_arrive_together() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn pipelined_whole_transaction_with_quit() {
     let s = Server::with(&[]);
     let mut c = s.smtp();
@@ -255,7 +253,6 @@ fn pipelined_whole_transaction_with_quit() {
 // ---------------------------------------------------------------------------------------
 
 #[test]
-#[ignore = "needs spool"]
 fn dot_stuffing_round_trip() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -273,7 +270,6 @@ fn dot_stuffing_round_trip() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn eight_bit_body_byte_exact() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -296,7 +292,6 @@ fn eight_bit_body_byte_exact() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn bdat_chunks_binary_byte_exact() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -338,7 +333,6 @@ fn bdat_chunks_binary_byte_exact() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn bdat_out_of_order_consumes_chunk() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -393,7 +387,6 @@ fn bare_lf_and_cr_in_commands() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn data_bare_lf_cr_and_long_lines_rejected() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -465,7 +458,6 @@ fn smuggling_variants_never_answered_or_stored() {
 /// Control: the same layout with a real CRLF.CRLF first is two legitimate commands after
 /// a stored message (so the test above is not passing for the wrong reason).
 #[test]
-#[ignore = "needs spool"]
 fn smuggling_control_real_end_then_commands() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -498,7 +490,6 @@ fn smuggling_control_real_end_then_commands() {
 /// The scanner's state must survive read boundaries: commands and the end of data split
 /// into one-byte writes, a fake end split across writes, and a large body.
 #[test]
-#[ignore = "needs spool"]
 fn data_split_across_writes_and_large_body() {
     let s = Server::with(&[]);
     let mut c = ehlo_client(&s);
@@ -577,7 +568,6 @@ fn limit_command_line_length() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn limit_recipients() {
     let s = Server::with(&["limits.recipients=3"]);
     let mut c = ehlo_client(&s);
@@ -601,7 +591,6 @@ fn limit_recipients() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn limit_message_size() {
     let s = Server::with(&["limits.message_size=10000"]);
     let mut c = s.smtp();

@@ -20,7 +20,6 @@ struct Sent {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn kill9_after_250_loses_nothing() {
     let mut s = Server::with(&[]);
     let mut sent: Vec<Sent> = Vec::new();
@@ -93,7 +92,6 @@ fn kill9_after_250_loses_nothing() {
 /// SIGKILL while several clients are sending: every message whose 250 reached a client
 /// is in the queue after the restart, and every record in the spool is readable.
 #[test]
-#[ignore = "needs spool"]
 fn kill9_under_concurrent_load() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Mutex;
@@ -177,7 +175,6 @@ fn sigterm_idle_session_gets_421() {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn sigterm_mid_data_may_finish() {
     let mut s = Server::with(&["shutdown.grace=10s"]);
     let mut c = ehlo_client(&s);
@@ -232,7 +229,6 @@ fn raise_nofile(want: u64) {
 }
 
 #[test]
-#[ignore = "needs spool"]
 fn thousand_concurrent_connections() {
     const N: usize = 1000;
     const THREADS: usize = 10;
