@@ -126,13 +126,11 @@ pub fn print_banner(dir: &Path, ready: &Ready) {
     if let Some(a) = find(ListenerKind::Smtp) {
         println!("Try it (swaks):");
         println!("  swaks --server {a} --from you@example.com --to postmaster@localhost");
-        println!(
-            "  swaks --server {a} --tls --tls-verify=no --from you@example.com --to user@demo.test"
-        );
+        println!("  swaks --server {a} --tls --from you@example.com --to user@demo.test");
     }
     if let Some(a) = find(ListenerKind::Submission) {
         println!("Authenticated submission (user {DEMO_USER}, password {DEMO_PASSWORD}) may relay anywhere:");
-        println!("  swaks --server {a} --tls --tls-verify=no --auth PLAIN --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --from {DEMO_USER}@localhost --to friend@example.net");
+        println!("  swaks --server {a} --tls --auth PLAIN --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --from {DEMO_USER}@localhost --to friend@example.net");
         println!("  swaks --server {a} --auth CRAM-MD5 --auth-user {DEMO_USER} --auth-password {DEMO_PASSWORD} --from {DEMO_USER}@localhost --to friend@example.net");
     }
     if let Some(a) = find(ListenerKind::Smtps) {

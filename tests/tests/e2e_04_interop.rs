@@ -108,12 +108,11 @@ fn curl(args: &[&str]) -> Output {
 }
 
 #[test]
-#[ignore = "smtps requires AUTH since the SASL merge (530 5.7.0); smtps case needs a test user"]
 fn curl_smtp_smtps_starttls() {
     if !require("curl", "--version") {
         return;
     }
-    let s = Server::with(&[]);
+    let s = Server::with(&[r#"auth.require_on=["submission"]"#]);
     let file = s.dir().join("mail.txt");
     let body: &[u8] = b"Subject: curl\r\n\r\nhello from curl\r\n.dot line\r\n";
     std::fs::write(&file, body).unwrap();
@@ -195,12 +194,11 @@ fn curl_smtp_smtps_starttls() {
 }
 
 #[test]
-#[ignore = "smtps requires AUTH since the SASL merge (530 5.7.0); smtps case needs a test user"]
 fn swaks() {
     if !require("swaks", "--version") {
         return;
     }
-    let s = Server::with(&[]);
+    let s = Server::with(&[r#"auth.require_on=["submission"]"#]);
     let smtp = s.smtp.to_string();
     let smtps = s.smtps.to_string();
     let base = |from: &str, server: &str| {

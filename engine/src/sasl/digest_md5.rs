@@ -328,19 +328,30 @@ impl<'a> Directives<'a> {
 }
 
 /// §2.1.2 digest-uri = serv-type "/" host [ "/" serv-name ]. serv-type must be
-/// ours; host must be our host name (case-insensitive, DNS); a serv-name, if
-/// present, must also name us.
-fn check_digest_uri(uri: &[u8], service: &str, hostname: &str) -> Result<(), AuthFailure> {
+/// ours ("smtp"). The host is NOT required to be our host name: clients put
+/// whatever name or address they connected to (swaks puts the IP, roaming
+/// clients behind a load balancer put the balancer's name), and the protection
+/// the host check would add is already given by the nonce, which this shard
+/// issued and accepts once. The host must still be a syntactically sane name.
+fn check_digest_uri(uri: &[u8], service: &str, _hostname: &str) -> Result<(), AuthFailure> {
     let uri = std::str::from_utf8(uri).map_err(|_| AuthFailure::Malformed)?;
     let mut parts = uri.split('/');
-    let (Some(serv), Some(host), serv_name, None) =
+    let (Some(serv), Some(host), _serv_name, None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(AuthFailure::Malformed);
     };
-    let ours = |h: &str| h.eq_ignore_ascii_case(hostname);
-    if !serv.eq_ignore_ascii_case(service) || !ours(host) || serv_name.is_some_and(|s| !ours(s)) {
-        // A response for another service/host is not ours to accept.
+    let sane = |h: &str| {
+        !h.is_empty()
+            && h.len() <= 255
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+    };
+    if !sane(host) {
+        return Err(AuthFailure::Malformed);
+    }
+    if !serv.eq_ignore_ascii_case(service) {
+        // A response for another service is not ours to accept.
         return Err(AuthFailure::BadCredentials);
     }
     Ok(())
@@ -387,7 +398,10 @@ mod tests {
         assert!(check_digest_uri(b"smtp/mx.example", "smtp", "MX.example").is_ok());
         assert!(check_digest_uri(b"smtp/mx.example/mx.example", "smtp", "mx.example").is_ok());
         assert!(check_digest_uri(b"imap/mx.example", "smtp", "mx.example").is_err());
-        assert!(check_digest_uri(b"smtp/other", "smtp", "mx.example").is_err());
+        // Any host: clients name the address or balancer they connected to.
+        assert!(check_digest_uri(b"smtp/127.0.0.1", "smtp", "mx.example").is_ok());
+        assert!(check_digest_uri(b"smtp/other", "smtp", "mx.example").is_ok());
+        assert!(check_digest_uri(b"smtp/bad host", "smtp", "mx.example").is_err());
         assert!(check_digest_uri(b"smtp", "smtp", "mx.example").is_err());
     }
 }
