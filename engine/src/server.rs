@@ -426,7 +426,7 @@ async fn shard_main(
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
             id,
-            store: ShardStore::new(spool, &cfg.hostname),
+            store: ShardStore::new(tern_queue::GroupCommit::new(spool), &cfg.hostname),
             stopping: LocalNotify::new(),
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,

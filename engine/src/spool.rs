@@ -1,35 +1,21 @@
-//! The shard's durable-accept path: group commit in front of `tern_queue`'s segment files.
+//! The shard's durable-accept step: queue id, Received: header, spool record, 250.
 //!
-//! Sessions hand finished messages to `ShardStore::store`, which reserves space in the
-//! shard's current segment and queues the write. One committer task per shard takes every
-//! queued write at once, runs `tern_queue::commit_batch` (pwritev + one fdatasync per
-//! segment) on glommio's blocking thread, and completes each waiting session. While one
-//! batch is being synced the next one accumulates: that is the group commit, and the 250
-//! waits for its own batch.
+//! Sessions hand finished messages to `ShardStore::store`, which assigns the queue id,
+//! prepends the trace header, has the spool reserve space for the record, and waits on the
+//! shard's `GroupCommit` until the record is fdatasync'ed. Only then does the session
+//! answer 250.
 //!
-//! Owns: the shard's `ShardSpool` (so nothing else writes this shard's segments) and its
-//! commit queue. Must never: answer before fdatasync returned, report success for a record
-//! whose sync failed, or block the executor thread on disk I/O.
+//! Must never: answer before the commit returned, or hold the spool borrowed across an await.
 
-use std::cell::RefCell;
-use std::rc::Rc;
-
-use futures::channel::oneshot;
-use tern_queue::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError};
+use tern_queue::{GroupCommit, SpoolError};
 
 use crate::session::{Message, StoreError};
 
-struct Inner {
-    spool: ShardSpool,
-    queue: Vec<(PendingWrite, oneshot::Sender<Result<Committed, StoreError>>)>,
-    committing: bool,
-}
-
-/// Cloneable, shard-local handle (Rc: it never leaves its shard).
+/// Cloneable, shard-local handle.
 #[derive(Clone)]
 pub struct ShardStore {
-    inner: Rc<RefCell<Inner>>,
-    hostname: Rc<str>,
+    commit: GroupCommit,
+    hostname: std::rc::Rc<str>,
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
@@ -41,82 +27,38 @@ fn map_err(e: &SpoolError) -> StoreError {
 }
 
 impl ShardStore {
-    pub fn new(spool: ShardSpool, hostname: &str) -> Self {
+    pub fn new(commit: GroupCommit, hostname: &str) -> Self {
         ShardStore {
-            inner: Rc::new(RefCell::new(Inner {
-                spool,
-                queue: Vec::new(),
-                committing: false,
-            })),
-            hostname: Rc::from(hostname),
+            commit,
+            hostname: hostname.into(),
         }
     }
 
-    /// Assigns the queue id, prepends the Received: header, writes the record and waits
-    /// until it is durable. Returns the queue id.
+    /// The shard's group committer (shared with the queue runner).
+    pub fn group_commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    /// Makes `msg` durable and returns its queue id.
     pub async fn store(&self, msg: &mut Message) -> Result<String, StoreError> {
-        let (rx, start_committer) = {
-            let mut inner = self.inner.borrow_mut();
-            let id = inner.spool.id_gen().next();
+        let prepared = self.commit.with_spool(|spool| {
+            let id = spool.id_gen().next();
             msg.finish(&self.hostname, &id);
-            let pw = match inner.spool.prepare(&msg.envelope, &msg.body) {
-                Ok(pw) => pw,
-                Err(e) => {
-                    tracing::error!(id = %id, error = %e, "spool prepare failed");
-                    return Err(map_err(&e));
-                }
-            };
-            let (tx, rx) = oneshot::channel();
-            inner.queue.push((pw, tx));
-            let start = !inner.committing;
-            inner.committing = true;
-            (rx, start)
-        };
-        if start_committer {
-            // Spawned outside the borrow: glommio may poll the new task right away.
-            let me = self.clone();
-            glommio::spawn_local(async move { me.commit_loop().await }).detach();
-        }
-        match rx.await {
-            Ok(Ok(c)) => Ok(c.id),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Local),
-        }
-    }
-
-    async fn commit_loop(self) {
-        loop {
-            let batch = {
-                let mut inner = self.inner.borrow_mut();
-                if inner.queue.is_empty() {
-                    inner.committing = false;
-                    return;
-                }
-                std::mem::take(&mut inner.queue)
-            };
-            let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let n = writes.len();
-            // A panic inside spawn_blocking would leave glommio reading an uninitialised
-            // result, so catch it there and turn it into failures.
-            let results = glommio::executor()
-                .spawn_blocking(move || {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(writes)))
-                        .unwrap_or_default()
-                })
-                .await;
-            let mut results = results.into_iter();
-            for tx in waiters {
-                let r = match results.next() {
-                    Some(Ok(c)) => Ok(c),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "spool commit failed");
-                        Err(map_err(&e))
-                    }
-                    None => Err(StoreError::Local),
-                };
-                let _ = tx.send(r);
+            spool.prepare(&msg.envelope, &msg.body).map_err(|e| (id, e))
+        });
+        let write = match prepared {
+            Ok(w) => w,
+            Err((id, e)) => {
+                tracing::error!(id = %id, error = %e, "spool prepare failed");
+                return Err(map_err(&e));
             }
-            tracing::trace!(batch = n, "spool group commit");
+        };
+        match self.commit.commit(write).await {
+            Ok(c) => Ok(c.id),
+            Err(e) => {
+                tracing::error!(id = %msg.envelope.id, error = %e, "spool commit failed");
+                Err(map_err(&e))
+            }
         }
     }
 }

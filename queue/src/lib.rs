@@ -15,6 +15,8 @@
 //! - `segment` — the files: creation (preallocated, zeroed), lock, mapping, pwritev/fdatasync.
 //! - `recovery` — walking a segment's bytes: good records, corrupt regions, torn tail.
 //! - `spool` — `ShardSpool` (one per shard), `commit_batch`, `scan_spool`, `read_body`.
+//! - `commit` — `GroupCommit`: the shard's committer task (group commit on glommio's
+//!   blocking thread) shared by accepting sessions and the queue runner.
 //!
 //! Each shard owns `DIR/shard-NNN/`; no shard ever writes another's files. The on-disk
 //! format is specified in `record.rs` (and docs/decisions.md, "Spool format and write path").
@@ -50,6 +52,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod commit;
 pub mod envelope;
 pub mod error;
 pub mod id;
@@ -58,6 +61,7 @@ pub mod recovery;
 pub mod segment;
 pub mod spool;
 
+pub use commit::GroupCommit;
 pub use envelope::{
     BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret, NOTIFY_DELAY, NOTIFY_FAILURE,
     NOTIFY_NEVER, NOTIFY_SUCCESS,

@@ -720,3 +720,30 @@ fn limit_connections_per_shard() {
     c.read_reply().check(421, "4.7.0");
     assert!(c.closed());
 }
+
+/// Listeners take IPv6 addresses too (dual configuration: [::1] and 127.0.0.1 at once).
+#[test]
+fn ipv6_and_ipv4_listeners_side_by_side() {
+    if std::net::TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipped: no IPv6 loopback on this machine");
+        return;
+    }
+    let s = Server::with(&[
+        r#"listeners.smtp=["[::1]:0"]"#,
+        r#"listeners.submission=["127.0.0.1:0"]"#,
+    ]);
+    assert!(s.smtp.is_ipv6(), "{}", s.smtp);
+    let mut c = s.smtp();
+    c.ehlo("client.test");
+    let id = c.send_mail(
+        "a@example.com",
+        &["x@localhost"],
+        b"Subject: v6\r\n\r\nhi\r\n",
+    );
+    let stored = s.stored_by_id(&id);
+    let (received, _) = stored.split_received();
+    assert!(received.contains("([::1])"), "{received}");
+    c.quit();
+    let mut v4 = Client::connect(s.submission);
+    v4.expect_greeting();
+}
