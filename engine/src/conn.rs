@@ -74,16 +74,22 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
     tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
     let started = Instant::now();
     let mut session = Session::new(lst.session.clone(), peer, kind == ListenerKind::Smtps);
+    // The TLS paths are boxed so that a plain connection's task carries only its own
+    // state (memory per idle connection is bounded and small).
     let result = match kind {
-        ListenerKind::Smtps => match handshake(&lst, stream, &shard).await {
-            Some(tls) => run(tls, &mut session, &shard, true).await.map(|_| ()),
+        ListenerKind::Smtps => match Box::pin(handshake(&lst, stream, &shard)).await {
+            Some(tls) => Box::pin(run(tls, &mut session, &shard, true))
+                .await
+                .map(|_| ()),
             None => Ok(()),
         },
         _ => match run(stream, &mut session, &shard, true).await {
-            Ok(Outcome::StartTls(plain)) => match handshake(&lst, plain, &shard).await {
+            Ok(Outcome::StartTls(plain)) => match Box::pin(handshake(&lst, plain, &shard)).await {
                 Some(tls) => {
                     session.tls_started();
-                    run(tls, &mut session, &shard, false).await.map(|_| ())
+                    Box::pin(run(tls, &mut session, &shard, false))
+                        .await
+                        .map(|_| ())
                 }
                 None => Ok(()),
             },
@@ -210,15 +216,31 @@ where
             wait = wait.min(d.saturating_duration_since(Instant::now()));
         }
         let len = inbuf.len();
-        let chunk = if session.in_transaction() {
-            READ_BODY
+        // Between commands with nothing buffered (the idle case), hold no receive or reply
+        // buffer while waiting: read through the shard's scratch buffer and copy the few
+        // command bytes out. Bodies are read straight into `inbuf` (no copy).
+        let idle = len == 0 && !session.in_transaction();
+        if idle {
+            inbuf = BytesMut::new();
+            out = BytesMut::new();
         } else {
-            READ_COMMANDS
-        };
-        inbuf.resize(len + chunk, 0);
+            let chunk = if session.in_transaction() {
+                READ_BODY
+            } else {
+                READ_COMMANDS
+            };
+            inbuf.resize(len + chunk, 0);
+        }
         let stopping = grace_deadline.is_some();
+        let scratch = &shard.scratch;
         let woke = future::or(
-            async { Wake::Read(io.read(&mut inbuf[len..]).await) },
+            async {
+                if idle {
+                    Wake::Read(read_via_scratch(&mut io, scratch, &mut inbuf).await)
+                } else {
+                    Wake::Read(io.read(&mut inbuf[len..]).await)
+                }
+            },
             future::or(
                 async {
                     Timer::new(wait).await;
@@ -236,10 +258,13 @@ where
         .await;
         match woke {
             Wake::Read(Ok(0)) => {
-                inbuf.truncate(len);
                 return Ok(Outcome::Done);
             }
-            Wake::Read(Ok(n)) => inbuf.truncate(len + n),
+            Wake::Read(Ok(n)) => {
+                if !idle {
+                    inbuf.truncate(len + n)
+                }
+            }
             Wake::Read(Err(e)) => return Err(e),
             Wake::Timeout => {
                 inbuf.truncate(len);
@@ -259,6 +284,27 @@ where
             }
         }
     }
+}
+
+/// Reads once through the shard's scratch buffer and appends what arrived to `inbuf`. The
+/// scratch is borrowed only inside `poll_read` (glommio and rustls use the buffer only
+/// during the poll), never across an await, so every connection of the shard can share it.
+async fn read_via_scratch<S: AsyncRead + Unpin>(
+    io: &mut S,
+    scratch: &std::cell::RefCell<Box<[u8]>>,
+    inbuf: &mut BytesMut,
+) -> std::io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut buf = scratch.borrow_mut();
+        match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf[..]) {
+            std::task::Poll::Ready(Ok(n)) => {
+                inbuf.extend_from_slice(&buf[..n]);
+                std::task::Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    })
+    .await
 }
 
 async fn flush<S: AsyncWrite + Unpin>(

@@ -124,6 +124,8 @@ pub struct Shard {
     pub stopping: LocalNotify,
     pub idle_timeout: Duration,
     pub grace: Duration,
+    /// Receive scratch shared by the shard's idle connections (see conn::read_via_scratch).
+    pub scratch: RefCell<Box<[u8]>>,
     connections: Cell<usize>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     max_connections: usize,
@@ -430,6 +432,7 @@ async fn shard_main(
             stopping: LocalNotify::new(),
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,
+            scratch: RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice()),
             connections: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
             max_connections: cfg.limits.connections_per_shard,
