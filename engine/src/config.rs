@@ -198,6 +198,8 @@ pub struct ExecutorConfig {
 pub struct LogConfig {
     /// tracing filter directive, e.g. "info" or "tern_engine=debug".
     pub level: String,
+    /// "text" (one human-readable line per event) or "json" (one JSON object per line).
+    pub format: String,
 }
 
 impl Default for Config {
@@ -283,6 +285,7 @@ impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            format: "text".into(),
         }
     }
 }
@@ -376,6 +379,12 @@ impl Config {
                     "auth.require_on: unknown listener role {r:?} (expected smtp, submission, smtps)"
                 )));
             }
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            return Err(ConfigError::Invalid(format!(
+                "log.format: expected \"text\" or \"json\", got {:?}",
+                self.log.format
+            )));
         }
         if self.auth.ip_failure_limit == 0 {
             return Err(ConfigError::Invalid(

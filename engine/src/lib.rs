@@ -22,6 +22,7 @@ pub mod anvil;
 pub mod config;
 pub mod conn;
 pub mod demo;
+pub mod features;
 pub mod notify;
 pub mod policy;
 pub mod queue_cli;

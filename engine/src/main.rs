@@ -34,6 +34,9 @@ enum Cmd {
         /// Override any configuration key, e.g. --set limits.recipients=500
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Log format: text or json (same as --set log.format=...).
+        #[arg(long = "log-format", value_name = "FORMAT")]
+        log_format: Option<String>,
     },
     /// Run a ready-to-try relay on embedded defaults (loopback ports 2525, 2587, 2465).
     Demo {
@@ -43,6 +46,9 @@ enum Cmd {
         /// Override any configuration key.
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Log format: text or json (same as --set log.format=...).
+        #[arg(long = "log-format", value_name = "FORMAT")]
+        log_format: Option<String>,
     },
     /// Inspect the queue.
     Queue {
@@ -51,6 +57,14 @@ enum Cmd {
     },
     /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
     Passwd(tern_engine::users::cli::PasswdArgs),
+    /// Print version, compiled-in features, mechanisms, TLS provider, shards and limits
+    /// (like sendmail -d0).
+    Features {
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         #[arg(long, short = 'c')]
@@ -60,16 +74,21 @@ enum Cmd {
     },
 }
 
-fn init_logging(level: &str) {
+fn init_logging(log: &tern_engine::config::LogConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = if log.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init()
+    };
 }
 
 fn print_ready(r: &Ready) {
@@ -97,7 +116,12 @@ fn serve(cfg: Config, identity: Identity, after_ready: impl FnOnce(&Ready)) -> E
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Cmd::Serve { config, set } => {
+        Cmd::Serve {
+            config,
+            mut set,
+            log_format,
+        } => {
+            set.extend(log_format.map(|f| format!("log.format={f}")));
             let cfg = match Config::load(Some(&config), &set) {
                 Ok(c) => c,
                 Err(e) => {
@@ -105,7 +129,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(78); // EX_CONFIG
                 }
             };
-            init_logging(&cfg.log.level);
+            init_logging(&cfg.log);
             let identity = match (&cfg.tls.cert, &cfg.tls.key) {
                 (Some(c), Some(k)) => Identity::from_pem_files(c, k),
                 _ => {
@@ -124,7 +148,12 @@ fn main() -> ExitCode {
             };
             serve(cfg, identity, |_| {})
         }
-        Cmd::Demo { dir, set } => {
+        Cmd::Demo {
+            dir,
+            mut set,
+            log_format,
+        } => {
+            set.extend(log_format.map(|f| format!("log.format={f}")));
             let prepared = match demo::prepare(&dir, &set) {
                 Ok(p) => p,
                 Err(e) => {
@@ -132,7 +161,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(78);
                 }
             };
-            init_logging(&prepared.config.log.level);
+            init_logging(&prepared.config.log);
             let dir2 = dir.clone();
             serve(prepared.config, prepared.identity, move |r| {
                 demo::print_banner(&dir2, r)
@@ -140,6 +169,16 @@ fn main() -> ExitCode {
         }
         Cmd::Queue { command } => queue_cli::run(command),
         Cmd::Passwd(args) => tern_engine::users::cli::run(args),
+        Cmd::Features { config, set } => match Config::load(config.as_deref(), &set) {
+            Ok(cfg) => {
+                print!("{}", tern_engine::features::report(&cfg));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tern: {e}");
+                ExitCode::from(78)
+            }
+        },
         Cmd::CheckConfig { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => match toml::to_string_pretty(&cfg) {
                 Ok(s) => {
