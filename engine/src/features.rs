@@ -14,8 +14,7 @@ pub fn report(cfg: &Config) -> String {
     let _ = writeln!(o, "Version: tern {}", env!("CARGO_PKG_VERSION"));
     let _ = writeln!(
         o,
-        "Compiled with: glommio (io_uring, thread-per-core), rustls {} (ring provider), rkyv spool, crc32c",
-        "0.23"
+        "Compiled with: glommio (io_uring, thread-per-core), rustls 0.23 (ring provider), rkyv spool, crc32c"
     );
     let _ = writeln!(
         o,
