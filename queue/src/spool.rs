@@ -148,7 +148,8 @@ struct SegTrack {
     /// (later segment, count): state records of *this* segment's messages held there;
     /// released (their `pins` decremented) when this segment is deleted.
     pinned: Vec<(u64, u32)>,
-    /// Unlinking failed once: keep the file (and everything it pins) until restart.
+    /// Never delete: unlinking failed once (kept until restart), or recovery found
+    /// corrupt records in it (kept for the operator).
     stuck: bool,
 }
 
@@ -381,7 +382,15 @@ impl ShardSpool {
                     write_off: scan.data_end,
                 });
             }
-            segs.insert(number, SegTrack::default());
+            segs.insert(
+                number,
+                SegTrack {
+                    // Corrupt records are evidence (and may be messages we could not
+                    // read): such a segment is never deleted automatically.
+                    stuck: !scan.corrupt.is_empty(),
+                    ..SegTrack::default()
+                },
+            );
             for r in scan.records {
                 match r.payload {
                     Payload::Message(envelope) => {
