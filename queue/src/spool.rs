@@ -19,6 +19,14 @@
 //! made in order on the shard thread, so records never overlap even when batches commit
 //! out of order.
 //!
+//! # Delivery state and recycling
+//! `prepare_state` appends kind-2 records (see `state.rs`) through the same group
+//! commit; `open` applies them into `Recovered::queue`; `finished` + `reclaim` delete a
+//! segment once it is not active, all its messages are finished and it holds no state
+//! record of a message whose (older) segment still exists (see `SegTrack`, and
+//! docs/decisions.md, "Delivery state in the spool"). `load` reads a message back with
+//! its body zero-copy from a cached read-only mapping.
+//!
 //! # Recovery
 //! See `recovery.rs`. `open` additionally zeroes torn tails (so the next append at the
 //! cut point cannot be confused with old bytes) and continues appending in the last
