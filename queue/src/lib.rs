@@ -14,7 +14,16 @@
 //! - `record` — the byte layout of segment headers and records (the format spec).
 //! - `segment` — the files: creation (preallocated, zeroed), lock, mapping, pwritev/fdatasync.
 //! - `recovery` — walking a segment's bytes: good records, corrupt regions, torn tail.
-//! - `spool` — `ShardSpool` (one per shard), `commit_batch`, `scan_spool`, `read_body`.
+//! - `state` — per-recipient delivery state: `StateChange` records and the compact
+//!   `QueuedMessage` the queue runner indexes.
+//! - `spool` — `ShardSpool` (one per shard): `prepare`, `prepare_state`, `commit_batch`,
+//!   recovery into a queue, `load` (zero-copy body), `finished` and segment recycling;
+//!   `scan_spool`, `read_body`.
+//!
+//! Delivery state flows the same way: the runner calls `prepare_state` (deltas of
+//! recipient states plus attempts/next attempt/last reply), commits it with
+//! `commit_batch` alongside new messages, and calls `finished` once a message has no
+//! pending recipient; segments whose contents are all finished are deleted.
 //! - `commit` — `GroupCommit`: the shard's committer task (group commit on glommio's
 //!   blocking thread) shared by accepting sessions and the queue runner.
 //!
@@ -60,6 +69,7 @@ pub mod record;
 pub mod recovery;
 pub mod segment;
 pub mod spool;
+pub mod state;
 
 pub use commit::GroupCommit;
 pub use envelope::{
@@ -69,6 +79,9 @@ pub use envelope::{
 pub use error::SpoolError;
 pub use id::{encode_queue_id, parse_queue_id, QueueIdGen};
 pub use spool::{
-    commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, Committed, PendingWrite,
-    Recovered, RecoveredMessage, ShardSpool, SpoolOptions,
+    commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, BodyRef, Committed,
+    Listing, PendingWrite, Recovered, RecoveredMessage, SegmentInfo, ShardSpool, SpoolOptions,
+};
+pub use state::{
+    MsgId, MsgRef, QueuedMessage, RcptState, RcptStates, StateChange, MAX_ID_LEN, MAX_REPLY_LEN,
 };

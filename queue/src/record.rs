@@ -21,13 +21,28 @@
 //! # Record (starts at an 8-byte aligned offset ≥ 4096)
 //! ```text
 //!  0  u32 magic "TRC1"          8  u32 envelope length     16  u64 body length
-//!  4  u16 kind (1 = message)   12  u32 CRC32C(envelope)    24  u32 CRC32C(body)
+//!  4  u16 kind (1 = message,  12  u32 CRC32C(envelope)    24  u32 CRC32C(body)
+//!           2 = state change)
 //!  6  u16 flags (0)                                        28  u32 reserved (0)
 //! 32  u64 reserved (0; room for state-change records: recipient index, status)
 //! 40  u32 header CRC32C = crc32c(salt_le ++ offset_le ++ bytes 0..40)
 //! 44  u32 reserved (0)
 //! 48  envelope: rkyv archive, root at its end; padded with zeros to 8 bytes
 //!     body: the message bytes as received; padded with zeros to 8 bytes
+//! ```
+//! # State-change record (kind 2)
+//! The same 48-byte header with `envelope length` = payload length, `CRC32C(envelope)` =
+//! CRC32C(payload), body length 0 and body CRC 0; then the payload, zero-padded to 8.
+//! The payload is a fixed little-endian layout (not rkyv: it is small, has no nesting,
+//! and a hand layout keeps it ~70 bytes):
+//! ```text
+//!  0  u16 shard of the message     8  u64 message segment    24  u32 attempts
+//!  2  u8  flags (1 warned, 2 held)  16  u64 message offset   28  u32 update count n
+//!  3  u8  id length (≤ 23)                                   32  u64 next attempt (unix s)
+//!  4  u16 reply length (≤ 512)
+//!  6  u16 reserved (0)
+//! 40  n × { u32 recipient index, u8 state (0 pending, 1 delivered, 2 failed), 3 × u8 0 }
+//!  …  id bytes (UTF-8), then reply bytes (UTF-8); the payload ends exactly there
 //! ```
 //! All integers are little-endian. All lengths are checked against the segment before
 //! use. The header CRC covers the record's own offset, so even a copy of a genuine header
@@ -37,6 +52,9 @@ use rkyv::rancor::BoxedError;
 use rkyv::util::AlignedVec;
 
 use crate::envelope::{ArchivedEnvelope, Envelope};
+use crate::state::{
+    truncate_utf8, MsgId, MsgRef, RcptState, StateChange, MAX_ID_LEN, MAX_REPLY_LEN,
+};
 
 pub const SEGMENT_MAGIC: [u8; 8] = *b"TERNSEG\0";
 pub const FORMAT_VERSION: u32 = 1;
@@ -47,6 +65,10 @@ pub const RECORD_ALIGN: u64 = 8;
 pub const RECORD_MAGIC: [u8; 4] = *b"TRC1";
 pub const RECORD_HEADER_SIZE: usize = 48;
 pub const KIND_MESSAGE: u16 = 1;
+/// Per-recipient delivery state change; see the layout above and `state.rs`.
+pub const KIND_STATE: u16 = 2;
+/// Fixed part of a state payload.
+pub const STATE_FIXED_LEN: usize = 40;
 
 /// Rounds `n` up to a multiple of `align` (a power of two); `None` on overflow.
 pub fn align_up(n: u64, align: u64) -> Option<u64> {
@@ -175,7 +197,13 @@ impl RecordHeader {
             return None;
         }
         let kind = u16_at(h, 4);
-        if kind != KIND_MESSAGE
+        let kind_ok = match kind {
+            KIND_MESSAGE => true,
+            // A state record has no body.
+            KIND_STATE => u64_at(h, 16) == 0 && u32_at(h, 24) == 0,
+            _ => false,
+        };
+        if !kind_ok
             || u16_at(h, 6) != 0
             || u32_at(h, 28) != 0
             || u64_at(h, 32) != 0
@@ -201,6 +229,88 @@ pub fn header_crc(first40: &[u8], salt: u64, offset: u64) -> u32 {
     seed[0..8].copy_from_slice(&salt.to_le_bytes());
     seed[8..16].copy_from_slice(&offset.to_le_bytes());
     crc32c::crc32c_append(crc32c::crc32c(&seed), first40)
+}
+
+/// Encodes a state change's payload (layout above). The reply is cut to
+/// `MAX_REPLY_LEN` bytes at a character boundary.
+pub fn encode_state(c: &StateChange) -> Vec<u8> {
+    let id = c.id.as_str().as_bytes();
+    let reply = truncate_utf8(&c.last_reply, MAX_REPLY_LEN).as_bytes();
+    let n = c.updates.len();
+    let mut b = Vec::with_capacity(STATE_FIXED_LEN + 8 * n + id.len() + reply.len() + 8);
+    b.extend_from_slice(&c.msg.shard.to_le_bytes());
+    b.push(u8::from(c.warned) | (u8::from(c.held) << 1));
+    b.push(id.len() as u8);
+    b.extend_from_slice(&(reply.len() as u16).to_le_bytes());
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&c.msg.segment.to_le_bytes());
+    b.extend_from_slice(&c.msg.offset.to_le_bytes());
+    b.extend_from_slice(&c.attempts.to_le_bytes());
+    b.extend_from_slice(&(n as u32).to_le_bytes());
+    b.extend_from_slice(&c.next_attempt_unix.to_le_bytes());
+    for (i, s) in &c.updates {
+        b.extend_from_slice(&i.to_le_bytes());
+        b.extend_from_slice(&[s.code(), 0, 0, 0]);
+    }
+    b.extend_from_slice(id);
+    b.extend_from_slice(reply);
+    b
+}
+
+/// Decodes and validates a state payload from untrusted bytes (its CRC was checked by
+/// the caller). Any inconsistency is an error, never a panic.
+pub fn decode_state(b: &[u8]) -> Result<StateChange, String> {
+    if b.len() < STATE_FIXED_LEN {
+        return Err(format!("state payload of {} bytes is too short", b.len()));
+    }
+    let shard = u16_at(b, 0);
+    let flags = b[2];
+    let id_len = b[3] as usize;
+    let reply_len = u16_at(b, 4) as usize;
+    if flags & !3 != 0 || u16_at(b, 6) != 0 {
+        return Err("unknown flags or reserved bits in a state record".into());
+    }
+    if id_len > MAX_ID_LEN || reply_len > MAX_REPLY_LEN {
+        return Err("id or reply too long in a state record".into());
+    }
+    let n = u32_at(b, 28) as usize;
+    let updates_end = n
+        .checked_mul(8)
+        .and_then(|u| u.checked_add(STATE_FIXED_LEN))
+        .ok_or("update count overflows")?;
+    if updates_end.checked_add(id_len + reply_len) != Some(b.len()) {
+        return Err(format!(
+            "state payload is {} bytes, its fields say otherwise",
+            b.len()
+        ));
+    }
+    let mut updates = Vec::with_capacity(n);
+    for k in 0..n {
+        let at = STATE_FIXED_LEN + 8 * k;
+        let state = RcptState::from_code(b[at + 4]).ok_or("unknown recipient state")?;
+        if b[at + 5..at + 8] != [0, 0, 0] {
+            return Err("reserved bytes set in a recipient update".into());
+        }
+        updates.push((u32_at(b, at), state));
+    }
+    let id = std::str::from_utf8(&b[updates_end..updates_end + id_len])
+        .map_err(|_| "state record id is not UTF-8")?;
+    let reply = std::str::from_utf8(&b[updates_end + id_len..])
+        .map_err(|_| "state record reply is not UTF-8")?;
+    Ok(StateChange {
+        msg: MsgRef {
+            shard,
+            segment: u64_at(b, 8),
+            offset: u64_at(b, 16),
+        },
+        id: MsgId::new(id).ok_or("id too long")?,
+        updates,
+        attempts: u32_at(b, 24),
+        next_attempt_unix: u64_at(b, 32),
+        last_reply: reply.to_string(),
+        warned: flags & 1 != 0,
+        held: flags & 2 != 0,
+    })
 }
 
 /// Serialises an envelope with rkyv.
@@ -264,6 +374,57 @@ mod tests {
         bad[20] ^= 1;
         assert!(SegmentHeader::decode(&bad).is_err());
         assert!(SegmentHeader::decode(&b[..100]).is_err());
+    }
+
+    #[test]
+    fn state_payload_round_trip_and_garbage() {
+        let c = StateChange {
+            msg: MsgRef {
+                shard: 2,
+                segment: 7,
+                offset: 8192,
+            },
+            id: MsgId::new("0123456789ABCDEF").unwrap(),
+            updates: vec![(0, RcptState::Delivered), (5, RcptState::Failed)],
+            attempts: 3,
+            next_attempt_unix: 1_800_000_000,
+            last_reply: "451 4.7.1 try later".into(),
+            warned: true,
+            held: false,
+        };
+        let b = encode_state(&c);
+        assert_eq!(b.len(), 40 + 16 + 16 + 19);
+        assert_eq!(decode_state(&b), Ok(c.clone()));
+        let long = StateChange {
+            last_reply: "é".repeat(400),
+            ..c.clone()
+        };
+        let d = decode_state(&encode_state(&long)).unwrap();
+        assert_eq!(d.last_reply.len(), 512);
+        for cut in 0..b.len() {
+            assert!(decode_state(&b[..cut]).is_err());
+        }
+        let mut bad = b.clone();
+        bad[44] = 9; // unknown state
+        assert!(decode_state(&bad).is_err());
+        for i in 0..b.len() {
+            let mut x = b.clone();
+            x[i] ^= 0xff;
+            let _ = decode_state(&x); // never panics
+        }
+        let h = RecordHeader {
+            kind: KIND_STATE,
+            env_len: b.len() as u32,
+            env_crc: crc32c::crc32c(&b),
+            body_len: 0,
+            body_crc: 0,
+        };
+        let mut buf = [0u8; RECORD_HEADER_SIZE];
+        h.encode_into(&mut buf, 1, 4096);
+        assert_eq!(RecordHeader::decode(&buf, 1, 4096), Some(h));
+        let with_body = RecordHeader { body_len: 1, ..h };
+        with_body.encode_into(&mut buf, 1, 4096);
+        assert_eq!(RecordHeader::decode(&buf, 1, 4096), None);
     }
 
     #[test]

@@ -22,16 +22,26 @@
 
 use crate::envelope::Envelope;
 use crate::record::{
-    align_up, deserialize_envelope, RecordHeader, SegmentHeader, RECORD_ALIGN, RECORD_HEADER_SIZE,
-    RECORD_MAGIC, SEGMENT_HEADER_SIZE,
+    align_up, decode_state, deserialize_envelope, RecordHeader, SegmentHeader, KIND_STATE,
+    RECORD_ALIGN, RECORD_HEADER_SIZE, RECORD_MAGIC, SEGMENT_HEADER_SIZE,
 };
+use crate::state::StateChange;
 
 /// A good record.
 #[derive(Debug, Clone)]
 pub struct ScannedRecord {
     pub offset: u64,
     pub header: RecordHeader,
-    pub envelope: Envelope,
+    pub payload: Payload,
+}
+
+/// What a good record holds.
+#[derive(Debug, Clone)]
+pub enum Payload {
+    /// Kind 1: an accepted message (its body stays in the segment).
+    Message(Envelope),
+    /// Kind 2: a delivery-state change of a message (this or an older segment).
+    State(StateChange),
 }
 
 /// A byte range that is not a good record.
@@ -79,10 +89,10 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
             Some((h, total)) => {
                 let end = pos + total;
                 match check_payload(bytes, pos, &h) {
-                    Ok(envelope) => records.push(ScannedRecord {
+                    Ok(payload) => records.push(ScannedRecord {
                         offset: pos,
                         header: h,
-                        envelope,
+                        payload,
                     }),
                     Err(reason) => bad.push(BadRegion {
                         start: pos,
@@ -167,14 +177,21 @@ fn next_header(bytes: &[u8], from: u64, limit: u64, salt: u64) -> Option<u64> {
     None
 }
 
-/// Checks the envelope and body of a record whose header is valid.
-fn check_payload(bytes: &[u8], pos: u64, h: &RecordHeader) -> Result<Envelope, String> {
+/// Checks the envelope and body (or the state payload) of a record whose header is valid.
+fn check_payload(bytes: &[u8], pos: u64, h: &RecordHeader) -> Result<Payload, String> {
     let env_start = pos as usize + RECORD_HEADER_SIZE;
     let env = bytes
         .get(env_start..env_start + h.env_len as usize)
         .ok_or("envelope out of bounds")?;
     if crc32c::crc32c(env) != h.env_crc {
-        return Err("envelope checksum mismatch".into());
+        return Err(if h.kind == KIND_STATE {
+            "state record checksum mismatch".into()
+        } else {
+            "envelope checksum mismatch".into()
+        });
+    }
+    if h.kind == KIND_STATE {
+        return decode_state(env).map(Payload::State);
     }
     let body_start = (pos + h.envelope_end()) as usize;
     let body = bytes
@@ -190,5 +207,5 @@ fn check_payload(bytes: &[u8], pos: u64, h: &RecordHeader) -> Result<Envelope, S
             envelope.size, h.body_len
         ));
     }
-    Ok(envelope)
+    Ok(Payload::Message(envelope))
 }

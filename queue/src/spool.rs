@@ -19,30 +19,43 @@
 //! made in order on the shard thread, so records never overlap even when batches commit
 //! out of order.
 //!
+//! # Delivery state and recycling
+//! `prepare_state` appends kind-2 records (see `state.rs`) through the same group
+//! commit; `open` applies them into `Recovered::queue`; `finished` + `reclaim` delete a
+//! segment once it is not active, all its messages are finished and it holds no state
+//! record of a message whose (older) segment still exists (see `SegTrack`, and
+//! docs/decisions.md, "Delivery state in the spool"). `load` reads a message back with
+//! its body zero-copy from a cached read-only mapping.
+//!
 //! # Recovery
 //! See `recovery.rs`. `open` additionally zeroes torn tails (so the next append at the
 //! cut point cannot be confused with old bytes) and continues appending in the last
 //! segment after its last good record.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
+use memmap2::Mmap;
 
 use crate::envelope::Envelope;
 use crate::error::{clone_io_error, is_no_space, SpoolError};
 use crate::id::{parse_queue_id, QueueIdGen};
 use crate::record::{
-    align_up, serialize_envelope, RecordHeader, SegmentHeader, KIND_MESSAGE, RECORD_ALIGN,
-    RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    align_up, deserialize_envelope, encode_state, serialize_envelope, RecordHeader, SegmentHeader,
+    KIND_MESSAGE, KIND_STATE, RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
-use crate::recovery::{scan_segment, SegmentScan};
+use crate::recovery::{scan_segment, Payload, SegmentScan};
 use crate::segment::{
-    create_segment, fdatasync, list_segments, lock_shard_dir, map_readonly, parse_shard_dir_name,
-    pwritev_all, remove_stale_temporaries, shard_dir, zero_range, SegmentHandle,
+    create_segment, fdatasync, fsync_dir, list_segments, lock_shard_dir, map_readonly,
+    parse_shard_dir_name, pwritev_all, remove_stale_temporaries, segment_file_name, shard_dir,
+    zero_range, SegmentHandle,
 };
+use crate::state::{truncate_utf8, MsgId, MsgRef, QueuedMessage, StateChange, MAX_ID_LEN};
 
 /// Smallest accepted `segment_size`: a header page plus room for a few small records.
 pub const MIN_SEGMENT_SIZE: u64 = 8192;
@@ -63,11 +76,35 @@ impl Default for SpoolOptions {
     }
 }
 
+/// What `open` returns in [`Recovered::messages`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listing {
+    /// Every message record still on disk, finished or not, with its full envelope
+    /// (for tools that list everything, and for the engine's start-up log).
+    All,
+    /// Leave `messages` empty: only the compact `queue` is built (a large queue then
+    /// does not need every envelope in memory at once during start-up).
+    QueueOnly,
+}
+
 /// What `open` found on disk.
 #[derive(Debug, Clone, Default)]
 pub struct Recovered {
-    /// The good records, in (segment, offset) order.
+    /// Every good message record of the segments that are kept, finished or not, in
+    /// (segment, offset) order (empty with [`Listing::QueueOnly`]).
     pub messages: Vec<RecoveredMessage>,
+    /// The messages with at least one pending recipient after applying every state
+    /// record in log order, in (segment, offset) order: what the queue runner indexes.
+    pub queue: Vec<QueuedMessage>,
+    /// Message records found whose recipients are all final (not in `queue`).
+    pub finished: usize,
+    /// Good state-change records read.
+    pub state_records: usize,
+    /// State records that refer to no known message (its segment was recycled, or the
+    /// reference or id does not match): ignored.
+    pub state_records_ignored: usize,
+    /// Segments deleted at start-up because everything in them was finished.
+    pub segments_deleted: usize,
     /// Segment files whose header was valid and whose records were read.
     pub segments: usize,
     /// Segments whose tail held a torn (partially written) record, now zeroed.
@@ -97,6 +134,103 @@ pub struct Committed {
     pub offset: u64,
 }
 
+/// Recycling bookkeeping of one segment (in memory only; rebuilt by `open`).
+///
+/// The rule (docs/decisions.md, "Delivery state in the spool"): a segment is deleted
+/// when it is not the active one, every message record in it is finished (`live == 0`),
+/// and it holds no state record of a message whose segment still exists (`pins == 0`).
+/// The second condition keeps every state record — delivered recipients *and* the
+/// record that finished a message — for as long as the message record it applies to is
+/// on disk, so recovery can neither lose a delivered-recipient state nor resurrect a
+/// finished message.
+#[derive(Debug, Default)]
+struct SegTrack {
+    /// Offsets of this segment's message records, ascending (reservations only grow).
+    msgs: Vec<u64>,
+    /// Bit `i` set: the message at `msgs[i]` is finished.
+    done: Vec<u64>,
+    /// Message records not finished yet.
+    live: usize,
+    /// State records in this segment for messages of an older segment that still exists.
+    pins: u32,
+    /// (later segment, count): state records of *this* segment's messages held there;
+    /// released (their `pins` decremented) when this segment is deleted.
+    pinned: Vec<(u64, u32)>,
+    /// Never delete: unlinking failed once (kept until restart), or recovery found
+    /// corrupt records in it (kept for the operator).
+    stuck: bool,
+}
+
+impl SegTrack {
+    fn add_msg(&mut self, offset: u64) {
+        debug_assert!(self.msgs.last().is_none_or(|&l| l < offset));
+        self.msgs.push(offset);
+        if self.done.len() * 64 < self.msgs.len() {
+            self.done.push(0);
+        }
+        self.live += 1;
+    }
+    fn find(&self, offset: u64) -> Option<usize> {
+        self.msgs.binary_search(&offset).ok()
+    }
+    fn is_done(&self, i: usize) -> bool {
+        self.done[i / 64] & (1 << (i % 64)) != 0
+    }
+    /// Marks message `i` finished; false if it already was.
+    fn set_done(&mut self, i: usize) -> bool {
+        if self.is_done(i) {
+            return false;
+        }
+        self.done[i / 64] |= 1 << (i % 64);
+        self.live -= 1;
+        true
+    }
+    fn add_pin_to(&mut self, later: u64) {
+        match self.pinned.iter_mut().find(|(s, _)| *s == later) {
+            Some((_, c)) => *c += 1,
+            None => self.pinned.push((later, 1)),
+        }
+    }
+    fn deletable(&self) -> bool {
+        self.live == 0 && self.pins == 0 && !self.stuck
+    }
+}
+
+/// A snapshot of one segment's recycling bookkeeping (tests, `tern queue` tools).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    pub number: u64,
+    /// Message records in the segment.
+    pub messages: usize,
+    /// Of those, not finished.
+    pub live: usize,
+    /// State records here that keep the segment because their message's segment exists.
+    pub pins: u32,
+}
+
+/// A read-only mapping of a whole segment, shared by the bodies handed out by `load`.
+#[derive(Debug)]
+struct SegMap {
+    map: Mmap,
+    salt: u64,
+    /// min(file length, size in the header): nothing at or beyond is read.
+    limit: u64,
+    path: PathBuf,
+}
+
+/// Owner of a `Bytes` body: keeps the mapping alive (even after the segment file is
+/// unlinked: the kernel keeps the pages until the last mapping goes).
+struct MapOwner(Arc<SegMap>);
+impl AsRef<[u8]> for MapOwner {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.map
+    }
+}
+
+/// A message body as [`ShardSpool::load`] returns it: `Bytes` viewing a read-only
+/// mapping of the segment (zero-copy; cloning and slicing are cheap).
+pub type BodyRef = Bytes;
+
 /// The segment currently taking appends.
 #[derive(Debug)]
 struct Active {
@@ -119,6 +253,13 @@ pub struct ShardSpool {
     /// executor for the ~20 ms that zeroing 32 MiB takes.
     spare: Option<JoinHandle<Result<SegmentHandle, SpoolError>>>,
     id_gen: QueueIdGen,
+    /// Recycling bookkeeping of every segment that exists (readable ones).
+    segs: BTreeMap<u64, SegTrack>,
+    /// Segments that may have become deletable; examined by `reclaim`.
+    reclaim_candidates: Vec<u64>,
+    /// Read-only mappings for `load`, one per segment, made on first use. A Mutex (not a
+    /// RefCell) keeps `ShardSpool: Sync`; it is never contended (one shard thread).
+    maps: Mutex<HashMap<u64, Arc<SegMap>>>,
     /// Holds the flock for as long as the spool lives.
     _lock: std::fs::File,
 }
@@ -159,10 +300,24 @@ impl ShardSpool {
     /// segments and returns the messages found. Corrupted records in the middle of a
     /// segment are skipped and logged (`tracing::warn!` with the offset); a torn tail is
     /// cut (zeroed) and appends continue at the cut point.
+    ///
+    /// Then applies every state record (in log order) and returns in
+    /// [`Recovered::queue`] the messages with a pending recipient; segments in which
+    /// everything is finished are deleted (see [`ShardSpool::finished`]).
     pub fn open(
         dir: &Path,
         shard: u16,
         opts: SpoolOptions,
+    ) -> Result<(ShardSpool, Recovered), SpoolError> {
+        Self::open_with(dir, shard, opts, Listing::All)
+    }
+
+    /// [`ShardSpool::open`], choosing whether [`Recovered::messages`] is filled.
+    pub fn open_with(
+        dir: &Path,
+        shard: u16,
+        opts: SpoolOptions,
+        listing: Listing,
     ) -> Result<(ShardSpool, Recovered), SpoolError> {
         let segment_size =
             align_up(opts.segment_size.max(MIN_SEGMENT_SIZE), 4096).ok_or_else(|| {
@@ -176,6 +331,10 @@ impl ShardSpool {
         remove_stale_temporaries(&sdir)?;
 
         let mut rec = Recovered::default();
+        let mut segs: BTreeMap<u64, SegTrack> = BTreeMap::new();
+        // Every message record seen, finished or not, until all state is applied.
+        let mut entries: Vec<QueuedMessage> = Vec::new();
+        let mut index: HashMap<MsgRef, usize> = HashMap::new();
         let mut floor = 0u64;
         let mut next_segment = 1u64;
         let mut active = None;
@@ -219,13 +378,6 @@ impl ShardSpool {
                 })?;
                 rec.torn_tails_cut += 1;
             }
-            for r in &scan.records {
-                if let Some((micros, id_shard)) = parse_queue_id(&r.envelope.id) {
-                    if id_shard == shard {
-                        floor = floor.max(micros);
-                    }
-                }
-            }
             if Some(number) == last_number && !scan.truncated {
                 active = Some(Active {
                     seg: Arc::new(SegmentHandle::new(
@@ -238,15 +390,99 @@ impl ShardSpool {
                     write_off: scan.data_end,
                 });
             }
-            rec.messages
-                .extend(scan.records.into_iter().map(|r| RecoveredMessage {
-                    body_len: r.header.body_len,
-                    envelope: r.envelope,
-                    segment: number,
-                    offset: r.offset,
-                    shard,
-                }));
+            segs.insert(
+                number,
+                SegTrack {
+                    // Corrupt records are evidence (and may be messages we could not
+                    // read): such a segment is never deleted automatically.
+                    stuck: !scan.corrupt.is_empty(),
+                    ..SegTrack::default()
+                },
+            );
+            for r in scan.records {
+                match r.payload {
+                    Payload::Message(envelope) => {
+                        if let Some((micros, id_shard)) = parse_queue_id(&envelope.id) {
+                            if id_shard == shard {
+                                floor = floor.max(micros);
+                            }
+                        }
+                        let msg = MsgRef {
+                            shard,
+                            segment: number,
+                            offset: r.offset,
+                        };
+                        if let Some(t) = segs.get_mut(&number) {
+                            t.add_msg(r.offset);
+                        }
+                        // `prepare` never writes a longer id; a record from elsewhere is
+                        // indexed under its cut id (its state records will not match).
+                        let id = MsgId::new(truncate_utf8(&envelope.id, MAX_ID_LEN))
+                            .unwrap_or_else(|| MsgId::new("").expect("empty id fits"));
+                        index.insert(msg, entries.len());
+                        entries.push(QueuedMessage::new(
+                            msg,
+                            id,
+                            envelope.arrival_unix_micros,
+                            envelope.recipients.len(),
+                        ));
+                        if listing == Listing::All {
+                            rec.messages.push(RecoveredMessage {
+                                body_len: r.header.body_len,
+                                envelope,
+                                segment: number,
+                                offset: r.offset,
+                                shard,
+                            });
+                        }
+                    }
+                    Payload::State(change) => {
+                        rec.state_records += 1;
+                        let Some(&k) = index.get(&change.msg) else {
+                            rec.state_records_ignored += 1;
+                            if segs.contains_key(&change.msg.segment) {
+                                tracing::warn!(path = %path.display(), offset = r.offset, msg = ?change.msg, id = %change.id,
+                                    "state record for no known message; ignored");
+                            } else {
+                                // The normal case after recycling: the message's segment
+                                // was deleted when all its messages were finished.
+                                tracing::debug!(path = %path.display(), offset = r.offset, msg = ?change.msg,
+                                    "state record for a recycled segment; ignored");
+                            }
+                            continue;
+                        };
+                        if let Err(reason) = entries[k].apply(&change) {
+                            rec.state_records_ignored += 1;
+                            tracing::warn!(path = %path.display(), offset = r.offset, %reason,
+                                "state record does not match its message; ignored");
+                            continue;
+                        }
+                        if change.msg.segment != number {
+                            if let Some(t) = segs.get_mut(&change.msg.segment) {
+                                t.add_pin_to(number);
+                            }
+                            if let Some(t) = segs.get_mut(&number) {
+                                t.pins += 1;
+                            }
+                        }
+                    }
+                }
+            }
         }
+        drop(index);
+        for q in entries {
+            if q.is_finished() {
+                rec.finished += 1;
+                if let Some(t) = segs.get_mut(&q.msg.segment) {
+                    if let Some(i) = t.find(q.msg.offset) {
+                        t.set_done(i);
+                    }
+                }
+            } else {
+                rec.queue.push(q);
+            }
+        }
+        let reclaim_candidates = segs.keys().copied().collect();
         let mut spool = ShardSpool {
             dir: sdir,
             shard,
@@ -255,12 +491,19 @@ impl ShardSpool {
             next_segment,
             spare: None,
             id_gen: QueueIdGen::new(shard, floor),
+            segs,
+            reclaim_candidates,
+            maps: Mutex::new(HashMap::new()),
             _lock: lock,
         };
         if spool.active.is_none() {
             // Create the first segment now, at start-up, rather than on the first accepted
             // message (zeroing a segment takes a while).
             spool.roll(spool.opts.segment_size)?;
+        }
+        rec.segments_deleted = spool.reclaim();
+        if rec.segments_deleted > 0 {
+            rec.messages.retain(|m| spool.segs.contains_key(&m.segment));
         }
         Ok((spool, rec))
     }
@@ -289,6 +532,12 @@ impl ShardSpool {
                 env.id, env.size, body_len
             )));
         }
+        if env.id.len() > MAX_ID_LEN {
+            return Err(SpoolError::Invalid(format!(
+                "queue id {:?} is longer than {MAX_ID_LEN} bytes",
+                env.id
+            )));
+        }
         let env_bytes = serialize_envelope(env).map_err(SpoolError::Invalid)?;
         let env_len = u32::try_from(env_bytes.len()).map_err(|_| {
             SpoolError::Invalid(format!("envelope {} is {} bytes", env.id, env_bytes.len()))
@@ -308,6 +557,9 @@ impl ShardSpool {
         let head_len = header.envelope_end() as usize;
         let pad = (total - header.envelope_end() - body_len) as usize;
         let (seg, offset) = self.reserve(total)?;
+        // Counted live from the reservation on: if the write fails the segment is kept
+        // until the next restart recounts it (never deleted too early).
+        self.segs.entry(seg.number).or_default().add_msg(offset);
         let mut head = Vec::with_capacity(head_len);
         head.resize(RECORD_HEADER_SIZE, 0);
         head.extend_from_slice(&env_bytes);
@@ -321,6 +573,235 @@ impl ShardSpool {
             pad,
             id: env.id.clone(),
         })
+    }
+
+    /// Reserves and encodes a state-change record for `change.msg`, to be committed with
+    /// [`commit_batch`] (in the same batches as messages: one fdatasync for all).
+    /// No syscalls unless the active segment rolls over.
+    ///
+    /// `Err(Invalid)` if the message is not a known, unfinished message record of this
+    /// shard. The recipient indices are not checked here (the spool keeps no envelopes
+    /// in memory); recovery ignores a record with an index out of range.
+    pub fn prepare_state(&mut self, change: &StateChange) -> Result<PendingWrite, SpoolError> {
+        let m = change.msg;
+        let known = m.shard == self.shard
+            && self
+                .segs
+                .get(&m.segment)
+                .and_then(|t| t.find(m.offset).map(|i| !t.is_done(i)))
+                .unwrap_or(false);
+        if !known {
+            return Err(SpoolError::Invalid(format!(
+                "state change for {} at {m:?}: not an unfinished message of shard {}",
+                change.id, self.shard
+            )));
+        }
+        let payload = encode_state(change);
+        let env_len = u32::try_from(payload.len()).map_err(|_| {
+            SpoolError::Invalid(format!("state change for {} is too large", change.id))
+        })?;
+        let header = RecordHeader {
+            kind: KIND_STATE,
+            env_len,
+            env_crc: crc32c::crc32c(&payload),
+            body_len: 0,
+            body_crc: 0,
+        };
+        let total = header
+            .total_len()
+            .ok_or_else(|| SpoolError::Invalid("state change too large".into()))?;
+        let (seg, offset) = self.reserve(total)?;
+        if seg.number != m.segment {
+            // This segment now holds state of a message in an older one: it must outlive
+            // that segment (see `SegTrack`).
+            if let Some(t) = self.segs.get_mut(&m.segment) {
+                t.add_pin_to(seg.number);
+            }
+            self.segs.entry(seg.number).or_default().pins += 1;
+        }
+        let mut head = Vec::with_capacity(total as usize);
+        head.resize(RECORD_HEADER_SIZE, 0);
+        head.extend_from_slice(&payload);
+        head.resize(total as usize, 0);
+        Ok(PendingWrite {
+            seg,
+            offset,
+            head,
+            header,
+            body: Vec::new(),
+            pad: 0,
+            id: change.id.to_string(),
+        })
+    }
+
+    /// The runner's signal that every recipient of `msg` is final and the state record
+    /// saying so is durable (committed), and that no other write for `msg` is in flight.
+    /// Idempotent. Deletes every segment that thereby becomes reclaimable (unlink, then
+    /// fsync of the directory: a few ms on the calling thread, only when a segment goes).
+    ///
+    /// `Err(Invalid)` if `msg` is not a message record this spool knows.
+    pub fn finished(&mut self, msg: MsgRef) -> Result<(), SpoolError> {
+        let track = (msg.shard == self.shard)
+            .then(|| self.segs.get_mut(&msg.segment))
+            .flatten();
+        let Some(track) = track else {
+            return Err(SpoolError::Invalid(format!(
+                "finished: no segment {} in shard {}",
+                msg.segment, self.shard
+            )));
+        };
+        let i = track.find(msg.offset).ok_or_else(|| {
+            SpoolError::Invalid(format!("finished: no message record at {msg:?}"))
+        })?;
+        if track.set_done(i) && track.live == 0 {
+            self.reclaim_candidates.push(msg.segment);
+        }
+        self.reclaim();
+        Ok(())
+    }
+
+    /// Deletes every segment that is reclaimable now (not active, all messages finished,
+    /// no state record of a message whose segment still exists); returns how many.
+    /// Called by `finished` and `open`; a segment that stops being active is examined at
+    /// the next call.
+    ///
+    /// Deletion runs in rounds: unlink the ready segments, fsync the directory, and only
+    /// then release what they pinned, so a later segment's deletion is never durable
+    /// before the deletion of the segment whose messages its state records describe
+    /// (otherwise a crash could bring back those messages without their final state).
+    pub fn reclaim(&mut self) -> usize {
+        let mut deleted = 0;
+        loop {
+            let active = self.active_segment();
+            let mut cands = std::mem::take(&mut self.reclaim_candidates);
+            cands.sort_unstable();
+            cands.dedup();
+            let ready: Vec<u64> = cands
+                .into_iter()
+                .filter(|n| Some(*n) != active && self.segs.get(n).is_some_and(|t| t.deletable()))
+                .collect();
+            if ready.is_empty() {
+                return deleted;
+            }
+            let mut unlinked = Vec::new();
+            for n in ready {
+                let path = self.dir.join(segment_file_name(n));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => unlinked.push(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => unlinked.push(n),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e,
+                            "cannot delete a finished segment; kept until restart");
+                        if let Some(t) = self.segs.get_mut(&n) {
+                            t.stuck = true;
+                        }
+                    }
+                }
+            }
+            if unlinked.is_empty() {
+                return deleted;
+            }
+            let synced = fsync_dir(&self.dir);
+            if let Ok(mut maps) = self.maps.lock() {
+                for n in &unlinked {
+                    maps.remove(n);
+                }
+            }
+            for n in unlinked {
+                let Some(t) = self.segs.remove(&n) else {
+                    continue;
+                };
+                deleted += 1;
+                tracing::debug!(shard = self.shard, segment = n, "deleted finished segment");
+                if let Err(e) = &synced {
+                    // The unlink may not be durable: keep what the segment pins, so it
+                    // can never come back without the state records of its messages.
+                    tracing::warn!(segment = n, error = %e,
+                        "directory sync after deleting a segment failed; its state records are kept");
+                    continue;
+                }
+                for (later, c) in t.pinned {
+                    if let Some(lt) = self.segs.get_mut(&later) {
+                        lt.pins = lt.pins.saturating_sub(c);
+                        if lt.deletable() {
+                            self.reclaim_candidates.push(later);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The recycling bookkeeping of every segment, in number order.
+    pub fn segment_info(&self) -> Vec<SegmentInfo> {
+        self.segs
+            .iter()
+            .map(|(&number, t)| SegmentInfo {
+                number,
+                messages: t.msgs.len(),
+                live: t.live,
+                pins: t.pins,
+            })
+            .collect()
+    }
+
+    /// Reads a message back: its envelope (deserialised) and its body, zero-copy from a
+    /// read-only mapping of the segment (cached per segment), after checking the record
+    /// header (salted checksum), the envelope and body checksums. Call only for records
+    /// whose commit returned `Ok` (the mapping is read where it is not being written).
+    pub fn load(&self, msg: MsgRef) -> Result<(Envelope, BodyRef), SpoolError> {
+        if msg.shard != self.shard || !self.segs.contains_key(&msg.segment) {
+            return Err(SpoolError::Invalid(format!(
+                "load: no segment {} in shard {}",
+                msg.segment, self.shard
+            )));
+        }
+        let seg = self.mapping(msg.segment)?;
+        let corrupt = |reason: &str| SpoolError::Corrupt {
+            path: seg.path.clone(),
+            offset: msg.offset,
+            reason: reason.to_string(),
+        };
+        let (h, env_r, body_r) =
+            message_at(&seg.map, seg.salt, seg.limit, msg.offset).map_err(corrupt)?;
+        let env_bytes = &seg.map[env_r];
+        if crc32c::crc32c(env_bytes) != h.env_crc {
+            return Err(corrupt("envelope checksum mismatch"));
+        }
+        if crc32c::crc32c(&seg.map[body_r.clone()]) != h.body_crc {
+            return Err(corrupt("body checksum mismatch"));
+        }
+        let env = deserialize_envelope(env_bytes).map_err(|r| corrupt(&r))?;
+        let body = Bytes::from_owner(MapOwner(seg.clone())).slice(body_r);
+        Ok((env, body))
+    }
+
+    fn mapping(&self, segment: u64) -> Result<Arc<SegMap>, SpoolError> {
+        let mut maps = self
+            .maps
+            .lock()
+            .map_err(|_| SpoolError::Invalid("segment mapping cache poisoned".into()))?;
+        if let Some(m) = maps.get(&segment) {
+            return Ok(m.clone());
+        }
+        let path = self.dir.join(segment_file_name(segment));
+        let file = std::fs::File::open(&path)
+            .map_err(|e| SpoolError::io(format!("opening segment {}", path.display()), e))?;
+        let map = map_readonly(&file, &path)?;
+        let sh = SegmentHeader::decode(&map).map_err(|reason| SpoolError::Corrupt {
+            path: path.clone(),
+            offset: 0,
+            reason,
+        })?;
+        let limit = (map.len() as u64).min(sh.size);
+        let m = Arc::new(SegMap {
+            map,
+            salt: sh.salt,
+            limit,
+            path,
+        });
+        maps.insert(segment, m.clone());
+        Ok(m)
     }
 
     fn reserve(&mut self, total: u64) -> Result<(Arc<SegmentHandle>, u64), SpoolError> {
@@ -415,10 +896,15 @@ impl ShardSpool {
                 seg
             }
         };
-        self.active = Some(Active {
+        self.segs.entry(seg.number).or_default();
+        let old = self.active.replace(Active {
             seg: Arc::new(seg),
             write_off: SEGMENT_HEADER_SIZE,
         });
+        if let Some(old) = old {
+            // No longer active: it may already be reclaimable (examined by `reclaim`).
+            self.reclaim_candidates.push(old.seg.number);
+        }
         Ok(())
     }
 }
@@ -588,12 +1074,15 @@ pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
                 tracing::warn!(path = %path.display(), offset = t.start, reason = %t.reason,
                     "torn tail (left in place; the owning shard cuts it when it opens)");
             }
-            out.extend(scan.records.into_iter().map(|r| RecoveredMessage {
-                body_len: r.header.body_len,
-                envelope: r.envelope,
-                segment: number,
-                offset: r.offset,
-                shard,
+            out.extend(scan.records.into_iter().filter_map(|r| match r.payload {
+                Payload::Message(envelope) => Some(RecoveredMessage {
+                    body_len: r.header.body_len,
+                    envelope,
+                    segment: number,
+                    offset: r.offset,
+                    shard,
+                }),
+                Payload::State(_) => None,
             }));
         }
     }
@@ -614,26 +1103,47 @@ pub fn read_body(dir: &Path, shard: u16, segment: u64, offset: u64) -> Result<Ve
     };
     let sh = SegmentHeader::decode(&map).map_err(|r| corrupt(0, &r))?;
     let limit = (map.len() as u64).min(sh.size);
+    let (h, _, body_r) =
+        message_at(&map, sh.salt, limit, offset).map_err(|r| corrupt(offset, r))?;
+    let body = &map[body_r];
+    if crc32c::crc32c(body) != h.body_crc {
+        return Err(corrupt(offset, "body checksum mismatch"));
+    }
+    Ok(body.to_vec())
+}
+
+/// The message record at `offset` of a mapped segment: its validated header (salted
+/// checksum, kind 1) and the byte ranges of its envelope and body, checked against
+/// `limit`. Checksums of the envelope and body are the caller's to verify.
+fn message_at(
+    map: &[u8],
+    salt: u64,
+    limit: u64,
+    offset: u64,
+) -> Result<(RecordHeader, Range<usize>, Range<usize>), &'static str> {
     if offset < SEGMENT_HEADER_SIZE || offset & (RECORD_ALIGN - 1) != 0 {
-        return Err(corrupt(offset, "not a record offset"));
+        return Err("not a record offset");
     }
     let hdr_bytes = offset
         .checked_add(RECORD_HEADER_SIZE as u64)
         .filter(|&end| end <= limit)
         .and_then(|end| map.get(offset as usize..end as usize))
-        .ok_or_else(|| corrupt(offset, "record offset beyond the segment"))?;
-    let h = RecordHeader::decode(hdr_bytes, sh.salt, offset)
-        .ok_or_else(|| corrupt(offset, "no valid record header"))?;
+        .ok_or("record offset beyond the segment")?;
+    let h = RecordHeader::decode(hdr_bytes, salt, offset).ok_or("no valid record header")?;
+    if h.kind != KIND_MESSAGE {
+        return Err("not a message record");
+    }
+    let env_start = offset + RECORD_HEADER_SIZE as u64;
     let start = offset + h.envelope_end();
-    let body = start
+    let end = start
         .checked_add(h.body_len)
         .filter(|&end| end <= limit)
-        .and_then(|end| map.get(start as usize..end as usize))
-        .ok_or_else(|| corrupt(offset, "body extends beyond the segment"))?;
-    if crc32c::crc32c(body) != h.body_crc {
-        return Err(corrupt(offset, "body checksum mismatch"));
-    }
-    Ok(body.to_vec())
+        .ok_or("body extends beyond the segment")?;
+    Ok((
+        h,
+        env_start as usize..(env_start + u64::from(h.env_len)) as usize,
+        start as usize..end as usize,
+    ))
 }
 
 #[cfg(test)]
