@@ -68,3 +68,7 @@ pub use spool::{
     commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, Committed, PendingWrite,
     Recovered, RecoveredMessage, ShardSpool, SpoolOptions,
 };
+pub mod client;
+pub mod dsn;
+pub mod maildir;
+pub mod route;
