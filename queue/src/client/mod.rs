@@ -312,7 +312,11 @@ impl AsyncRead for Io {
 }
 
 impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
@@ -371,7 +375,9 @@ async fn timed<F: Future>(d: Duration, f: F) -> Option<F::Output> {
 /// Opens a connection: TCP, greeting, EHLO, STARTTLS per policy, EHLO again, AUTH.
 pub async fn connect(addr: SocketAddr, opts: &ClientOptions) -> Result<Connection, ClientError> {
     if opts.helo.is_empty() || opts.helo.bytes().any(|b| b <= b' ' || b == 0x7f) {
-        return Err(ClientError::InvalidOption("helo must be a non-empty name without spaces or controls"));
+        return Err(ClientError::InvalidOption(
+            "helo must be a non-empty name without spaces or controls",
+        ));
     }
     let t = opts.timeouts;
     let stream = match TcpStream::connect_timeout(addr, t.connect).await {
@@ -629,7 +635,6 @@ impl Connection {
                 });
             }
         }
-        self.used = true;
         let plan = match transaction::plan(env, rcpts, body.len(), &self.ext) {
             Ok(p) => p,
             Err(reply) => {
@@ -648,6 +653,8 @@ impl Connection {
             return Ok(results);
         }
         let mut accepted: Vec<usize> = Vec::with_capacity(plan.rcpts.len());
+        // From here on the server has seen this transaction: RSET before the next one.
+        self.used = true;
         let data_reply = if self.ext.pipelining {
             // RFC 2920: MAIL, every RCPT and DATA in one write; replies come in order.
             let mut batch = plan.mail.clone();
@@ -694,7 +701,8 @@ impl Connection {
             }
             data
         } else {
-            self.write(Stage::Mail, t.mail, plan.mail.as_bytes()).await?;
+            self.write(Stage::Mail, t.mail, plan.mail.as_bytes())
+                .await?;
             let mail = self.read_reply(Stage::Mail, t.mail).await?;
             no_intermediate(Stage::Mail, &mail)?;
             if !mail.is_positive() {
@@ -841,7 +849,12 @@ impl Connection {
     }
 }
 
-async fn write_timed(io: &mut Io, stage: Stage, d: Duration, bytes: &[u8]) -> Result<(), ClientError> {
+async fn write_timed(
+    io: &mut Io,
+    stage: Stage,
+    d: Duration,
+    bytes: &[u8],
+) -> Result<(), ClientError> {
     match timed(d, io.write_all(bytes)).await {
         None => Err(ClientError::Timeout(stage)),
         Some(Err(source)) => Err(ClientError::Io { stage, source }),

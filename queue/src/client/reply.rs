@@ -228,7 +228,10 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(n, 45);
-        assert_eq!(r.lines().collect::<Vec<_>>(), ["mx.example", "PIPELINING", "SIZE 10"]);
+        assert_eq!(
+            r.lines().collect::<Vec<_>>(),
+            ["mx.example", "PIPELINING", "SIZE 10"]
+        );
         assert_eq!(parse_reply(b"250-a\r\n250 b").unwrap(), None);
         assert_eq!(parse_reply(b"").unwrap(), None);
         let (r, _) = parse_reply(b"354\r\n").unwrap().unwrap();

@@ -172,7 +172,11 @@ pub fn plan(
         if !safe_address(&r.addr) {
             plan.refused.push((
                 i,
-                Reply::local(553, (5, 1, 3), "recipient address contains control characters"),
+                Reply::local(
+                    553,
+                    (5, 1, 3),
+                    "recipient address contains control characters",
+                ),
             ));
             continue;
         }
@@ -202,7 +206,8 @@ fn rcpt_command(r: &Recipient, ext: &Extensions) -> String {
         if let Some(orcpt) = &r.orcpt {
             // Stored as "type;decoded-address": re-encode the address part.
             if let Some((kind, addr)) = orcpt.split_once(';') {
-                if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                if !kind.is_empty() && kind.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                {
                     cmd.push_str(" ORCPT=");
                     cmd.push_str(kind);
                     cmd.push(';');
@@ -219,7 +224,8 @@ fn rcpt_command(r: &Recipient, ext: &Extensions) -> String {
 /// outside quotes is the engine's business; here we only make sure the line cannot end
 /// early or be split.
 fn safe_address(a: &str) -> bool {
-    !a.bytes().any(|b| b < 0x20 || b == 0x7f || b == b'<' || b == b'>')
+    !a.bytes()
+        .any(|b| b < 0x20 || b == 0x7f || b == b'<' || b == b'>')
 }
 
 /// RFC 3461 §4 xtext: `+HH` for '+', '=', and everything outside 33..=126.
@@ -370,7 +376,10 @@ mod tests {
         assert_eq!(stuff(b""), b".\r\n");
         assert_eq!(stuff(b"a\r\n"), b"a\r\n.\r\n");
         assert_eq!(stuff(b"a"), b"a\r\n.\r\n");
-        assert_eq!(stuff(b".a\r\n.\r\n..\r\nb.\r\n"), b"..a\r\n..\r\n...\r\nb.\r\n.\r\n");
+        assert_eq!(
+            stuff(b".a\r\n.\r\n..\r\nb.\r\n"),
+            b"..a\r\n..\r\n...\r\nb.\r\n.\r\n"
+        );
         assert_eq!(stuff(b"a\nb\r\n"), b"a\r\nb\r\n.\r\n");
         assert_eq!(stuff(b"a\n.\n"), b"a\r\n..\r\n.\r\n");
         assert_eq!(stuff(b"\n\n"), b"\r\n\r\n.\r\n");
