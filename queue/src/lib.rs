@@ -50,11 +50,15 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod client;
+pub mod dsn;
 pub mod envelope;
 pub mod error;
 pub mod id;
+pub mod maildir;
 pub mod record;
 pub mod recovery;
+pub mod route;
 pub mod segment;
 pub mod spool;
 
@@ -68,7 +72,3 @@ pub use spool::{
     commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, Committed, PendingWrite,
     Recovered, RecoveredMessage, ShardSpool, SpoolOptions,
 };
-pub mod client;
-pub mod dsn;
-pub mod maildir;
-pub mod route;
