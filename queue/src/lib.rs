@@ -62,11 +62,15 @@
 //! ```
 
 pub mod commit;
+pub mod client;
+pub mod dsn;
 pub mod envelope;
 pub mod error;
 pub mod id;
+pub mod maildir;
 pub mod record;
 pub mod recovery;
+pub mod route;
 pub mod segment;
 pub mod spool;
 pub mod state;

@@ -1,0 +1,198 @@
+//! Local delivery into a Maildir (the qmail maildir(5) convention).
+//!
+//! Owns: creating `tmp/`, `new/`, `cur/` (mode 0700) when missing, writing one message per
+//! recipient to `tmp/` under a unique name with `Return-Path:` and `Delivered-To:`
+//! prepended, making it durable (fsync of the file, rename into `new/`, fsync of `new/`),
+//! and cleaning up `tmp/` when any step fails.
+//! Must never: overwrite an existing file (O_EXCL), leave a partial message in `new/`
+//! (the rename is the commit point), or run on a shard thread (these are blocking
+//! syscalls: the runner calls [`deliver`] through `spawn_blocking`).
+//!
+//! The message is stored with the CRLF line endings it arrived with; the two added header
+//! lines use CRLF too, so the file is consistent (Dovecot and mutt read either).
+
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::envelope::Envelope;
+
+/// What went wrong, and where.
+#[derive(Debug, thiserror::Error)]
+pub enum MaildirError {
+    #[error("recipient index {0} out of range")]
+    BadRecipient(usize),
+    /// A CR, LF or other control in an address would corrupt the added headers.
+    #[error("address {0:?} cannot be written into a header")]
+    BadAddress(String),
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot sync {path}: {source}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot move {from} to {to}: {source}")]
+    Rename {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MaildirError {
+    /// Out of space or quota: worth retrying later rather than bouncing.
+    pub fn is_no_space(&self) -> bool {
+        let src = match self {
+            MaildirError::CreateDir { source, .. }
+            | MaildirError::Write { source, .. }
+            | MaildirError::Sync { source, .. }
+            | MaildirError::Rename { source, .. } => source,
+            _ => return false,
+        };
+        matches!(src.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+    }
+}
+
+/// Per-process sequence for unique names.
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Delivers `body` for recipient `rcpt` of `env` into `maildir`; returns the path in `new/`.
+pub fn deliver(
+    maildir: &Path,
+    env: &Envelope,
+    rcpt: usize,
+    body: &[u8],
+    hostname: &str,
+) -> Result<PathBuf, MaildirError> {
+    let r = env
+        .recipients
+        .get(rcpt)
+        .ok_or(MaildirError::BadRecipient(rcpt))?;
+    for a in [&env.sender, &r.addr] {
+        if a.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(MaildirError::BadAddress(a.clone()));
+        }
+    }
+    ensure_dirs(maildir)?;
+
+    let name = unique_name(hostname);
+    let tmp = maildir.join("tmp").join(&name);
+    let new = maildir.join("new").join(&name);
+    let header = format!(
+        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+        env.sender, r.addr
+    );
+
+    let result = write_file(&tmp, header.as_bytes(), body).and_then(|()| {
+        // maildir(5): the rename is the moment of delivery. The name is unique, so
+        // rename cannot replace another message (link()+unlink() is the classic way to
+        // be sure; with our unique names rename is enough and works on more filesystems).
+        std::fs::rename(&tmp, &new).map_err(|source| MaildirError::Rename {
+            from: tmp.clone(),
+            to: new.clone(),
+            source,
+        })
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_dir(&maildir.join("new"))?;
+    Ok(new)
+}
+
+fn write_file(path: &Path, header: &[u8], body: &[u8]) -> Result<(), MaildirError> {
+    let werr = |source| MaildirError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(werr)?;
+    f.write_all(header).map_err(werr)?;
+    f.write_all(body).map_err(werr)?;
+    f.sync_all().map_err(|source| MaildirError::Sync {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn ensure_dirs(maildir: &Path) -> Result<(), MaildirError> {
+    let mut created = false;
+    for sub in ["", "tmp", "new", "cur"] {
+        let p = maildir.join(sub);
+        if p.is_dir() {
+            continue;
+        }
+        match DirBuilder::new().recursive(true).mode(0o700).create(&p) {
+            Ok(()) => created = true,
+            Err(source) if source.kind() == io::ErrorKind::AlreadyExists && p.is_dir() => {}
+            Err(source) => return Err(MaildirError::CreateDir { path: p, source }),
+        }
+    }
+    if created {
+        // Make the new directories themselves durable before a message depends on them.
+        sync_dir(maildir)?;
+        if let Some(parent) = maildir.parent() {
+            let _ = sync_dir(parent);
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), MaildirError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| MaildirError::Sync {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// `secs.MusecPpidQseq.host` (the Maildir++/Dovecot style of maildir(5) unique names);
+/// '/' and ':' in the host name are written as `\057` and `\072`.
+fn unique_name(hostname: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let mut host = String::with_capacity(hostname.len());
+    for c in hostname.chars() {
+        match c {
+            '/' => host.push_str("\\057"),
+            ':' => host.push_str("\\072"),
+            c if c.is_control() => host.push('_'),
+            c => host.push(c),
+        }
+    }
+    if host.is_empty() {
+        host.push_str("localhost");
+    }
+    format!(
+        "{}.M{}P{}Q{}.{}",
+        now.as_secs(),
+        now.subsec_micros(),
+        std::process::id(),
+        seq,
+        host
+    )
+}
