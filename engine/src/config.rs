@@ -45,6 +45,7 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub relay: RelayConfig,
     pub auth: AuthConfig,
+    pub queue: QueueConfig,
     pub shutdown: ShutdownConfig,
     pub executor: ExecutorConfig,
     pub log: LogConfig,
@@ -175,6 +176,61 @@ impl AuthConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct QueueConfig {
+    /// First retry after a temporary failure (sendmail's -q15m); doubles per attempt.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// Upper bound of the retry backoff.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_interval: Duration,
+    /// After this long in the queue, a message is bounced (4.4.7).
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Send a delay DSN to senders who asked (NOTIFY=DELAY) after this long; "0s" = never.
+    #[serde(with = "humantime_serde")]
+    pub delay_warning: Duration,
+    /// Deliveries in flight at once, per shard.
+    pub concurrency: usize,
+    /// Queued messages (all shards together) above which new mail gets 452 4.3.1.
+    pub high_water_messages: usize,
+    /// Smarthost for everything without a static route: "host", "host:port" or "[host]:port".
+    pub relayhost: String,
+    /// Static routes by recipient domain ("*" = default): "maildir:/path", "smtp:[host]:port".
+    pub routes: std::collections::BTreeMap<String, String>,
+    /// Outbound STARTTLS: "opportunistic", "required" or "never".
+    pub starttls: String,
+    /// Verify next hops' certificates (off by default: opportunistic TLS, as Postfix's "may").
+    pub tls_verify: bool,
+    /// Outbound connect timeout (RFC 5321 §4.5.3.2 timeouts apply to the rest).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Scale for the RFC 5321 §4.5.3.2 command timeouts (5 min greeting/MAIL/RCPT, 10 min
+    /// final dot): the maximum any single reply may take.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            retry_interval: Duration::from_secs(15 * 60),
+            max_retry_interval: Duration::from_secs(4 * 3600),
+            max_age: Duration::from_secs(5 * 86400),
+            delay_warning: Duration::from_secs(4 * 3600),
+            concurrency: 64,
+            high_water_messages: 2_000_000,
+            relayhost: String::new(),
+            routes: Default::default(),
+            starttls: "opportunistic".into(),
+            tls_verify: false,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
     /// How long sessions in the middle of a transaction may go on after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
@@ -213,6 +269,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             relay: RelayConfig::default(),
             auth: AuthConfig::default(),
+            queue: QueueConfig::default(),
             shutdown: ShutdownConfig::default(),
             executor: ExecutorConfig::default(),
             log: LogConfig::default(),
@@ -385,6 +442,20 @@ impl Config {
                 "log.format: expected \"text\" or \"json\", got {:?}",
                 self.log.format
             )));
+        }
+        if !matches!(
+            self.queue.starttls.as_str(),
+            "opportunistic" | "required" | "never"
+        ) {
+            return Err(ConfigError::Invalid(format!(
+                "queue.starttls: expected opportunistic, required or never, got {:?}",
+                self.queue.starttls
+            )));
+        }
+        if self.queue.concurrency == 0 || self.queue.high_water_messages == 0 {
+            return Err(ConfigError::Invalid(
+                "queue.concurrency and queue.high_water_messages must be positive".into(),
+            ));
         }
         if self.auth.ip_failure_limit == 0 {
             return Err(ConfigError::Invalid(

@@ -55,6 +55,10 @@ local_domains = ["localhost", "demo.test"]
 [auth]
 users = "{d}/users.db"
 require_on = ["submission", "smtps"]
+[queue]
+retry_interval = "1m"
+[queue.routes]
+"*" = "maildir:{d}/maildir"
 "#
     )
 }
@@ -62,6 +66,12 @@ require_on = ["submission", "smtps"]
 /// Creates the demo directory, its certificate, and the configuration.
 pub fn prepare(dir: &Path, sets: &[String]) -> Result<Prepared, DemoError> {
     std::fs::create_dir_all(dir).map_err(|source| DemoError::Dir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    // Absolute paths: routes (maildir:) require them, and the banner is then copy-pastable
+    // from any directory.
+    let dir = &dir.canonicalize().map_err(|source| DemoError::Dir {
         path: dir.to_path_buf(),
         source,
     })?;
@@ -137,7 +147,11 @@ pub fn print_banner(dir: &Path, ready: &Ready) {
         println!("Or with curl over implicit TLS:");
         println!("  printf 'Subject: hello\\r\\n\\r\\nhi\\r\\n' | curl -k --url smtps://{a} --user {DEMO_USER}:{DEMO_PASSWORD} --mail-from {DEMO_USER}@localhost --mail-rcpt friend@example.net --upload-file -");
     }
-    println!("Then list the queue:");
+    println!(
+        "Every message, local or relayed, is delivered into the Maildir {}/maildir/new/",
+        dir.display()
+    );
+    println!("Messages still waiting are listed with:");
     println!("  tern queue list --spool {}/spool", dir.display());
     println!("Stop with Ctrl-C.");
 }

@@ -12,6 +12,7 @@
 //! - `sasl`: the AUTH mechanisms (sans-I/O server steps) and the per-shard nonce cache;
 //!   `users`: the sasldb-style store of derived secrets and `tern passwd`.
 //! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
+//! - `delivery`: `[queue]` settings for the shard's queue runner (`tern_queue::runner`).
 //! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
 //!   message gets its 250 only after its record is fdatasync'ed.
 //!
@@ -21,6 +22,7 @@
 pub mod anvil;
 pub mod config;
 pub mod conn;
+pub mod delivery;
 pub mod demo;
 pub mod features;
 pub mod notify;

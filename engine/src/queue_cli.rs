@@ -18,17 +18,22 @@ pub enum QueueCmd {
         /// One JSON object per line instead of columns.
         #[arg(long)]
         json: bool,
+        /// Also list messages that are completely delivered or bounced (until their
+        /// segment is recycled), with every recipient's state.
+        #[arg(long)]
+        all: bool,
     },
 }
 
 pub fn run(cmd: QueueCmd) -> ExitCode {
     match cmd {
-        QueueCmd::List { spool, json } => list(&spool, json),
+        QueueCmd::List { spool, json, all } => list(&spool, json, all),
     }
 }
 
-fn list(spool: &std::path::Path, json: bool) -> ExitCode {
-    let msgs = match tern_queue::scan_spool(spool) {
+fn list(spool: &std::path::Path, json: bool, all: bool) -> ExitCode {
+    use tern_queue::RcptState;
+    let msgs = match tern_queue::scan_spool_with_state(spool) {
         Ok(m) => m,
         Err(e) => {
             eprintln!("tern queue list: {}: {e}", spool.display());
@@ -45,10 +50,26 @@ fn list(spool: &std::path::Path, json: bool) -> ExitCode {
             "ID", "SIZE", "AGE", "SENDER"
         );
     }
-    for m in &msgs {
+    let mut shown = 0;
+    for (m, states) in &msgs {
         let e = &m.envelope;
+        let pending = states.iter().filter(|s| **s == RcptState::Pending).count();
+        if pending == 0 && !all {
+            continue;
+        }
+        shown += 1;
         let age = now.saturating_sub(e.arrival_unix_micros) / 1_000_000;
-        let rcpts: Vec<&str> = e.recipients.iter().map(|r| r.addr.as_str()).collect();
+        let rcpts: Vec<String> = e
+            .recipients
+            .iter()
+            .zip(states)
+            .filter(|(_, s)| all || **s == RcptState::Pending)
+            .map(|(r, s)| match (all, s) {
+                (true, RcptState::Delivered) => format!("{} (delivered)", r.addr),
+                (true, RcptState::Failed) => format!("{} (failed)", r.addr),
+                _ => r.addr.clone(),
+            })
+            .collect();
         let sender = if e.sender.is_empty() {
             "<>"
         } else {
@@ -79,7 +100,7 @@ fn list(spool: &std::path::Path, json: bool) -> ExitCode {
         }
     }
     if !json {
-        println!("-- {} message(s)", msgs.len());
+        println!("-- {shown} message(s)");
     }
     ExitCode::SUCCESS
 }

@@ -408,27 +408,37 @@ async fn shard_main(
     };
     type ShardListeners = Vec<(Rc<ListenerCtx>, TcpListener)>;
     let setup = || -> Result<(Rc<Shard>, ShardListeners, Rc<AuthShared>), String> {
-        let (spool, recovered) = tern_queue::ShardSpool::open(
+        // The queue index keeps envelopes on disk: recover only what is still to deliver.
+        let (spool, recovered) = tern_queue::ShardSpool::open_with(
             &cfg.spool.dir,
             id as u16,
             tern_queue::SpoolOptions {
                 segment_size: cfg.spool.segment_size,
             },
+            tern_queue::spool::Listing::QueueOnly,
         )
         .map_err(|e| format!("spool: {e}"))?;
         tracing::info!(
             shard = id,
-            messages = recovered.messages.len(),
+            queued = recovered.queue.len(),
+            finished = recovered.finished,
             segments = recovered.segments,
+            segments_deleted = recovered.segments_deleted,
             torn_tails_cut = recovered.torn_tails_cut,
             corrupt_skipped = recovered.corrupt_skipped,
             "spool recovered"
         );
+        let commit = tern_queue::GroupCommit::new(spool);
+        let runner_cfg = crate::delivery::runner_config(&cfg, cfg.shard_count())
+            .map_err(|e| format!("queue: {e}"))?;
+        let runner =
+            tern_queue::runner::Runner::new(id as u16, runner_cfg, commit.clone(), recovered.queue);
+        glommio::spawn_local(runner.clone().run()).detach();
         let tls_cfg = tls::server_config(&identity, ticketer).map_err(|e| e.to_string())?;
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
             id,
-            store: ShardStore::new(tern_queue::GroupCommit::new(spool), &cfg.hostname),
+            store: ShardStore::new(commit, &cfg.hostname, runner, id as u16),
             stopping: LocalNotify::new(),
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,
@@ -523,6 +533,7 @@ async fn shard_main(
 
     let _ = stop_rx.await;
     shard.stopping.fire();
+    shard.store.runner().stop();
     // Sessions finish their transaction (bounded by the grace period) and close.
     while shard.connections.get() > 0 {
         glommio::timer::sleep(Duration::from_millis(20)).await;

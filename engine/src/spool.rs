@@ -7,7 +7,8 @@
 //!
 //! Must never: answer before the commit returned, or hold the spool borrowed across an await.
 
-use tern_queue::{GroupCommit, SpoolError};
+use tern_queue::runner::Runner;
+use tern_queue::{GroupCommit, MsgRef, SpoolError};
 
 use crate::session::{Message, StoreError};
 
@@ -16,6 +17,8 @@ use crate::session::{Message, StoreError};
 pub struct ShardStore {
     commit: GroupCommit,
     hostname: std::rc::Rc<str>,
+    runner: std::rc::Rc<Runner>,
+    shard: u16,
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
@@ -27,11 +30,23 @@ fn map_err(e: &SpoolError) -> StoreError {
 }
 
 impl ShardStore {
-    pub fn new(commit: GroupCommit, hostname: &str) -> Self {
+    pub fn new(
+        commit: GroupCommit,
+        hostname: &str,
+        runner: std::rc::Rc<Runner>,
+        shard: u16,
+    ) -> Self {
         ShardStore {
             commit,
             hostname: hostname.into(),
+            runner,
+            shard,
         }
+    }
+
+    /// The shard's queue runner.
+    pub fn runner(&self) -> &std::rc::Rc<Runner> {
+        &self.runner
     }
 
     /// The shard's group committer (shared with the queue runner).
@@ -41,6 +56,15 @@ impl ShardStore {
 
     /// Makes `msg` durable and returns its queue id.
     pub async fn store(&self, msg: &mut Message) -> Result<String, StoreError> {
+        // Backpressure: past the high-water mark new mail waits (452 4.3.1) until the
+        // queue drains; what is queued stays bounded.
+        if self.runner.over_high_water() {
+            tracing::warn!(
+                queued = self.runner.len(),
+                "queue above its high-water mark: deferring new mail"
+            );
+            return Err(StoreError::Full);
+        }
         let prepared = self.commit.with_spool(|spool| {
             let id = spool.id_gen().next();
             msg.finish(&self.hostname, &id);
@@ -54,7 +78,20 @@ impl ShardStore {
             }
         };
         match self.commit.commit(write).await {
-            Ok(c) => Ok(c.id),
+            Ok(c) => {
+                // Durable: hand it to the runner, which tries it right away.
+                self.runner.enqueue(
+                    MsgRef {
+                        shard: self.shard,
+                        segment: c.segment,
+                        offset: c.offset,
+                    },
+                    &c.id,
+                    msg.envelope.arrival_unix_micros,
+                    msg.envelope.recipients.len(),
+                );
+                Ok(c.id)
+            }
             Err(e) => {
                 tracing::error!(id = %msg.envelope.id, error = %e, "spool commit failed");
                 Err(map_err(&e))

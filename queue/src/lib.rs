@@ -61,8 +61,9 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-pub mod commit;
 pub mod client;
+pub mod commit;
+mod deliver;
 pub mod dsn;
 pub mod envelope;
 pub mod error;
@@ -71,6 +72,7 @@ pub mod maildir;
 pub mod record;
 pub mod recovery;
 pub mod route;
+pub mod runner;
 pub mod segment;
 pub mod spool;
 pub mod state;
@@ -83,8 +85,9 @@ pub use envelope::{
 pub use error::SpoolError;
 pub use id::{encode_queue_id, parse_queue_id, QueueIdGen};
 pub use spool::{
-    commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, BodyRef, Committed,
-    Listing, PendingWrite, Recovered, RecoveredMessage, SegmentInfo, ShardSpool, SpoolOptions,
+    commit_batch, commit_batch_unsynced_for_bench, read_body, scan_spool, scan_spool_with_state,
+    BodyRef, Committed, Listing, PendingWrite, Recovered, RecoveredMessage, SegmentInfo,
+    ShardSpool, SpoolOptions,
 };
 pub use state::{
     MsgId, MsgRef, QueuedMessage, RcptState, RcptStates, StateChange, MAX_ID_LEN, MAX_REPLY_LEN,

@@ -1046,6 +1046,18 @@ fn write_one(pw: &mut PendingWrite) -> Result<(), SpoolError> {
 /// `tern queue list --spool DIR`). Takes no lock and never modifies a file: torn tails
 /// and corrupt records are logged and left alone.
 pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
+    Ok(scan_spool_with_state(dir)?
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect())
+}
+
+/// Like [`scan_spool`], with each message's recipient states after applying every state
+/// record found (in segment order, as recovery does). A message whose recipients are all
+/// final is finished: `tern queue list` leaves it out unless asked for everything.
+pub fn scan_spool_with_state(
+    dir: &Path,
+) -> Result<Vec<(RecoveredMessage, Vec<crate::state::RcptState>)>, SpoolError> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| SpoolError::io(format!("listing {}", dir.display()), e))?;
     let mut shards = Vec::new();
@@ -1056,7 +1068,9 @@ pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
         }
     }
     shards.sort_by_key(|(s, _)| *s);
-    let mut out = Vec::new();
+    let mut out: Vec<(RecoveredMessage, Vec<crate::state::RcptState>)> = Vec::new();
+    let mut at: std::collections::HashMap<(u16, u64, u64), usize> =
+        std::collections::HashMap::new();
     for (shard, sdir) in shards {
         for (number, path) in list_segments(&sdir)? {
             let file = std::fs::File::open(&path)
@@ -1074,16 +1088,37 @@ pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
                 tracing::warn!(path = %path.display(), offset = t.start, reason = %t.reason,
                     "torn tail (left in place; the owning shard cuts it when it opens)");
             }
-            out.extend(scan.records.into_iter().filter_map(|r| match r.payload {
-                Payload::Message(envelope) => Some(RecoveredMessage {
-                    body_len: r.header.body_len,
-                    envelope,
-                    segment: number,
-                    offset: r.offset,
-                    shard,
-                }),
-                Payload::State(_) => None,
-            }));
+            for r in scan.records {
+                match r.payload {
+                    Payload::Message(envelope) => {
+                        let n = envelope.recipients.len();
+                        at.insert((shard, number, r.offset), out.len());
+                        out.push((
+                            RecoveredMessage {
+                                body_len: r.header.body_len,
+                                envelope,
+                                segment: number,
+                                offset: r.offset,
+                                shard,
+                            },
+                            vec![crate::state::RcptState::Pending; n],
+                        ));
+                    }
+                    Payload::State(change) => {
+                        let key = (change.msg.shard, change.msg.segment, change.msg.offset);
+                        if let Some(&i) = at.get(&key) {
+                            let (m, states) = &mut out[i];
+                            if change.id == m.envelope.id.as_str() {
+                                for (rcpt, st) in &change.updates {
+                                    if let Some(slot) = states.get_mut(*rcpt as usize) {
+                                        *slot = *st;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
     Ok(out)

@@ -40,11 +40,14 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Settings every test server gets (before the test's own, which override them): small
-/// io_uring rings so many servers in parallel do not exhaust locked memory, and two shards
-/// whatever the machine's core count.
+/// io_uring rings so many servers in parallel do not exhaust locked memory, two shards
+/// whatever the machine's core count, and a next hop that refuses connections, so that
+/// accepted mail stays queued (deferred) where the protocol tests inspect it. Delivery
+/// tests set their own routes.
 const DEFAULT_SETS: &[&str] = &[
     "executor.ring_depth=64",
     "shards=2",
+    r#"queue.routes={"*"="smtp:[127.0.0.1]:9"}"#,
     r#"listeners.smtp=["127.0.0.1:0"]"#,
     r#"listeners.submission=["127.0.0.1:0"]"#,
     r#"listeners.smtps=["127.0.0.1:0"]"#,

@@ -1,0 +1,54 @@
+//! Wiring of the queue runner: the `[queue]` configuration turned into the runner's and
+//! the outbound client's settings.
+//!
+//! The runner itself (scheduling, delivery, DSN) lives in `tern_queue::runner`; this
+//! module only translates configuration. It must never hold state.
+
+use tern_queue::client::{ClientOptions, StarttlsPolicy, Timeouts};
+use tern_queue::route::Router;
+use tern_queue::runner::RunnerConfig;
+
+use crate::config::Config;
+
+/// Builds one shard's runner settings. `shards` divides the queue-wide limits.
+pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String> {
+    let q = &cfg.queue;
+    let relayhost = (!q.relayhost.is_empty()).then_some(q.relayhost.as_str());
+    let router = Router::from_config(
+        relayhost,
+        q.routes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut client = ClientOptions::new(cfg.hostname.clone());
+    client.starttls = match q.starttls.as_str() {
+        "required" => StarttlsPolicy::Required,
+        "never" => StarttlsPolicy::Never,
+        _ => StarttlsPolicy::Opportunistic,
+    };
+    client.verify_certs = q.tls_verify;
+    // RFC 5321 §4.5.3.2 timeouts, capped by command_timeout (tests shorten it).
+    let d = Timeouts::default();
+    let cap = |x: std::time::Duration| x.min(q.command_timeout);
+    client.timeouts = Timeouts {
+        connect: q.connect_timeout,
+        greeting: cap(d.greeting),
+        helo: cap(d.helo),
+        mail: cap(d.mail),
+        rcpt: cap(d.rcpt),
+        data_init: cap(d.data_init),
+        data_block: cap(d.data_block),
+        data_final: cap(d.data_final).max(q.command_timeout),
+        tls_handshake: cap(d.tls_handshake),
+    };
+    Ok(RunnerConfig {
+        hostname: cfg.hostname.clone(),
+        retry_interval: q.retry_interval,
+        max_retry_interval: q.max_retry_interval.max(q.retry_interval),
+        max_age: q.max_age,
+        delay_warning: (!q.delay_warning.is_zero()).then_some(q.delay_warning),
+        concurrency: q.concurrency,
+        high_water_messages: (q.high_water_messages / shards.max(1)).max(1),
+        router,
+        client,
+    })
+}

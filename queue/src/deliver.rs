@@ -1,0 +1,192 @@
+//! One delivery attempt to one destination, for the runner: maildir or SMTP, with the
+//! per-recipient outcome mapped to delivered / failed / deferred.
+//!
+//! Owns the policy of turning client results into outcomes: a 2xx is delivered, a 5xx is
+//! a permanent failure, a 4xx, a connection failure or a local error is deferred. Tries
+//! each address of each host in order until one answers. Must never turn a connection
+//! problem into a bounce, or block the shard (maildir writes and name resolution run on
+//! the blocking thread).
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+
+use crate::client::{connect, ClientError, Reply};
+use crate::dsn::{DsnKind, DsnStatus};
+use crate::route::{self, Destination};
+use crate::runner::{Outcome, RunnerConfig};
+use crate::Envelope;
+
+/// Delivers recipients `idx` of `env` to `dest`.
+pub(crate) async fn to_destination(
+    cfg: &RunnerConfig,
+    dest: &Destination,
+    env: &Envelope,
+    body: &Bytes,
+    idx: &[usize],
+) -> Vec<(usize, Outcome)> {
+    match dest {
+        Destination::Maildir(path) => to_maildir(cfg, path, env, body, idx).await,
+        Destination::Smtp { host, port, mx, .. } => {
+            let hosts = if *mx {
+                match route::mx_hosts(host).await {
+                    Ok(h) if !h.is_empty() => h,
+                    _ => vec![host.clone()],
+                }
+            } else {
+                vec![host.clone()]
+            };
+            to_smtp(cfg, &hosts, *port, env, body, idx).await
+        }
+        Destination::Mx(domain) => {
+            // XXX: MX lookup is not built yet (route::mx_hosts); fall back to the
+            // domain's own addresses, which is RFC 5321 §5.1's implicit MX.
+            let hosts = match route::mx_hosts(domain).await {
+                Ok(h) if !h.is_empty() => h,
+                _ => vec![domain.clone()],
+            };
+            to_smtp(cfg, &hosts, 25, env, body, idx).await
+        }
+    }
+}
+
+async fn to_maildir(
+    cfg: &RunnerConfig,
+    path: &std::path::Path,
+    env: &Envelope,
+    body: &Bytes,
+    idx: &[usize],
+) -> Vec<(usize, Outcome)> {
+    let env = Arc::new(env.clone());
+    let body = body.clone();
+    let path = path.to_path_buf();
+    let hostname = cfg.hostname.clone();
+    let idx_owned = idx.to_vec();
+    let results = glommio::executor()
+        .spawn_blocking(move || {
+            // glommio reads an uninitialised result if the closure panics.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                idx_owned
+                    .iter()
+                    .map(|&i| (i, crate::maildir::deliver(&path, &env, i, &body, &hostname)))
+                    .map(|(i, r)| match r {
+                        Ok(p) => (i, Ok(p.display().to_string())),
+                        Err(e) => (i, Err((e.is_no_space(), e.to_string()))),
+                    })
+                    .collect::<Vec<_>>()
+            }))
+            .unwrap_or_default()
+        })
+        .await;
+    let mut out: Vec<(usize, Outcome)> = results
+        .into_iter()
+        .map(|(i, r)| match r {
+            Ok(p) => (
+                i,
+                Outcome::Delivered(format!("250 2.0.0 delivered to maildir as {p}")),
+            ),
+            Err((true, e)) => (i, Outcome::Deferred(format!("452 4.3.1 maildir full: {e}"))),
+            Err((false, e)) => (i, Outcome::Deferred(format!("451 4.3.0 maildir: {e}"))),
+        })
+        .collect();
+    for &i in idx {
+        if !out.iter().any(|(j, _)| *j == i) {
+            out.push((
+                i,
+                Outcome::Deferred("451 4.3.0 local delivery failed".into()),
+            ));
+        }
+    }
+    out
+}
+
+fn reply_line(r: &Reply) -> String {
+    match r.enhanced_string() {
+        Some(e) => format!("{} {} {}", r.code, e, r.text.replace('\n', " ")),
+        None => format!("{} {}", r.code, r.text.replace('\n', " ")),
+    }
+}
+
+async fn to_smtp(
+    cfg: &RunnerConfig,
+    hosts: &[String],
+    port: u16,
+    env: &Envelope,
+    body: &Bytes,
+    idx: &[usize],
+) -> Vec<(usize, Outcome)> {
+    let mut last_err = String::from("no address to connect to");
+    for host in hosts {
+        let addrs = match route::resolve(host, port).await {
+            Ok(a) => a,
+            Err(e) => {
+                last_err = format!("{host}: {e}");
+                continue;
+            }
+        };
+        for addr in addrs {
+            let mut opts = cfg.client.clone();
+            if opts.server_name.is_none() && host.parse::<std::net::IpAddr>().is_err() {
+                opts.server_name = Some(host.clone());
+            }
+            let mut conn = match connect(addr, &opts).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // A 5xx greeting/HELO means this host will not take mail: try the next.
+                    last_err = format!("{host}[{addr}]: {e}");
+                    continue;
+                }
+            };
+            let result = conn.send(env, idx, body).await;
+            match result {
+                Ok(replies) => {
+                    conn.quit().await;
+                    return replies
+                        .into_iter()
+                        .map(|(i, r)| {
+                            let line = format!("{host}[{addr}] said: {}", reply_line(&r));
+                            let o = if r.is_positive() {
+                                Outcome::Delivered(line)
+                            } else if r.is_permanent() {
+                                Outcome::Failed(r, Some(host.clone()))
+                            } else {
+                                Outcome::Deferred(line)
+                            };
+                            (i, o)
+                        })
+                        .collect();
+                }
+                Err(e) => {
+                    last_err = format!("{host}[{addr}]: {e}");
+                    // Connection-level trouble after connecting: do not try other hosts
+                    // with the same transaction half done elsewhere; defer.
+                    if !matches!(e, ClientError::Connect { .. }) {
+                        return idx
+                            .iter()
+                            .map(|&i| (i, Outcome::Deferred(last_err.clone())))
+                            .collect();
+                    }
+                }
+            }
+        }
+    }
+    idx.iter()
+        .map(|&i| (i, Outcome::Deferred(last_err.clone())))
+        .collect()
+}
+
+/// The RFC 3464 report for `failed`, or None when nobody asked for one.
+pub(crate) fn build_dsn(
+    hostname: &str,
+    env: &Envelope,
+    failed: &[(usize, Reply, Option<String>)],
+    kind: DsnKind,
+    original: &[u8],
+) -> Option<Vec<u8>> {
+    let statuses: Vec<(usize, DsnStatus)> = failed
+        .iter()
+        .map(|(i, r, mta)| (*i, DsnStatus::from_reply(r, mta.clone())))
+        .collect();
+    crate::dsn::bounce(hostname, env, &statuses, kind, original, SystemTime::now())
+}
