@@ -1,0 +1,238 @@
+//! 06: store and forward: one tern relays to another (the "next hop"), which delivers
+//! into a Maildir. Covers per-recipient 2xx/5xx handling, a bounce (RFC 3464) back to the
+//! sender, no bounce for a null sender, and a retry after the next hop was down.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tern_tests::Server;
+
+/// Files in `dir/maildir/new`, as (name, content).
+fn maildir(dir: &Path) -> Vec<(String, String)> {
+    let new = dir.join("maildir").join("new");
+    let mut v: Vec<(String, String)> = std::fs::read_dir(&new)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
+                            .into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// The next hop: a tern whose local domains are demo.test and localhost, delivering
+/// everything it accepts into its Maildir. Everything else is "Relaying denied" (5xx).
+struct Hop {
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Hop {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+fn next_hop(port: Option<u16>) -> Hop {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = match port {
+        Some(p) => format!(r#"listeners.smtp=["127.0.0.1:{p}"]"#),
+        None => r#"listeners.smtp=["127.0.0.1:0"]"#.to_string(),
+    };
+    let route = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir.path().display()
+    );
+    let server = Server::start(Some(dir.path()), &[&smtp, &route]);
+    Hop { server, _dir: dir }
+}
+
+/// The relay: trusts loopback clients to relay anywhere, routes every domain to
+/// `hop_port` and retries quickly.
+fn relay(hop_port: u16) -> Server {
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{hop_port}"}}"#);
+    Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1s",
+        "queue.max_retry_interval=1s",
+        "queue.command_timeout=10s",
+        "queue.connect_timeout=2s",
+    ])
+}
+
+#[test]
+fn relays_to_next_hop_per_recipient_and_bounces_the_refused_one() {
+    let hop = next_hop(None);
+    let relay = relay(hop.smtp.port());
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    // Two recipients the next hop accepts, one it refuses (not its domain): the relay
+    // accepts all three (its client is trusted), then delivers per recipient.
+    let id = c.send_mail(
+        "sender@demo.test",
+        &["a@demo.test", "b@localhost", "nobody@elsewhere.example"],
+        b"Subject: relayed\r\n\r\nline one\r\n.dotted\r\n",
+    );
+    // a@ and b@ arrive at the next hop's Maildir; the bounce for nobody@ goes back to
+    // sender@demo.test, which the next hop also delivers.
+    wait_for(
+        "3 messages at the next hop",
+        Duration::from_secs(20),
+        || maildir(hop.dir()).len() >= 3,
+    );
+    let got = maildir(hop.dir());
+    let delivered: Vec<&String> = got
+        .iter()
+        .map(|(_, c)| c)
+        .filter(|c| c.contains("Subject: relayed"))
+        .collect();
+    assert!(
+        delivered
+            .iter()
+            .any(|c| c.contains("Delivered-To: a@demo.test") && c.contains("\r\n.dotted\r\n")),
+        "{got:?}"
+    );
+    assert!(delivered
+        .iter()
+        .any(|c| c.contains("Delivered-To: b@localhost")));
+    // Both Received: headers are there: the relay's and the next hop's.
+    assert!(
+        delivered[0].matches("Received: from").count() >= 2,
+        "{}",
+        delivered[0]
+    );
+    let bounce = got
+        .iter()
+        .map(|(_, c)| c)
+        .find(|c| c.contains("multipart/report"))
+        .expect("a DSN for the refused recipient");
+    assert!(bounce.contains("Return-Path: <>"), "{bounce}");
+    assert!(bounce.contains("Delivered-To: sender@demo.test"));
+    assert!(bounce.contains("report-type=delivery-status"));
+    assert!(
+        bounce.contains("Final-Recipient: rfc822; nobody@elsewhere.example")
+            || bounce.contains("Final-Recipient: rfc822;nobody@elsewhere.example"),
+        "{bounce}"
+    );
+    assert!(bounce.contains("Action: failed"));
+    assert!(bounce.contains("Status: 5.7.1"), "{bounce}");
+    assert!(bounce.contains("Diagnostic-Code: smtp;"));
+    assert!(
+        bounce.contains("Subject: relayed"),
+        "the original is returned (RET default)"
+    );
+    let _ = id;
+    // Nothing is left in the relay's queue.
+    wait_for("an empty relay queue", Duration::from_secs(10), || {
+        relay.queue_list().is_empty()
+    });
+}
+
+#[test]
+fn null_sender_is_never_bounced() {
+    let hop = next_hop(None);
+    let relay = relay(hop.smtp.port());
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.send_mail(
+        "",
+        &["nobody@elsewhere.example"],
+        b"Subject: dsn\r\n\r\nx\r\n",
+    );
+    wait_for("the relay to finish", Duration::from_secs(15), || {
+        relay.queue_list().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(maildir(hop.dir()).is_empty(), "a bounce to <> was sent");
+}
+
+#[test]
+fn deferred_while_next_hop_is_down_then_delivered() {
+    // Reserve a port for the next hop, then keep it closed for a while.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let relay = relay(port);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    let id = c.send_mail(
+        "s@demo.test",
+        &["a@demo.test"],
+        b"Subject: later\r\n\r\nx\r\n",
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let q = relay.queue_list();
+    assert!(
+        q.iter().any(|e| e.id == id),
+        "deferred message stays queued: {q:?}"
+    );
+    assert!(
+        relay.stderr_log().contains("deferred"),
+        "a deferral is logged"
+    );
+    let hop = next_hop(Some(port));
+    wait_for(
+        "delivery after the next hop came up",
+        Duration::from_secs(20),
+        || !maildir(hop.dir()).is_empty(),
+    );
+    assert!(maildir(hop.dir())[0].1.contains("Subject: later"));
+    wait_for("an empty relay queue", Duration::from_secs(10), || {
+        relay.queue_list().is_empty()
+    });
+}
+
+#[test]
+fn queued_mail_survives_restart_and_is_delivered() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut relay = relay(port);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(c.send_mail(
+            "s@demo.test",
+            &["a@demo.test"],
+            format!("Subject: n{i}\r\n\r\nx\r\n").as_bytes(),
+        ));
+    }
+    drop(c);
+    relay.kill9();
+    let hop = next_hop(Some(port));
+    relay.restart();
+    wait_for(
+        "5 deliveries after restart",
+        Duration::from_secs(20),
+        || maildir(hop.dir()).len() >= 5,
+    );
+    let got = maildir(hop.dir());
+    for i in 0..5 {
+        assert!(got
+            .iter()
+            .any(|(_, c)| c.contains(&format!("Subject: n{i}\r\n"))));
+    }
+}
