@@ -10,6 +10,9 @@
 //! Owns: the counters of the IPs this shard owns, and this shard's copy of the blocks.
 //! Must never: wait on another shard while a client waits, or grow without bound (both maps
 //! are capped; when a cap is hit, expired entries go first, then the oldest half).
+//!
+//! The same mesh carries the one other shard-to-shard message there is: `FlushQueue`,
+//! sent by the shard that received an ETRN so that every shard's runner starts a run.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,6 +30,8 @@ pub enum AnvilMsg {
     Failure(IpAddr),
     /// The owner blocked this IP for this long (from receipt).
     Block(IpAddr, Duration),
+    /// Start a queue run now (ETRN received on another shard).
+    FlushQueue,
 }
 
 pub type Mesh = MeshBuilder<AnvilMsg, Full>;
@@ -49,6 +54,8 @@ pub struct Anvil {
     senders: Option<Senders<AnvilMsg>>,
     counts: RefCell<HashMap<IpAddr, (u32, Instant)>>,
     blocked: RefCell<HashMap<IpAddr, Instant>>,
+    /// What a `FlushQueue` from a peer does on this shard (set once the runner exists).
+    on_flush: RefCell<Option<Box<dyn Fn()>>>,
 }
 
 impl std::fmt::Debug for Anvil {
@@ -67,6 +74,7 @@ impl Anvil {
             senders: None,
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
+            on_flush: RefCell::new(None),
         })
     }
 
@@ -87,6 +95,7 @@ impl Anvil {
             senders: Some(senders),
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
+            on_flush: RefCell::new(None),
         });
         for (_, rx) in receivers.streams() {
             let a = anvil.clone();
@@ -139,6 +148,27 @@ impl Anvil {
         match msg {
             AnvilMsg::Failure(ip) => self.count(ip),
             AnvilMsg::Block(ip, d) => self.block_locally(ip, d),
+            AnvilMsg::FlushQueue => {
+                if let Some(f) = self.on_flush.borrow().as_ref() {
+                    f();
+                }
+            }
+        }
+    }
+
+    /// Sets what a peer's `FlushQueue` does here (the shard's runner flush).
+    pub fn set_on_flush(&self, f: impl Fn() + 'static) {
+        *self.on_flush.borrow_mut() = Some(Box::new(f));
+    }
+
+    /// Asks every other shard to start a queue run (ETRN). One-way, never waits.
+    pub fn broadcast_flush(&self) {
+        if let Some(s) = &self.senders {
+            for peer in 0..self.peers {
+                if peer != self.me {
+                    let _ = s.try_send_to(peer, AnvilMsg::FlushQueue);
+                }
+            }
         }
     }
 

@@ -187,6 +187,14 @@ where
                 session.stored(id.as_deref().map_err(|e| *e), &mut out);
                 continue;
             }
+            Event::Etrn(node) => {
+                // A queue run on every shard: the node's mail may sit on any of them.
+                let n = shard.store.runner().flush();
+                shard.peers.broadcast_flush();
+                tracing::info!(shard = shard.id, node = %node, scheduled_here = n, "ETRN");
+                session.etrn_started(&node, n, &mut out);
+                continue;
+            }
             Event::StartTls => {
                 flush(&mut io, &mut out, shard).await?;
                 return Ok(Outcome::StartTls(io));

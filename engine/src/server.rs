@@ -122,6 +122,8 @@ pub struct Shard {
     pub id: usize,
     pub store: ShardStore,
     pub stopping: LocalNotify,
+    /// The shard-to-shard mesh (failed-AUTH counting, ETRN broadcast).
+    pub peers: Rc<Anvil>,
     pub idle_timeout: Duration,
     pub grace: Duration,
     /// Receive scratch shared by the shard's idle connections (see conn::read_via_scratch).
@@ -434,12 +436,19 @@ async fn shard_main(
         let runner =
             tern_queue::runner::Runner::new(id as u16, runner_cfg, commit.clone(), recovered.queue);
         glommio::spawn_local(runner.clone().run()).detach();
+        {
+            let r = runner.clone();
+            anvil.set_on_flush(move || {
+                r.flush();
+            });
+        }
         let tls_cfg = tls::server_config(&identity, ticketer).map_err(|e| e.to_string())?;
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
             id,
             store: ShardStore::new(commit, &cfg.hostname, runner, id as u16),
             stopping: LocalNotify::new(),
+            peers: anvil.clone(),
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,
             scratch: RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice()),

@@ -56,6 +56,7 @@ fn greeting_ehlo_helo() {
             "CHUNKING",
             "BINARYMIME",
             "SMTPUTF8",
+            "ETRN",
             "HELP",
             "STARTTLS"
         ],
@@ -90,7 +91,8 @@ fn simple_verbs() {
     );
     c.expect("EXPN staff", 502, "5.5.1");
     c.expect("FROBNICATE", 500, "5.5.1");
-    c.expect("ETRN demo.test", 502, "5.5.1");
+    // RFC 1985: nothing is queued for the node.
+    c.expect("ETRN demo.test", 251, "2.0.0");
     c.quit();
 }
 

@@ -236,3 +236,46 @@ fn queued_mail_survives_restart_and_is_delivered() {
             .any(|(_, c)| c.contains(&format!("Subject: n{i}\r\n"))));
     }
 }
+
+#[test]
+fn etrn_starts_a_queue_run() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // A long retry interval: only ETRN can make the second attempt happen in time.
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{port}"}}"#);
+    let relay = Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1h",
+        "queue.connect_timeout=2s",
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.send_mail(
+        "s@demo.test",
+        &["a@demo.test"],
+        b"Subject: etrn\r\n\r\nx\r\n",
+    );
+    wait_for(
+        "the first attempt to be deferred",
+        Duration::from_secs(10),
+        || relay.stderr_log().contains("deferred"),
+    );
+    let hop = next_hop(Some(port));
+    c.expect(
+        "ETRN demo.test",
+        250,
+        "2.0.0 Queuing for node demo.test started",
+    );
+    wait_for("delivery after ETRN", Duration::from_secs(15), || {
+        !maildir(hop.dir()).is_empty()
+    });
+    // Nothing left: a second ETRN says so.
+    wait_for("an empty relay queue", Duration::from_secs(10), || {
+        relay.queue_list().is_empty()
+    });
+    let r = c.cmd("ETRN demo.test");
+    assert!(r.code == 251 || r.code == 250, "{r:?}");
+}

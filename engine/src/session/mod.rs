@@ -118,6 +118,9 @@ pub enum Event {
     StartTls,
     /// Flush the output and close the connection.
     Close,
+    /// ETRN (RFC 1985) for this node: start a queue run, then call `Session::etrn_started`
+    /// with how many messages were scheduled.
+    Etrn(String),
 }
 
 /// A finished message, ready for the spool. `envelope.id` is empty: the spool assigns it.
@@ -610,14 +613,14 @@ impl Session {
                 Some("2.0.0"),
                 &[
                     "This is tern, an ESMTP relay and submission server",
-                    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+                    "Commands: HELO EHLO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH ETRN",
                     "See RFC 5321 and the tern README",
                     "End of HELP info",
                 ],
             ),
             Command::StartTls => return self.starttls(out),
             Command::Auth { mechanism, initial } => self.auth(mechanism, initial, out),
-            Command::Etrn(_) => self.error(out, 502, "5.5.1", "Error: ETRN not supported"),
+            Command::Etrn(node) => return self.etrn(node, out),
         }
         self.closed_event()
     }
@@ -643,6 +646,7 @@ impl Session {
             "CHUNKING",
             "BINARYMIME",
             "SMTPUTF8",
+            "ETRN",
             "HELP",
         ];
         let auth_line;
@@ -909,6 +913,51 @@ impl Session {
                 single_rcpt,
             },
         })))
+    }
+
+    /// RFC 1985: `ETRN domain`, `ETRN @domain` (and subdomains) or `ETRN #queue`.
+    fn etrn(&mut self, node: &str, out: &mut BytesMut) -> Option<Event> {
+        if self.helo.is_none() {
+            self.error(out, 503, "5.5.1", "Error: send HELO/EHLO first");
+            return self.closed_event();
+        }
+        if self.txn.is_some() {
+            self.error(out, 503, "5.5.1", "Error: MAIL transaction in progress");
+            return self.closed_event();
+        }
+        let name = node
+            .strip_prefix('@')
+            .or_else(|| node.strip_prefix('#'))
+            .unwrap_or(node);
+        let valid = !name.is_empty()
+            && name.len() <= 255
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_');
+        if !valid {
+            self.error(out, 501, "5.5.4", "Error: invalid ETRN node name");
+            return self.closed_event();
+        }
+        Some(Event::Etrn(node.to_string()))
+    }
+
+    /// The queue run for an ETRN started: `scheduled` messages were made due now.
+    pub fn etrn_started(&mut self, node: &str, scheduled: usize, out: &mut BytesMut) {
+        if scheduled == 0 {
+            reply::line(
+                out,
+                251,
+                "2.0.0",
+                &format!("OK, no messages waiting for node {node}"),
+            );
+        } else {
+            reply::line(
+                out,
+                250,
+                "2.0.0",
+                &format!("Queuing for node {node} started"),
+            );
+        }
     }
 
     fn auth(&mut self, mechanism: &str, initial: Option<&str>, out: &mut BytesMut) {

@@ -28,6 +28,7 @@ fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Vec<u8>>) {
     loop {
         match s.process(&mut inbuf, &mut out) {
             Event::NeedInput | Event::Close => break,
+            Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
             Event::StartTls => {
                 discard_input(&mut inbuf);
                 break;
@@ -232,5 +233,31 @@ fn helo_rejects_params_and_misc_verbs() {
         c,
         ["250", "555", "252", "214", "214", "214", "214", "502", "250", "555"],
         "{out}"
+    );
+}
+
+#[test]
+fn etrn_needs_ehlo_and_a_valid_node() {
+    let mut s = session();
+    let mut inbuf = BytesMut::from(
+        &b"ETRN example.org\r\nEHLO x\r\nETRN bad/name\r\nETRN @example.org\r\n"[..],
+    );
+    let mut out = BytesMut::new();
+    let ev = loop {
+        match s.process(&mut inbuf, &mut out) {
+            Event::Etrn(node) => break node,
+            Event::NeedInput => panic!("no ETRN event: {}", String::from_utf8_lossy(&out)),
+            _ => {}
+        }
+    };
+    assert_eq!(ev, "@example.org");
+    s.etrn_started(&ev, 3, &mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(text.starts_with("503 5.5.1"), "{text}");
+    assert!(text.contains("250-ETRN\r\n"), "{text}");
+    assert!(text.contains("501 5.5.4"), "{text}");
+    assert!(
+        text.ends_with("250 2.0.0 Queuing for node @example.org started\r\n"),
+        "{text}"
     );
 }
