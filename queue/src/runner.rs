@@ -125,12 +125,13 @@ impl Runner {
     }
 
     /// Whether new mail should be refused for now (452 4.3.1). Hysteresis: once over the
-    /// mark, the shard accepts again only below 90% of it.
+    /// mark, the shard accepts again only at or below 90% of it (at least one less).
     pub fn over_high_water(&self) -> bool {
         let n = self.len();
         let mark = self.cfg.high_water_messages;
+        let low = mark.saturating_sub((mark / 10).max(1));
         let over = if self.over_water.get() {
-            n >= mark / 10 * 9
+            n > low
         } else {
             n >= mark
         };

@@ -1,0 +1,236 @@
+//! 08: crash safety and backpressure.
+//!
+//! - 1,000 messages are sent by four clients while the relay is killed with SIGKILL at
+//!   random moments (three rounds, during accept and during delivery to the next hop)
+//!   and restarted on the same spool. Every message that got a 250 must arrive at the
+//!   next hop (lost: 0); duplicates (at-least-once delivery) are counted and printed.
+//! - With the next hop down, the queue's high-water mark turns new mail away with
+//!   452 4.3.1; once the queue drains, mail is accepted again.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_tests::Server;
+
+fn maildir_subjects(dir: &Path) -> Vec<String> {
+    let new = dir.join("maildir").join("new");
+    std::fs::read_dir(new)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .filter_map(|b| {
+                    let t = String::from_utf8_lossy(&b).into_owned();
+                    t.lines()
+                        .find(|l| l.starts_with("Subject: "))
+                        .map(|l| l["Subject: ".len()..].to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+struct Hop {
+    server: Server,
+    _dir: tempfile::TempDir,
+}
+
+fn next_hop(port: Option<u16>) -> Hop {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = match port {
+        Some(p) => format!(r#"listeners.smtp=["127.0.0.1:{p}"]"#),
+        None => r#"listeners.smtp=["127.0.0.1:0"]"#.to_string(),
+    };
+    let route = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir.path().display()
+    );
+    let server = Server::start(
+        Some(dir.path()),
+        &[&smtp, &route, "limits.connections_per_ip=1000"],
+    );
+    Hop { server, _dir: dir }
+}
+
+/// One transaction over a fresh connection, without panicking on errors: Ok(true) only
+/// when the final reply was a 250.
+fn send_one(addr: SocketAddr, subject: &str) -> std::io::Result<bool> {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = s.try_clone()?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    let mut reply = |r: &mut BufReader<TcpStream>| -> std::io::Result<u16> {
+        loop {
+            line.clear();
+            if r.read_line(&mut line)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line.len() >= 4 && line.as_bytes()[3] == b' ' {
+                return Ok(line[..3].parse().unwrap_or(0));
+            }
+        }
+    };
+    if reply(&mut r)? != 220 {
+        return Ok(false);
+    }
+    // Pipelined: one write for the whole transaction.
+    w.write_all(
+        format!(
+            "EHLO crash.test\r\nMAIL FROM:<s@demo.test>\r\nRCPT TO:<a@demo.test>\r\nDATA\r\nSubject: {subject}\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+        )
+        .as_bytes(),
+    )?;
+    for expect in [250u16, 250, 250, 354] {
+        if reply(&mut r)? != expect {
+            return Ok(false);
+        }
+    }
+    Ok(reply(&mut r)? == 250)
+}
+
+#[test]
+fn kill9_rounds_lose_nothing_acknowledged() {
+    const N: u32 = 1000;
+    let hop = next_hop(None);
+    let route = format!(
+        r#"queue.routes={{"*"="smtp:[127.0.0.1]:{}"}}"#,
+        hop.server.smtp.port()
+    );
+    let mut relay = Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1s",
+        "queue.max_retry_interval=2s",
+        "queue.connect_timeout=2s",
+        "limits.connections_per_ip=1000",
+    ]);
+    let addr = Arc::new(Mutex::new(relay.smtp));
+    let next = Arc::new(AtomicU32::new(0));
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let senders: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, next, acked) = (addr.clone(), next.clone(), acked.clone());
+            std::thread::spawn(move || loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= N {
+                    return;
+                }
+                for _ in 0..100 {
+                    let a = *addr.lock().unwrap();
+                    match send_one(a, &format!("crash-{n}")) {
+                        Ok(true) => {
+                            acked.lock().unwrap().insert(n);
+                            break;
+                        }
+                        _ => std::thread::sleep(Duration::from_millis(30)),
+                    }
+                }
+            })
+        })
+        .collect();
+    // Three SIGKILL rounds at pseudo-random moments.
+    let mut seed = 0x1234_5678u64;
+    for round in 0..3 {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 600));
+        relay.kill9();
+        relay.restart();
+        *addr.lock().unwrap() = relay.smtp;
+        eprintln!("round {round}: killed and restarted");
+    }
+    for s in senders {
+        s.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() as u32 > N / 2,
+        "too few messages acknowledged: {}",
+        acked.len()
+    );
+    // Everything drains to the next hop.
+    let start = Instant::now();
+    loop {
+        let got = maildir_subjects(hop.server.dir());
+        let have: HashSet<u32> = got
+            .iter()
+            .filter_map(|s| s.strip_prefix("crash-")?.parse().ok())
+            .collect();
+        if acked.is_subset(&have) && relay.queue_list().is_empty() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "lost: {} of {} acknowledged messages never arrived",
+            acked.difference(&have).count(),
+            acked.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let got = maildir_subjects(hop.server.dir());
+    let mut counts: HashMap<&str, u32> = HashMap::new();
+    for s in &got {
+        *counts.entry(s.as_str()).or_default() += 1;
+    }
+    let duplicates: u32 = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "crash rounds: 3, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
+        acked.len(),
+        counts.len()
+    );
+}
+
+#[test]
+fn high_water_mark_defers_new_mail_until_the_queue_drains() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{port}"}}"#);
+    // One shard so the mark (per shard) is exact: 4 queued messages.
+    let relay = Server::with(&[
+        &route,
+        "shards=1",
+        "queue.high_water_messages=4",
+        "queue.retry_interval=1h",
+        "queue.connect_timeout=1s",
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    for i in 0..4 {
+        c.send_mail(
+            "s@demo.test",
+            &["a@demo.test"],
+            format!("Subject: q{i}\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    c.expect("MAIL FROM:<s@demo.test>", 250, "2.1.0");
+    c.expect("RCPT TO:<a@demo.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: over\r\n\r\nx\r\n.\r\n");
+    c.read_reply().check(452, "4.3.1");
+    // The session goes on; bring the next hop up and run the queue.
+    let hop = next_hop(Some(port));
+    c.expect("ETRN demo.test", 250, "2.0.0");
+    let start = Instant::now();
+    while !relay.queue_list().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "queue did not drain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = c.send_mail(
+        "s@demo.test",
+        &["a@demo.test"],
+        b"Subject: after\r\n\r\nx\r\n",
+    );
+    assert!(!id.is_empty());
+    let _ = hop;
+}
