@@ -29,6 +29,7 @@ pub mod notify;
 pub mod policy;
 pub mod queue_cli;
 pub mod sasl;
+pub mod sdnotify;
 pub mod server;
 pub mod session;
 pub mod spool;

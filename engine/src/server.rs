@@ -304,6 +304,7 @@ pub fn run(
         .map_err(ServerError::Signals)?;
     spawn_users_watcher(cfg.clone(), controls);
     on_ready(&ready_info);
+    crate::sdnotify::notify("READY=1");
 
     for h in handles {
         if let Err(e) = h.join() {
