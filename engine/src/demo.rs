@@ -52,9 +52,15 @@ key = "{d}/key.pem"
 dir = "{d}/spool"
 [relay]
 local_domains = ["localhost", "demo.test"]
+[limits]
+# Every demo client comes from loopback: allow plenty of connections per address.
+connections_per_ip = 5000
 [auth]
 users = "{d}/users.db"
 require_on = ["submission", "smtps"]
+# Short blocks, so that trying wrong passwords locks loopback out for a minute, not 15.
+ip_failure_limit = 50
+ip_block = "60s"
 [queue]
 retry_interval = "1m"
 [queue.routes]
