@@ -80,6 +80,23 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<BoundListener>, Serve
                 addr,
                 source,
             };
+            // SO_REUSEPORT would let us silently share a port with another process (a
+            // second tern, say), which would then steal connections. Probe first with a
+            // plain bind, which fails if anyone else listens there.
+            if addr.port() != 0 {
+                std::net::TcpListener::bind(addr).map_err(|e| ServerError::Bind {
+                    kind: kind.name(),
+                    addr,
+                    source: if e.kind() == std::io::ErrorKind::AddrInUse {
+                        std::io::Error::new(
+                            e.kind(),
+                            "address already in use (is another server running?)",
+                        )
+                    } else {
+                        e
+                    },
+                })?;
+            }
             let mut sockets = Vec::with_capacity(shards);
             let mut actual = addr;
             for _ in 0..shards {
