@@ -304,7 +304,9 @@ fn generate(
     };
     let rep = report::build(info, &out.stats, out.elapsed, out.interrupted);
     if let Some(p) = &c.hlog {
-        report::write_hlog(p, &out.stats, headline)?;
+        // The measured window began `elapsed` (plus the shutdown) ago.
+        let start = std::time::SystemTime::now() - out.elapsed;
+        report::write_hlog(p, &out.stats, headline, start)?;
     }
     if let Some(p) = &c.plot {
         let hists: Vec<(&str, &hdrhistogram::Histogram<u64>)> =

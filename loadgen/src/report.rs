@@ -55,6 +55,8 @@ pub struct Report {
     pub tls_resumed_handshakes: u64,
     pub connections: u64,
     pub bytes: u64,
+    /// Open loop: intended starts that were still waiting when the run ended.
+    pub unstarted: u64,
     pub interrupted: bool,
 }
 
@@ -130,6 +132,7 @@ pub fn build(info: RunInfo, stats: &Stats, elapsed: Duration, interrupted: bool)
         tls_resumed_handshakes: stats.tls_resumed,
         connections: stats.connections,
         bytes: stats.bytes,
+        unstarted: stats.unstarted,
         interrupted,
     }
 }
@@ -194,6 +197,13 @@ pub fn print_human(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             r.bytes, r.connections
         )?;
     }
+    if r.unstarted > 0 {
+        writeln!(
+            out,
+            "  open loop: {} intended starts still waiting at the end (the target fell behind the rate)",
+            r.unstarted
+        )?;
+    }
     if r.errors.total == 0 {
         writeln!(out, "  errors: none")?;
     } else {
@@ -237,7 +247,12 @@ pub fn print_human(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
 /// Writes the per-second interval histograms of the headline metric as an HdrHistogram
 /// interval log (V2, deflate-compressed; readable by HistogramLogAnalyzer and
 /// `hdrhistogram`'s `IntervalLogIterator`). Values are microseconds.
-pub fn write_hlog(path: &Path, stats: &Stats, tag: &str) -> Result<(), String> {
+pub fn write_hlog(
+    path: &Path,
+    stats: &Stats,
+    tag: &str,
+    start: std::time::SystemTime,
+) -> Result<(), String> {
     use hdrhistogram::serialization::interval_log::{IntervalLogWriterBuilder, Tag};
     use hdrhistogram::serialization::V2DeflateSerializer;
     let err = |e: &dyn std::fmt::Display| format!("{}: {e}", path.display());
@@ -245,7 +260,8 @@ pub fn write_hlog(path: &Path, stats: &Stats, tag: &str) -> Result<(), String> {
     let mut ser = V2DeflateSerializer::new();
     let mut w = IntervalLogWriterBuilder::new()
         .add_comment("tern-loadgen: latency in microseconds")
-        .with_base_time(std::time::SystemTime::now())
+        .with_start_time(start)
+        .with_base_time(start)
         .with_max_value_divisor(1000.0)
         .begin_log_with(&mut file, &mut ser)
         .map_err(|e| err(&e))?;

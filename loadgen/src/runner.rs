@@ -80,6 +80,8 @@ struct Sched {
     /// (offset of this core's first slot, spacing between its slots) in open loop.
     open: Option<(f64, f64)>,
     next: Cell<u64>,
+    /// Slots whose op was started.
+    started: Cell<u64>,
     timeout: Duration,
 }
 
@@ -144,6 +146,7 @@ pub fn run(plan: Plan, stop_signal: Arc<AtomicBool>) -> Result<Outcome, String> 
                                 (i as f64 / r, cores as f64 / r)
                             }),
                             next: Cell::new(0),
+                            started: Cell::new(0),
                             timeout,
                         });
                         run_core(cfg, i, workers, t0 + warmup, sched, shared.clone()).await
@@ -284,7 +287,23 @@ async fn run_core(
     for t in tasks {
         t.await;
     }
-    (core.stats.take(), last_done.get())
+    let mut stats = core.stats.take();
+    if let Some((offset, spacing)) = sched.open {
+        // Slots due before the deadline that never started: the target fell behind.
+        // Not meaningful when the count or a signal ended the run.
+        let window = (sched.deadline - sched.t0).as_secs_f64() - offset;
+        let due = if window > 0.0 {
+            (window / spacing).ceil() as u64
+        } else {
+            0
+        };
+        let ended_early =
+            shared.stop.load(Ordering::Relaxed) || shared.tickets.load(Ordering::Relaxed) == 0;
+        if !ended_early {
+            stats.unstarted = due.saturating_sub(sched.started.get());
+        }
+    }
+    (stats, last_done.get())
 }
 
 async fn with_timeout<T>(
@@ -326,13 +345,16 @@ async fn worker(
             }
             None => Instant::now(),
         };
-        if origin >= sched.deadline || shared.stop.load(Ordering::Relaxed) {
+        // Bounded in time even in open loop: slots still waiting when the deadline passes
+        // are not started (they are reported as `unstarted`).
+        if Instant::now() >= sched.deadline || shared.stop.load(Ordering::Relaxed) {
             break;
         }
         let measured = origin >= core.measure_from;
         if measured && !shared.take_ticket() {
             break;
         }
+        sched.started.set(sched.started.get() + 1);
         let c = &*core;
         let res = with_timeout(sched.timeout, async {
             match c.cfg.kind {

@@ -59,6 +59,9 @@ pub struct Stats {
     pub connections: u64,
     /// Message bytes written (relay).
     pub bytes: u64,
+    /// Open loop: slots due before the deadline that were never started because every
+    /// worker was still busy when the run ended (a lower bound; only claimed slots count).
+    pub unstarted: u64,
 }
 
 const MAX_SAMPLES: usize = 8;
@@ -131,6 +134,7 @@ impl Stats {
         self.tls_resumed += other.tls_resumed;
         self.connections += other.connections;
         self.bytes += other.bytes;
+        self.unstarted += other.unstarted;
     }
 }
 

@@ -122,15 +122,15 @@ async fn transaction(core: &Core, s: &mut Session, measured: bool) -> Result<(),
         );
     }
     let c = &mut s.conn;
+    if measured {
+        core.stats.borrow_mut().bytes += msg.len() as u64;
+    }
     if cfg.bdat {
         let mut chunk = format!("BDAT {} LAST\r\n", msg.len()).into_bytes();
         chunk.append(&mut msg);
         msg = chunk;
     } else {
         msg.extend_from_slice(b".\r\n");
-    }
-    if measured {
-        core.stats.borrow_mut().bytes += msg.len() as u64;
     }
 
     // Envelope: MAIL, RCPT... (and DATA), pipelined or lock-step. `first_err` is the
