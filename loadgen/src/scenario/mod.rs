@@ -180,10 +180,11 @@ pub async fn authenticate(core: &Core, s: &mut Session, mech: Mech) -> Result<Du
     Ok(t.elapsed())
 }
 
-/// QUIT politely; errors here do not matter any more.
+/// QUIT politely and wait for the 221; errors here do not matter any more. The stream is
+/// then dropped (closed) without a separate shutdown(2): one syscall less per connection
+/// on a path where the kernel's loopback TCP already dominates the generator's CPU time.
 pub async fn quit(mut s: Session) {
     if s.conn.write_all(b"QUIT\r\n").await.is_ok() {
         let _ = s.conn.read_reply().await;
     }
-    s.conn.close().await;
 }
