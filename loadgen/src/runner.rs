@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::conn::OpError;
-use crate::scenario::{self, Core, Kind, ScenarioCfg, Session};
+use crate::scenario::{self, Core, Kind, ScenarioCfg, Worker};
 use crate::stats::{Progress, Stats};
 
 pub struct Plan {
@@ -323,7 +323,7 @@ async fn worker(
     shared: Arc<Shared>,
     last_done: Rc<Cell<Option<Instant>>>,
 ) {
-    let mut session: Option<Session> = None;
+    let mut w = Worker::new(&core);
     let now = Instant::now();
     if sched.t0 > now {
         glommio::timer::sleep(sched.t0 - now).await;
@@ -358,9 +358,9 @@ async fn worker(
         let c = &*core;
         let res = with_timeout(sched.timeout, async {
             match c.cfg.kind {
-                Kind::Connect => scenario::connect::op(c, origin, measured).await,
-                Kind::Auth => scenario::auth::op(c, origin, measured).await,
-                Kind::Relay => scenario::relay::op(c, &mut session, origin, measured).await,
+                Kind::Connect => scenario::connect::op(c, &w, origin, measured).await,
+                Kind::Auth => scenario::auth::op(c, &w, origin, measured).await,
+                Kind::Relay => scenario::relay::op(c, &mut w, origin, measured).await,
             }
         })
         .await;
@@ -388,7 +388,7 @@ async fn worker(
             }
         };
     }
-    if let Some(s) = session.take() {
+    if let Some(s) = w.session.take() {
         let _ = with_timeout(sched.timeout, async {
             scenario::quit(s).await;
             Ok(())

@@ -3,13 +3,13 @@
 
 use std::time::Instant;
 
-use super::{authenticate, open, quit, Core};
+use super::{authenticate, open, quit, Core, Worker};
 use crate::conn::OpError;
 
-pub async fn op(core: &Core, origin: Instant, measured: bool) -> Result<(), OpError> {
+pub async fn op(core: &Core, w: &Worker, origin: Instant, measured: bool) -> Result<(), OpError> {
     let mech = core.cfg.mech.expect("auth scenario has a mechanism");
     let start = Instant::now();
-    let mut s = open(core, measured).await?;
+    let mut s = open(core, w, measured).await?;
     let auth = authenticate(core, &mut s, mech).await?;
     core.record(measured, "handshake", origin.elapsed());
     core.record(measured, "auth", auth);

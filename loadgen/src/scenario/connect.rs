@@ -3,12 +3,12 @@
 
 use std::time::Instant;
 
-use super::{open, quit, Core};
+use super::{open, quit, Core, Worker};
 use crate::conn::OpError;
 
-pub async fn op(core: &Core, origin: Instant, measured: bool) -> Result<(), OpError> {
+pub async fn op(core: &Core, w: &Worker, origin: Instant, measured: bool) -> Result<(), OpError> {
     let start = Instant::now();
-    let s = open(core, measured).await?;
+    let s = open(core, w, measured).await?;
     core.record(measured, "connect", origin.elapsed());
     if core.cfg.open_loop {
         core.record(measured, "connect_service", start.elapsed());

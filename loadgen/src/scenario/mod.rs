@@ -129,6 +129,29 @@ impl Core {
     }
 }
 
+/// One worker's own state. Each worker has its own TLS client configuration and session
+/// cache, as separate clients would: rustls keeps at most 8 TLS 1.3 tickets per server
+/// name, so workers sharing one cache would race for tickets and fall back to full
+/// handshakes even with resumption on.
+pub struct Worker {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// The kept-alive session (relay).
+    pub session: Option<Session>,
+}
+
+impl Worker {
+    pub fn new(core: &Core) -> Worker {
+        let tls = core.tls.as_ref().map(|c| {
+            let mut own = (**c).clone();
+            if core.cfg.resume {
+                own.resumption = rustls::client::Resumption::in_memory_sessions(16);
+            }
+            Arc::new(own)
+        });
+        Worker { tls, session: None }
+    }
+}
+
 /// An established session: the connection and the server's name from its greeting.
 pub struct Session {
     pub conn: SmtpConn,
@@ -138,7 +161,7 @@ pub struct Session {
 
 /// Connect, TLS as configured, greeting, EHLO (STARTTLS, EHLO). Returns the session and
 /// the instant the greeting (after TLS, if any) arrived.
-pub async fn open(core: &Core, measured: bool) -> Result<Session, OpError> {
+pub async fn open(core: &Core, w: &Worker, measured: bool) -> Result<Session, OpError> {
     let cfg = &core.cfg;
     let tcp = crate::conn::connect(cfg.target).await?;
     if measured {
@@ -146,7 +169,7 @@ pub async fn open(core: &Core, measured: bool) -> Result<Session, OpError> {
     }
     let mut conn = SmtpConn::new(Stream::Plain(tcp));
     if cfg.tls == TlsMode::Implicit {
-        conn.client_tls(core.tls.as_ref().expect("tls config"), &core.server_name)
+        conn.client_tls(w.tls.as_ref().expect("tls config"), &core.server_name)
             .await?;
         core.note_tls(measured, &conn);
     }
@@ -161,7 +184,7 @@ pub async fn open(core: &Core, measured: bool) -> Result<Session, OpError> {
     conn.cmd(ehlo.as_bytes()).await?.expect(250)?;
     if cfg.tls == TlsMode::Starttls {
         conn.cmd(b"STARTTLS\r\n").await?.expect(220)?;
-        conn.client_tls(core.tls.as_ref().expect("tls config"), &core.server_name)
+        conn.client_tls(w.tls.as_ref().expect("tls config"), &core.server_name)
             .await?;
         core.note_tls(measured, &conn);
         conn.cmd(ehlo.as_bytes()).await?.expect(250)?;

@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use super::{authenticate, open, quit, Core, Session};
+use super::{authenticate, open, quit, Core, Session, Worker};
 use crate::conn::OpError;
 
 pub const SENT_HEADER: &str = "X-Tern-Loadgen-Sent";
@@ -69,15 +69,15 @@ fn build_message(core: &Core) -> Vec<u8> {
 
 pub async fn op(
     core: &Core,
-    slot: &mut Option<Session>,
+    w: &mut Worker,
     origin: Instant,
     measured: bool,
 ) -> Result<(), OpError> {
-    let mut s = match slot.take() {
+    let mut s = match w.session.take() {
         Some(s) => s,
         None => {
             let t = Instant::now();
-            let mut s = open(core, measured).await?;
+            let mut s = open(core, w, measured).await?;
             if let Some(mech) = core.cfg.mech {
                 let d = authenticate(core, &mut s, mech).await?;
                 core.record(measured, "auth", d);
@@ -97,13 +97,13 @@ pub async fn op(
             if s.msgs >= core.cfg.relay.msgs_per_conn {
                 quit(s).await;
             } else {
-                *slot = Some(s);
+                w.session = Some(s);
             }
             Ok(())
         }
         Err(e) => {
             if e.connection_usable() {
-                *slot = Some(s);
+                w.session = Some(s);
             }
             Err(e)
         }
