@@ -1,0 +1,594 @@
+//! End-to-end: the generator against its own sink and against `tern demo`.
+//!
+//! Every test binds ephemeral ports, runs for at most a few seconds, and kills what it
+//! starts (the guards' Drop). The `tern` binary is looked up next to `tern-loadgen` in the
+//! same target directory (build it with `cargo build -p tern-engine --bin tern`).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const LG: &str = env!("CARGO_BIN_EXE_tern-loadgen");
+
+/// Runs the generator with `--json -q` and returns its report.
+fn lg(args: &[&str]) -> Value {
+    let t = Instant::now();
+    let out = Command::new(LG)
+        .args(args)
+        .args(["--json", "-q"])
+        .output()
+        .expect("run tern-loadgen");
+    assert!(
+        out.status.success(),
+        "tern-loadgen {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "run not bounded: {args:?}"
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "--json output does not parse ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64()
+        .unwrap_or_else(|| panic!("{path:?} not a count in {v:#}"))
+}
+
+fn f(v: &Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("{path:?} not a number in {v:#}"))
+}
+
+/// A running sink; killed on drop unless stopped.
+struct Sink {
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Sink {
+    fn start(extra: &[&str]) -> Sink {
+        let mut child = Command::new(LG)
+            .args(["sink", "--listen", "127.0.0.1:0", "--json", "-q"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sink");
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if err.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                panic!("sink exited before listening");
+            }
+            if let Some(a) = line.trim().strip_prefix("listening: ") {
+                break a.to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+        Sink {
+            child: Some(child),
+            addr,
+        }
+    }
+
+    /// SIGTERM, then the sink's JSON summary.
+    fn stop(mut self) -> Value {
+        let mut child = self.child.take().unwrap();
+        // SAFETY: signalling our own child process by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        assert!(child.wait().unwrap().success());
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("sink json ({e}): {out}"))
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn tern_bin() -> PathBuf {
+    let dir = Path::new(LG).parent().unwrap();
+    let bin = dir.join("tern");
+    assert!(
+        bin.exists(),
+        "{} missing: cargo build -p tern-engine --bin tern (same profile and target dir)",
+        bin.display()
+    );
+    bin
+}
+
+/// `tern demo` on ephemeral loopback ports, one shard.
+struct Demo {
+    child: Child,
+    dir: tempfile::TempDir,
+    smtp: String,
+    submission: String,
+    smtps: String,
+}
+
+impl Demo {
+    fn start() -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(tern_bin())
+            .arg("demo")
+            .arg("--dir")
+            .arg(dir.path())
+            .args([
+                "--set",
+                "listeners.smtp=[\"127.0.0.1:0\"]",
+                "--set",
+                "listeners.submission=[\"127.0.0.1:0\"]",
+                "--set",
+                "listeners.smtps=[\"127.0.0.1:0\"]",
+                "--set",
+                "shards=1",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start tern demo");
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut smtp, mut submission, mut smtps) = (None, None, None);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 {
+                let _ = child.kill();
+                panic!("tern demo exited before ready");
+            }
+            let l = line.trim();
+            if let Some(rest) = l.strip_prefix("listening: ") {
+                let (role, addr) = rest.split_once(' ').unwrap();
+                let a = Some(addr.to_string());
+                match role {
+                    "smtp" => smtp = a,
+                    "submission" => submission = a,
+                    "smtps" => smtps = a,
+                    _ => {}
+                }
+            }
+            if l.starts_with("ready:") {
+                break;
+            }
+        }
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        Demo {
+            child,
+            dir,
+            smtp: smtp.unwrap(),
+            submission: submission.unwrap(),
+            smtps: smtps.unwrap(),
+        }
+    }
+
+    fn cert(&self) -> String {
+        self.dir.path().join("cert.pem").display().to_string()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- against the sink ----
+
+#[test]
+fn relay_counts_exact_sent_accepted_received() {
+    let sink = Sink::start(&[]);
+    let r = lg(&[
+        "relay",
+        "-t",
+        &sink.addr,
+        "--cores",
+        "2",
+        "-c",
+        "8",
+        "-n",
+        "300",
+        "-d",
+        "3",
+        "--rcpts",
+        "2",
+        "--size",
+        "2000",
+        "--pipeline",
+        "--msgs-per-conn",
+        "7",
+    ]);
+    let s = sink.stop();
+    assert_eq!(u(&r, &["attempted"]), 300, "{r:#}");
+    assert_eq!(u(&r, &["ok"]), 300, "{r:#}");
+    assert_eq!(u(&r, &["failed"]), 0, "{r:#}");
+    assert_eq!(u(&r, &["latency_ms", "accept", "count"]), 300);
+    assert_eq!(u(&s, &["messages"]), 300, "{s:#}");
+    assert_eq!(u(&s, &["recipients"]), 600, "{s:#}");
+    assert_eq!(
+        u(&s, &["bytes"]),
+        u(&r, &["bytes"]),
+        "sink bytes = sent bytes"
+    );
+    assert_eq!(u(&s, &["without_sent_header"]), 0);
+    assert_eq!(u(&s, &["relay_latency_ms", "count"]), 300);
+    // 300 messages, at most 7 per connection, 8 workers each ending with a partial one.
+    let conns = u(&s, &["connections"]);
+    assert_eq!(conns, u(&r, &["connections"]));
+    assert!((43..=43 + 8).contains(&conns), "{conns} connections");
+}
+
+#[test]
+fn relay_lockstep_bdat_over_starttls() {
+    let sink = Sink::start(&["--starttls"]);
+    let r = lg(&[
+        "relay",
+        "-t",
+        &sink.addr,
+        "--cores",
+        "1",
+        "-c",
+        "4",
+        "-n",
+        "60",
+        "-d",
+        "3",
+        "--bdat",
+        "--starttls",
+        "--insecure",
+        "--size",
+        "10000",
+    ]);
+    let s = sink.stop();
+    assert_eq!(u(&r, &["ok"]), 60, "{r:#}");
+    assert_eq!(u(&s, &["messages"]), 60, "{s:#}");
+    assert_eq!(u(&s, &["tls_connections"]), 4, "{s:#}");
+    assert_eq!(
+        u(&s, &["bytes"]),
+        60 * 10000,
+        "messages are exactly --size bytes"
+    );
+    assert_eq!(
+        u(&r, &["tls_full_handshakes"]) + u(&r, &["tls_resumed_handshakes"]),
+        4
+    );
+}
+
+#[test]
+fn sink_delay_shows_in_acceptance_latency() {
+    let sink = Sink::start(&["--delay", "20"]);
+    let r = lg(&[
+        "relay", "-t", &sink.addr, "--cores", "1", "-c", "4", "-n", "40", "-d", "3",
+    ]);
+    sink.stop();
+    assert_eq!(u(&r, &["ok"]), 40);
+    let p50 = f(&r, &["latency_ms", "accept", "p50"]);
+    assert!(p50 >= 20.0, "p50 {p50} ms < --delay 20");
+    assert!(p50 < 200.0, "p50 {p50} ms");
+}
+
+#[test]
+fn permfail_counts_every_error_as_5xx() {
+    let sink = Sink::start(&["--permfail", "1.0"]);
+    let r = lg(&[
+        "relay", "-t", &sink.addr, "--cores", "2", "-c", "4", "-n", "40", "-d", "3",
+    ]);
+    let s = sink.stop();
+    assert_eq!(u(&r, &["ok"]), 0, "{r:#}");
+    assert_eq!(u(&r, &["failed"]), 40);
+    assert_eq!(f(&r, &["throughput"]), 0.0, "errors are not throughput");
+    assert_eq!(u(&r, &["errors", "total"]), 40);
+    assert_eq!(u(&r, &["errors", "by_kind", "5xx"]), 40, "{r:#}");
+    assert_eq!(u(&r, &["errors", "by_code", "554"]), 40);
+    assert_eq!(u(&s, &["messages"]), 0);
+    assert_eq!(u(&s, &["permfailed"]), 40);
+}
+
+#[test]
+fn tempfail_fraction_counted_as_4xx() {
+    let sink = Sink::start(&["--tempfail", "0.5"]);
+    let r = lg(&[
+        "relay", "-t", &sink.addr, "--cores", "1", "-c", "4", "-n", "200", "-d", "3",
+    ]);
+    let s = sink.stop();
+    let (ok, failed) = (u(&r, &["ok"]), u(&r, &["failed"]));
+    assert_eq!(ok + failed, 200);
+    assert!((40..=160).contains(&failed), "{failed} of 200 at 0.5");
+    assert_eq!(u(&r, &["errors", "by_kind", "4xx"]), failed);
+    assert_eq!(u(&s, &["messages"]), ok);
+    assert_eq!(u(&s, &["tempfailed"]), failed);
+}
+
+/// A sink that needs 40 ms per message on one connection serves < 25/s; offered 100/s,
+/// the open loop must show latency growing from the intended start (seconds), while the
+/// service time stays ~40 ms: the coordinated-omission correction.
+#[test]
+fn open_loop_measures_from_intended_time() {
+    let sink = Sink::start(&["--delay", "40"]);
+    let r = lg(&[
+        "relay",
+        "-t",
+        &sink.addr,
+        "--cores",
+        "1",
+        "-c",
+        "1",
+        "--rate",
+        "100",
+        "-d",
+        "2",
+        "--msgs-per-conn",
+        "1000",
+    ]);
+    sink.stop();
+    assert_eq!(r["mode"], "open");
+    assert_eq!(r["latency_basis"], "intended");
+    let service = f(&r, &["latency_ms", "accept_service", "p50"]);
+    let intended = f(&r, &["latency_ms", "accept", "p50"]);
+    let p99 = f(&r, &["latency_ms", "accept", "p99"]);
+    assert!((40.0..100.0).contains(&service), "service p50 {service}");
+    assert!(
+        intended > 5.0 * service,
+        "intended p50 {intended} vs service {service}"
+    );
+    assert!(p99 > 700.0, "p99 {p99}: the backlog grows to ~1 s over 2 s");
+    assert!(u(&r, &["unstarted"]) > 50, "{r:#}");
+}
+
+/// When the target keeps up, the open loop offers exactly the rate.
+#[test]
+fn open_loop_holds_the_rate() {
+    let sink = Sink::start(&[]);
+    let r = lg(&[
+        "relay", "-t", &sink.addr, "--cores", "2", "-c", "8", "--rate", "200", "-d", "2",
+    ]);
+    let s = sink.stop();
+    let n = u(&r, &["ok"]);
+    assert!((390..=401).contains(&n), "{n} messages at 200/s for 2 s");
+    assert_eq!(u(&s, &["messages"]), n);
+    assert_eq!(u(&r, &["unstarted"]), 0);
+    assert!(f(&r, &["latency_ms", "accept", "p50"]) < 20.0);
+}
+
+#[test]
+fn warmup_is_not_measured_and_duration_bounds_the_run() {
+    let sink = Sink::start(&[]);
+    let t = Instant::now();
+    let r = lg(&[
+        "connect", "-t", &sink.addr, "--cores", "1", "-c", "2", "--warmup", "0.5", "-d", "1",
+    ]);
+    assert!(t.elapsed() < Duration::from_secs(3));
+    let s = sink.stop();
+    assert!(u(&r, &["warmup_ok"]) > 0);
+    assert!(u(&r, &["ok"]) > 0);
+    assert_eq!(
+        u(&s, &["connections"]),
+        u(&r, &["ok"]) + u(&r, &["warmup_ok"])
+    );
+    let e = f(&r, &["elapsed_s"]);
+    assert!((0.9..1.5).contains(&e), "elapsed {e}");
+}
+
+#[test]
+fn hlog_and_plot_are_written() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let hlog = dir.path().join("run.hlog");
+    let svg = dir.path().join("run.svg");
+    lg(&[
+        "relay",
+        "-t",
+        &sink.addr,
+        "--cores",
+        "1",
+        "-d",
+        "1.2",
+        "--hlog",
+        hlog.to_str().unwrap(),
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    sink.stop();
+    let h = std::fs::read_to_string(&hlog).unwrap();
+    assert!(h.contains("#[StartTime:"), "{h}");
+    assert!(
+        h.lines().filter(|l| l.starts_with("Tag=accept,")).count() >= 1,
+        "{h}"
+    );
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<svg") && s.contains("<polyline") && s.trim_end().ends_with("</svg>"));
+}
+
+#[test]
+fn refuses_remote_targets() {
+    let out = Command::new(LG)
+        .args(["connect", "-t", "192.0.2.1:25", "-d", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--allow-remote"));
+}
+
+#[test]
+fn connection_errors_are_counted() {
+    // A port nobody listens on: bind, read the port, close.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let r = lg(&[
+        "connect",
+        "-t",
+        &format!("127.0.0.1:{port}"),
+        "--cores",
+        "1",
+        "-c",
+        "2",
+        "-d",
+        "0.5",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 0);
+    assert!(u(&r, &["errors", "by_kind", "connect"]) > 0, "{r:#}");
+    assert_eq!(u(&r, &["errors", "total"]), u(&r, &["failed"]));
+}
+
+// ---- against tern demo ----
+
+#[test]
+fn tern_demo_auth_every_mechanism() {
+    let d = Demo::start();
+    let cert = d.cert();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["-t", &d.submission, "--mech", "CRAM-MD5"],
+        vec!["-t", &d.submission, "--mech", "DIGEST-MD5"],
+        vec!["-t", &d.submission, "--mech", "SCRAM-SHA-256"],
+        vec![
+            "-t",
+            &d.submission,
+            "--mech",
+            "PLAIN",
+            "--starttls",
+            "--cacert",
+            &cert,
+        ],
+        vec!["-t", &d.smtps, "--mech", "LOGIN", "--tls", "--insecure"],
+        vec![
+            "-t",
+            &d.smtps,
+            "--mech",
+            "PLAIN",
+            "--tls",
+            "--insecure",
+            "--no-resume",
+        ],
+    ];
+    for case in cases {
+        let mut args = vec!["auth", "--cores", "1", "-c", "4", "-n", "40", "-d", "3"];
+        args.extend(case.iter().copied());
+        let r = lg(&args);
+        assert_eq!(u(&r, &["ok"]), 40, "{case:?}: {r:#}");
+        assert_eq!(u(&r, &["failed"]), 0, "{case:?}");
+        assert_eq!(u(&r, &["latency_ms", "auth", "count"]), 40);
+        assert_eq!(u(&r, &["latency_ms", "handshake", "count"]), 40);
+        if case.contains(&"--no-resume") {
+            assert_eq!(u(&r, &["tls_full_handshakes"]), 40, "{r:#}");
+        } else if case.contains(&"--tls") || case.contains(&"--starttls") {
+            // One full handshake per worker, then each resumes its own session.
+            assert_eq!(u(&r, &["tls_full_handshakes"]), 4, "{r:#}");
+            assert_eq!(u(&r, &["tls_resumed_handshakes"]), 36, "{r:#}");
+        }
+    }
+}
+
+#[test]
+fn tern_demo_wrong_password_counted_as_535() {
+    let d = Demo::start();
+    let r = lg(&[
+        "auth",
+        "-t",
+        &d.submission,
+        "--cores",
+        "1",
+        "-c",
+        "2",
+        "-n",
+        "4",
+        "-d",
+        "3",
+        "--mech",
+        "CRAM-MD5",
+        "--password",
+        "wrong",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 0);
+    assert_eq!(u(&r, &["errors", "by_code", "535"]), 4, "{r:#}");
+    assert_eq!(u(&r, &["errors", "by_kind", "5xx"]), 4);
+}
+
+#[test]
+fn tern_demo_relay_and_connect() {
+    let d = Demo::start();
+    let r = lg(&[
+        "relay",
+        "-t",
+        &d.smtp,
+        "--cores",
+        "1",
+        "-c",
+        "4",
+        "-n",
+        "100",
+        "-d",
+        "3",
+        "--pipeline",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 100, "{r:#}");
+    // Authenticated submission to a remote domain.
+    let r = lg(&[
+        "relay",
+        "-t",
+        &d.submission,
+        "--cores",
+        "1",
+        "-c",
+        "2",
+        "-n",
+        "20",
+        "-d",
+        "3",
+        "--mech",
+        "CRAM-MD5",
+        "--to",
+        "friend{n}@example.net",
+        "--rcpts",
+        "2",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 20, "{r:#}");
+    let r = lg(&[
+        "connect",
+        "-t",
+        &d.smtps,
+        "--tls",
+        "--insecure",
+        "--cores",
+        "1",
+        "-c",
+        "2",
+        "-n",
+        "30",
+        "-d",
+        "3",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 30, "{r:#}");
+}
