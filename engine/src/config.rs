@@ -208,6 +208,9 @@ pub struct QueueConfig {
     /// final dot): the maximum any single reply may take.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// DNS server for MX and host lookups: "" = the system's resolv.conf, else "IP:port"
+    /// (or a bare IP, port 53), asked over UDP (TCP for truncated answers).
+    pub resolver: String,
 }
 
 impl Default for QueueConfig {
@@ -225,6 +228,7 @@ impl Default for QueueConfig {
             tls_verify: false,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
+            resolver: String::new(),
         }
     }
 }
@@ -451,6 +455,9 @@ impl Config {
                 "queue.starttls: expected opportunistic, required or never, got {:?}",
                 self.queue.starttls
             )));
+        }
+        if let Err(e) = tern_queue::route::DnsConfig::parse(&self.queue.resolver) {
+            return Err(ConfigError::Invalid(format!("queue.{e}")));
         }
         if self.queue.concurrency == 0 || self.queue.high_water_messages == 0 {
             return Err(ConfigError::Invalid(
