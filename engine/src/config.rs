@@ -572,6 +572,15 @@ mod tests {
     }
 
     #[test]
+    fn queue_resolver_is_empty_or_an_address() {
+        let ok = Config::from_toml_str("[queue]\nresolver = \"127.0.0.1:5353\"\n", "t", &[]);
+        assert_eq!(ok.unwrap().queue.resolver, "127.0.0.1:5353");
+        let e =
+            Config::from_toml_str("[queue]\nresolver = \"dns.example\"\n", "t", &[]).unwrap_err();
+        assert!(e.to_string().contains("queue.resolver"), "{e}");
+    }
+
+    #[test]
     fn set_overrides() {
         let c = Config::from_toml_str(
             "",

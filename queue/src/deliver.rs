@@ -2,10 +2,11 @@
 //! per-recipient outcome mapped to delivered / failed / deferred.
 //!
 //! Owns the policy of turning client results into outcomes: a 2xx is delivered, a 5xx is
-//! a permanent failure, a 4xx, a connection failure or a local error is deferred. Tries
-//! each address of each host in order until one answers. Must never turn a connection
-//! problem into a bounce, or block the shard (maildir writes and name resolution run on
-//! the blocking thread).
+//! a permanent failure, a 4xx, a connection failure or a local error is deferred; a
+//! permanent DNS answer about the domain (null MX, NXDOMAIN) fails, other DNS trouble
+//! defers. Tries each address of each host in order until one answers. Must never turn a
+//! connection problem into a bounce, or block the shard (maildir writes run on the
+//! blocking thread, DNS on the resolver thread, `route::Dns`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
