@@ -208,6 +208,9 @@ pub struct QueueConfig {
     /// final dot): the maximum any single reply may take.
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// DNS server for MX and host lookups: "" = the system's resolv.conf, else "IP:port"
+    /// (or a bare IP, port 53), asked over UDP (TCP for truncated answers).
+    pub resolver: String,
 }
 
 impl Default for QueueConfig {
@@ -225,6 +228,7 @@ impl Default for QueueConfig {
             tls_verify: false,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
+            resolver: String::new(),
         }
     }
 }
@@ -452,6 +456,9 @@ impl Config {
                 self.queue.starttls
             )));
         }
+        if let Err(e) = tern_queue::route::DnsConfig::parse(&self.queue.resolver) {
+            return Err(ConfigError::Invalid(format!("queue.{e}")));
+        }
         if self.queue.concurrency == 0 || self.queue.high_water_messages == 0 {
             return Err(ConfigError::Invalid(
                 "queue.concurrency and queue.high_water_messages must be positive".into(),
@@ -562,6 +569,15 @@ mod tests {
     fn unknown_key_is_an_error() {
         let e = Config::from_toml_str("[limits]\nbogus = 1\n", "t", &[]).unwrap_err();
         assert!(e.to_string().contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn queue_resolver_is_empty_or_an_address() {
+        let ok = Config::from_toml_str("[queue]\nresolver = \"127.0.0.1:5353\"\n", "t", &[]);
+        assert_eq!(ok.unwrap().queue.resolver, "127.0.0.1:5353");
+        let e =
+            Config::from_toml_str("[queue]\nresolver = \"dns.example\"\n", "t", &[]).unwrap_err();
+        assert!(e.to_string().contains("queue.resolver"), "{e}");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! module only translates configuration. It must never hold state.
 
 use tern_queue::client::{ClientOptions, StarttlsPolicy, Timeouts};
-use tern_queue::route::Router;
+use tern_queue::route::{Dns, DnsConfig, Router};
 use tern_queue::runner::RunnerConfig;
 
 use crate::config::Config;
@@ -40,6 +40,10 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         data_final: cap(d.data_final).max(q.command_timeout),
         tls_handshake: cap(d.tls_handshake),
     };
+    // One resolver thread for the process: every shard gets a handle to the same one.
+    let dns = DnsConfig::parse(&q.resolver)
+        .and_then(Dns::shared)
+        .map_err(|e| format!("queue.{e}"))?;
     Ok(RunnerConfig {
         hostname: cfg.hostname.clone(),
         retry_interval: q.retry_interval,
@@ -50,5 +54,7 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         high_water_messages: (q.high_water_messages / shards.max(1)).max(1),
         router,
         client,
+        dns,
+        mx_port: 25,
     })
 }

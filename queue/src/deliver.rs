@@ -2,10 +2,11 @@
 //! per-recipient outcome mapped to delivered / failed / deferred.
 //!
 //! Owns the policy of turning client results into outcomes: a 2xx is delivered, a 5xx is
-//! a permanent failure, a 4xx, a connection failure or a local error is deferred. Tries
-//! each address of each host in order until one answers. Must never turn a connection
-//! problem into a bounce, or block the shard (maildir writes and name resolution run on
-//! the blocking thread).
+//! a permanent failure, a 4xx, a connection failure or a local error is deferred; a
+//! permanent DNS answer about the domain (null MX, NXDOMAIN) fails, other DNS trouble
+//! defers. Tries each address of each host in order until one answers. Must never turn a
+//! connection problem into a bounce, or block the shard (maildir writes run on the
+//! blocking thread, DNS on the resolver thread, `route::Dns`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -14,7 +15,7 @@ use bytes::Bytes;
 
 use crate::client::{connect, ClientError, Reply};
 use crate::dsn::{DsnKind, DsnStatus};
-use crate::route::{self, Destination};
+use crate::route::Destination;
 use crate::runner::{Outcome, RunnerConfig};
 use crate::Envelope;
 
@@ -29,24 +30,35 @@ pub(crate) async fn to_destination(
     match dest {
         Destination::Maildir(path) => to_maildir(cfg, path, env, body, idx).await,
         Destination::Smtp { host, port, mx, .. } => {
-            let hosts = if *mx {
-                match route::mx_hosts(host).await {
-                    Ok(h) if !h.is_empty() => h,
-                    _ => vec![host.clone()],
-                }
+            if *mx {
+                via_mx(cfg, host, *port, env, body, idx).await
             } else {
-                vec![host.clone()]
-            };
-            to_smtp(cfg, &hosts, *port, env, body, idx).await
+                to_smtp(cfg, std::slice::from_ref(host), *port, env, body, idx).await
+            }
         }
-        Destination::Mx(domain) => {
-            // XXX: MX lookup is not built yet (route::mx_hosts); fall back to the
-            // domain's own addresses, which is RFC 5321 §5.1's implicit MX.
-            let hosts = match route::mx_hosts(domain).await {
-                Ok(h) if !h.is_empty() => h,
-                _ => vec![domain.clone()],
+        Destination::Mx(domain) => via_mx(cfg, domain, cfg.mx_port, env, body, idx).await,
+    }
+}
+
+/// SMTP to the MX hosts of `domain` (RFC 5321 §5.1). A permanent DNS answer (null MX,
+/// NXDOMAIN, no mail host) fails the recipients; any other DNS trouble defers them.
+async fn via_mx(
+    cfg: &RunnerConfig,
+    domain: &str,
+    port: u16,
+    env: &Envelope,
+    body: &Bytes,
+    idx: &[usize],
+) -> Vec<(usize, Outcome)> {
+    match cfg.dns.mx_hosts(domain).await {
+        Ok(mx) => to_smtp(cfg, &mx.hosts, port, env, body, idx).await,
+        Err(e) => {
+            let text = e.to_string();
+            let outcome = match e.permanent() {
+                Some((code, enhanced)) => Outcome::Failed(Reply::local(code, enhanced, text), None),
+                None => Outcome::Deferred(format!("451 4.4.3 {text}")),
             };
-            to_smtp(cfg, &hosts, 25, env, body, idx).await
+            idx.iter().map(|&i| (i, outcome.clone())).collect()
         }
     }
 }
@@ -118,7 +130,7 @@ async fn to_smtp(
 ) -> Vec<(usize, Outcome)> {
     let mut last_err = String::from("no address to connect to");
     for host in hosts {
-        let addrs = match route::resolve(host, port).await {
+        let addrs = match cfg.dns.resolve(host, port).await {
             Ok(a) => a,
             Err(e) => {
                 last_err = format!("{host}: {e}");

@@ -25,7 +25,7 @@ use bytes::Bytes;
 
 use crate::client::{ClientOptions, Reply};
 use crate::commit::GroupCommit;
-use crate::route::{Destination, Router};
+use crate::route::{Destination, Dns, Router};
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState};
 use crate::{BodyType, Envelope, NOTIFY_DELAY, NOTIFY_NEVER};
 
@@ -44,6 +44,11 @@ pub struct RunnerConfig {
     pub high_water_messages: usize,
     pub router: Router,
     pub client: ClientOptions,
+    /// The resolver for MX and host lookups (`queue.resolver`; shared by the shards).
+    pub dns: Dns,
+    /// SMTP port for MX deliveries: 25 (RFC 5321 §5.1). A test seam, not a configuration
+    /// key: tests point MX records at 127.0.0.1 and a scripted server on another port.
+    pub mx_port: u16,
 }
 
 /// Outcome of one recipient in one attempt.
