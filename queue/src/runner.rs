@@ -26,7 +26,7 @@ use bytes::Bytes;
 use crate::client::{ClientOptions, Reply};
 use crate::commit::GroupCommit;
 use crate::route::{Destination, Router};
-use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState};
+use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
 use crate::{BodyType, Envelope, NOTIFY_DELAY, NOTIFY_NEVER};
 
 /// Settings of the runner (from the `[queue]` configuration).
@@ -669,6 +669,8 @@ impl QueueItem {
 /// Result of an operation that changes messages (`delete`, `hold`, `release`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Changed {
+    /// Messages the selection matched.
+    pub matched: usize,
     /// Messages changed (the state record is durable).
     pub changed: usize,
     /// Matching messages in the middle of a delivery attempt, left alone: try again.
@@ -695,13 +697,41 @@ pub struct QueueStats {
     pub unreadable: usize,
 }
 
-/// What an admin change does to a message.
-#[derive(Debug, Clone, Copy)]
-enum AdminChange {
+/// What an admin change does to a message (live here, and offline in `tern queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChange {
     Hold,
     Release,
     /// Every pending recipient becomes Failed, without a bounce.
     Delete,
+}
+
+impl AdminChange {
+    /// The state record that makes the change to `q`; `None` if there is nothing to do
+    /// (holding a held message, releasing one that is not held).
+    pub fn record(self, q: &QueuedMessage) -> Option<StateChange> {
+        match self {
+            AdminChange::Hold if q.held => None,
+            AdminChange::Release if !q.held => None,
+            AdminChange::Hold | AdminChange::Release => {
+                let mut c = q.change(Vec::new());
+                c.held = self == AdminChange::Hold;
+                Some(c)
+            }
+            AdminChange::Delete => {
+                let updates = q
+                    .rcpt_states
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| *s == RcptState::Pending)
+                    .map(|(i, _)| (i as u32, RcptState::Failed))
+                    .collect();
+                let mut c = q.change(updates);
+                c.last_reply = "deleted by the administrator".into();
+                Some(c)
+            }
+        }
+    }
 }
 
 impl Runner {
@@ -891,31 +921,12 @@ impl Runner {
         for r in refs {
             let mut index = self.index.borrow_mut();
             let Some(e) = index.get_mut(&r) else { continue };
+            out.matched += 1;
             if e.in_flight {
                 out.busy += 1;
                 continue;
             }
-            let c = match what {
-                AdminChange::Hold if e.q.held => continue,
-                AdminChange::Release if !e.q.held => continue,
-                AdminChange::Hold | AdminChange::Release => {
-                    let mut c = e.q.change(Vec::new());
-                    c.held = matches!(what, AdminChange::Hold);
-                    c
-                }
-                AdminChange::Delete => {
-                    let updates =
-                        e.q.rcpt_states
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, s)| *s == RcptState::Pending)
-                            .map(|(i, _)| (i as u32, RcptState::Failed))
-                            .collect();
-                    let mut c = e.q.change(updates);
-                    c.last_reply = "deleted by the administrator".into();
-                    c
-                }
-            };
+            let Some(c) = what.record(&e.q) else { continue };
             e.in_flight = true; // claimed: the run loop and flush skip it
             changes.push(c);
         }
