@@ -549,6 +549,7 @@ pub fn item_json(it: &QueueItem, all: bool) -> Value {
         "recipients": recipients,
         "state": it.state().name(),
         "held": q.held,
+        "in_flight": it.in_flight,
         "attempts": q.attempts,
         "next_attempt_unix": q.next_attempt_unix,
         "last_reply": q.last_reply.as_deref(),

@@ -270,7 +270,7 @@ fn list(t: &Target, f: Filter, json: bool, all: bool) -> Result<(), Fail> {
             s(it, "id"),
             match s(it, "state") {
                 "held" => "!",
-                "active" if it["attempts"].as_u64().unwrap_or(0) > 0 => "*",
+                _ if it["in_flight"].as_bool() == Some(true) => "*",
                 _ => "",
             }
         );
@@ -455,7 +455,9 @@ fn change(t: &Target, f: Filter, what: AdminChange) -> Result<(), Fail> {
             (m as u64, c as u64, 0, fl as u64)
         }
     };
-    println!("{changed} message(s) {verb}");
+    if matched > 0 || f.id.is_none() {
+        println!("{changed} message(s) {verb}");
+    }
     if failed > 0 {
         return Err(Fail(
             74,
