@@ -49,6 +49,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub executor: ExecutorConfig,
     pub log: LogConfig,
+    pub admin: AdminConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -262,6 +263,14 @@ pub struct LogConfig {
     pub format: String,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// The admin socket (`tern queue`, `tern ctl`): a Unix stream socket created mode 0600.
+    /// Empty (the default): `admin.sock` inside `spool.dir`.
+    pub socket: PathBuf,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -277,6 +286,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             executor: ExecutorConfig::default(),
             log: LogConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -480,6 +490,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The admin socket's path: `admin.socket`, or `admin.sock` in the spool directory.
+    pub fn admin_socket(&self) -> PathBuf {
+        if self.admin.socket.as_os_str().is_empty() {
+            self.spool.dir.join("admin.sock")
+        } else {
+            self.admin.socket.clone()
+        }
     }
 
     /// The number of shards to start: the configured count, or one per available core.

@@ -13,12 +13,15 @@
 //!   `users`: the sasldb-style store of derived secrets and `tern passwd`.
 //! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
 //! - `delivery`: `[queue]` settings for the shard's queue runner (`tern_queue::runner`).
+//! - `admin`: the admin socket (`tern queue`, `tern ctl` against a running server): one
+//!   std thread in the main process, requests forwarded to the shards' control tasks.
 //! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
 //!   message gets its 250 only after its record is fdatasync'ed.
 //!
 //! Data flows one way: listener → conn → session → spool. Nothing on the per-command path
 //! is shared between shards.
 
+pub mod admin;
 pub mod anvil;
 pub mod config;
 pub mod conn;

@@ -1,4 +1,4 @@
-//! The `tern` command: `serve`, `demo`, `queue`, `check-config`.
+//! The `tern` command: `serve`, `demo`, `queue`, `ctl`, `check-config`.
 //!
 //! Parses the command line, sets up logging, and hands over to the library. This file must
 //! stay thin: anything with logic lives in a module of its own.
@@ -6,8 +6,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use tern_engine::admin::LogLevelFn;
 use tern_engine::config::Config;
 use tern_engine::server::{self, Ready};
 use tern_engine::tls::Identity;
@@ -50,10 +52,15 @@ enum Cmd {
         #[arg(long = "log-format", value_name = "FORMAT")]
         log_format: Option<String>,
     },
-    /// Inspect the queue.
+    /// Inspect and manage the queue (live over the admin socket, or offline on a spool).
     Queue {
         #[command(subcommand)]
         command: queue_cli::QueueCmd,
+    },
+    /// Control a running server over its admin socket: status, reload, stop, log-level.
+    Ctl {
+        #[command(subcommand)]
+        command: tern_engine::admin::CtlCmd,
     },
     /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
     Passwd(tern_engine::users::cli::PasswdArgs),
@@ -74,21 +81,39 @@ enum Cmd {
     },
 }
 
-fn init_logging(log: &tern_engine::config::LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false);
-    let _ = if log.format == "json" {
-        builder.json().try_init()
-    } else {
-        builder
+/// Installs the log subscriber; returns the handle `tern ctl log-level` uses to swap
+/// its filter at run time (a `reload` layer around the `EnvFilter`).
+fn init_logging(log: &tern_engine::config::LogConfig) -> Option<LogLevelFn> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TERN_LOG")
+        .or_else(|_| EnvFilter::try_new(&log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let json = log.format == "json";
+    let json_layer = json.then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_target(false)
+    });
+    let text_layer = (!json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(false)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .try_init()
-    };
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(json_layer)
+        .with(text_layer)
+        .try_init()
+        .ok()?;
+    Some(Arc::new(move |level: &str| {
+        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log level {level:?}: {e}"))?;
+        handle.reload(f).map_err(|e| e.to_string())
+    }))
 }
 
 fn print_ready(r: &Ready) {
@@ -100,8 +125,14 @@ fn print_ready(r: &Ready) {
     let _ = out.flush();
 }
 
-fn serve(cfg: Config, identity: Identity, after_ready: impl FnOnce(&Ready)) -> ExitCode {
-    match server::run(cfg, identity, |r| {
+fn serve(
+    cfg: Config,
+    identity: Identity,
+    log_level: Option<LogLevelFn>,
+    after_ready: impl FnOnce(&Ready),
+) -> ExitCode {
+    let hooks = server::Hooks { log_level };
+    match server::run_with(cfg, identity, hooks, |r| {
         print_ready(r);
         after_ready(r);
     }) {
@@ -129,7 +160,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(78); // EX_CONFIG
                 }
             };
-            init_logging(&cfg.log);
+            let log_level = init_logging(&cfg.log);
             let identity = match (&cfg.tls.cert, &cfg.tls.key) {
                 (Some(c), Some(k)) => Identity::from_pem_files(c, k),
                 _ => {
@@ -146,7 +177,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(78);
                 }
             };
-            serve(cfg, identity, |_| {})
+            serve(cfg, identity, log_level, |_| {})
         }
         Cmd::Demo {
             dir,
@@ -161,13 +192,14 @@ fn main() -> ExitCode {
                     return ExitCode::from(78);
                 }
             };
-            init_logging(&prepared.config.log);
+            let log_level = init_logging(&prepared.config.log);
             let dir2 = dir.clone();
-            serve(prepared.config, prepared.identity, move |r| {
+            serve(prepared.config, prepared.identity, log_level, move |r| {
                 demo::print_banner(&dir2, r)
             })
         }
         Cmd::Queue { command } => queue_cli::run(command),
+        Cmd::Ctl { command } => tern_engine::admin::ctl(command),
         Cmd::Passwd(args) => tern_engine::users::cli::run(args),
         Cmd::Features { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => {

@@ -6,7 +6,8 @@
 //! over shards, a port 0 resolves to one real port for all of them, and binding errors are
 //! reported before anything runs (and, later, before privileges are dropped). Each shard
 //! then owns its sockets, its connections, its counters and its spool segments; the only
-//! cross-thread traffic is the stop message.
+//! cross-thread traffic is the stop message and the per-shard control channel (user-store
+//! reloads, admin-socket requests: see `admin.rs`).
 //!
 //! Must never: share mutable state between shards, or report "ready" before every shard
 //! has opened its spool and holds its listeners.
@@ -56,6 +57,8 @@ pub enum ServerError {
     Users(#[from] crate::users::UserDbError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("{0}")]
+    Admin(String),
 }
 
 /// One configured address, bound once per shard.
@@ -173,6 +176,11 @@ impl Shard {
         Ok(())
     }
 
+    /// Connections being served now.
+    pub fn connections(&self) -> usize {
+        self.connections.get()
+    }
+
     pub fn release_connection(&self, ip: IpAddr) {
         self.connections
             .set(self.connections.get().saturating_sub(1));
@@ -192,6 +200,30 @@ pub struct Ready {
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
 }
 
+/// What the CLI hands the server besides its configuration.
+#[derive(Default)]
+pub struct Hooks {
+    /// Changes the log filter at run time (`tern ctl log-level`).
+    pub log_level: Option<crate::admin::LogLevelFn>,
+}
+
+/// Sends the stop message to every shard, once, whoever asks first (a signal or the admin
+/// socket).
+#[derive(Clone)]
+struct Stopper(Arc<std::sync::Mutex<Option<Vec<oneshot::Sender<()>>>>>);
+
+impl Stopper {
+    /// False if the server was stopping already.
+    fn stop(&self) -> bool {
+        let stops = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let first = stops.is_some();
+        for s in stops.into_iter().flatten() {
+            let _ = s.send(());
+        }
+        first
+    }
+}
+
 /// Starts the server and blocks until it has stopped. `on_ready` is called once every
 /// shard is serving (the CLI prints the listening addresses there).
 pub fn run(
@@ -199,6 +231,21 @@ pub fn run(
     identity: Identity,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), ServerError> {
+    run_with(cfg, identity, Hooks::default(), on_ready)
+}
+
+/// [`run`] with hooks.
+pub fn run_with(
+    cfg: Config,
+    identity: Identity,
+    hooks: Hooks,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), ServerError> {
+    // First, so that a second server on the same configuration is told so before it
+    // binds anything (SO_REUSEPORT would let it share the ports). Removed on every return.
+    let mut admin_socket =
+        crate::admin::AdminSocket::bind(&cfg.admin_socket()).map_err(ServerError::Admin)?;
+    let started = std::time::Instant::now();
     let shards = cfg.shard_count();
     let listeners = bind_all(&cfg, shards)?;
     let ready_info = Ready {
@@ -279,10 +326,9 @@ pub fn run(
             }
         }
     }
+    let stopper = Stopper(Arc::new(std::sync::Mutex::new(Some(stops))));
     if let Some(e) = failure {
-        for s in stops {
-            let _ = s.send(());
-        }
+        stopper.stop();
         for h in handles {
             let _ = h.join();
         }
@@ -299,26 +345,40 @@ pub fn run(
     let sig_handle = signals.handle();
     let reload_cfg = cfg.clone();
     let reload_controls = controls.clone();
+    let sig_stopper = stopper.clone();
     std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
-            let mut stops = Some(stops);
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
                     tracing::info!("SIGHUP: reloading the user store");
-                    reload_users(&reload_cfg, &reload_controls);
+                    let _ = reload_users(&reload_cfg, &reload_controls);
                     continue;
                 }
                 tracing::info!(
                     signal = sig,
                     "stopping: no new connections, draining sessions"
                 );
-                for s in stops.take().into_iter().flatten() {
-                    let _ = s.send(());
-                }
+                sig_stopper.stop();
             }
         })
         .map_err(ServerError::Signals)?;
+    {
+        let reload_cfg = cfg.clone();
+        let reload_controls = controls.clone();
+        let admin_stopper = stopper.clone();
+        crate::admin::spawn(
+            &mut admin_socket,
+            crate::admin::AdminCtx {
+                controls: controls.clone(),
+                stop: Box::new(move || admin_stopper.stop()),
+                reload: Box::new(move || reload_users(&reload_cfg, &reload_controls)),
+                log_level: hooks.log_level,
+                started,
+            },
+        )
+        .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
+    }
     spawn_users_watcher(cfg.clone(), controls);
     on_ready(&ready_info);
     crate::sdnotify::notify("READY=1");
@@ -329,6 +389,7 @@ pub fn run(
         }
     }
     sig_handle.close();
+    drop(admin_socket);
     tracing::info!("stopped");
     Ok(())
 }
@@ -337,19 +398,32 @@ pub fn run(
 pub enum Control {
     /// A new user-store snapshot.
     Users(Arc<UserDb>),
+    /// A request from the admin socket; the shard answers on the channel.
+    Admin(
+        Arc<crate::admin::Request>,
+        std::sync::mpsc::Sender<crate::admin::ShardAnswer>,
+    ),
 }
 
 /// Loads the user store again and hands the new snapshot to every shard. A store that
 /// fails to load (bad mode, syntax) is reported and the old one stays in force.
-fn reload_users(cfg: &Config, controls: &[mpsc::UnboundedSender<Control>]) {
+fn reload_users(
+    cfg: &Config,
+    controls: &[mpsc::UnboundedSender<Control>],
+) -> Result<usize, String> {
     match load_users(cfg) {
         Ok(db) => {
+            let n = db.len();
             let db = Arc::new(db);
             for c in controls {
                 let _ = c.unbounded_send(Control::Users(db.clone()));
             }
+            Ok(n)
         }
-        Err(e) => tracing::error!(error = %e, "user store not reloaded; keeping the previous one"),
+        Err(e) => {
+            tracing::error!(error = %e, "user store not reloaded; keeping the previous one");
+            Err(format!("user store not reloaded: {e}"))
+        }
     }
 }
 
@@ -374,7 +448,7 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
             if now != last {
                 last = now;
                 tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
-                reload_users(&cfg, &controls);
+                let _ = reload_users(&cfg, &controls);
             }
         });
 }
@@ -545,13 +619,23 @@ async fn shard_main(
     }
     let _ = ready_tx.send((id, Ok(())));
 
-    // Control messages from the main side (reloads). Swapping the Arc is all a reload
-    // does: sessions in an exchange keep the snapshot they cloned.
+    // Control messages from the main side (reloads, admin requests). Swapping the Arc is
+    // all a reload does: sessions in an exchange keep the snapshot they cloned. An admin
+    // request runs in a task of its own, so a long one does not hold up a reload.
+    let control_shard = shard.clone();
     glommio::spawn_local(async move {
         while let Some(c) = control_rx.next().await {
             match c {
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
+                }
+                Control::Admin(req, reply) => {
+                    let shard = control_shard.clone();
+                    glommio::spawn_local(async move {
+                        let answer = crate::admin::on_shard(&shard, &req).await;
+                        let _ = reply.send((shard.id, answer));
+                    })
+                    .detach();
                 }
             }
         }

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use crate::client::{ClientOptions, Reply};
 use crate::commit::GroupCommit;
 use crate::route::{Destination, Dns, Router};
-use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState};
+use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
 use crate::{BodyType, Envelope, NOTIFY_DELAY, NOTIFY_NEVER};
 
 /// Settings of the runner (from the `[queue]` configuration).
@@ -533,5 +533,460 @@ impl Runner {
             },
             Err(e) => tracing::error!(orig = %env.id, error = %e, "cannot queue DSN"),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Queue tools (`tern queue ...` against a running server). Shard-local like the rest of
+// the runner: the engine's admin thread sends a request to every shard's control task,
+// which calls these and replies.
+// ---------------------------------------------------------------------------------------
+
+/// Where a queued message stands, as `tern queue list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsgState {
+    /// Being delivered now, or waiting for its first attempt.
+    Active,
+    /// Tried, and waiting for its next attempt.
+    Deferred,
+    /// On hold (`tern queue hold`): never tried until released.
+    Held,
+    /// Every recipient is final (only offline listings of `--all` show these).
+    Done,
+}
+
+impl MsgState {
+    pub fn of(q: &QueuedMessage, in_flight: bool) -> MsgState {
+        if q.is_finished() {
+            MsgState::Done
+        } else if q.held {
+            MsgState::Held
+        } else if in_flight || q.attempts == 0 {
+            MsgState::Active
+        } else {
+            MsgState::Deferred
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgState::Active => "active",
+            MsgState::Deferred => "deferred",
+            MsgState::Held => "held",
+            MsgState::Done => "done",
+        }
+    }
+}
+
+/// Which messages a queue tool applies to. Every given criterion must hold; an empty
+/// selection matches every message.
+#[derive(Debug, Clone, Default)]
+pub struct Select {
+    /// Exactly this queue id.
+    pub id: Option<String>,
+    /// The sender contains this (ASCII case-insensitive); "<>" matches the null sender.
+    pub sender_contains: Option<String>,
+    /// A *pending* recipient is in this domain (ASCII case-insensitive).
+    pub rcpt_domain: Option<String>,
+    /// Queued at least this long.
+    pub min_age: Option<Duration>,
+    /// Only messages in this state (`None`: any).
+    pub state: Option<MsgState>,
+}
+
+impl Select {
+    /// Whether the selection needs the envelope (sender or recipient addresses).
+    pub fn needs_envelope(&self) -> bool {
+        self.sender_contains.is_some() || self.rcpt_domain.is_some()
+    }
+
+    /// The criteria that need only the index entry.
+    pub fn matches_entry(&self, q: &QueuedMessage, in_flight: bool, now_micros: u64) -> bool {
+        if let Some(id) = &self.id {
+            if q.id != id.as_str() {
+                return false;
+            }
+        }
+        if let Some(min) = self.min_age {
+            if now_micros.saturating_sub(q.arrival_unix_micros) < min.as_micros() as u64 {
+                return false;
+            }
+        }
+        if let Some(st) = self.state {
+            if MsgState::of(q, in_flight) != st {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The criteria that need the envelope (`q` gives the recipients' states).
+    pub fn matches_envelope(&self, q: &QueuedMessage, env: &Envelope) -> bool {
+        if let Some(s) = &self.sender_contains {
+            let ok = if s == "<>" {
+                env.sender.is_empty()
+            } else {
+                env.sender
+                    .to_ascii_lowercase()
+                    .contains(&s.to_ascii_lowercase())
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if let Some(d) = &self.rcpt_domain {
+            let d = d.trim_start_matches('@');
+            let hit = env.recipients.iter().enumerate().any(|(i, r)| {
+                q.rcpt_states.get(i) == Some(RcptState::Pending)
+                    && r.addr
+                        .rsplit_once('@')
+                        .is_some_and(|(_, rd)| rd.eq_ignore_ascii_case(d))
+            });
+            if !hit {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// One message as the queue tools see it: the index entry and its envelope.
+#[derive(Debug, Clone)]
+pub struct QueueItem {
+    pub q: QueuedMessage,
+    pub in_flight: bool,
+    pub envelope: Envelope,
+}
+
+impl QueueItem {
+    pub fn state(&self) -> MsgState {
+        MsgState::of(&self.q, self.in_flight)
+    }
+    /// Addresses of the recipients still pending.
+    pub fn pending_recipients(&self) -> impl Iterator<Item = &str> + '_ {
+        self.envelope
+            .recipients
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.q.rcpt_states.get(*i) == Some(RcptState::Pending))
+            .map(|(_, r)| r.addr.as_str())
+    }
+}
+
+/// Result of an operation that changes messages (`delete`, `hold`, `release`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Messages the selection matched.
+    pub matched: usize,
+    /// Messages changed (the state record is durable).
+    pub changed: usize,
+    /// Matching messages in the middle of a delivery attempt, left alone: try again.
+    pub busy: usize,
+    /// Matching messages whose state record could not be written (logged).
+    pub failed: usize,
+}
+
+/// `tern queue stats` for one shard.
+#[derive(Debug, Clone, Default)]
+pub struct QueueStats {
+    pub messages: usize,
+    pub active: usize,
+    pub deferred: usize,
+    pub held: usize,
+    /// Pending recipients.
+    pub recipients: usize,
+    /// Sum of the message sizes (as stored, Received: header included).
+    pub bytes: u64,
+    pub oldest_arrival_unix_micros: Option<u64>,
+    /// Pending recipients per recipient domain (lower-cased).
+    pub domains: std::collections::BTreeMap<String, usize>,
+    /// Messages whose envelope could not be read (their sizes and domains are missing).
+    pub unreadable: usize,
+}
+
+/// What an admin change does to a message (live here, and offline in `tern queue`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminChange {
+    Hold,
+    Release,
+    /// Every pending recipient becomes Failed, without a bounce.
+    Delete,
+}
+
+impl AdminChange {
+    /// The state record that makes the change to `q`; `None` if there is nothing to do
+    /// (holding a held message, releasing one that is not held).
+    pub fn record(self, q: &QueuedMessage) -> Option<StateChange> {
+        match self {
+            AdminChange::Hold if q.held => None,
+            AdminChange::Release if !q.held => None,
+            AdminChange::Hold | AdminChange::Release => {
+                let mut c = q.change(Vec::new());
+                c.held = self == AdminChange::Hold;
+                Some(c)
+            }
+            AdminChange::Delete => {
+                let updates = q
+                    .rcpt_states
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| *s == RcptState::Pending)
+                    .map(|(i, _)| (i as u32, RcptState::Failed))
+                    .collect();
+                let mut c = q.change(updates);
+                c.last_reply = "deleted by the administrator".into();
+                Some(c)
+            }
+        }
+    }
+}
+
+impl Runner {
+    /// Deliveries in flight on this shard.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// References of the index entries that pass the entry-only criteria.
+    fn candidates(&self, sel: &Select) -> Vec<MsgRef> {
+        let now = now_micros();
+        let mut v: Vec<(u64, MsgRef)> = self
+            .index
+            .borrow()
+            .iter()
+            .filter(|(_, e)| sel.matches_entry(&e.q, e.in_flight, now))
+            .map(|(r, e)| (e.q.arrival_unix_micros, *r))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, r)| r).collect()
+    }
+
+    /// The item for `r` if it (still) matches `sel`; loads the envelope from the spool.
+    fn item(&self, r: MsgRef, sel: &Select) -> Option<QueueItem> {
+        let (q, in_flight) = {
+            let index = self.index.borrow();
+            let e = index.get(&r)?;
+            (e.q.clone(), e.in_flight)
+        };
+        let envelope = match self.commit.with_spool(|s| s.load(r)) {
+            Ok((env, _)) => env,
+            Err(e) => {
+                tracing::warn!(shard = self.shard, id = %q.id, error = %e, "queue tools: cannot load envelope");
+                return None;
+            }
+        };
+        sel.matches_envelope(&q, &envelope).then_some(QueueItem {
+            q,
+            in_flight,
+            envelope,
+        })
+    }
+
+    /// The shard's messages matching `sel`, oldest first, with their envelopes.
+    // XXX: `ShardSpool::load` verifies the body checksum too, so listing reads every
+    // listed body once (from the page cache, usually). An envelope-only load in spool.rs
+    // would make this cheaper for large queues.
+    pub async fn list(&self, sel: &Select) -> Vec<QueueItem> {
+        let mut out = Vec::new();
+        for r in self.candidates(sel) {
+            if let Some(it) = self.item(r, sel) {
+                out.push(it);
+            }
+            // Long listings must not starve the shard's sessions.
+            glommio::yield_if_needed().await;
+        }
+        out
+    }
+
+    /// One message by queue id, with up to `body_cap` bytes of its body if asked.
+    pub fn show(&self, id: &str, body_cap: Option<usize>) -> Option<(QueueItem, Option<Bytes>)> {
+        let sel = Select {
+            id: Some(id.to_string()),
+            ..Select::default()
+        };
+        let r = *self.candidates(&sel).first()?;
+        let item = self.item(r, &sel)?;
+        let body = body_cap.and_then(|cap| {
+            self.commit
+                .with_spool(|s| s.load(r))
+                .ok()
+                .map(|(_, b)| b.slice(..b.len().min(cap)))
+        });
+        Some((item, body))
+    }
+
+    /// Makes the matching messages (not held, not in flight) due now. With an empty
+    /// selection this is [`Runner::flush`]. Returns how many.
+    pub async fn flush_matching(&self, sel: &Select) -> usize {
+        if sel.id.is_none() && !sel.needs_envelope() && sel.min_age.is_none() {
+            return self.flush();
+        }
+        let mut due = Vec::new();
+        for r in self.candidates(sel) {
+            let busy = self
+                .index
+                .borrow()
+                .get(&r)
+                .is_none_or(|e| e.in_flight || e.q.held);
+            if busy {
+                continue;
+            }
+            if !sel.needs_envelope() || self.item(r, sel).is_some() {
+                due.push(r);
+            }
+            glommio::yield_if_needed().await;
+        }
+        for r in &due {
+            self.reschedule(*r, 0);
+        }
+        self.kick();
+        due.len()
+    }
+
+    /// Deletes the matching messages: every pending recipient becomes Failed, *without*
+    /// a bounce (the operator decided), durably, and the message leaves the queue.
+    pub async fn delete(&self, sel: &Select) -> Changed {
+        self.admin_change(sel, AdminChange::Delete).await
+    }
+
+    /// Puts the matching messages on hold: they stay queued but are never tried.
+    pub async fn hold(&self, sel: &Select) -> Changed {
+        self.admin_change(sel, AdminChange::Hold).await
+    }
+
+    /// Releases held messages: they are tried at their next attempt time (at once if it
+    /// has passed).
+    pub async fn release(&self, sel: &Select) -> Changed {
+        self.admin_change(sel, AdminChange::Release).await
+    }
+
+    /// Counts of the shard's queue. Loads every envelope (sizes, domains).
+    pub async fn stats(&self) -> QueueStats {
+        let mut st = QueueStats::default();
+        let all = Select::default();
+        for r in self.candidates(&all) {
+            let Some((q, in_flight)) = self
+                .index
+                .borrow()
+                .get(&r)
+                .map(|e| (e.q.clone(), e.in_flight))
+            else {
+                continue;
+            };
+            st.messages += 1;
+            match MsgState::of(&q, in_flight) {
+                MsgState::Held => st.held += 1,
+                MsgState::Deferred => st.deferred += 1,
+                _ => st.active += 1,
+            }
+            st.recipients += q.rcpt_states.pending_count();
+            st.oldest_arrival_unix_micros = Some(
+                st.oldest_arrival_unix_micros
+                    .map_or(q.arrival_unix_micros, |o| o.min(q.arrival_unix_micros)),
+            );
+            match self.item(r, &all) {
+                Some(it) => {
+                    st.bytes += it.envelope.size;
+                    for a in it.pending_recipients() {
+                        let d = a.rsplit_once('@').map_or("", |(_, d)| d);
+                        *st.domains.entry(d.to_ascii_lowercase()).or_default() += 1;
+                    }
+                }
+                None => st.unreadable += 1,
+            }
+            glommio::yield_if_needed().await;
+        }
+        st
+    }
+
+    /// Moves `r` in the schedule to `due` (u64::MAX: never).
+    fn reschedule(&self, r: MsgRef, due: u64) {
+        let mut sched = self.schedule.borrow_mut();
+        sched.retain(|(_, x)| *x != r);
+        sched.insert((due, r));
+    }
+
+    /// Hold, release or delete: claim each matching message (so no attempt starts on it),
+    /// write its state records in one group commit, then change the index. A message in
+    /// the middle of an attempt is left alone and counted as busy: its attempt writes a
+    /// state record of its own, which would otherwise race with ours.
+    async fn admin_change(&self, sel: &Select, what: AdminChange) -> Changed {
+        let mut out = Changed::default();
+        // 1. Select (envelopes only when the selection needs them).
+        let mut refs = Vec::new();
+        for r in self.candidates(sel) {
+            if sel.needs_envelope() {
+                if self.item(r, sel).is_none() {
+                    continue;
+                }
+                glommio::yield_if_needed().await;
+            }
+            refs.push(r);
+        }
+        // 2. Claim and build the changes; nothing awaits from here to the commit.
+        let mut changes = Vec::new();
+        for r in refs {
+            let mut index = self.index.borrow_mut();
+            let Some(e) = index.get_mut(&r) else { continue };
+            out.matched += 1;
+            if e.in_flight {
+                out.busy += 1;
+                continue;
+            }
+            let Some(c) = what.record(&e.q) else { continue };
+            e.in_flight = true; // claimed: the run loop and flush skip it
+            changes.push(c);
+        }
+        // 3. Durable first: every record in one batch (one fdatasync).
+        let commits = changes.iter().map(|c| {
+            let prepared = self.commit.with_spool(|s| s.prepare_state(c));
+            async move {
+                match prepared {
+                    Ok(w) => self.commit.commit(w).await.map(|_| ()),
+                    Err(e) => Err(e),
+                }
+            }
+        });
+        let results = futures::future::join_all(commits).await;
+        // 4. Then the index (and the spool's finished mark for deletions).
+        for (c, res) in changes.iter().zip(results) {
+            let r = c.msg;
+            let finished = {
+                let mut index = self.index.borrow_mut();
+                let Some(e) = index.get_mut(&r) else { continue };
+                e.in_flight = false;
+                match &res {
+                    Ok(()) => {
+                        let _ = e.q.apply(c);
+                        out.changed += 1;
+                        tracing::info!(shard = self.shard, id = %c.id, action = ?what, "queue: changed by the administrator");
+                    }
+                    Err(err) => {
+                        out.failed += 1;
+                        tracing::error!(shard = self.shard, id = %c.id, error = %err, action = ?what, "queue: cannot record the change");
+                    }
+                }
+                if e.q.is_finished() {
+                    index.remove(&r);
+                    true
+                } else {
+                    let due = if e.q.held {
+                        u64::MAX
+                    } else {
+                        e.q.next_attempt_unix
+                    };
+                    drop(index);
+                    self.reschedule(r, due);
+                    false
+                }
+            };
+            if finished {
+                self.schedule.borrow_mut().retain(|(_, x)| *x != r);
+                if let Err(e) = self.commit.with_spool(|s| s.finished(r)) {
+                    tracing::warn!(id = %c.id, error = %e, "spool did not take the finished mark");
+                }
+            }
+        }
+        self.kick();
+        out
     }
 }

@@ -1,0 +1,802 @@
+//! The admin socket: `tern queue ...` and `tern ctl ...` against a running server.
+//!
+//! NAME
+//!   admin — a local control socket, its server thread and its client.
+//!
+//! DESCRIPTION
+//!   The server listens on a Unix stream socket (`admin.socket`, by default `admin.sock`
+//!   in the spool directory), served by one dedicated std thread of the main process,
+//!   one connection at a time. A connection carries exactly one exchange:
+//!
+//!   ```text
+//!   client → {"op":"list","state":"held"}\n        one JSON object on one line
+//!   server → {"ok":true,"items":[...]}\n            one JSON object, then close
+//!   ```
+//!
+//!   Operations: `list`, `show`, `flush`, `delete`, `hold`, `release`, `stats` (queue,
+//!   answered by every shard and merged here), `status`, `reload`, `stop`, `log-level`
+//!   (server). Failures are `{"ok":false,"error":"..."}`. Queue operations travel to the
+//!   shards through their control channels (`server::Control::Admin`); each shard's
+//!   control task runs them on its own thread against its own `Runner`, and answers on a
+//!   std channel with a JSON value. No shard state is ever touched from this thread.
+//!
+//! SECURITY
+//!   The socket is created with mode 0600 (umask 0177 around bind(2), then chmod), so only
+//!   the server's owner (and root) can connect; every connection's peer credentials
+//!   (SO_PEERCRED) are checked again: uid 0 or the server's effective uid. Requests are
+//!   one line of at most 64 KiB, read with a timeout, so a stuck client cannot hold the
+//!   thread. Nothing here is reachable from the network.
+//!
+//! DIAGNOSTICS
+//!   A second server on the same socket is refused at start-up (the socket answers); a
+//!   stale socket file (nobody answers) is removed; a path that exists but is not a
+//!   socket is never removed.
+//!
+//! CONFIGURATION PARAMETERS
+//!   `admin.socket`.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::channel::mpsc;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tern_queue::runner::{MsgState, QueueItem, Select};
+use tern_queue::RcptState;
+
+use crate::server::{Control, Shard};
+
+/// Longest request line.
+const MAX_REQUEST: u64 = 64 * 1024;
+/// `show --body` returns at most this much of the body.
+pub const BODY_CAP: usize = 1 << 20;
+/// How long the admin thread waits for all shards to answer one request.
+const SHARD_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which messages a queue operation applies to (the wire form of `runner::Select`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Filter {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Sender contains this ("<>": the null sender).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// A pending recipient is in this domain.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub older_than_secs: Option<u64>,
+    /// "active", "deferred", "held" or "all" (absent: all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.id.is_none()
+            && self.from.is_none()
+            && self.to_domain.is_none()
+            && self.older_than_secs.is_none()
+            && self.state.as_deref().is_none_or(|s| s == "all")
+    }
+
+    pub fn to_select(&self) -> Result<Select, String> {
+        let state = match self.state.as_deref() {
+            None | Some("all") => None,
+            Some("active") => Some(MsgState::Active),
+            Some("deferred") => Some(MsgState::Deferred),
+            Some("held") => Some(MsgState::Held),
+            Some(s) => {
+                return Err(format!(
+                    "unknown state {s:?} (expected active, deferred, held or all)"
+                ))
+            }
+        };
+        Ok(Select {
+            id: self.id.clone(),
+            sender_contains: self.from.clone(),
+            rcpt_domain: self.to_domain.clone(),
+            min_age: self.older_than_secs.map(Duration::from_secs),
+            state,
+        })
+    }
+}
+
+/// One request on the admin socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    List(Filter),
+    Show {
+        id: String,
+        #[serde(default)]
+        body: bool,
+    },
+    Flush(Filter),
+    Delete(Filter),
+    Hold(Filter),
+    Release(Filter),
+    Stats,
+    Status,
+    Reload,
+    Stop,
+    LogLevel {
+        level: String,
+    },
+}
+
+/// A shard's answer to one request: its id and a JSON value (or an error).
+pub type ShardAnswer = (usize, Result<Value, String>);
+
+/// Changes the tracing filter at run time (`tern ctl log-level`); set up by main.rs.
+pub type LogLevelFn = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+// ---------------------------------------------------------------------------------------
+// Server side: the socket
+// ---------------------------------------------------------------------------------------
+
+/// The bound admin socket. Dropping it removes the socket file (if it is still ours).
+pub struct AdminSocket {
+    path: PathBuf,
+    ino: u64,
+    listener: Option<UnixListener>,
+}
+
+impl AdminSocket {
+    /// Binds `path` mode 0600. Refuses when another server answers there; removes a stale
+    /// socket file; never removes anything that is not a socket.
+    pub fn bind(path: &Path) -> Result<AdminSocket, String> {
+        let shown = path.display();
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(format!("admin socket {shown} exists and is not a socket"));
+            }
+            match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(format!(
+                    "another server answers on the admin socket {shown} (is tern already running?)"
+                ))
+                }
+                Err(_) => {
+                    tracing::info!(socket = %shown, "removing a stale admin socket");
+                    std::fs::remove_file(path)
+                        .map_err(|e| format!("cannot remove stale admin socket {shown}: {e}"))?;
+                }
+            }
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        // The socket's mode comes from the umask at bind(2): no window in which another
+        // user could connect. umask is process-wide; this runs before any shard starts.
+        // SAFETY: umask(2) cannot fail and touches no memory.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(|e| format!("cannot bind admin socket {shown}: {e}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| format!("cannot chmod admin socket {shown}: {e}"))?;
+        let ino = std::fs::symlink_metadata(path)
+            .map(|m| m.ino())
+            .map_err(|e| format!("admin socket {shown}: {e}"))?;
+        Ok(AdminSocket {
+            path: path.to_path_buf(),
+            ino,
+            listener: Some(listener),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        // Only our own socket: a newer server may have replaced it meanwhile.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.ino) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What the admin thread needs from the server.
+pub struct AdminCtx {
+    pub controls: Vec<mpsc::UnboundedSender<Control>>,
+    /// Stops the server (what SIGTERM does); false if it was stopping already.
+    pub stop: Box<dyn Fn() -> bool + Send>,
+    /// Reloads the user store (what SIGHUP does): the number of users, or why not.
+    pub reload: Box<dyn Fn() -> Result<usize, String> + Send>,
+    pub log_level: Option<LogLevelFn>,
+    pub started: Instant,
+}
+
+/// Starts the admin thread on `sock`'s listener.
+pub fn spawn(sock: &mut AdminSocket, ctx: AdminCtx) -> std::io::Result<()> {
+    let Some(listener) = sock.listener.take() else {
+        return Ok(());
+    };
+    let path = sock.path.clone();
+    std::thread::Builder::new()
+        .name("tern-admin".into())
+        .spawn(move || {
+            let level = Mutex::new(None::<String>);
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if let Err(e) = serve_one(&ctx, &level, conn) {
+                    tracing::warn!(socket = %path.display(), error = %e, "admin request failed");
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// The peer's uid (SO_PEERCRED).
+fn peer_uid(s: &UnixStream) -> std::io::Result<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: cred and len are valid for writing and sized for SO_PEERCRED.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cred.uid)
+}
+
+fn serve_one(
+    ctx: &AdminCtx,
+    level: &Mutex<Option<String>>,
+    conn: UnixStream,
+) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let uid = peer_uid(&conn)?;
+    // SAFETY: geteuid(2) cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut w = &conn;
+    if uid != 0 && uid != me {
+        tracing::warn!(uid, "admin socket: connection from another user refused");
+        return writeln!(w, "{}", json!({"ok": false, "error": "permission denied"}));
+    }
+    let mut line = String::new();
+    BufReader::new(&conn)
+        .take(MAX_REQUEST)
+        .read_line(&mut line)?;
+    let (answer, stop) = match serde_json::from_str::<Request>(line.trim()) {
+        Ok(req) => {
+            tracing::debug!(request = ?req, "admin request");
+            let stop = matches!(req, Request::Stop);
+            (handle(ctx, level, req), stop)
+        }
+        Err(e) => (Err(format!("bad request: {e}")), false),
+    };
+    let v = match answer {
+        Ok(Value::Object(mut m)) => {
+            m.insert("ok".into(), Value::Bool(true));
+            Value::Object(m)
+        }
+        Ok(v) => json!({"ok": true, "result": v}),
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let r = writeln!(w, "{v}");
+    // Answer first, then stop: the client learns that the stop was taken.
+    if stop {
+        tracing::info!("stop requested on the admin socket: no new connections, draining sessions");
+        (ctx.stop)();
+    }
+    r
+}
+
+fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result<Value, String> {
+    match req {
+        Request::Stop => Ok(json!({"stopping": true})),
+        Request::Reload => {
+            tracing::info!("reload requested on the admin socket: reloading the user store");
+            (ctx.reload)().map(|n| json!({"users": n}))
+        }
+        Request::LogLevel { level: l } => {
+            let f = ctx
+                .log_level
+                .as_ref()
+                .ok_or("this server cannot change its log level")?;
+            f(&l)?;
+            tracing::info!(level = %l, "log level changed on the admin socket");
+            *level.lock().unwrap_or_else(|e| e.into_inner()) = Some(l.clone());
+            Ok(json!({"level": l}))
+        }
+        Request::Delete(ref f) if f.id.is_none() && f.from.is_none() && f.to_domain.is_none() => {
+            Err("delete needs a queue id, a sender or a recipient domain".into())
+        }
+        Request::Hold(ref f) | Request::Release(ref f) if f.is_empty() => {
+            Err("hold/release need a selection (a queue id)".into())
+        }
+        req => {
+            let answers = ask_shards(&ctx.controls, &req)?;
+            let mut v = merge(&req, answers)?;
+            if let (Request::Status, Value::Object(m)) = (&req, &mut v) {
+                m.insert("pid".into(), json!(std::process::id()));
+                m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
+                m.insert("uptime_secs".into(), json!(ctx.started.elapsed().as_secs()));
+                let l = level.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                m.insert("log_level".into(), json!(l));
+            }
+            Ok(v)
+        }
+    }
+}
+
+/// Sends `req` to every shard and collects their answers (in shard order).
+fn ask_shards(
+    controls: &[mpsc::UnboundedSender<Control>],
+    req: &Request,
+) -> Result<Vec<Value>, String> {
+    let req = Arc::new(req.clone());
+    let (tx, rx) = std::sync::mpsc::channel::<ShardAnswer>();
+    for c in controls {
+        c.unbounded_send(Control::Admin(req.clone(), tx.clone()))
+            .map_err(|_| "the server is stopping".to_string())?;
+    }
+    drop(tx);
+    let deadline = Instant::now() + SHARD_TIMEOUT;
+    let mut got: Vec<(usize, Value)> = Vec::with_capacity(controls.len());
+    while got.len() < controls.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((shard, Ok(v))) => got.push((shard, v)),
+            Ok((shard, Err(e))) => return Err(format!("shard {shard}: {e}")),
+            Err(_) => return Err("a shard did not answer in time (or is stopping)".into()),
+        }
+    }
+    got.sort_by_key(|(s, _)| *s);
+    Ok(got.into_iter().map(|(_, v)| v).collect())
+}
+
+fn add_counts(into: &mut Map<String, Value>, from: &Value, keys: &[&str]) {
+    for k in keys {
+        let a = into.get(*k).and_then(Value::as_u64).unwrap_or(0);
+        let b = from.get(*k).and_then(Value::as_u64).unwrap_or(0);
+        into.insert((*k).to_string(), json!(a + b));
+    }
+}
+
+/// Merges the shards' answers into one.
+fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
+    Ok(match req {
+        Request::List(_) => {
+            let mut items: Vec<Value> = answers
+                .into_iter()
+                .filter_map(|mut a| a.get_mut("items").map(Value::take))
+                .flat_map(|v| match v {
+                    Value::Array(a) => a,
+                    _ => Vec::new(),
+                })
+                .collect();
+            items.sort_by_key(|i| {
+                (
+                    i.get("arrival_unix_micros").and_then(Value::as_u64),
+                    i.get("id").and_then(Value::as_str).map(str::to_string),
+                )
+            });
+            json!({ "items": items })
+        }
+        Request::Show { .. } => {
+            let item = answers
+                .into_iter()
+                .filter_map(|mut a| a.get_mut("item").map(Value::take))
+                .find(|v| !v.is_null())
+                .unwrap_or(Value::Null);
+            json!({ "item": item })
+        }
+        Request::Flush(_) => {
+            let mut m = Map::new();
+            for a in &answers {
+                add_counts(&mut m, a, &["flushed"]);
+            }
+            Value::Object(m)
+        }
+        Request::Delete(_) | Request::Hold(_) | Request::Release(_) => {
+            let mut m = Map::new();
+            for a in &answers {
+                add_counts(&mut m, a, &["matched", "changed", "busy", "failed"]);
+            }
+            Value::Object(m)
+        }
+        Request::Stats => {
+            let mut m = Map::new();
+            let mut domains = std::collections::BTreeMap::<String, u64>::new();
+            let mut oldest: Option<u64> = None;
+            for a in &answers {
+                add_counts(
+                    &mut m,
+                    a,
+                    &[
+                        "messages",
+                        "active",
+                        "deferred",
+                        "held",
+                        "recipients",
+                        "bytes",
+                        "unreadable",
+                    ],
+                );
+                if let Some(o) = a.get("oldest_arrival_unix_micros").and_then(Value::as_u64) {
+                    oldest = Some(oldest.map_or(o, |x| x.min(o)));
+                }
+                if let Some(Value::Object(d)) = a.get("domains") {
+                    for (k, v) in d {
+                        *domains.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+                    }
+                }
+            }
+            m.insert("oldest_arrival_unix_micros".into(), json!(oldest));
+            m.insert("domains".into(), json!(domains));
+            Value::Object(m)
+        }
+        Request::Status => json!({ "shards": answers }),
+        Request::Reload | Request::Stop | Request::LogLevel { .. } => {
+            return Err("not a shard request".into())
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Shard side
+// ---------------------------------------------------------------------------------------
+
+/// Answers one request on the shard's thread (called by the shard's control task).
+pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
+    let runner = shard.store.runner();
+    Ok(match req {
+        Request::List(f) => {
+            let items: Vec<Value> = runner
+                .list(&f.to_select()?)
+                .await
+                .iter()
+                .map(|it| item_json(it, false))
+                .collect();
+            json!({ "items": items })
+        }
+        Request::Show { id, body } => {
+            let item = runner
+                .show(id, body.then_some(BODY_CAP))
+                .map(|(it, b)| show_json(&it, b.as_deref()));
+            json!({ "item": item })
+        }
+        Request::Flush(f) => json!({ "flushed": runner.flush_matching(&f.to_select()?).await }),
+        Request::Delete(f) => changed_json(runner.delete(&f.to_select()?).await),
+        Request::Hold(f) => changed_json(runner.hold(&f.to_select()?).await),
+        Request::Release(f) => changed_json(runner.release(&f.to_select()?).await),
+        Request::Stats => {
+            let s = runner.stats().await;
+            json!({
+                "messages": s.messages,
+                "active": s.active,
+                "deferred": s.deferred,
+                "held": s.held,
+                "recipients": s.recipients,
+                "bytes": s.bytes,
+                "unreadable": s.unreadable,
+                "oldest_arrival_unix_micros": s.oldest_arrival_unix_micros,
+                "domains": s.domains,
+            })
+        }
+        Request::Status => json!({
+            "shard": shard.id,
+            "connections": shard.connections(),
+            "queued": runner.len(),
+            "in_flight": runner.in_flight(),
+        }),
+        Request::Reload | Request::Stop | Request::LogLevel { .. } => {
+            return Err("not a shard request".into())
+        }
+    })
+}
+
+fn changed_json(c: tern_queue::runner::Changed) -> Value {
+    json!({"matched": c.matched, "changed": c.changed, "busy": c.busy, "failed": c.failed})
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// One message as `tern queue list --json` prints it (live and offline alike).
+/// `all`: list every recipient, final ones marked "(delivered)"/"(failed)".
+pub fn item_json(it: &QueueItem, all: bool) -> Value {
+    let e = &it.envelope;
+    let q = &it.q;
+    let recipients: Vec<String> = e
+        .recipients
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match (q.rcpt_states.get(i), all) {
+            (Some(RcptState::Pending), _) => Some(r.addr.clone()),
+            (Some(RcptState::Delivered), true) => Some(format!("{} (delivered)", r.addr)),
+            (Some(RcptState::Failed), true) => Some(format!("{} (failed)", r.addr)),
+            _ => None,
+        })
+        .collect();
+    json!({
+        "id": q.id.as_str(),
+        "shard": q.msg.shard,
+        "size": e.size,
+        "arrival_unix_micros": q.arrival_unix_micros,
+        "age_secs": now_micros().saturating_sub(q.arrival_unix_micros) / 1_000_000,
+        "sender": if e.sender.is_empty() { "<>" } else { e.sender.as_str() },
+        "recipients": recipients,
+        "state": it.state().name(),
+        "held": q.held,
+        "in_flight": it.in_flight,
+        "attempts": q.attempts,
+        "next_attempt_unix": q.next_attempt_unix,
+        "last_reply": q.last_reply.as_deref(),
+    })
+}
+
+/// One message as `tern queue show --json` prints it: the list fields, every recipient
+/// with its state and DSN parameters, the rest of the envelope, and the body if asked.
+pub fn show_json(it: &QueueItem, body: Option<&[u8]>) -> Value {
+    let e = &it.envelope;
+    let mut v = item_json(it, false);
+    let rcpts: Vec<Value> = e
+        .recipients
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let st = match it.q.rcpt_states.get(i) {
+                Some(RcptState::Pending) => "pending",
+                Some(RcptState::Delivered) => "delivered",
+                Some(RcptState::Failed) => "failed",
+                None => "unknown",
+            };
+            json!({"addr": r.addr, "state": st, "notify": r.notify, "orcpt": r.orcpt})
+        })
+        .collect();
+    if let Value::Object(m) = &mut v {
+        m.insert("segment".into(), json!(it.q.msg.segment));
+        m.insert("offset".into(), json!(it.q.msg.offset));
+        m.insert("all_recipients".into(), Value::Array(rcpts));
+        m.insert("body_type".into(), json!(format!("{:?}", e.body_type)));
+        m.insert("smtputf8".into(), json!(e.smtputf8));
+        m.insert("ret".into(), json!(e.ret.map(|r| format!("{r:?}"))));
+        m.insert("envid".into(), json!(e.envid));
+        m.insert("auth".into(), json!(e.auth));
+        m.insert("client_helo".into(), json!(e.client_helo));
+        m.insert("client_addr".into(), json!(e.client_addr));
+        m.insert("warned".into(), json!(it.q.warned));
+        if let Some(b) = body {
+            // XXX: a body that is not UTF-8 (8BITMIME in another charset, BINARYMIME) is
+            // shown with replacement characters; `body_bytes` is the exact length.
+            m.insert("body".into(), json!(String::from_utf8_lossy(b)));
+            m.insert("body_truncated".into(), json!((b.len() as u64) < e.size));
+        }
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// Client side
+// ---------------------------------------------------------------------------------------
+
+/// Why a request on the admin socket did not get an answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody listens there (no socket file, or a stale one).
+    #[error("no server answers on {path}: {source}")]
+    NoServer {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("permission denied on {path} (the admin socket is for the server's owner and root)")]
+    Denied { path: PathBuf },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("admin socket {path}: bad answer: {message}")]
+    Protocol { path: PathBuf, message: String },
+    /// The server answered `ok: false`.
+    #[error("{0}")]
+    Server(String),
+}
+
+impl ClientError {
+    /// sysexits.h code for this error.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::NoServer { .. } => 69, // EX_UNAVAILABLE
+            ClientError::Denied { .. } => 77,   // EX_NOPERM
+            ClientError::Io { .. } => 74,       // EX_IOERR
+            ClientError::Protocol { .. } => 76, // EX_PROTOCOL
+            ClientError::Server(_) => 70,       // EX_SOFTWARE
+        }
+    }
+}
+
+/// Connects to the admin socket (`NoServer` when nobody answers).
+pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
+    UnixStream::connect(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => ClientError::Denied {
+            path: path.to_path_buf(),
+        },
+        _ => ClientError::NoServer {
+            path: path.to_path_buf(),
+            source,
+        },
+    })
+}
+
+/// Sends one request on a connected socket and returns the answer (without `ok`).
+pub fn call_on(path: &Path, conn: UnixStream, req: &Request) -> Result<Value, ClientError> {
+    let io = |source| ClientError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    conn.set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(io)?;
+    conn.set_read_timeout(Some(SHARD_TIMEOUT + Duration::from_secs(10)))
+        .map_err(io)?;
+    let line = serde_json::to_string(req).map_err(|e| ClientError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let mut w = &conn;
+    writeln!(w, "{line}").map_err(io)?;
+    let mut answer = String::new();
+    BufReader::new(&conn)
+        .take(256 << 20)
+        .read_to_string(&mut answer)
+        .map_err(io)?;
+    let mut v: Value = serde_json::from_str(answer.trim()).map_err(|e| ClientError::Protocol {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    match v.get("ok").and_then(Value::as_bool) {
+        Some(true) => {
+            if let Value::Object(m) = &mut v {
+                m.remove("ok");
+            }
+            Ok(v)
+        }
+        _ => Err(ClientError::Server(
+            v.get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("request failed")
+                .to_string(),
+        )),
+    }
+}
+
+/// Connects and sends one request.
+pub fn call(path: &Path, req: &Request) -> Result<Value, ClientError> {
+    let conn = connect(path)?;
+    call_on(path, conn, req)
+}
+
+// ---------------------------------------------------------------------------------------
+// `tern ctl`
+// ---------------------------------------------------------------------------------------
+
+/// Where `tern ctl` goes: `--socket`, or the admin socket of `--config` (or defaults).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CtlTarget {
+    /// The server's admin socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file naming admin.socket (default: built-in defaults).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum CtlCmd {
+    /// Shards, connections and queue sizes per shard.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Reload the user store (what SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Stop gracefully (what SIGTERM does): no new connections, sessions drain.
+    Stop {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Change the log filter at run time, e.g. debug, info, "info,tern_queue=debug".
+    LogLevel {
+        level: String,
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+}
+
+/// `tern ctl ...`.
+pub fn ctl(cmd: CtlCmd) -> std::process::ExitCode {
+    let (target, req, json) = match cmd {
+        CtlCmd::Status { json, target } => (target, Request::Status, json),
+        CtlCmd::Reload { target } => (target, Request::Reload, false),
+        CtlCmd::Stop { target } => (target, Request::Stop, false),
+        CtlCmd::LogLevel { level, target } => (target, Request::LogLevel { level }, false),
+    };
+    let path = match target.socket {
+        Some(p) => p,
+        None => match crate::config::Config::load(target.config.as_deref(), &[]) {
+            Ok(c) => c.admin_socket(),
+            Err(e) => {
+                eprintln!("tern ctl: {e}");
+                return std::process::ExitCode::from(78); // EX_CONFIG
+            }
+        },
+    };
+    let v = match call(&path, &req) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tern ctl: {e}");
+            return std::process::ExitCode::from(e.exit_code());
+        }
+    };
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    match req {
+        _ if json => println!("{v}"),
+        Request::Status => {
+            let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            println!(
+                "tern {} pid {} up {}s, {} shards, log level {}",
+                v["version"].as_str().unwrap_or("?"),
+                n(&v, "pid"),
+                n(&v, "uptime_secs"),
+                shards.len(),
+                v["log_level"].as_str().unwrap_or("(as configured)")
+            );
+            println!(
+                "{:>5} {:>11} {:>9} {:>9}",
+                "SHARD", "CONNECTIONS", "QUEUED", "SENDING"
+            );
+            for s in &shards {
+                println!(
+                    "{:>5} {:>11} {:>9} {:>9}",
+                    n(s, "shard"),
+                    n(s, "connections"),
+                    n(s, "queued"),
+                    n(s, "in_flight")
+                );
+            }
+        }
+        Request::Reload => println!("user store reloaded: {} user(s)", n(&v, "users")),
+        Request::Stop => println!("stopping: no new connections, sessions draining"),
+        Request::LogLevel { .. } => {
+            println!("log level: {}", v["level"].as_str().unwrap_or("?"))
+        }
+        _ => println!("{v}"),
+    }
+    std::process::ExitCode::SUCCESS
+}
