@@ -1,0 +1,496 @@
+#!/usr/bin/env bash
+# bench/run.sh — tern (and, with --with-postfix, Postfix) as an authenticated relay to the
+# tern-loadgen measuring sink, on loopback, side by side.
+#
+#   bench/run.sh [--with-postfix] [--duration S] [--warmup S] [--quick] [--report FILE]
+#                [--no-build] [--keep] [--smoke]
+#
+# Scenarios (each bounded: warm-up + duration seconds, default 1 + 10):
+#   auth  CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN after STARTTLS (with TLS
+#         session resumption as the client offers it, and with --no-resume)  -c 32
+#   relay 2 KiB messages, AUTH CRAM-MD5, 100 msgs/connection, pipelined, -c 64
+#   relay 2 KiB, same, open loop at $RATE msgs/s (default 500): latency at equal load
+#   relay 100 KiB messages, same, -c 16
+# For every run: ops/s, latency percentiles (loadgen), end-to-end relay latency at the sink
+# (relay runs), and server CPU per op (utime+stime from /proc before/after; for Postfix the
+# master, every live child and the master's reaped children (cutime+cstime)). Relay runs
+# count CPU until the sink has received every accepted message.
+#
+# Postfix (--with-postfix, needs root): installed from Debian's packages if missing,
+# configured from bench/postfix/ into /etc/postfix (the previous main.cf/master.cf are
+# restored at exit), Cyrus SASL with sasldb (user demo/demo, realm localhost), smtpd on
+# 127.0.0.1:$PF_PORT (default 10587), STARTTLS with tern demo's certificate, relayhost = the
+# sink. Postfix is stopped at exit whatever happens.
+#
+# Output: one JSON per run and a markdown table in $WORK (printed at the end; --report FILE
+# copies it). Everything started here is stopped at exit.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WITH_POSTFIX=0
+DURATION=10
+WARMUP=1
+BUILD=1
+KEEP=0
+QUICK=0
+SMOKE=0   # --smoke: a tiny load (20 ops at concurrency 2 per run) to check the wiring
+REPORT=""
+PF_PORT=${PF_PORT:-10587}
+RATE=${RATE:-500}   # offered load (msgs/s) of the open-loop relay run
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --with-postfix) WITH_POSTFIX=1 ;;
+        --duration) DURATION=$2; shift ;;
+        --warmup) WARMUP=$2; shift ;;
+        --quick) QUICK=1 ;;
+        --smoke) SMOKE=1 ;;
+        --report) REPORT=$2; shift ;;
+        --no-build) BUILD=0 ;;
+        --keep) KEEP=1 ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+if awk "BEGIN{exit !($DURATION > 10)}"; then
+    echo "--duration is capped at 10 s" >&2; exit 2
+fi
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+TERN=$TARGET_DIR/release/tern
+LG=$TARGET_DIR/release/tern-loadgen
+if [ $BUILD = 1 ]; then
+    (cd "$ROOT" && cargo build --release -p tern-engine -p tern-loadgen --bin tern --bin tern-loadgen)
+fi
+
+WORK=$(mktemp -d /tmp/tern-bench.XXXXXX)
+RES=$WORK/results
+mkdir -p "$RES"
+CLK_TCK=$(getconf CLK_TCK)
+PIDS=()
+PF_STARTED=0
+PF_BACKUP=""
+
+log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
+
+cleanup() {
+    set +e
+    for p in "${PIDS[@]}"; do
+        kill -TERM "$p" 2>/dev/null
+    done
+    for p in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null
+    done
+    if [ $PF_STARTED = 1 ]; then postfix_stop; fi
+    if [ -n "$PF_BACKUP" ]; then
+        for f in main.cf master.cf sasl/smtpd.conf; do
+            if [ -e "$PF_BACKUP/$f" ]; then cp -p "$PF_BACKUP/$f" "/etc/postfix/$f"
+            else rm -f "/etc/postfix/$f"; fi
+        done
+    fi
+    if [ $KEEP = 0 ]; then
+        find "$WORK" -mindepth 1 -maxdepth 1 ! -name results -exec rm -rf {} +
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+forget_pid() {
+    local keep=() p
+    for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
+
+# wait_for FILE REGEX [SECONDS]: until a line of FILE matches; prints the line.
+wait_for() {
+    local i
+    for i in $(seq $(( ${3:-20} * 10 ))); do
+        if grep -Eq "$2" "$1" 2>/dev/null; then grep -E "$2" "$1" | head -1; return 0; fi
+        sleep 0.1
+    done
+    echo "timed out waiting for /$2/ in $1" >&2
+    cat "$1" >&2 || true
+    return 1
+}
+
+# --- CPU accounting -------------------------------------------------------------------
+# ticks PID: utime+stime (+cutime+cstime with a 2nd arg) of one process, in clock ticks.
+ticks() {
+    local s
+    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+    s=${s##*) }   # fields from 3 (state) on: utime = 12th, stime 13th, cutime 14th, cstime 15th
+    # shellcheck disable=SC2086
+    set -- $s
+    echo "${12} ${13} ${14} ${15}"
+}
+# server_cpu: seconds of CPU used so far by the server under test (SERVER_KIND, SERVER_PID).
+server_cpu() {
+    local total=0 t pid
+    if [ "$SERVER_KIND" = tern ]; then
+        read -r -a t <<<"$(ticks "$SERVER_PID")"
+        total=$(( ${t[0]:-0} + ${t[1]:-0} ))
+    else
+        # Postfix: the master (and, via cutime/cstime, every child it has reaped) plus
+        # every live child of the master.
+        read -r -a t <<<"$(ticks "$SERVER_PID")"
+        total=$(( ${t[0]:-0} + ${t[1]:-0} + ${t[2]:-0} + ${t[3]:-0} ))
+        for pid in $(ps -o pid= --ppid "$SERVER_PID"); do
+            read -r -a t <<<"$(ticks "$pid")"
+            total=$(( total + ${t[0]:-0} + ${t[1]:-0} ))
+        done
+    fi
+    awk "BEGIN{printf \"%.3f\", $total / $CLK_TCK}"
+}
+
+# --- sink ----------------------------------------------------------------------------
+SINK_PID=""; SINK_PORT=""; SINK_NAME=""
+sink_start() {
+    SINK_NAME=$1
+    "$LG" sink --listen 127.0.0.1:0 --json >"$RES/sink-$1.json" 2>"$WORK/sink-$1.err" &
+    SINK_PID=$!
+    PIDS+=("$SINK_PID")
+    local l
+    l=$(wait_for "$WORK/sink-$1.err" '^listening: ')
+    SINK_PORT=${l##*:}
+    log "sink $1 on 127.0.0.1:$SINK_PORT"
+}
+sink_total() {
+    local l
+    l=$(grep -E 'total [0-9]+' "$WORK/sink-$SINK_NAME.err" 2>/dev/null | tail -1)
+    echo "${l##*total }" | tr -dc 0-9
+}
+# sink_drain N: wait (up to 60 s) until the sink has received N messages.
+sink_drain() {
+    local i n
+    for i in $(seq 600); do
+        n=$(sink_total); n=${n:-0}
+        [ "$n" -ge "$1" ] && return 0
+        sleep 0.1
+    done
+    log "sink $SINK_NAME: only ${n:-0} of $1 messages arrived within 60 s"
+}
+sink_stop() {
+    kill -TERM "$SINK_PID" 2>/dev/null || true
+    wait "$SINK_PID" 2>/dev/null || true
+    forget_pid "$SINK_PID"
+}
+
+# --- tern ------------------------------------------------------------------------------
+TERN_DIR=$WORK/tern
+tern_start() {   # tern_start NAME SINKPORT
+    mkdir -p "$TERN_DIR"
+    "$TERN" demo --dir "$TERN_DIR" \
+        --set "spool.dir=\"$WORK/spool-$1\"" \
+        --set 'listeners.smtp=["127.0.0.1:0"]' \
+        --set 'listeners.submission=["127.0.0.1:0"]' \
+        --set 'listeners.smtps=["127.0.0.1:0"]' \
+        --set "queue.routes={\"*\"=\"smtp:[127.0.0.1]:$2\"}" \
+        --set 'queue.starttls="never"' \
+        >"$WORK/tern-$1.log" 2>&1 &
+    SERVER_PID=$!
+    SERVER_KIND=tern
+    PIDS+=("$SERVER_PID")
+    wait_for "$WORK/tern-$1.log" '^ready: ' >/dev/null
+    local l
+    l=$(wait_for "$WORK/tern-$1.log" '^listening: submission ')
+    TARGET=${l##* }
+    log "tern ($1) pid $SERVER_PID, submission on $TARGET"
+}
+tern_stop() {
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    forget_pid "$SERVER_PID"
+}
+
+# --- Postfix ---------------------------------------------------------------------------
+postfix_install() {
+    if command -v postfix >/dev/null && command -v saslpasswd2 >/dev/null \
+        && ls /usr/lib/*/sasl2/libcrammd5.so >/dev/null 2>&1; then
+        return 0
+    fi
+    log "installing postfix, sasl2-bin, libsasl2-modules (Debian packages)"
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    echo "postfix postfix/mailname string localhost" | debconf-set-selections
+    apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix sasl2-bin libsasl2-modules >/dev/null
+}
+postfix_configure() {   # postfix_configure SINKPORT
+    local cert=$TERN_DIR/cert.pem key=$TERN_DIR/key.pem
+    if [ -z "$PF_BACKUP" ]; then
+        PF_BACKUP=$WORK/postfix-backup
+        mkdir -p "$PF_BACKUP/sasl"
+        for f in main.cf master.cf sasl/smtpd.conf; do
+            [ -e "/etc/postfix/$f" ] && cp -p "/etc/postfix/$f" "$PF_BACKUP/$f"
+        done
+    fi
+    sed -e "s|@SINKPORT@|$1|g" -e "s|@CERT@|$cert|g" -e "s|@KEY@|$key|g" \
+        -e "s|@MAILLOG@|/var/log/postfix-bench.log|g" \
+        "$ROOT/bench/postfix/main.cf.in" >/etc/postfix/main.cf
+    sed -e "s|@LISTEN@|127.0.0.1:$PF_PORT|g" "$ROOT/bench/postfix/master.cf.in" >/etc/postfix/master.cf
+    mkdir -p /etc/postfix/sasl
+    cp "$ROOT/bench/postfix/smtpd.conf" /etc/postfix/sasl/smtpd.conf
+    echo demo | saslpasswd2 -c -p -u localhost demo
+    chown root:sasl /etc/sasldb2 && chmod 640 /etc/sasldb2
+    id -nG postfix | grep -qw sasl || usermod -a -G sasl postfix
+    postfix check
+}
+postfix_start() {   # postfix_start NAME SINKPORT
+    postfix_configure "$2"
+    postsuper -d ALL >/dev/null 2>&1 || true
+    postfix start >/dev/null 2>&1
+    PF_STARTED=1
+    local i
+    for i in $(seq 100); do
+        [ -s /var/spool/postfix/pid/master.pid ] && break; sleep 0.1
+    done
+    SERVER_PID=$(tr -dc 0-9 </var/spool/postfix/pid/master.pid)
+    SERVER_KIND=postfix
+    for i in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$PF_PORT") 2>/dev/null && break; sleep 0.1
+    done
+    TARGET=127.0.0.1:$PF_PORT
+    log "postfix ($1) master pid $SERVER_PID on $TARGET, relayhost [127.0.0.1]:$2"
+}
+postfix_stop() {
+    local i mp
+    mp=$(tr -dc 0-9 </var/spool/postfix/pid/master.pid 2>/dev/null || true)
+    postfix stop >/dev/null 2>&1 || true
+    for i in $(seq 100); do   # until the master and all its children are gone
+        [ -n "$mp" ] || break
+        kill -0 "$mp" 2>/dev/null || [ -n "$(ps -o pid= --ppid "$mp")" ] || break
+        sleep 0.1
+    done
+    postsuper -d ALL >/dev/null 2>&1 || true
+    PF_STARTED=0
+}
+
+server_start() { if [ "$1" = tern ]; then tern_start "$2" "$3"; else postfix_start "$2" "$3"; fi; }
+server_stop() { if [ "$1" = tern ]; then tern_stop; else postfix_stop; fi; }
+
+# --- runs ------------------------------------------------------------------------------
+# run SERVER NAME DRAIN(0|1) loadgen-args...: one loadgen run; writes $RES/SERVER-NAME.json
+# and $RES/SERVER-NAME.cpu ("cpu_s ops").
+run() {
+    local server=$1 name=$2 drain=$3; shift 3
+    local out=$RES/$server-$name.json c0 c1 n
+    log "$server $name: tern-loadgen $* -t $TARGET"
+    echo "tern-loadgen $* --warmup $WARMUP -d $DURATION --json -t <$server>" >"$RES/$server-$name.cmd"
+    c0=$(server_cpu)
+    local t0 t1
+    t0=$(date +%s.%N)
+    local extra=()
+    if [ $SMOKE = 1 ]; then extra=(-n 20 --cores 1); fi
+    "$LG" "$@" "${extra[@]}" -t "$TARGET" --warmup "$WARMUP" -d "$DURATION" --json -q >"$out" 2>"$WORK/$server-$name.err" || {
+        log "$server $name: loadgen failed"; cat "$WORK/$server-$name.err" >&2; }
+    n=$(jq -r '(.ok // 0) + (.warmup_ok // 0)' "$out" 2>/dev/null || echo 0)
+    if [ "$drain" = 1 ]; then sink_drain "$n"; fi
+    c1=$(server_cpu)
+    t1=$(date +%s.%N)
+    # cpu before, cpu after, messages/ops (warm-up included), wall time from the start of
+    # the run to the last message at the sink (relay runs).
+    echo "$c0 $c1 $n $(awk "BEGIN{print $t1 - $t0}")" >"$RES/$server-$name.cpu"
+    log "$server $name: $(jq -r '"\(.throughput|floor) \(.unit)/s, ok \(.ok), failed \(.failed) \(.errors.by_kind)"' "$out" 2>/dev/null)"
+}
+
+SERVERS=(tern)
+if [ $WITH_POSTFIX = 1 ]; then
+    [ "$(id -u)" = 0 ] || { echo "--with-postfix needs root" >&2; exit 2; }
+    postfix_install
+    SERVERS+=(postfix)
+fi
+
+# tern demo creates the certificate once; Postfix uses the same one.
+for server in "${SERVERS[@]}"; do
+    # AUTH handshakes.
+    sink_start "$server-auth"
+    server_start "$server" auth "$SINK_PORT"
+    AUTHC=(-c 32); [ $SMOKE = 1 ] && AUTHC=(-c 2)
+    run "$server" auth-cram-md5 0 auth --mech CRAM-MD5 "${AUTHC[@]}"
+    run "$server" auth-digest-md5 0 auth --mech DIGEST-MD5 "${AUTHC[@]}"
+    run "$server" auth-scram-sha-256 0 auth --mech SCRAM-SHA-256 "${AUTHC[@]}"
+    run "$server" auth-plain-starttls 0 auth --mech PLAIN --starttls --cacert "$TERN_DIR/cert.pem" "${AUTHC[@]}"
+    if [ $QUICK = 0 ]; then
+        run "$server" auth-plain-starttls-full 0 auth --mech PLAIN --starttls --no-resume --cacert "$TERN_DIR/cert.pem" "${AUTHC[@]}"
+    fi
+    server_stop "$server"
+    sink_stop
+
+    # Durable relay: fresh server and sink per size.
+    # "rate" = open loop at a fixed offered load (coordinated-omission corrected latency),
+    # below both servers' saturation, so that acceptance latency is compared at equal load.
+    RELAYS=("2k 2048 64 -")
+    [ $QUICK = 0 ] && RELAYS+=("2k-rate$RATE 2048 64 $RATE" "100k 102400 16 -")
+    for r in "${RELAYS[@]}"; do
+        read -r tag size conc rate <<<"$r"
+        [ $SMOKE = 1 ] && conc=2
+        local_rate=()
+        [ "$rate" != - ] && local_rate=(--rate "$rate")
+        sink_start "$server-relay-$tag"
+        server_start "$server" "relay-$tag" "$SINK_PORT"
+        run "$server" "relay-$tag" 1 relay --mech CRAM-MD5 --size "$size" --msgs-per-conn 100 \
+            --pipeline -c "$conc" "${local_rate[@]}" --to 'user{n}@example.net'
+        server_stop "$server"
+        sink_stop
+        cp "$RES/sink-$server-relay-$tag.json" "$RES/$server-relay-$tag.sink.json"
+    done
+done
+
+# --- report ----------------------------------------------------------------------------
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), kernel $(uname -r)"
+    echo "tern: $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo "?")"
+    if [ $WITH_POSTFIX = 1 ]; then
+        echo "postfix: $(postconf -h mail_version 2>/dev/null), Cyrus SASL $(dpkg-query -W -f '${Version}' libsasl2-2 2>/dev/null), OpenSSL $(openssl version 2>/dev/null | cut -d' ' -f2)"
+    fi
+    echo "runs: warm-up ${WARMUP} s + ${DURATION} s each"
+} >"$RES/meta.txt"
+RATE=$RATE python3 - "$RES" >"$RES/report.md" <<'PYEOF'
+import json, os, sys
+res = sys.argv[1]
+def load(name):
+    try:
+        with open(os.path.join(res, name)) as f:
+            return json.load(f)
+    except Exception:
+        return None
+def cpu(server, name):
+    try:
+        c0, c1, n = open(os.path.join(res, f"{server}-{name}.cpu")).read().split()[:3]
+        c0, c1, n = float(c0), float(c1), int(n)
+        return (c1 - c0) / n * 1e6 if n else None
+    except Exception:
+        return None
+servers = ["tern"] + (["postfix"] if os.path.exists(os.path.join(res, "postfix-auth-cram-md5.json")) else [])
+rows = []
+def fmt(v, nd=0):
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    return f"{v:,.{nd}f}"
+def ratio(a, b, higher_better=True):
+    if a is None or b is None or a == 0 or b == 0:
+        return "n/a"
+    r = a / b if higher_better else b / a
+    return f"{r:.1f}x"
+def row(label, key, name, field, nd=0, higher=True, target=None):
+    vals = []
+    for s in servers:
+        r = load(f"{s}-{name}.json")
+        v = None
+        if r is not None and r.get("ok", 0) > 0:
+            if field == "throughput":
+                v = r["throughput"]
+            elif field.startswith("lat:"):
+                _, metric, pct = field.split(":")
+                v = r["latency_ms"].get(metric, {}).get(pct)
+            elif field == "cpu":
+                v = cpu(s, name)
+            elif field == "delivered":
+                try:
+                    f = open(os.path.join(res, f"{s}-{name}.cpu")).read().split()
+                    sk = load(f"{s}-{name}.sink.json")
+                    v = sk["messages"] / float(f[3])
+                except Exception:
+                    v = None
+            elif field.startswith("sink:"):
+                sk = load(f"{s}-{name}.sink.json")
+                v = (sk or {}).get("relay_latency_ms", {}) or {}
+                v = v.get(field.split(":")[1])
+        vals.append(v)
+    cells = [label] + [fmt(v, nd) for v in vals]
+    if len(servers) == 2:
+        cells.append(ratio(vals[0], vals[1], higher))
+    if target is not None:
+        cells.append(target(vals))
+    else:
+        cells.append("")
+    rows.append(cells)
+def tgt_ratio(x):
+    def f(vals):
+        if len(vals) < 2 or not vals[0] or not vals[1]:
+            return f">= {x}x: not measured"
+        r = vals[0] / vals[1]
+        return f">= {x}x: {'met' if r >= x else 'NOT met'}"
+    return f
+def tgt_p99(vals):
+    if vals[0] is None:
+        return "< 5 ms: not measured"
+    return f"< 5 ms: {'met' if vals[0] < 5 else 'NOT met'}"
+row("AUTH CRAM-MD5, handshakes/s (c=32)", None, "auth-cram-md5", "throughput", target=tgt_ratio(10))
+row("  handshake p50 / p99, ms", None, "auth-cram-md5", "lat:handshake:p50", 2, False)
+rows[-1][0] = "  CRAM-MD5 handshake p50, ms"
+row("  CRAM-MD5 handshake p99, ms", None, "auth-cram-md5", "lat:handshake:p99", 2, False)
+row("  CRAM-MD5 server CPU per handshake, µs", None, "auth-cram-md5", "cpu", 0, False)
+row("AUTH DIGEST-MD5, handshakes/s (c=32)", None, "auth-digest-md5", "throughput")
+row("  DIGEST-MD5 handshake p99, ms", None, "auth-digest-md5", "lat:handshake:p99", 2, False)
+row("  DIGEST-MD5 server CPU per handshake, µs", None, "auth-digest-md5", "cpu", 0, False)
+row("AUTH SCRAM-SHA-256, handshakes/s (c=32)", None, "auth-scram-sha-256", "throughput")
+row("  SCRAM-SHA-256 server CPU per handshake, µs", None, "auth-scram-sha-256", "cpu", 0, False)
+row("STARTTLS + AUTH PLAIN, handshakes/s (c=32, resumption offered)", None, "auth-plain-starttls", "throughput", target=tgt_ratio(3))
+row("  STARTTLS+PLAIN handshake p99, ms", None, "auth-plain-starttls", "lat:handshake:p99", 2, False)
+row("  STARTTLS+PLAIN server CPU per handshake, µs", None, "auth-plain-starttls", "cpu", 0, False)
+row("STARTTLS + AUTH PLAIN, full TLS handshakes/s (--no-resume)", None, "auth-plain-starttls-full", "throughput")
+row("  full-handshake server CPU per handshake, µs", None, "auth-plain-starttls-full", "cpu", 0, False)
+row("Relay 2 KiB, msgs/s accepted (c=64, pipelined, 100/conn)", None, "relay-2k", "throughput", target=tgt_ratio(5))
+row("  2 KiB acceptance p50, ms", None, "relay-2k", "lat:accept:p50", 2, False)
+row("  2 KiB acceptance p99, ms", None, "relay-2k", "lat:accept:p99", 2, False, target=tgt_p99)
+row("  2 KiB accepted and delivered to the sink, msgs/s (run start to last arrival)", None, "relay-2k", "delivered")
+row("  2 KiB end-to-end (sink) p50, ms", None, "relay-2k", "sink:p50", 1, False)
+row("  2 KiB end-to-end (sink) p99, ms", None, "relay-2k", "sink:p99", 1, False)
+row("  2 KiB server CPU per message (accept + relay), µs", None, "relay-2k", "cpu", 0, False)
+rate = os.environ.get("RATE", "500")
+row(f"Relay 2 KiB, open loop at {rate} msgs/s offered: msgs/s accepted", None, f"relay-2k-rate{rate}", "throughput")
+row(f"  2 KiB @ {rate}/s acceptance p50, ms (from intended start)", None, f"relay-2k-rate{rate}", "lat:accept:p50", 2, False)
+row(f"  2 KiB @ {rate}/s acceptance p99, ms (from intended start)", None, f"relay-2k-rate{rate}", "lat:accept:p99", 2, False, target=tgt_p99)
+row(f"  2 KiB @ {rate}/s end-to-end (sink) p50, ms", None, f"relay-2k-rate{rate}", "sink:p50", 1, False)
+row(f"  2 KiB @ {rate}/s end-to-end (sink) p99, ms", None, f"relay-2k-rate{rate}", "sink:p99", 1, False)
+row(f"  2 KiB @ {rate}/s server CPU per message (accept + relay), µs", None, f"relay-2k-rate{rate}", "cpu", 0, False)
+row("Relay 100 KiB, msgs/s accepted (c=16)", None, "relay-100k", "throughput")
+row("  100 KiB acceptance p50, ms", None, "relay-100k", "lat:accept:p50", 2, False)
+row("  100 KiB acceptance p99, ms", None, "relay-100k", "lat:accept:p99", 2, False)
+row("  100 KiB accepted and delivered to the sink, msgs/s (run start to last arrival)", None, "relay-100k", "delivered")
+row("  100 KiB end-to-end (sink) p50, ms", None, "relay-100k", "sink:p50", 1, False)
+row("  100 KiB end-to-end (sink) p99, ms", None, "relay-100k", "sink:p99", 1, False)
+row("  100 KiB server CPU per message (accept + relay), µs", None, "relay-100k", "cpu", 0, False)
+hdr = ["metric"] + servers + (["tern / Postfix"] if len(servers) == 2 else []) + ["issue target"]
+print(open(os.path.join(res, "meta.txt")).read().rstrip().replace("\n", "  \n"))
+print()
+print("| " + " | ".join(hdr) + " |")
+print("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 2) + ["---"]) + "|")
+for r in rows:
+    print("| " + " | ".join(r) + " |")
+print()
+print("Errors and TLS handshakes per run:")
+print()
+for s in servers:
+    for name in ["auth-cram-md5", "auth-digest-md5", "auth-scram-sha-256", "auth-plain-starttls",
+                 "auth-plain-starttls-full", "relay-2k", f"relay-2k-rate{rate}", "relay-100k"]:
+        r = load(f"{s}-{name}.json")
+        if r is None:
+            continue
+        sk = load(f"{s}-{name}.sink.json")
+        extra = f", sink received {sk['messages']}" if sk else ""
+        tls = (f", TLS full {r['tls_full_handshakes']} resumed {r['tls_resumed_handshakes']}"
+               if r["tls_full_handshakes"] or r["tls_resumed_handshakes"] else "")
+        err = f", errors {r['errors']['by_kind']} {r['errors']['by_code']}" if r["failed"] else ""
+        print(f"- {s} {name}: ok {r['ok']} (+{r['warmup_ok']} warm-up), failed {r['failed']}{tls}{extra}{err}"
+              + (f", open loop: {r['unstarted']} intended starts never started" if r.get("mode") == "open" else ""))
+print()
+print("Commands (target = tern's submission listener or Postfix's 127.0.0.1 smtpd):")
+print()
+print("```")
+for s in servers:
+    for name in ["auth-cram-md5", "auth-digest-md5", "auth-scram-sha-256", "auth-plain-starttls",
+                 "auth-plain-starttls-full", "relay-2k", f"relay-2k-rate{rate}", "relay-100k"]:
+        p = os.path.join(res, f"{s}-{name}.cmd")
+        if os.path.exists(p):
+            print(open(p).read().strip())
+    break
+print("```")
+PYEOF
+cat "$RES/report.md"
+if [ -n "$REPORT" ]; then cp "$RES/report.md" "$REPORT"; fi
+log "results in $RES"
