@@ -135,6 +135,10 @@ pub struct AuthConfig {
     pub tarpit: Duration,
     /// Listener roles that require AUTH before MAIL (530 5.7.0): "submission", "smtps", "smtp".
     pub require_on: Vec<String>,
+    /// Mechanisms whose authenticated sessions may relay to any domain (sendmail's
+    /// TRUST_AUTH_MECH). A session authenticated otherwise is treated as unauthenticated
+    /// for relaying. Default: all of them.
+    pub relay_mechanisms: Vec<String>,
     /// Failed AUTHs from one client IP (all shards together) within `ip_failure_window`
     /// after which AUTH from that IP gets 454 4.7.0 for `ip_block`.
     pub ip_failure_limit: u32,
@@ -157,6 +161,9 @@ impl Default for AuthConfig {
             max_failures: 3,
             tarpit: Duration::from_millis(500),
             require_on: Vec::new(),
+            relay_mechanisms: ["CRAM-MD5", "DIGEST-MD5", "SCRAM-SHA-256", "PLAIN", "LOGIN"]
+                .map(String::from)
+                .to_vec(),
             ip_failure_limit: 10,
             ip_failure_window: Duration::from_secs(600),
             ip_block: Duration::from_secs(900),
@@ -437,7 +444,12 @@ impl Config {
                 "tls.cert and tls.key must be given together".into(),
             ));
         }
-        for m in &self.auth.mechanisms {
+        for m in self
+            .auth
+            .mechanisms
+            .iter()
+            .chain(&self.auth.relay_mechanisms)
+        {
             if crate::sasl::Mechanism::from_name(m).is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "auth.mechanisms: unknown mechanism {m:?} (expected CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN, LOGIN)"

@@ -563,6 +563,12 @@ async fn shard_main(
             .iter()
             .filter_map(|m| Mechanism::from_name(m))
             .collect();
+        let relay_mechanisms: Vec<Mechanism> = cfg
+            .auth
+            .relay_mechanisms
+            .iter()
+            .filter_map(|m| Mechanism::from_name(m))
+            .collect();
         // One SASL state per shard: its own nonces, its own snapshot handle.
         let auth_shared = Rc::new(AuthShared {
             users: RefCell::new(users.clone()),
@@ -572,6 +578,7 @@ async fn shard_main(
         let auth_for = |kind: ListenerKind| {
             (!mechanisms.is_empty()).then(|| AuthSetup {
                 mechanisms: mechanisms.clone(),
+                relay_mechanisms: relay_mechanisms.clone(),
                 allow_plaintext_without_tls: cfg.auth.allow_plaintext_without_tls,
                 allow_authzid: cfg.auth.allow_authzid,
                 max_failures: cfg.auth.max_failures,

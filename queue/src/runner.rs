@@ -315,12 +315,23 @@ impl Runner {
 
         let age = Duration::from_micros(now_micros().saturating_sub(env.arrival_unix_micros));
         let mut outcomes: Vec<(usize, Outcome)> = Vec::with_capacity(pending.len());
-        if age >= self.cfg.max_age {
+        // RFC 2852 DELIVERBY: the by-time counts from arrival. In R mode the message is
+        // returned once it has passed; in N mode the sender is told (a delay DSN) and
+        // delivery goes on.
+        let by_deadline = env.deliver_by.map(|b| {
+            let arrival = (env.arrival_unix_micros / 1_000_000) as i64;
+            (arrival.saturating_add(b.seconds).max(0) as u64, b.mode)
+        });
+        let by_expired_return =
+            by_deadline.is_some_and(|(d, m)| m == crate::DeliverByMode::Return && now_unix() >= d);
+        if age >= self.cfg.max_age || by_expired_return {
+            let why = if by_expired_return {
+                "delivery time (DELIVERBY) expired"
+            } else {
+                "delivery time expired"
+            };
             for &i in &pending {
-                outcomes.push((
-                    i,
-                    Outcome::Failed(Reply::local(554, (5, 4, 7), "delivery time expired"), None),
-                ));
+                outcomes.push((i, Outcome::Failed(Reply::local(554, (5, 4, 7), why), None)));
             }
         } else {
             outcomes = self.deliver(&env, &body, &pending).await;
@@ -363,14 +374,26 @@ impl Runner {
             .any(|(_, o)| matches!(o, Outcome::Deferred(_)));
         change.last_reply = last;
         change.next_attempt_unix = if still_pending {
-            now_unix() + self.backoff(change.attempts).as_secs()
+            let next = now_unix() + self.backoff(change.attempts).as_secs();
+            // Come back exactly at a DELIVERBY deadline still ahead of us.
+            match by_deadline {
+                Some((d, _)) if d > now_unix() => next.min(d),
+                _ => next,
+            }
         } else {
             0
         };
+        let by_notify_due =
+            by_deadline.is_some_and(|(d, m)| m == crate::DeliverByMode::Notify && now_unix() >= d);
 
         // Delay warning (RFC 3461 NOTIFY=DELAY), once.
         if still_pending && !q.warned {
-            if let Some(w) = self.cfg.delay_warning {
+            let warn_after = if by_notify_due {
+                Some(Duration::ZERO)
+            } else {
+                self.cfg.delay_warning
+            };
+            if let Some(w) = warn_after {
                 if age >= w {
                     let delayed: Vec<(usize, Reply, Option<String>)> = outcomes
                         .iter()

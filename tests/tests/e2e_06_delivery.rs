@@ -279,3 +279,49 @@ fn etrn_starts_a_queue_run() {
     let r = c.cmd("ETRN demo.test");
     assert!(r.code == 251 || r.code == 250, "{r:?}");
 }
+
+#[test]
+fn deliverby_return_mode_bounces_at_the_deadline() {
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    // The relay delivers its own bounces (to demo.test) into its Maildir; everything else
+    // goes to a next hop that is down.
+    let dir = tempfile::tempdir().unwrap();
+    let routes = format!(
+        r#"queue.routes={{"demo.test"="maildir:{}/maildir","*"="smtp:[127.0.0.1]:{down}"}}"#,
+        dir.path().display()
+    );
+    let relay = Server::start(
+        Some(dir.path()),
+        &[
+            &routes,
+            r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+            "queue.retry_interval=1h",
+            "queue.connect_timeout=1s",
+        ],
+    );
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<s@demo.test> BY=2;R", 250, "2.1.0");
+    c.expect("RCPT TO:<far@elsewhere.example>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: by\r\n\r\nx\r\n.\r\n");
+    c.read_reply().check(250, "2.0.0");
+    // The first attempt fails (next hop down); the runner comes back at the deadline,
+    // although the retry interval is an hour, and returns the message.
+    wait_for("the DELIVERBY bounce", Duration::from_secs(15), || {
+        maildir(dir.path())
+            .iter()
+            .any(|(_, c)| c.contains("multipart/report"))
+    });
+    let got = maildir(dir.path());
+    let dsn = &got
+        .iter()
+        .find(|(_, c)| c.contains("multipart/report"))
+        .unwrap()
+        .1;
+    assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
+    assert!(dsn.contains("far@elsewhere.example"));
+}

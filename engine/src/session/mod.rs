@@ -81,6 +81,8 @@ pub struct SessionConfig {
 #[derive(Debug)]
 pub struct AuthSetup {
     pub mechanisms: Vec<Mechanism>,
+    /// Mechanisms trusted for relaying (TRUST_AUTH_MECH).
+    pub relay_mechanisms: Vec<Mechanism>,
     pub allow_plaintext_without_tls: bool,
     pub allow_authzid: bool,
     pub max_failures: u32,
@@ -254,6 +256,8 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     authenticated: Option<String>,
+    /// Whether the mechanism used is trusted for relaying (TRUST_AUTH_MECH).
+    auth_trusted: bool,
     txn: Option<Transaction>,
     state: State,
     errors: u32,
@@ -274,6 +278,7 @@ impl Session {
             helo: None,
             esmtp: false,
             authenticated: None,
+            auth_trusted: false,
             txn: None,
             state: State::Command,
             errors: 0,
@@ -345,6 +350,7 @@ impl Session {
         self.helo = None;
         self.esmtp = false;
         self.authenticated = None;
+        self.auth_trusted = false;
         self.txn = None;
         self.state = State::Command;
     }
@@ -745,7 +751,7 @@ impl Session {
         if !self
             .cfg
             .policy
-            .may_relay(self.peer.ip(), self.authenticated.is_some(), domain)
+            .may_relay(self.peer.ip(), self.auth_trusted, domain)
         {
             return self.error(
                 out,
@@ -1100,6 +1106,11 @@ impl Session {
     fn auth_ok(&mut self, identity: String, mech: Mechanism, out: &mut BytesMut) {
         tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), user = %identity, "auth ok");
         self.authenticated = Some(identity);
+        self.auth_trusted = self
+            .cfg
+            .auth
+            .as_ref()
+            .is_some_and(|a| a.relay_mechanisms.contains(&mech));
         self.state = State::Command;
         reply::line(out, 235, "2.7.0", "Authentication successful");
     }
