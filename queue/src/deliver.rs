@@ -8,12 +8,16 @@
 //! connection problem into a bounce, or block the shard (maildir writes run on the
 //! blocking thread, DNS on the resolver thread, `route::Dns`).
 
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{connect, ClientError, Reply};
+use crate::client::{connect, ClientError, Connection, Reply, Stage};
 use crate::dsn::{DsnKind, DsnStatus};
 use crate::route::Destination;
 use crate::runner::{Outcome, RunnerConfig};
@@ -22,6 +26,7 @@ use crate::Envelope;
 /// Delivers recipients `idx` of `env` to `dest`.
 pub(crate) async fn to_destination(
     cfg: &RunnerConfig,
+    pool: &ConnPool,
     dest: &Destination,
     env: &Envelope,
     body: &Bytes,
@@ -31,12 +36,12 @@ pub(crate) async fn to_destination(
         Destination::Maildir(path) => to_maildir(cfg, path, env, body, idx).await,
         Destination::Smtp { host, port, mx, .. } => {
             if *mx {
-                via_mx(cfg, host, *port, env, body, idx).await
+                via_mx(cfg, pool, host, *port, env, body, idx).await
             } else {
-                to_smtp(cfg, std::slice::from_ref(host), *port, env, body, idx).await
+                to_smtp(cfg, pool, std::slice::from_ref(host), *port, env, body, idx).await
             }
         }
-        Destination::Mx(domain) => via_mx(cfg, domain, cfg.mx_port, env, body, idx).await,
+        Destination::Mx(domain) => via_mx(cfg, pool, domain, cfg.mx_port, env, body, idx).await,
     }
 }
 
@@ -44,6 +49,7 @@ pub(crate) async fn to_destination(
 /// NXDOMAIN, no mail host) fails the recipients; any other DNS trouble defers them.
 async fn via_mx(
     cfg: &RunnerConfig,
+    pool: &ConnPool,
     domain: &str,
     port: u16,
     env: &Envelope,
@@ -51,7 +57,7 @@ async fn via_mx(
     idx: &[usize],
 ) -> Vec<(usize, Outcome)> {
     match cfg.dns.mx_hosts(domain).await {
-        Ok(mx) => to_smtp(cfg, &mx.hosts, port, env, body, idx).await,
+        Ok(mx) => to_smtp(cfg, pool, &mx.hosts, port, env, body, idx).await,
         Err(e) => {
             let text = e.to_string();
             let outcome = match e.permanent() {
@@ -122,6 +128,7 @@ fn reply_line(r: &Reply) -> String {
 
 async fn to_smtp(
     cfg: &RunnerConfig,
+    pool: &ConnPool,
     hosts: &[String],
     port: u16,
     env: &Envelope,
@@ -142,18 +149,29 @@ async fn to_smtp(
             if opts.server_name.is_none() && host.parse::<std::net::IpAddr>().is_err() {
                 opts.server_name = Some(host.clone());
             }
-            let mut conn = match connect(addr, &opts).await {
-                Ok(c) => c,
-                Err(e) => {
-                    // A 5xx greeting/HELO means this host will not take mail: try the next.
-                    last_err = format!("{host}[{addr}]: {e}");
-                    continue;
+            // A cached connection to this address first; a fresh one if there is none or
+            // if the cached one turns out to have been closed by the server meanwhile.
+            let mut reused = pool.take(addr);
+            let result = loop {
+                let was_reused = reused.is_some();
+                let mut conn = match reused.take() {
+                    Some(c) => c,
+                    None => match connect(addr, &opts).await {
+                        Ok(c) => c,
+                        Err(e) => break Err(e),
+                    },
+                };
+                match conn.send(env, idx, body).await {
+                    Ok(replies) => {
+                        pool.put(addr, conn);
+                        break Ok(replies);
+                    }
+                    Err(e) if was_reused && stale(&e) => continue,
+                    Err(e) => break Err(e),
                 }
             };
-            let result = conn.send(env, idx, body).await;
             match result {
                 Ok(replies) => {
-                    conn.quit().await;
                     return replies
                         .into_iter()
                         .map(|(i, r)| {
@@ -170,10 +188,18 @@ async fn to_smtp(
                         .collect();
                 }
                 Err(e) => {
+                    // A 5xx greeting/HELO means this host will not take mail: try the next.
                     last_err = format!("{host}[{addr}]: {e}");
                     // Connection-level trouble after connecting: do not try other hosts
                     // with the same transaction half done elsewhere; defer.
-                    if !matches!(e, ClientError::Connect { .. }) {
+                    let before_transaction = matches!(
+                        e,
+                        ClientError::Connect { .. }
+                            | ClientError::Greeting(_)
+                            | ClientError::Helo(_)
+                            | ClientError::Timeout(Stage::Connect | Stage::Greeting)
+                    );
+                    if !before_transaction {
                         return idx
                             .iter()
                             .map(|&i| (i, Outcome::Deferred(last_err.clone())))
@@ -186,6 +212,67 @@ async fn to_smtp(
     idx.iter()
         .map(|&i| (i, Outcome::Deferred(last_err.clone())))
         .collect()
+}
+
+/// A cached connection failed before any transaction data: the server closed it while it
+/// sat idle. Only then is the message retried on a fresh connection (after the final dot a
+/// retry could deliver twice).
+fn stale(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Closed(Stage::Rset)
+            | ClientError::Io {
+                stage: Stage::Rset,
+                ..
+            }
+            | ClientError::Broken
+    )
+}
+
+/// How long an outbound connection may sit idle in the cache.
+const POOL_IDLE: Duration = Duration::from_secs(5);
+/// Idle connections kept per address.
+const POOL_PER_ADDR: usize = 16;
+
+/// One shard's cache of idle outbound connections (Postfix's connection cache): a message
+/// to an address that was just delivered to reuses the open, already-EHLO'd (and TLS'd)
+/// connection, with RSET between transactions. Shard-local, never shared.
+#[derive(Default)]
+pub(crate) struct ConnPool {
+    idle: RefCell<HashMap<SocketAddr, Vec<(Connection, Instant)>>>,
+}
+
+impl ConnPool {
+    fn take(&self, addr: SocketAddr) -> Option<Connection> {
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some((c, since)) = list.pop() {
+            if since.elapsed() < POOL_IDLE && c.is_usable() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    fn put(&self, addr: SocketAddr, c: Connection) {
+        if !c.is_usable() {
+            return;
+        }
+        let mut idle = self.idle.borrow_mut();
+        let list = idle.entry(addr).or_default();
+        if list.len() < POOL_PER_ADDR {
+            list.push((c, Instant::now()));
+        }
+    }
+
+    /// Closes connections idle for too long (dropping one closes its socket).
+    pub(crate) fn sweep(&self) {
+        let mut idle = self.idle.borrow_mut();
+        for list in idle.values_mut() {
+            list.retain(|(_, since)| since.elapsed() < POOL_IDLE);
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
 }
 
 /// The RFC 3464 report for `failed`, or None when nobody asked for one.

@@ -78,6 +78,8 @@ pub struct Runner {
     waker: RefCell<Option<Waker>>,
     kicked: Cell<bool>,
     stopping: Cell<bool>,
+    /// Idle outbound connections for reuse.
+    pool: crate::deliver::ConnPool,
 }
 
 fn now_unix() -> u64 {
@@ -113,6 +115,7 @@ impl Runner {
             waker: RefCell::new(None),
             kicked: Cell::new(false),
             stopping: Cell::new(false),
+            pool: Default::default(),
         });
         for q in recovered {
             r.insert(q);
@@ -213,6 +216,7 @@ impl Runner {
             if self.stopping.get() {
                 return;
             }
+            self.pool.sweep();
             let now = now_unix();
             // Start every due message, up to the concurrency limit.
             loop {
@@ -489,7 +493,9 @@ impl Runner {
         }
         let mut out = Vec::with_capacity(rcpts.len());
         for (dest, idx) in groups {
-            out.extend(crate::deliver::to_destination(&self.cfg, &dest, env, body, &idx).await);
+            out.extend(
+                crate::deliver::to_destination(&self.cfg, &self.pool, &dest, env, body, &idx).await,
+            );
         }
         out
     }

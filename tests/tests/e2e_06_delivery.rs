@@ -325,3 +325,96 @@ fn deliverby_return_mode_bounces_at_the_deadline() {
     assert!(dsn.contains("Status: 5.4.7"), "{dsn}");
     assert!(dsn.contains("far@elsewhere.example"));
 }
+
+/// Delivery to tern-loadgen's measuring sink, which answers 4xx to half of the
+/// transactions: every message arrives in the end (retries after 4xx), and the relay
+/// reuses its outbound connections (the sink counts fewer connections than transactions).
+#[test]
+fn retries_after_4xx_and_reuses_connections() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let sink_bin = tern_tests::tern_bin().with_file_name("tern-loadgen");
+    if !sink_bin.exists() {
+        assert!(!tern_tests::in_ci(), "tern-loadgen must be built in CI");
+        eprintln!(
+            "skipped: {} not built (cargo build -p tern-loadgen)",
+            sink_bin.display()
+        );
+        return;
+    }
+    let mut sink = Command::new(&sink_bin)
+        .args([
+            "sink",
+            "--listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--tempfail",
+            "0.5",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(sink.stderr.take().unwrap());
+    let mut line = String::new();
+    let addr = loop {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "sink exited");
+        if let Some(a) = line.trim().strip_prefix("listening: ") {
+            break a.to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in err.lines() {});
+    let route = {
+        let (ip, port) = addr.rsplit_once(':').unwrap();
+        format!(r#"queue.routes={{"*"="smtp:[{ip}]:{port}"}}"#)
+    };
+    let relay = Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1s",
+        "queue.max_retry_interval=1s",
+        "shards=1",
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    for i in 0..20 {
+        c.send_mail(
+            "s@demo.test",
+            &["a@example.net"],
+            format!("Subject: s{i}\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    wait_for(
+        "the relay to deliver all 20",
+        Duration::from_secs(45),
+        || relay.queue_list().is_empty(),
+    );
+    unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
+    let out = sink.wait_with_output().unwrap();
+    let report = String::from_utf8_lossy(&out.stdout).to_string();
+    let num = |key: &str| -> u64 {
+        let i = report
+            .find(&format!("\"{key}\":"))
+            .unwrap_or_else(|| panic!("{key} in {report}"));
+        report[i + key.len() + 3..]
+            .trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    };
+    let (messages, tempfailed, connections) =
+        (num("messages"), num("tempfailed"), num("connections"));
+    assert_eq!(messages, 20, "{report}");
+    assert!(tempfailed >= 1, "{report}");
+    assert!(
+        connections < messages + tempfailed,
+        "connections were not reused: {connections} connections for {} transactions",
+        messages + tempfailed
+    );
+    eprintln!("sink: {messages} messages, {tempfailed} 4xx, {connections} connections");
+}
