@@ -203,6 +203,11 @@ pub struct QueueConfig {
     pub high_water_messages: usize,
     /// Smarthost for everything without a static route: "host", "host:port" or "[host]:port".
     pub relayhost: String,
+    /// File holding "user password" (one line, mode 0600) to AUTH to the relayhost with
+    /// (PLAIN/LOGIN only under TLS, CRAM-MD5 otherwise). Empty: no AUTH.
+    pub relayhost_auth_file: PathBuf,
+    /// Deliveries in flight at once to one destination, per shard.
+    pub destination_concurrency: usize,
     /// Static routes by recipient domain ("*" = default): "maildir:/path", "smtp:[host]:port".
     pub routes: std::collections::BTreeMap<String, String>,
     /// Outbound STARTTLS: "opportunistic", "required" or "never".
@@ -231,6 +236,8 @@ impl Default for QueueConfig {
             concurrency: 64,
             high_water_messages: 2_000_000,
             relayhost: String::new(),
+            relayhost_auth_file: PathBuf::new(),
+            destination_concurrency: 20,
             routes: Default::default(),
             starttls: "opportunistic".into(),
             tls_verify: false,

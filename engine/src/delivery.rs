@@ -5,7 +5,7 @@
 //! module only translates configuration. It must never hold state.
 
 use tern_queue::client::{ClientOptions, StarttlsPolicy, Timeouts};
-use tern_queue::route::{Dns, DnsConfig, Router};
+use tern_queue::route::{Destination, Dns, DnsConfig, Router};
 use tern_queue::runner::RunnerConfig;
 
 use crate::config::Config;
@@ -44,6 +44,15 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
     let dns = DnsConfig::parse(&q.resolver)
         .and_then(Dns::shared)
         .map_err(|e| format!("queue.{e}"))?;
+    let relayhost_auth = if q.relayhost_auth_file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(read_auth_file(&q.relayhost_auth_file)?)
+    };
+    let relayhost = relayhost.and_then(|r| match Destination::parse(&format!("smtp:{r}")) {
+        Ok(Destination::Smtp { host, port, .. }) => Some((host.to_ascii_lowercase(), port)),
+        _ => None,
+    });
     Ok(RunnerConfig {
         hostname: cfg.hostname.clone(),
         retry_interval: q.retry_interval,
@@ -54,7 +63,36 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         high_water_messages: (q.high_water_messages / shards.max(1)).max(1),
         router,
         client,
+        destination_concurrency: q.destination_concurrency,
+        relayhost,
+        relayhost_auth,
         dns,
         mx_port: 25,
     })
+}
+
+/// Reads "user password" from a file that only its owner may read (like sendmail's
+/// authinfo): a group- or world-readable credentials file is refused.
+fn read_auth_file(path: &std::path::Path) -> Result<(String, String), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        return Err(format!(
+            "{}: credentials file must not be group- or world-readable (chmod 600)",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let line = text
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.starts_with('#'));
+    match line.and_then(|l| l.trim().split_once(char::is_whitespace)) {
+        Some((u, p)) if !u.is_empty() && !p.trim().is_empty() => {
+            Ok((u.to_string(), p.trim().to_string()))
+        }
+        _ => Err(format!(
+            "{}: expected one line \"user password\"",
+            path.display()
+        )),
+    }
 }

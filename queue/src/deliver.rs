@@ -38,7 +38,27 @@ pub(crate) async fn to_destination(
             if *mx {
                 via_mx(cfg, pool, host, *port, env, body, idx).await
             } else {
-                to_smtp(cfg, pool, std::slice::from_ref(host), *port, env, body, idx).await
+                // The relayhost may want AUTH (sendmail's authinfo, Postfix's
+                // smtp_sasl_password_maps); never to anyone else.
+                let relay = cfg
+                    .relayhost
+                    .as_ref()
+                    .is_some_and(|(h, p)| h.eq_ignore_ascii_case(host) && p == port);
+                let mut opts = cfg.client.clone();
+                if relay {
+                    opts.auth = cfg.relayhost_auth.clone();
+                }
+                to_smtp(
+                    cfg,
+                    pool,
+                    &opts,
+                    std::slice::from_ref(host),
+                    *port,
+                    env,
+                    body,
+                    idx,
+                )
+                .await
             }
         }
         Destination::Mx(domain) => via_mx(cfg, pool, domain, cfg.mx_port, env, body, idx).await,
@@ -57,7 +77,7 @@ async fn via_mx(
     idx: &[usize],
 ) -> Vec<(usize, Outcome)> {
     match cfg.dns.mx_hosts(domain).await {
-        Ok(mx) => to_smtp(cfg, pool, &mx.hosts, port, env, body, idx).await,
+        Ok(mx) => to_smtp(cfg, pool, &cfg.client, &mx.hosts, port, env, body, idx).await,
         Err(e) => {
             let text = e.to_string();
             let outcome = match e.permanent() {
@@ -126,9 +146,11 @@ fn reply_line(r: &Reply) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn to_smtp(
     cfg: &RunnerConfig,
     pool: &ConnPool,
+    base: &crate::client::ClientOptions,
     hosts: &[String],
     port: u16,
     env: &Envelope,
@@ -145,7 +167,7 @@ async fn to_smtp(
             }
         };
         for addr in addrs {
-            let mut opts = cfg.client.clone();
+            let mut opts = base.clone();
             if opts.server_name.is_none() && host.parse::<std::net::IpAddr>().is_err() {
                 opts.server_name = Some(host.clone());
             }

@@ -49,6 +49,12 @@ pub struct RunnerConfig {
     /// SMTP port for MX deliveries: 25 (RFC 5321 §5.1). A test seam, not a configuration
     /// key: tests point MX records at 127.0.0.1 and a scripted server on another port.
     pub mx_port: u16,
+    /// Deliveries in flight at once to one destination (one route / MX domain) per shard,
+    /// so a slow or small next hop is not hammered.
+    pub destination_concurrency: usize,
+    /// The relayhost (as routed) and the credentials to AUTH to it with, if any.
+    pub relayhost: Option<(String, u16)>,
+    pub relayhost_auth: Option<(String, String)>,
 }
 
 /// Outcome of one recipient in one attempt.
@@ -80,6 +86,8 @@ pub struct Runner {
     stopping: Cell<bool>,
     /// Idle outbound connections for reuse.
     pool: crate::deliver::ConnPool,
+    /// Per-destination slots (`destination_concurrency`), keyed by the route.
+    slots: RefCell<HashMap<String, Rc<glommio::sync::Semaphore>>>,
 }
 
 fn now_unix() -> u64 {
@@ -116,6 +124,7 @@ impl Runner {
             kicked: Cell::new(false),
             stopping: Cell::new(false),
             pool: Default::default(),
+            slots: RefCell::new(HashMap::new()),
         });
         for q in recovered {
             r.insert(q);
@@ -493,9 +502,24 @@ impl Runner {
         }
         let mut out = Vec::with_capacity(rcpts.len());
         for (dest, idx) in groups {
+            // Wait for a slot of this destination (bounded by the shard's concurrency).
+            let sem = {
+                let key = format!("{dest:?}");
+                let mut slots = self.slots.borrow_mut();
+                slots
+                    .entry(key)
+                    .or_insert_with(|| {
+                        Rc::new(glommio::sync::Semaphore::new(
+                            self.cfg.destination_concurrency.max(1) as u64,
+                        ))
+                    })
+                    .clone()
+            };
+            let permit = sem.acquire_permit(1).await;
             out.extend(
                 crate::deliver::to_destination(&self.cfg, &self.pool, &dest, env, body, &idx).await,
             );
+            drop(permit);
         }
         out
     }

@@ -348,6 +348,9 @@ fn runner_delivers_via_mx_and_fails_a_null_mx_recipient() {
         client,
         dns: Dns::new(dns_config(dns_addr)).unwrap(),
         mx_port: smtp_port,
+        destination_concurrency: 4,
+        relayhost: None,
+        relayhost_auth: None,
     };
     let path = dir.path().to_path_buf();
     let left = LocalExecutorBuilder::new(Placement::Unbound)

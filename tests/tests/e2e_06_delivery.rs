@@ -418,3 +418,49 @@ fn retries_after_4xx_and_reuses_connections() {
     );
     eprintln!("sink: {messages} messages, {tempfailed} 4xx, {connections} connections");
 }
+
+#[test]
+fn relayhost_with_auth() {
+    // The next hop's submission port requires AUTH (demo/demo); the relay authenticates
+    // with the credentials file (after STARTTLS, so PLAIN may be used).
+    let hop = next_hop(None);
+    let dir = tempfile::tempdir().unwrap();
+    let auth = dir.path().join("relay-auth");
+    std::fs::write(&auth, "demo demo\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&auth, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let relayhost = format!("queue.relayhost=[127.0.0.1]:{}", hop.submission.port());
+    let auth_set = format!("queue.relayhost_auth_file={}", auth.display());
+    let relay = Server::with(&[
+        &relayhost,
+        &auth_set,
+        "queue.routes={}",
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.send_mail(
+        "s@demo.test",
+        &["far@example.net"],
+        b"Subject: via relayhost\r\n\r\nx\r\n",
+    );
+    wait_for(
+        "delivery through the relayhost",
+        Duration::from_secs(20),
+        || {
+            maildir(hop.dir())
+                .iter()
+                .any(|(_, c)| c.contains("Subject: via relayhost"))
+        },
+    );
+    let got = maildir(hop.dir());
+    let m = &got
+        .iter()
+        .find(|(_, c)| c.contains("Subject: via relayhost"))
+        .unwrap()
+        .1;
+    assert!(
+        m.contains("ESMTPSA"),
+        "authenticated and encrypted at the hop: {m}"
+    );
+}

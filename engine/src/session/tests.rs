@@ -261,3 +261,26 @@ fn etrn_needs_ehlo_and_a_valid_node() {
         "{text}"
     );
 }
+
+#[test]
+fn auth_lines_may_reach_12288_octets_other_commands_may_not() {
+    // Without AUTH configured the long AUTH line is still read whole (one 503), and a
+    // NOOP of the same length is refused as too long: the limits differ by verb.
+    let mut s = session();
+    let long = "A".repeat(12_000);
+    let (out, _) = drive(
+        &mut s,
+        format!("EHLO x\r\nAUTH PLAIN {long}\r\nNOOP {long}\r\nNOOP\r\n").as_bytes(),
+    );
+    let c = codes(&out);
+    assert_eq!(&c[c.len() - 3..], ["503", "500", "250"], "{out}");
+    // Past 12288 octets even AUTH is too long, and memory stays bounded.
+    let mut s = session();
+    let huge = "A".repeat(13_000);
+    let (out, _) = drive(
+        &mut s,
+        format!("EHLO x\r\nAUTH PLAIN {huge}\r\nNOOP\r\n").as_bytes(),
+    );
+    assert!(out.contains("500 5.5.2 Error: line too long"), "{out}");
+    assert!(out.ends_with("250 2.0.0 Ok\r\n"));
+}
