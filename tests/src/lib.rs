@@ -1046,3 +1046,68 @@ pub mod json {
         }
     }
 }
+
+/// A next-hop server for delivery tests: a `tern demo` that accepts mail for its local
+/// domains (demo.test, localhost) and delivers everything it accepts into
+/// `<dir>/maildir`. Other domains get "Relay access denied" (a 5xx).
+pub struct Hop {
+    pub server: Server,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Hop {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+/// Starts a next hop on `port` (or an ephemeral one), with `extra` settings.
+pub fn next_hop(port: Option<u16>, extra: &[&str]) -> Hop {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let smtp = match port {
+        Some(p) => format!(r#"listeners.smtp=["127.0.0.1:{p}"]"#),
+        None => r#"listeners.smtp=["127.0.0.1:0"]"#.to_string(),
+    };
+    let route = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir.path().display()
+    );
+    let mut sets: Vec<&str> = vec![&smtp, &route];
+    sets.extend_from_slice(extra);
+    let server = Server::start(Some(dir.path()), &sets);
+    Hop { server, _dir: dir }
+}
+
+/// The messages in `dir/maildir/new`, as (file name, content), sorted by name.
+pub fn maildir(dir: &Path) -> Vec<(String, String)> {
+    let new = dir.join("maildir").join("new");
+    let mut v: Vec<(String, String)> = std::fs::read_dir(&new)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| {
+                    (
+                        e.file_name().to_string_lossy().into_owned(),
+                        String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
+                            .into_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Polls `f` every 100 ms until it is true; panics naming `what` after `timeout`.
+#[track_caller]
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}

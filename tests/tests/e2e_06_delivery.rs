@@ -2,69 +2,9 @@
 //! into a Maildir. Covers per-recipient 2xx/5xx handling, a bounce (RFC 3464) back to the
 //! sender, no bounce for a null sender, and a retry after the next hop was down.
 
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use tern_tests::Server;
-
-/// Files in `dir/maildir/new`, as (name, content).
-fn maildir(dir: &Path) -> Vec<(String, String)> {
-    let new = dir.join("maildir").join("new");
-    let mut v: Vec<(String, String)> = std::fs::read_dir(&new)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| {
-                    (
-                        e.file_name().to_string_lossy().into_owned(),
-                        String::from_utf8_lossy(&std::fs::read(e.path()).unwrap_or_default())
-                            .into_owned(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}");
-}
-
-/// The next hop: a tern whose local domains are demo.test and localhost, delivering
-/// everything it accepts into its Maildir. Everything else is "Relaying denied" (5xx).
-struct Hop {
-    server: Server,
-    _dir: tempfile::TempDir,
-}
-
-impl std::ops::Deref for Hop {
-    type Target = Server;
-    fn deref(&self) -> &Server {
-        &self.server
-    }
-}
-
-fn next_hop(port: Option<u16>) -> Hop {
-    let dir = tempfile::tempdir().unwrap();
-    let smtp = match port {
-        Some(p) => format!(r#"listeners.smtp=["127.0.0.1:{p}"]"#),
-        None => r#"listeners.smtp=["127.0.0.1:0"]"#.to_string(),
-    };
-    let route = format!(
-        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
-        dir.path().display()
-    );
-    let server = Server::start(Some(dir.path()), &[&smtp, &route]);
-    Hop { server, _dir: dir }
-}
+use tern_tests::{maildir, next_hop, wait_for, Server};
 
 /// The relay: trusts loopback clients to relay anywhere, routes every domain to
 /// `hop_port` and retries quickly.
@@ -82,7 +22,7 @@ fn relay(hop_port: u16) -> Server {
 
 #[test]
 fn relays_to_next_hop_per_recipient_and_bounces_the_refused_one() {
-    let hop = next_hop(None);
+    let hop = next_hop(None, &[]);
     let relay = relay(hop.smtp.port());
     let mut c = relay.smtp();
     c.ehlo("client.test");
@@ -150,7 +90,7 @@ fn relays_to_next_hop_per_recipient_and_bounces_the_refused_one() {
 
 #[test]
 fn null_sender_is_never_bounced() {
-    let hop = next_hop(None);
+    let hop = next_hop(None, &[]);
     let relay = relay(hop.smtp.port());
     let mut c = relay.smtp();
     c.ehlo("client.test");
@@ -191,7 +131,7 @@ fn deferred_while_next_hop_is_down_then_delivered() {
         relay.stderr_log().contains("deferred"),
         "a deferral is logged"
     );
-    let hop = next_hop(Some(port));
+    let hop = next_hop(Some(port), &[]);
     wait_for(
         "delivery after the next hop came up",
         Duration::from_secs(20),
@@ -222,7 +162,7 @@ fn queued_mail_survives_restart_and_is_delivered() {
     }
     drop(c);
     relay.kill9();
-    let hop = next_hop(Some(port));
+    let hop = next_hop(Some(port), &[]);
     relay.restart();
     wait_for(
         "5 deliveries after restart",
@@ -263,7 +203,7 @@ fn etrn_starts_a_queue_run() {
         Duration::from_secs(10),
         || relay.stderr_log().contains("deferred"),
     );
-    let hop = next_hop(Some(port));
+    let hop = next_hop(Some(port), &[]);
     c.expect(
         "ETRN demo.test",
         250,
@@ -423,7 +363,7 @@ fn retries_after_4xx_and_reuses_connections() {
 fn relayhost_with_auth() {
     // The next hop's submission port requires AUTH (demo/demo); the relay authenticates
     // with the credentials file (after STARTTLS, so PLAIN may be used).
-    let hop = next_hop(None);
+    let hop = next_hop(None, &[]);
     let dir = tempfile::tempdir().unwrap();
     let auth = dir.path().join("relay-auth");
     std::fs::write(&auth, "demo demo\n").unwrap();

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_tests::Server;
+use tern_tests::{next_hop, Server};
 
 fn maildir_subjects(dir: &Path) -> Vec<String> {
     let new = dir.join("maildir").join("new");
@@ -32,28 +32,6 @@ fn maildir_subjects(dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-struct Hop {
-    server: Server,
-    _dir: tempfile::TempDir,
-}
-
-fn next_hop(port: Option<u16>) -> Hop {
-    let dir = tempfile::tempdir().unwrap();
-    let smtp = match port {
-        Some(p) => format!(r#"listeners.smtp=["127.0.0.1:{p}"]"#),
-        None => r#"listeners.smtp=["127.0.0.1:0"]"#.to_string(),
-    };
-    let route = format!(
-        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
-        dir.path().display()
-    );
-    let server = Server::start(
-        Some(dir.path()),
-        &[&smtp, &route, "limits.connections_per_ip=1000"],
-    );
-    Hop { server, _dir: dir }
 }
 
 /// One transaction over a fresh connection, without panicking on errors: Ok(true) only
@@ -96,7 +74,7 @@ fn send_one(addr: SocketAddr, subject: &str) -> std::io::Result<bool> {
 #[test]
 fn kill9_rounds_lose_nothing_acknowledged() {
     const N: u32 = 1000;
-    let hop = next_hop(None);
+    let hop = next_hop(None, &["limits.connections_per_ip=1000"]);
     let route = format!(
         r#"queue.routes={{"*"="smtp:[127.0.0.1]:{}"}}"#,
         hop.server.smtp.port()
@@ -216,7 +194,7 @@ fn high_water_mark_defers_new_mail_until_the_queue_drains() {
     c.send(b"Subject: over\r\n\r\nx\r\n.\r\n");
     c.read_reply().check(452, "4.3.1");
     // The session goes on; bring the next hop up and run the queue.
-    let hop = next_hop(Some(port));
+    let hop = next_hop(Some(port), &[]);
     c.expect("ETRN demo.test", 250, "2.0.0");
     let start = Instant::now();
     while !relay.queue_list().is_empty() {

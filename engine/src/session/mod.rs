@@ -1014,20 +1014,9 @@ impl Session {
                 return self.error(out, 501, "5.5.2", "Invalid base64 data in AUTH");
             }
         };
-        let shared = a.shared.clone();
-        let (ex, step) = {
-            let users = shared.users.borrow().clone();
-            let mut nonces = shared.nonces.borrow_mut();
-            let mut ctx = AuthContext {
-                users: &users,
-                nonces: &mut nonces,
-                hostname: &self.cfg.hostname,
-                realm: &a.realm,
-                allow_authzid: a.allow_authzid,
-                now: Instant::now(),
-            };
-            Exchange::start(mech, initial.as_deref(), &mut ctx)
-        };
+        let (ex, step) = with_sasl(&self.cfg, a, |ctx| {
+            Exchange::start(mech, initial.as_deref(), ctx)
+        });
         self.auth_step(ex, step, out);
     }
 
@@ -1053,20 +1042,7 @@ impl Session {
                         let Some(a) = self.cfg.auth.as_ref() else {
                             return;
                         };
-                        let shared = a.shared.clone();
-                        let step = {
-                            let users = shared.users.borrow().clone();
-                            let mut nonces = shared.nonces.borrow_mut();
-                            let mut ctx = AuthContext {
-                                users: &users,
-                                nonces: &mut nonces,
-                                hostname: &self.cfg.hostname,
-                                realm: &a.realm,
-                                allow_authzid: a.allow_authzid,
-                                now: Instant::now(),
-                            };
-                            ex.step(&d, &mut ctx)
-                        };
+                        let step = with_sasl(&self.cfg, a, |ctx| ex.step(&d, ctx));
                         self.auth_step(*ex, step, out);
                     }
                 }
@@ -1162,6 +1138,22 @@ impl Session {
         reply::line(out, 220, "2.0.0", "Ready to start TLS");
         Some(Event::StartTls)
     }
+}
+
+/// Runs `f` with an AUTH context over the shard's SASL state: the current user-store
+/// snapshot and the shard's nonce cache (borrowed only for the duration of `f`).
+fn with_sasl<R>(cfg: &SessionConfig, a: &AuthSetup, f: impl FnOnce(&mut AuthContext) -> R) -> R {
+    let users = a.shared.users.borrow().clone();
+    let mut nonces = a.shared.nonces.borrow_mut();
+    let mut ctx = AuthContext {
+        users: &users,
+        nonces: &mut nonces,
+        hostname: &cfg.hostname,
+        realm: &a.realm,
+        allow_authzid: a.allow_authzid,
+        now: Instant::now(),
+    };
+    f(&mut ctx)
 }
 
 /// Drops buffered input (used at STARTTLS: CVE-2011-0411).
