@@ -39,6 +39,12 @@ pub struct Config {
     pub hostname: String,
     /// Number of shards (one glommio executor pinned per core). 0 = one per available core.
     pub shards: usize,
+    /// Started as root, switch to this unprivileged user after binding the ports (its
+    /// group unless `group` is set). Empty: stay as started.
+    pub user: String,
+    pub group: String,
+    /// Allow running as root with no `user` to switch to (test boxes, the demo).
+    pub allow_root: bool,
     pub listeners: Listeners,
     pub tls: TlsConfig,
     pub limits: Limits,
@@ -290,6 +296,9 @@ impl Default for Config {
         Config {
             hostname: system_hostname(),
             shards: 0,
+            user: String::new(),
+            group: String::new(),
+            allow_root: false,
             listeners: Listeners::default(),
             tls: TlsConfig::default(),
             limits: Limits::default(),

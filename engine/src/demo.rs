@@ -41,6 +41,8 @@ fn demo_toml(dir: &Path) -> String {
         .replace('"', "\\\"");
     format!(
         r#"hostname = "localhost"
+# The demo is a loopback toy: it may run as root (a real server sets `user`).
+allow_root = true
 [listeners]
 smtp = ["127.0.0.1:2525"]
 submission = ["127.0.0.1:2587"]

@@ -30,6 +30,7 @@ pub mod demo;
 pub mod features;
 pub mod notify;
 pub mod policy;
+pub mod privileges;
 pub mod queue_cli;
 pub mod sasl;
 pub mod sdnotify;

@@ -53,6 +53,8 @@ pub enum ServerError {
     Tls(#[from] tls::TlsError),
     #[error("shard {shard}: {message}")]
     Shard { shard: usize, message: String },
+    #[error("privileges: {0}")]
+    Privileges(#[from] crate::privileges::PrivError),
     #[error("user store: {0}")]
     Users(#[from] crate::users::UserDbError),
     #[error("cannot install signal handlers: {0}")]
@@ -252,6 +254,9 @@ pub fn run_with(
         shards,
         listeners: listeners.iter().map(|l| (l.kind, l.addr)).collect(),
     };
+    // Ports are bound and the TLS key is loaded: give up root before any shard (and so
+    // any client byte) exists. The admin socket becomes the service user's too.
+    crate::privileges::drop_privileges(&cfg, &[&cfg.admin_socket()])?;
     let users = Arc::new(load_users(&cfg)?);
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;

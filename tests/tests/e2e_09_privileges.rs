@@ -1,0 +1,165 @@
+//! 09: privilege drop. Started as root with `user = "tern-e2e"`, tern binds its ports and
+//! then runs every thread as that user, owns its spool, and still accepts mail. Started as
+//! root without `user`, `tern serve` refuses to run (unless `allow_root`).
+//!
+//! Needs root (skipped otherwise, but CI runs as root).
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_tests::{in_ci, tern_bin, Client};
+
+const USER: &str = "tern-e2e";
+
+fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn ensure_user() -> (u32, u32) {
+    let _ = Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            USER,
+        ])
+        .stderr(Stdio::null())
+        .status();
+    let id = |flag: &str| -> u32 {
+        let out = Command::new("id").args([flag, USER]).output().expect("id");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("numeric id")
+    };
+    (id("-u"), id("-g"))
+}
+
+fn config(dir: &std::path::Path, user: &str) -> std::path::PathBuf {
+    let cfg = dir.join("tern.toml");
+    let user_line = if user.is_empty() {
+        String::new()
+    } else {
+        format!("user = \"{user}\"\n")
+    };
+    std::fs::write(
+        &cfg,
+        format!(
+            "hostname = \"localhost\"\n{user_line}\
+             [listeners]\nsmtp = [\"127.0.0.1:0\"]\nsubmission = [\"127.0.0.1:0\"]\nsmtps = [\"127.0.0.1:0\"]\n\
+             [spool]\ndir = \"{d}/spool\"\n[auth]\nusers = \"{d}/users.db\"\n\
+             [relay]\nlocal_domains = [\"localhost\"]\n\
+             [queue.routes]\n\"*\" = \"smtp:[127.0.0.1]:9\"\n\
+             [executor]\nring_depth = 64\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn drops_to_the_configured_user_on_every_thread() {
+    if !is_root() {
+        assert!(!in_ci(), "CI runs as root");
+        eprintln!("skipped: not root");
+        return;
+    }
+    let (uid, gid) = ensure_user();
+    let dir = tempfile::tempdir().unwrap();
+    // The service user must be able to reach its spool below the test directory.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config(dir.path(), USER);
+    let mut child = Command::new(tern_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut smtp = None;
+    let start = Instant::now();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if out.read_line(&mut line).unwrap() == 0 {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err);
+            panic!("tern exited before ready: {err}");
+        }
+        if let Some(a) = line.trim().strip_prefix("listening: smtp ") {
+            smtp = Some(a.parse::<std::net::SocketAddr>().unwrap());
+        }
+        if line.starts_with("ready:") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30));
+    }
+    // Every thread: real, effective, saved and filesystem ids are the service user's.
+    let mut threads = 0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(t.unwrap().path().join("status")).unwrap();
+        for (key, want) in [("Uid:", uid), ("Gid:", gid)] {
+            let l = status.lines().find(|l| l.starts_with(key)).unwrap();
+            let ids: Vec<u32> = l[key.len()..]
+                .split_whitespace()
+                .map(|x| x.parse().unwrap())
+                .collect();
+            assert!(ids.iter().all(|&i| i == want), "{key} {ids:?}, want {want}");
+        }
+        let groups = status.lines().find(|l| l.starts_with("Groups:")).unwrap();
+        assert!(
+            groups["Groups:".len()..]
+                .split_whitespace()
+                .all(|g| g == gid.to_string()),
+            "supplementary groups not cleared: {groups}"
+        );
+        threads += 1;
+    }
+    assert!(threads >= 3, "expected shard threads, saw {threads}");
+    // It still works as that user: a message is accepted and its spool is the user's.
+    let mut c = Client::connect(smtp.unwrap());
+    c.expect_greeting();
+    c.ehlo("client.test");
+    c.send_mail(
+        "a@example.com",
+        &["x@localhost"],
+        b"Subject: priv\r\n\r\nx\r\n",
+    );
+    let spool = dir.path().join("spool");
+    let meta = std::fs::metadata(&spool).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (uid, gid));
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    for shard in std::fs::read_dir(&spool).unwrap().flatten() {
+        if shard.path().is_dir() {
+            for f in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                assert_eq!(f.metadata().unwrap().uid(), uid, "{}", f.path().display());
+            }
+        }
+    }
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let _ = child.wait();
+}
+
+#[test]
+fn refuses_root_without_a_user() {
+    if !is_root() {
+        eprintln!("skipped: not root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    let out = Command::new(tern_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("running as root"), "{err}");
+}
