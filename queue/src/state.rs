@@ -135,6 +135,33 @@ pub struct StateChange {
     pub held: bool,
 }
 
+/// Returns a shared copy of `reply`, reusing an identical one this thread already holds.
+/// The table is per thread (each shard is one thread: no lock, no sharing) and bounded;
+/// past its bound, replies are simply not interned.
+pub fn intern_reply(reply: &str) -> std::sync::Arc<str> {
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+    use std::sync::Arc;
+    const MAX_INTERNED: usize = 4096;
+    thread_local! {
+        static REPLIES: RefCell<HashSet<Arc<str>>> = RefCell::new(HashSet::new());
+    }
+    REPLIES.with(|t| {
+        let mut t = t.borrow_mut();
+        if let Some(a) = t.get(reply) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(reply);
+        if t.len() < MAX_INTERNED {
+            t.insert(a.clone());
+        } else {
+            // Drop texts no queued message uses any more, then try again next time.
+            t.retain(|a| Arc::strong_count(a) > 1);
+        }
+        a
+    })
+}
+
 /// Cuts `s` to at most `max` bytes at a character boundary.
 pub fn truncate_utf8(s: &str, max: usize) -> &str {
     if s.len() <= max {
@@ -270,7 +297,9 @@ pub struct QueuedMessage {
     pub held: bool,
     pub rcpt_states: RcptStates,
     /// `None` until a state record carried a non-empty reply.
-    pub last_reply: Option<Box<str>>,
+    /// Interned per thread (see `intern_reply`): thousands of deferred messages usually
+    /// share a handful of texts ("connection refused"...), and each keeps one pointer.
+    pub last_reply: Option<std::sync::Arc<str>>,
 }
 
 impl QueuedMessage {
@@ -315,7 +344,7 @@ impl QueuedMessage {
         self.attempts = c.attempts;
         self.next_attempt_unix = c.next_attempt_unix;
         let reply = truncate_utf8(&c.last_reply, MAX_REPLY_LEN);
-        self.last_reply = (!reply.is_empty()).then(|| reply.into());
+        self.last_reply = (!reply.is_empty()).then(|| intern_reply(reply));
         self.warned = c.warned;
         self.held = c.held;
         Ok(())
@@ -344,7 +373,8 @@ impl QueuedMessage {
     /// Heap bytes owned by this entry (the reply and long recipient vectors), counted as
     /// requested sizes (the allocator rounds up a little).
     pub fn heap_bytes(&self) -> usize {
-        self.last_reply.as_ref().map_or(0, |r| r.len()) + self.rcpt_states.heap_bytes()
+        // An interned reply is shared: count it once per distinct text, i.e. not here.
+        self.rcpt_states.heap_bytes()
     }
 }
 
