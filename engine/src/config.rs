@@ -56,6 +56,7 @@ pub struct Config {
     pub executor: ExecutorConfig,
     pub log: LogConfig,
     pub admin: AdminConfig,
+    pub metrics: MetricsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,6 +292,30 @@ pub struct AdminConfig {
     pub socket: PathBuf,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the plain-HTTP metrics endpoint (`/metrics`, `/healthz`, `/` status page),
+    /// e.g. "127.0.0.1:9580". Empty (the default): no endpoint. It has no authentication:
+    /// bind it to loopback or a management network.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The parsed address, None when off.
+    pub fn addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        if self.listen.is_empty() {
+            return Ok(None);
+        }
+        self.listen.parse().map(Some).map_err(|_| {
+            ConfigError::Invalid(format!(
+                "metrics.listen: {:?} is not an address:port",
+                self.listen
+            ))
+        })
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -310,6 +335,7 @@ impl Default for Config {
             executor: ExecutorConfig::default(),
             log: LogConfig::default(),
             admin: AdminConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -426,6 +452,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.metrics.addr()?;
         let l = &self.limits;
         if l.command_line < 512 {
             return Err(ConfigError::Invalid(

@@ -71,6 +71,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
         shard: shard.clone(),
         ip: peer.ip(),
     };
+    shard.metrics.connection();
     tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
     let started = Instant::now();
     let mut session = Session::new(lst.session.clone(), peer, kind == ListenerKind::Smtps);
@@ -124,7 +125,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let acceptor = lst.acceptor.as_ref()?;
-    match timed(shard.idle_timeout, acceptor.accept(stream)).await {
+    let r = timed(shard.idle_timeout, acceptor.accept(stream)).await;
+    shard.metrics.tls(matches!(r, Some(Ok(_))));
+    match r {
         Some(Ok(tls)) => Some(tls),
         Some(Err(e)) => {
             tracing::info!(shard = shard.id, error = %e, "TLS handshake failed");
@@ -172,16 +175,20 @@ where
             Event::Message(mut msg) => {
                 // Let the client see the replies so far while the disk works.
                 flush(&mut io, &mut out, shard).await?;
+                let t0 = Instant::now();
                 let id = shard.store.store(&mut msg).await;
                 match &id {
-                    Ok(id) => tracing::info!(
+                    Ok(id) => {
+                        shard.metrics.accepted(t0.elapsed());
+                        tracing::info!(
                         shard = shard.id,
                         id = %id,
                         from = %msg.envelope.sender,
                         size = msg.envelope.size,
                         nrcpt = msg.envelope.recipients.len(),
                         "accepted"
-                    ),
+                        )
+                    }
                     Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
                 }
                 session.stored(id.as_deref().map_err(|e| *e), &mut out);

@@ -2,8 +2,9 @@
 //!
 //! Loopback listeners on 2525 (smtp), 2587 (submission) and 2465 (smtps), a self-signed
 //! certificate generated once into the demo directory, and a spool under it. It prints
-//! what it listens on and a command to try it. It must never listen on anything but
-//! loopback by default and never write outside its directory.
+//! what it listens on (the metrics endpoint too, on an ephemeral loopback port) and a
+//! command to try it. It must never listen on anything but loopback by default and never
+//! write outside its directory.
 
 use std::path::{Path, PathBuf};
 
@@ -63,6 +64,9 @@ require_on = ["submission", "smtps"]
 # Short blocks, so that trying wrong passwords locks loopback out for a minute, not 15.
 ip_failure_limit = 50
 ip_block = "60s"
+[metrics]
+# The metrics endpoint and status page, on an ephemeral loopback port (printed at start).
+listen = "127.0.0.1:0"
 [queue]
 retry_interval = "1m"
 [queue.routes]
@@ -154,6 +158,9 @@ pub fn print_banner(dir: &Path, ready: &Ready) {
     if let Some(a) = find(ListenerKind::Smtps) {
         println!("Or with curl over implicit TLS:");
         println!("  printf 'Subject: hello\\r\\n\\r\\nhi\\r\\n' | curl -k --url smtps://{a} --user {DEMO_USER}:{DEMO_PASSWORD} --mail-from {DEMO_USER}@localhost --mail-rcpt friend@example.net --upload-file -");
+    }
+    if let Some(a) = ready.metrics {
+        println!("Status page: http://{a}/  (Prometheus metrics: http://{a}/metrics)");
     }
     println!(
         "Every message, local or relayed, is delivered into the Maildir {}/maildir/new/",

@@ -28,6 +28,7 @@ pub mod conn;
 pub mod delivery;
 pub mod demo;
 pub mod features;
+pub mod metrics;
 pub mod notify;
 pub mod policy;
 pub mod privileges;

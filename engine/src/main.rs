@@ -121,6 +121,9 @@ fn print_ready(r: &Ready) {
     for (kind, addr) in &r.listeners {
         let _ = writeln!(out, "listening: {} {}", kind.name(), addr);
     }
+    if let Some(addr) = r.metrics {
+        let _ = writeln!(out, "listening: metrics {addr}");
+    }
     let _ = writeln!(out, "ready: {} shards", r.shards);
     let _ = out.flush();
 }

@@ -150,6 +150,8 @@ pub struct Shard {
     pub grace: Duration,
     /// Receive scratch shared by the shard's idle connections (see conn::read_via_scratch).
     pub scratch: RefCell<Box<[u8]>>,
+    /// The shard's counters (`metrics.rs`), read only through `Control::Metrics`.
+    pub metrics: Rc<crate::metrics::ShardMetrics>,
     connections: Cell<usize>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     max_connections: usize,
@@ -200,6 +202,8 @@ impl Shard {
 pub struct Ready {
     pub shards: usize,
     pub listeners: Vec<(ListenerKind, SocketAddr)>,
+    /// The metrics endpoint, when `[metrics] listen` is set.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What the CLI hands the server besides its configuration.
@@ -250,9 +254,25 @@ pub fn run_with(
     let started = std::time::Instant::now();
     let shards = cfg.shard_count();
     let listeners = bind_all(&cfg, shards)?;
+    // Bound before the privilege drop, like the SMTP ports.
+    // (The address was checked when the configuration was loaded.)
+    let metrics_listener = match cfg.metrics.addr().ok().flatten() {
+        Some(addr) => {
+            let err = |source| ServerError::Bind {
+                kind: "metrics",
+                addr,
+                source,
+            };
+            let l = std::net::TcpListener::bind(addr).map_err(err)?;
+            let bound = l.local_addr().map_err(err)?;
+            Some((l, bound))
+        }
+        None => None,
+    };
     let ready_info = Ready {
         shards,
         listeners: listeners.iter().map(|l| (l.kind, l.addr)).collect(),
+        metrics: metrics_listener.as_ref().map(|(_, a)| *a),
     };
     // Ports are bound and the TLS key is loaded: give up root before any shard (and so
     // any client byte) exists. The admin socket becomes the service user's too.
@@ -384,6 +404,10 @@ pub fn run_with(
         )
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
     }
+    if let Some((l, _)) = metrics_listener {
+        crate::metrics::spawn_http(l, controls.clone())
+            .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
+    }
     spawn_users_watcher(cfg.clone(), controls);
     on_ready(&ready_info);
     crate::sdnotify::notify("READY=1");
@@ -408,6 +432,8 @@ pub enum Control {
         Arc<crate::admin::Request>,
         std::sync::mpsc::Sender<crate::admin::ShardAnswer>,
     ),
+    /// A metrics scrape: the shard answers with a copy of its counters.
+    Metrics(std::sync::mpsc::Sender<crate::metrics::Snapshot>),
 }
 
 /// Loads the user store again and hands the new snapshot to every shard. A store that
@@ -539,6 +565,7 @@ async fn shard_main(
                 r.flush();
             });
         }
+        let metrics = Rc::new(crate::metrics::ShardMetrics::default());
         let tls_cfg = tls::server_config(&identity, ticketer).map_err(|e| e.to_string())?;
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
@@ -549,6 +576,7 @@ async fn shard_main(
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,
             scratch: RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice()),
+            metrics: metrics.clone(),
             connections: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),
             max_connections: cfg.limits.connections_per_shard,
@@ -607,6 +635,7 @@ async fn shard_main(
                             tls_available: true,
                             policy: policy.clone(),
                             auth: auth_for(kind),
+                            metrics: metrics.clone(),
                         }),
                         acceptor: Some(acceptor.clone()),
                     })
@@ -640,6 +669,9 @@ async fn shard_main(
             match c {
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
+                }
+                Control::Metrics(reply) => {
+                    let _ = reply.send(crate::metrics::snapshot(&control_shard));
                 }
                 Control::Admin(req, reply) => {
                     let shard = control_shard.clone();

@@ -24,6 +24,45 @@ struct Inner {
     spool: ShardSpool,
     queue: Vec<(PendingWrite, Waiter)>,
     committing: bool,
+    /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
+    sync_times: Histogram,
+}
+
+/// Upper bounds (seconds) of the latency histograms' buckets; +Inf is implied.
+pub const LATENCY_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A latency histogram over [`LATENCY_BUCKETS`] (not cumulative: `counts[i]` is the
+/// number of observations in bucket i; the last entry is the overflow past 2.5 s).
+/// Shard-local; copied out whole when metrics are scraped.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Histogram {
+    pub counts: [u64; LATENCY_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&mut self, d: std::time::Duration) {
+        let s = d.as_secs_f64();
+        let i = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += s;
+        self.count += 1;
+    }
+
+    /// Adds `other` into `self` (merging shards).
+    pub fn merge(&mut self, other: &Histogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
 }
 
 /// Cloneable, shard-local handle to the shard's spool and its committer.
@@ -39,6 +78,7 @@ impl GroupCommit {
                 spool,
                 queue: Vec::new(),
                 committing: false,
+                sync_times: Histogram::default(),
             })),
         }
     }
@@ -47,6 +87,11 @@ impl GroupCommit {
     /// `f` must not await (it cannot: it is a plain closure).
     pub fn with_spool<R>(&self, f: impl FnOnce(&mut ShardSpool) -> R) -> R {
         f(&mut self.inner.borrow_mut().spool)
+    }
+
+    /// Latencies of the group commits so far (write + fdatasync of one batch).
+    pub fn sync_times(&self) -> Histogram {
+        self.inner.borrow().sync_times.clone()
     }
 
     /// Queues `write` for the next batch and waits until it is durable (or failed).
@@ -87,12 +132,19 @@ impl GroupCommit {
             let n = writes.len();
             // A panic inside spawn_blocking would leave glommio reading an uninitialised
             // result, so it is caught there and turned into failures.
-            let results = glommio::executor()
+            // Timed on the blocking thread, around the disk work only (not the wait for a
+            // blocking-pool thread).
+            let (results, took) = glommio::executor()
                 .spawn_blocking(move || {
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(writes)))
-                        .unwrap_or_default()
+                    let t0 = std::time::Instant::now();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        commit_batch(writes)
+                    }))
+                    .unwrap_or_default();
+                    (r, t0.elapsed())
                 })
                 .await;
+            self.inner.borrow_mut().sync_times.observe(took);
             let mut results = results.into_iter();
             for tx in waiters {
                 let r = results.next().unwrap_or_else(|| {

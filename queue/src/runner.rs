@@ -88,6 +88,31 @@ pub struct Runner {
     pool: crate::deliver::ConnPool,
     /// Per-destination slots (`destination_concurrency`), keyed by the route.
     slots: RefCell<HashMap<String, Rc<glommio::sync::Semaphore>>>,
+    /// Recipient outcomes so far (metrics), and the last few failures.
+    counts: RefCell<DeliveryCounts>,
+}
+
+/// Recipient outcomes counted by the runner since start (for metrics): shard-local,
+/// copied out when scraped.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryCounts {
+    pub sent: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+    /// The last [`RECENT_FAILURES`] deferrals and bounces: (unix seconds, text).
+    pub recent: std::collections::VecDeque<(u64, String)>,
+}
+
+/// How many recent delivery failures a shard keeps for the status page.
+pub const RECENT_FAILURES: usize = 20;
+
+impl DeliveryCounts {
+    fn failure(&mut self, text: String) {
+        if self.recent.len() == RECENT_FAILURES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now_unix(), text));
+    }
 }
 
 fn now_unix() -> u64 {
@@ -125,11 +150,28 @@ impl Runner {
             stopping: Cell::new(false),
             pool: Default::default(),
             slots: RefCell::new(HashMap::new()),
+            counts: RefCell::new(DeliveryCounts::default()),
         });
         for q in recovered {
             r.insert(q);
         }
         r
+    }
+
+    /// Recipient outcomes since start, and the last few failures.
+    pub fn delivery_counts(&self) -> DeliveryCounts {
+        self.counts.borrow().clone()
+    }
+
+    /// Arrival time of the oldest queued message (µs since the epoch).
+    // XXX: a scan of the in-memory index (no envelope loads): O(queue) per scrape, about a
+    // millisecond per 100k messages; an ordered index would make it O(1).
+    pub fn oldest_arrival_unix_micros(&self) -> Option<u64> {
+        self.index
+            .borrow()
+            .values()
+            .map(|e| e.q.arrival_unix_micros)
+            .min()
     }
 
     /// Messages queued on this shard.
@@ -366,19 +408,29 @@ impl Runner {
         let mut change = q.change(Vec::new());
         change.attempts = q.attempts + 1;
         let mut last = String::new();
-        for (i, o) in &outcomes {
-            match o {
-                Outcome::Delivered(reply) => {
-                    tracing::info!(id = %q.id, to = %env.recipients[*i].addr, status = "sent", reply = %reply, "delivery");
-                    change.updates.push((*i as u32, RcptState::Delivered));
-                }
-                Outcome::Failed(rep, _) => {
-                    tracing::info!(id = %q.id, to = %env.recipients[*i].addr, status = "bounced", reply = %rep, "delivery");
-                    change.updates.push((*i as u32, RcptState::Failed));
-                }
-                Outcome::Deferred(why) => {
-                    tracing::info!(id = %q.id, to = %env.recipients[*i].addr, status = "deferred", reply = %why, "delivery");
-                    last = why.clone();
+        // Scoped: the borrow ends before any await below.
+        {
+            let mut counts = self.counts.borrow_mut();
+            for (i, o) in &outcomes {
+                let to = &env.recipients[*i].addr;
+                match o {
+                    Outcome::Delivered(reply) => {
+                        tracing::info!(id = %q.id, to = %to, status = "sent", reply = %reply, "delivery");
+                        change.updates.push((*i as u32, RcptState::Delivered));
+                        counts.sent += 1;
+                    }
+                    Outcome::Failed(rep, _) => {
+                        tracing::info!(id = %q.id, to = %to, status = "bounced", reply = %rep, "delivery");
+                        change.updates.push((*i as u32, RcptState::Failed));
+                        counts.bounced += 1;
+                        counts.failure(format!("{} to {to}: bounced: {rep}", q.id));
+                    }
+                    Outcome::Deferred(why) => {
+                        tracing::info!(id = %q.id, to = %to, status = "deferred", reply = %why, "delivery");
+                        last = why.clone();
+                        counts.deferred += 1;
+                        counts.failure(format!("{} to {to}: deferred: {why}", q.id));
+                    }
                 }
             }
         }

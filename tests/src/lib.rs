@@ -95,6 +95,8 @@ pub struct Server {
     pub smtp: SocketAddr,
     pub submission: SocketAddr,
     pub smtps: SocketAddr,
+    /// The metrics endpoint (`listening: metrics ADDR`), when the server prints one.
+    pub metrics: Option<SocketAddr>,
     pub shards: usize,
     stderr: Arc<Mutex<Vec<u8>>>,
 }
@@ -122,6 +124,7 @@ impl Server {
             smtp: ([0, 0, 0, 0], 0).into(),
             submission: ([0, 0, 0, 0], 0).into(),
             smtps: ([0, 0, 0, 0], 0).into(),
+            metrics: None,
             shards: 0,
             stderr: Arc::new(Mutex::new(Vec::new())),
         };
@@ -200,6 +203,7 @@ impl Server {
                     "smtp" => smtp = Some(addr),
                     "submission" => sub = Some(addr),
                     "smtps" => smtps = Some(addr),
+                    "metrics" => self.metrics = Some(addr),
                     _ => {}
                 }
             } else if let Some(rest) = line.strip_prefix("ready: ") {

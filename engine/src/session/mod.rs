@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::{memchr, memchr2};
 
+use crate::metrics::Reject;
 use crate::policy::RelayPolicy;
 use crate::sasl::nonces::NonceCache;
 use crate::sasl::{self, AuthContext, AuthFailure, ClientLine, Exchange, Mechanism, Step};
@@ -75,6 +76,8 @@ pub struct SessionConfig {
     pub policy: RelayPolicy,
     /// SMTP AUTH (RFC 4954); None when no mechanism is configured.
     pub auth: Option<AuthSetup>,
+    /// The shard's counters (rejections by reason, AUTH results).
+    pub metrics: Rc<crate::metrics::ShardMetrics>,
 }
 
 /// AUTH settings of a listener, plus the shard's SASL state.
@@ -366,13 +369,22 @@ impl Session {
                 self.messages += 1;
                 reply::line(out, 250, "2.0.0", &format!("Ok: queued as {id}"));
             }
-            Err(StoreError::Full) => self.error(
+            Err(e) => {
+                self.reject(Reject::Storage, &format!("{e:?}"));
+                self.stored_error(e, out)
+            }
+        }
+    }
+
+    fn stored_error(&mut self, e: StoreError, out: &mut BytesMut) {
+        match e {
+            StoreError::Full => self.error(
                 out,
                 452,
                 "4.3.1",
                 "Insufficient system storage, try again later",
             ),
-            Err(StoreError::Local) => self.error(
+            StoreError::Local => self.error(
                 out,
                 451,
                 "4.3.0",
@@ -682,6 +694,7 @@ impl Session {
             return self.error(out, 503, "5.5.1", "Error: nested MAIL command");
         }
         if self.authenticated.is_none() && self.cfg.auth.as_ref().is_some_and(|a| a.required) {
+            self.reject(Reject::AuthRequired, "MAIL without AUTH");
             return self.error(out, 530, "5.7.0", "Authentication required");
         }
         let has_params = m.size.is_some()
@@ -696,6 +709,7 @@ impl Session {
             return self.error(out, 555, "5.5.4", "Error: parameters require EHLO");
         }
         if m.size.is_some_and(|s| s > self.cfg.limits.message_size) {
+            self.reject(Reject::Size, "MAIL SIZE= over the limit");
             return self.error(out, 552, "5.3.4", "Error: message size exceeds fixed limit");
         }
         // RFC 4954 §5: AUTH= is honoured only from an authenticated client; otherwise it is
@@ -745,6 +759,7 @@ impl Session {
             );
         }
         if txn.rcpts.len() >= self.cfg.limits.recipients {
+            self.reject(Reject::TooManyRecipients, r.path);
             return self.error(out, 452, "4.5.3", "Error: too many recipients");
         }
         let domain = command::domain_of(r.path);
@@ -753,6 +768,7 @@ impl Session {
             .policy
             .may_relay(self.peer.ip(), self.auth_trusted, domain)
         {
+            self.reject(Reject::Relay, r.path);
             return self.error(
                 out,
                 554,
@@ -836,6 +852,7 @@ impl Session {
         }
         let oversize = self.txn.as_ref().is_some_and(|t| t.bdat_oversize);
         if oversize {
+            self.reject(Reject::Size, "BDAT message too big");
             self.reset_transaction();
             self.error(out, 552, "5.3.4", "Error: message file too big");
             return self.closed_event();
@@ -864,6 +881,14 @@ impl Session {
             None
         };
         if let Some((code, enh, text)) = refusal {
+            let why = if flaws.oversize {
+                Reject::Size
+            } else if flaws.bare_newline {
+                Reject::BareNewline
+            } else {
+                Reject::LongLine
+            };
+            self.reject(why, "message refused at end of DATA");
             self.reset_transaction();
             self.error(out, code, enh, text);
             return self.closed_event();
@@ -1081,6 +1106,7 @@ impl Session {
 
     fn auth_ok(&mut self, identity: String, mech: Mechanism, out: &mut BytesMut) {
         tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), user = %identity, "auth ok");
+        self.cfg.metrics.auth(mech.name(), true);
         self.authenticated = Some(identity);
         self.auth_trusted = self
             .cfg
@@ -1094,6 +1120,7 @@ impl Session {
     fn auth_failed(&mut self, f: AuthFailure, mech: Mechanism, out: &mut BytesMut) {
         self.state = State::Command;
         self.auth_failures += 1;
+        self.cfg.metrics.auth(mech.name(), false);
         tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), reason = ?f, failures = self.auth_failures, "auth failed");
         let (max, tarpit) = self
             .cfg
@@ -1124,6 +1151,14 @@ impl Session {
             );
             self.state = State::Closed;
         }
+    }
+
+    /// Counts a refusal for the metrics, with the peer and `detail` for the status page.
+    fn reject(&self, why: Reject, detail: &str) {
+        let peer = self.peer;
+        self.cfg
+            .metrics
+            .rejected(why, || format!("{peer}: {detail}"));
     }
 
     fn starttls(&mut self, out: &mut BytesMut) -> Option<Event> {

@@ -16,6 +16,7 @@ fn cfg() -> Rc<SessionConfig> {
         tls_available: true,
         policy: RelayPolicy::new(&["local.test".into()], &[]),
         auth: None,
+        metrics: Default::default(),
     })
 }
 

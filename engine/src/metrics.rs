@@ -1,0 +1,652 @@
+//! Metrics: per-shard counters, and the HTTP endpoint that shows them.
+//!
+//! Owns: `ShardMetrics` (one per shard, `Cell`s and small `RefCell`s: shard-local, no locks,
+//! nothing shared between shards), the `Snapshot` a shard copies them into when asked over
+//! its control channel (`Control::Metrics`), and the `[metrics] listen` HTTP endpoint:
+//!
+//! - `/metrics`: Prometheus text exposition format 0.0.4, every series per shard
+//!   (`shard="0"`, ...) and summed (`shard="total"`): sum over `shard!="total"` to avoid
+//!   counting twice.
+//! - `/healthz`: 200 "ok" when every shard answered within a second, else 503.
+//! - `/`: a status page (HTML + a little inline JS polling `/metrics` every second).
+//!
+//! SECURITY: no authentication, read-only. One std thread serves one request per
+//! connection, requests bounded to 8 KiB, 5 s read/write timeouts; nothing the client sends
+//! is echoed back. Bind it to loopback or a management network.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::channel::mpsc::UnboundedSender;
+use tern_queue::commit::{Histogram, LATENCY_BUCKETS};
+
+use crate::server::{Control, Shard};
+
+/// Why a message or command was refused (label `reason` of `tern_messages_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// SIZE= or the message over `limits.message_size`.
+    Size,
+    /// Bare CR/LF in the message (SMTP smuggling defence).
+    BareNewline,
+    /// A text line over `limits.text_line`.
+    LongLine,
+    /// RCPT to a domain we do not relay for.
+    Relay,
+    TooManyRecipients,
+    /// The spool refused the message (full or failed).
+    Storage,
+    /// MAIL before AUTH where AUTH is required.
+    AuthRequired,
+}
+
+impl Reject {
+    pub const ALL: [Reject; 7] = [
+        Reject::Size,
+        Reject::BareNewline,
+        Reject::LongLine,
+        Reject::Relay,
+        Reject::TooManyRecipients,
+        Reject::Storage,
+        Reject::AuthRequired,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::Size => "size",
+            Reject::BareNewline => "bare_newline",
+            Reject::LongLine => "long_line",
+            Reject::Relay => "relay",
+            Reject::TooManyRecipients => "too_many_recipients",
+            Reject::Storage => "storage",
+            Reject::AuthRequired => "auth_required",
+        }
+    }
+}
+
+/// How many recent rejections a shard keeps for the status page.
+const RECENT: usize = 20;
+
+/// One shard's counters. Updated on the shard's thread only; read by `snapshot`.
+#[derive(Debug, Default)]
+pub struct ShardMetrics {
+    connections: Cell<u64>,
+    tls_ok: Cell<u64>,
+    tls_failed: Cell<u64>,
+    accepted: Cell<u64>,
+    rejected: [Cell<u64>; Reject::ALL.len()],
+    /// Per mechanism: (successes, failures).
+    auth: RefCell<BTreeMap<&'static str, (u64, u64)>>,
+    accept_latency: RefCell<Histogram>,
+    recent: RefCell<VecDeque<(u64, String)>>,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl ShardMetrics {
+    pub fn connection(&self) {
+        self.connections.set(self.connections.get() + 1);
+    }
+
+    pub fn tls(&self, ok: bool) {
+        let c = if ok { &self.tls_ok } else { &self.tls_failed };
+        c.set(c.get() + 1);
+    }
+
+    pub fn auth(&self, mechanism: &'static str, ok: bool) {
+        let mut a = self.auth.borrow_mut();
+        let e = a.entry(mechanism).or_default();
+        if ok {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    /// A message made durable; `took` is DATA end to the 250 (the spool commit).
+    pub fn accepted(&self, took: Duration) {
+        self.accepted.set(self.accepted.get() + 1);
+        self.accept_latency.borrow_mut().observe(took);
+    }
+
+    /// A refusal; `detail` (peer, reply text) goes to the recent-errors list.
+    pub fn rejected(&self, why: Reject, detail: impl FnOnce() -> String) {
+        let i = Reject::ALL.iter().position(|r| *r == why).unwrap_or(0);
+        self.rejected[i].set(self.rejected[i].get() + 1);
+        let mut r = self.recent.borrow_mut();
+        if r.len() == RECENT {
+            r.pop_front();
+        }
+        r.push_back((now_unix(), format!("{}: {}", why.label(), detail())));
+    }
+}
+
+/// What one shard reports when scraped (plain data: crosses to the HTTP thread).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    pub shard: usize,
+    pub connections: u64,
+    pub sessions: u64,
+    pub tls_ok: u64,
+    pub tls_failed: u64,
+    pub auth: BTreeMap<&'static str, (u64, u64)>,
+    pub accepted: u64,
+    pub rejected: [u64; Reject::ALL.len()],
+    pub sent: u64,
+    pub deferred: u64,
+    pub bounced: u64,
+    pub queue: u64,
+    pub oldest_arrival_unix_micros: Option<u64>,
+    pub accept_latency: Histogram,
+    pub sync_latency: Histogram,
+    /// (unix seconds, "shard N: text"), rejections and delivery failures.
+    pub recent: Vec<(u64, String)>,
+}
+
+/// Copies the shard's counters (on the shard's thread).
+pub fn snapshot(shard: &Shard) -> Snapshot {
+    let m = &shard.metrics;
+    let runner = shard.store.runner();
+    let d = runner.delivery_counts();
+    let mut recent: Vec<(u64, String)> = m
+        .recent
+        .borrow()
+        .iter()
+        .chain(d.recent.iter())
+        .map(|(t, s)| (*t, format!("shard {}: {s}", shard.id)))
+        .collect();
+    recent.sort_by_key(|(t, _)| *t);
+    Snapshot {
+        shard: shard.id,
+        connections: m.connections.get(),
+        sessions: shard.connections() as u64,
+        tls_ok: m.tls_ok.get(),
+        tls_failed: m.tls_failed.get(),
+        auth: m.auth.borrow().clone(),
+        accepted: m.accepted.get(),
+        rejected: std::array::from_fn(|i| m.rejected[i].get()),
+        sent: d.sent,
+        deferred: d.deferred,
+        bounced: d.bounced,
+        queue: runner.len() as u64,
+        oldest_arrival_unix_micros: runner.oldest_arrival_unix_micros(),
+        accept_latency: m.accept_latency.borrow().clone(),
+        sync_latency: shard.store.group_commit().sync_times(),
+        recent,
+    }
+}
+
+impl Snapshot {
+    fn oldest_age_secs(&self) -> f64 {
+        self.oldest_arrival_unix_micros.map_or(0.0, |a| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            now.saturating_sub(a) as f64 / 1e6
+        })
+    }
+
+    /// The sum of all shards (`shard="total"`); the oldest age is the maximum.
+    fn total(all: &[Snapshot]) -> Snapshot {
+        let mut t = Snapshot::default();
+        for s in all {
+            t.connections += s.connections;
+            t.sessions += s.sessions;
+            t.tls_ok += s.tls_ok;
+            t.tls_failed += s.tls_failed;
+            for (k, (ok, bad)) in &s.auth {
+                let e = t.auth.entry(k).or_default();
+                e.0 += ok;
+                e.1 += bad;
+            }
+            t.accepted += s.accepted;
+            for (a, b) in t.rejected.iter_mut().zip(s.rejected) {
+                *a += b;
+            }
+            t.sent += s.sent;
+            t.deferred += s.deferred;
+            t.bounced += s.bounced;
+            t.queue += s.queue;
+            t.oldest_arrival_unix_micros =
+                match (t.oldest_arrival_unix_micros, s.oldest_arrival_unix_micros) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            t.accept_latency.merge(&s.accept_latency);
+            t.sync_latency.merge(&s.sync_latency);
+        }
+        t
+    }
+}
+
+/// Asks every shard for a snapshot; None if one did not answer within a second.
+pub fn gather(controls: &[UnboundedSender<Control>]) -> Option<Vec<Snapshot>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for c in controls {
+        c.unbounded_send(Control::Metrics(tx.clone())).ok()?;
+    }
+    drop(tx);
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    let mut out = Vec::with_capacity(controls.len());
+    while out.len() < controls.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        out.push(rx.recv_timeout(left).ok()?);
+    }
+    out.sort_by_key(|s: &Snapshot| s.shard);
+    Some(out)
+}
+
+/// Renders `/metrics` (Prometheus text format 0.0.4).
+pub fn render(shards: &[Snapshot]) -> String {
+    let total = Snapshot::total(shards);
+    let rows: Vec<(String, &Snapshot)> = shards
+        .iter()
+        .map(|s| (s.shard.to_string(), s))
+        .chain(std::iter::once(("total".to_string(), &total)))
+        .collect();
+    let mut o = String::new();
+    let mut family =
+        |name: &str, kind: &str, help: &str, f: &dyn Fn(&str, &Snapshot, &mut String)| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (id, s) in &rows {
+                f(id, s, &mut o);
+            }
+        };
+    let simple = |name: &'static str, v: fn(&Snapshot) -> f64| {
+        move |id: &str, s: &Snapshot, o: &mut String| {
+            let _ = writeln!(o, "{name}{{shard=\"{id}\"}} {}", v(s));
+        }
+    };
+    family(
+        "tern_connections_accepted_total",
+        "counter",
+        "SMTP connections accepted.",
+        &simple("tern_connections_accepted_total", |s| s.connections as f64),
+    );
+    family(
+        "tern_sessions_active",
+        "gauge",
+        "SMTP sessions being served now.",
+        &simple("tern_sessions_active", |s| s.sessions as f64),
+    );
+    family(
+        "tern_tls_handshakes_total",
+        "counter",
+        "TLS handshakes (STARTTLS and implicit TLS) by result.",
+        &|id, s, o| {
+            for (r, v) in [("ok", s.tls_ok), ("failed", s.tls_failed)] {
+                let _ = writeln!(
+                    o,
+                    "tern_tls_handshakes_total{{shard=\"{id}\",result=\"{r}\"}} {v}"
+                );
+            }
+        },
+    );
+    family(
+        "tern_auth_total",
+        "counter",
+        "SMTP AUTH attempts by mechanism and result.",
+        &|id, s, o| {
+            for (m, (ok, bad)) in &s.auth {
+                for (r, v) in [("success", ok), ("failure", bad)] {
+                    let _ = writeln!(
+                        o,
+                        "tern_auth_total{{shard=\"{id}\",mechanism=\"{m}\",result=\"{r}\"}} {v}"
+                    );
+                }
+            }
+        },
+    );
+    family(
+        "tern_messages_accepted_total",
+        "counter",
+        "Messages made durable and answered 250.",
+        &simple("tern_messages_accepted_total", |s| s.accepted as f64),
+    );
+    family(
+        "tern_messages_rejected_total",
+        "counter",
+        "Messages and recipients refused, by reason.",
+        &|id, s, o| {
+            for (r, v) in Reject::ALL.iter().zip(s.rejected) {
+                let _ = writeln!(
+                    o,
+                    "tern_messages_rejected_total{{shard=\"{id}\",reason=\"{}\"}} {v}",
+                    r.label()
+                );
+            }
+        },
+    );
+    family(
+        "tern_deliveries_total",
+        "counter",
+        "Recipient delivery attempts by outcome.",
+        &|id, s, o| {
+            for (st, v) in [
+                ("sent", s.sent),
+                ("deferred", s.deferred),
+                ("bounced", s.bounced),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "tern_deliveries_total{{shard=\"{id}\",status=\"{st}\"}} {v}"
+                );
+            }
+        },
+    );
+    family(
+        "tern_queue_messages",
+        "gauge",
+        "Messages in the queue.",
+        &simple("tern_queue_messages", |s| s.queue as f64),
+    );
+    family(
+        "tern_queue_oldest_message_age_seconds",
+        "gauge",
+        "Age of the oldest queued message (0 when the queue is empty).",
+        &simple(
+            "tern_queue_oldest_message_age_seconds",
+            Snapshot::oldest_age_secs,
+        ),
+    );
+    family(
+        "tern_acceptance_latency_seconds",
+        "histogram",
+        "End of DATA/BDAT LAST to the 250 reply (spool commit).",
+        &|id, s, o| histogram(o, "tern_acceptance_latency_seconds", id, &s.accept_latency),
+    );
+    family(
+        "tern_spool_sync_seconds",
+        "histogram",
+        "Spool group commit: write and fdatasync of one batch.",
+        &|id, s, o| histogram(o, "tern_spool_sync_seconds", id, &s.sync_latency),
+    );
+    o
+}
+
+fn histogram(o: &mut String, name: &str, id: &str, h: &Histogram) {
+    let mut cum = 0;
+    for (b, c) in LATENCY_BUCKETS.iter().zip(h.counts.iter()) {
+        cum += c;
+        let _ = writeln!(o, "{name}_bucket{{shard=\"{id}\",le=\"{b}\"}} {cum}");
+    }
+    let _ = writeln!(o, "{name}_bucket{{shard=\"{id}\",le=\"+Inf\"}} {}", h.count);
+    let _ = writeln!(o, "{name}_sum{{shard=\"{id}\"}} {}", h.sum);
+    let _ = writeln!(o, "{name}_count{{shard=\"{id}\"}} {}", h.count);
+}
+
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Renders the status page: the numbers now (so it reads without JS), then JS polls
+/// `/metrics` every second for rates and live numbers, and reloads the error list.
+pub fn status_page(shards: &[Snapshot]) -> String {
+    let t = Snapshot::total(shards);
+    let rejected: u64 = t.rejected.iter().sum();
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>tern status</title>
+<style>body{{font:14px sans-serif;margin:1em 2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:left}}</style></head>
+<body><h1>tern</h1>
+<table><tr><th class=l>what</th><th>total</th><th>per second</th></tr>
+<tr><td class=l>connections accepted</td><td id=c>{}</td><td id=cr>-</td></tr>
+<tr><td class=l>messages accepted</td><td id=a>{}</td><td id=ar>-</td></tr>
+<tr><td class=l>messages rejected</td><td id=r>{}</td><td id=rr>-</td></tr>
+<tr><td class=l>deliveries sent</td><td id=s>{}</td><td id=sr>-</td></tr>
+<tr><td class=l>deliveries deferred</td><td id=d>{}</td><td id=dr>-</td></tr>
+<tr><td class=l>deliveries bounced</td><td id=b>{}</td><td id=br>-</td></tr>
+<tr><td class=l>queue depth (messages)</td><td id=q>{}</td><td></td></tr>
+<tr><td class=l>oldest queued (s)</td><td id=o>{:.0}</td><td></td></tr>
+</table>
+<h2>Shards</h2><table id=sh><tr><th>shard</th><th>sessions</th><th>messages accepted</th><th>queue</th></tr>
+"#,
+        t.connections,
+        t.accepted,
+        rejected,
+        t.sent,
+        t.deferred,
+        t.bounced,
+        t.queue,
+        t.oldest_age_secs()
+    );
+    for s in shards {
+        let _ = writeln!(
+            o,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            s.shard, s.sessions, s.accepted, s.queue
+        );
+    }
+    o.push_str("</table>\n<h2>Recent errors</h2><table id=err><tr><th class=l>time (UTC)</th><th class=l>what</th></tr>\n");
+    let mut recent: Vec<&(u64, String)> = shards.iter().flat_map(|s| s.recent.iter()).collect();
+    recent.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
+    for (when, text) in recent.into_iter().take(RECENT) {
+        let _ = writeln!(
+            o,
+            "<tr><td class=l>{}</td><td class=l>{}</td></tr>",
+            httpdate(*when),
+            html_escape(text)
+        );
+    }
+    o.push_str(STATUS_JS);
+    o
+}
+
+/// `YYYY-MM-DD HH:MM:SS` of a Unix time (UTC).
+fn httpdate(t: u64) -> String {
+    let (days, secs) = (t / 86400, t % 86400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+const STATUS_JS: &str = r#"</table>
+<p><small>live: <span id=live>-</span></small></p>
+<script>
+let prev = null, tick = 0;
+function sum(m, name, lab) {
+  let re = new RegExp('^' + name + '\\{shard="total"' + (lab ? ',' + lab : '') + '[,}]', '');
+  let t = 0;
+  for (const l of m) if (re.test(l)) t += parseFloat(l.split(' ').pop());
+  return t;
+}
+function per(m, name) {
+  let out = {};
+  let re = new RegExp('^' + name + '\\{shard="(\\d+)"\\} (\\S+)');
+  for (const l of m) { let x = l.match(re); if (x) out[x[1]] = x[2]; }
+  return out;
+}
+async function poll() {
+  try {
+    const m = (await (await fetch('/metrics')).text()).split('\n');
+    const v = {
+      c: sum(m, 'tern_connections_accepted_total'),
+      a: sum(m, 'tern_messages_accepted_total'),
+      r: sum(m, 'tern_messages_rejected_total', 'reason'),
+      s: sum(m, 'tern_deliveries_total', 'status="sent"'),
+      d: sum(m, 'tern_deliveries_total', 'status="deferred"'),
+      b: sum(m, 'tern_deliveries_total', 'status="bounced"'),
+      q: sum(m, 'tern_queue_messages'),
+      o: sum(m, 'tern_queue_oldest_message_age_seconds'),
+    };
+    const now = Date.now();
+    for (const k in v) {
+      document.getElementById(k).textContent = Math.round(v[k]);
+      const r = document.getElementById(k + 'r');
+      if (r && prev) r.textContent = ((v[k] - prev.v[k]) * 1000 / (now - prev.t)).toFixed(1);
+    }
+    prev = { v, t: now };
+    const ses = per(m, 'tern_sessions_active'), acc = per(m, 'tern_messages_accepted_total'),
+      q = per(m, 'tern_queue_messages');
+    let rows = '<tr><th>shard</th><th>sessions</th><th>messages accepted</th><th>queue</th></tr>';
+    for (const id in ses) rows += `<tr><td>${id}</td><td>${ses[id]}</td><td>${acc[id]}</td><td>${q[id]}</td></tr>`;
+    document.getElementById('sh').innerHTML = rows;
+    if (++tick % 5 == 0) {
+      const doc = new DOMParser().parseFromString(await (await fetch('/')).text(), 'text/html');
+      document.getElementById('err').innerHTML = doc.getElementById('err').innerHTML;
+    }
+    document.getElementById('live').textContent = new Date().toISOString();
+  } catch (e) {
+    document.getElementById('live').textContent = 'unreachable: ' + e;
+  }
+}
+setInterval(poll, 1000); poll();
+</script></body></html>
+"#;
+
+/// Largest request accepted (request line + headers).
+const MAX_REQUEST: usize = 8192;
+
+/// Serves the endpoint on its own thread until the process exits.
+pub fn spawn_http(
+    listener: TcpListener,
+    controls: Vec<UnboundedSender<Control>>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("tern-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                if let Err(e) = serve_one(conn, &controls) {
+                    tracing::debug!(error = %e, "metrics request failed");
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        if buf.len() > MAX_REQUEST {
+            return respond(
+                &mut conn,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "too large\n",
+            );
+        }
+        let n = conn.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = buf.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split(' ');
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    if method != "GET" && method != "HEAD" {
+        return respond(
+            &mut conn,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        );
+    }
+    let path = target.split('?').next().unwrap_or("");
+    match path {
+        "/metrics" | "/healthz" | "/" => {}
+        _ => return respond(&mut conn, "404 Not Found", "text/plain", "not found\n"),
+    }
+    let Some(snaps) = gather(controls) else {
+        return respond(
+            &mut conn,
+            "503 Service Unavailable",
+            "text/plain",
+            "a shard did not answer\n",
+        );
+    };
+    match path {
+        "/metrics" => respond(
+            &mut conn,
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            &render(&snaps),
+        ),
+        "/healthz" => respond(&mut conn, "200 OK", "text/plain", "ok\n"),
+        _ => respond(
+            &mut conn,
+            "200 OK",
+            "text/html; charset=utf-8",
+            &status_page(&snaps),
+        ),
+    }
+}
+
+fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes())?;
+    conn.write_all(body.as_bytes())?;
+    conn.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(httpdate(0), "1970-01-01 00:00:00");
+        assert_eq!(httpdate(1_700_000_000), "2023-11-14 22:13:20");
+    }
+
+    #[test]
+    fn totals_and_histograms() {
+        let mut a = Snapshot {
+            shard: 0,
+            accepted: 2,
+            ..Default::default()
+        };
+        a.accept_latency.observe(Duration::from_millis(3));
+        let b = Snapshot {
+            shard: 1,
+            accepted: 1,
+            ..Default::default()
+        };
+        let text = render(&[a, b]);
+        assert!(text.contains("tern_messages_accepted_total{shard=\"total\"} 3\n"));
+        assert!(
+            text.contains("tern_acceptance_latency_seconds_bucket{shard=\"0\",le=\"0.005\"} 1\n")
+        );
+        assert!(
+            text.contains("tern_acceptance_latency_seconds_bucket{shard=\"0\",le=\"0.0025\"} 0\n")
+        );
+        assert!(text.contains("tern_acceptance_latency_seconds_count{shard=\"total\"} 1\n"));
+    }
+}
