@@ -26,6 +26,9 @@
 //!   relay policy is the listener's. XXX AUTH is not offered on stdio (no user store is
 //!   loaded and there is no TLS): the caller is authenticated by the OS (ssh, inetd,
 //!   file permissions on the spool/admin socket). STARTTLS is not offered either.
+//!   Run as root with no server up, the direct write creates root-owned spool files; a
+//!   server that drops privileges hands the whole spool to its user at start-up
+//!   (`privileges::drop_privileges`), so it can still read them.
 //!
 //! CONFIGURATION PARAMETERS
 //!   hostname, limits.*, relay.local_domains, relay.trusted_networks, spool.dir,
@@ -126,7 +129,11 @@ pub fn run(cfg: &Config) -> ExitCode {
             Event::StartTls | Event::Close => break,
             Event::Etrn(node) => {
                 // A queue run is the server's business: ask it to flush, if one runs.
-                let n = admin::call(&cfg.admin_socket(), &Request::Flush(Default::default()))
+                let f = admin::Filter {
+                    to_domain: Some(node.trim_start_matches('@').to_string()),
+                    ..Default::default()
+                };
+                let n = admin::call(&cfg.admin_socket(), &Request::Flush(f))
                     .ok()
                     .and_then(|v| v.get("flushed").and_then(|f| f.as_u64()))
                     .unwrap_or(0);

@@ -164,3 +164,47 @@ fn sendmail_without_recipients_exits_65() {
     let out = run(tmp.path(), &["sendmail", "-q"], b"");
     assert_eq!(out.status.code(), Some(64), "{:?}", out);
 }
+
+#[test]
+fn installed_as_sendmail_it_behaves_as_tern_sendmail() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let link = tmp.path().join("sendmail");
+    std::os::unix::fs::symlink(tern_bin(), &link).expect("symlink");
+    let spool = tmp.path().join("spool");
+    let conf = tmp.path().join("tern.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "hostname = \"box.test\"\nshards = 2\n[spool]\ndir = \"{}\"\n",
+            spool.display()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(&link)
+        .args(["-oi", "-F", "Cron Daemon", "root@example.net"])
+        .env("TERN_CONFIG", &conf)
+        .env("USER", "cronuser")
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning sendmail");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"Subject: nightly\n\n.\nstill the body\n")
+        .expect("writing stdin");
+    let out = child.wait_with_output().expect("sendmail");
+    assert!(out.status.success(), "{out:?}");
+    let msgs = tern_queue::scan_spool(&spool).expect("scan_spool");
+    assert_eq!(msgs.len(), 1);
+    let e = &msgs[0].envelope;
+    assert_eq!(e.sender, "cronuser@box.test");
+    assert_eq!(e.recipients[0].addr, "root@example.net");
+    let body = tern_queue::read_body(&spool, msgs[0].shard, msgs[0].segment, msgs[0].offset)
+        .expect("body");
+    // -oi: the lone "." is text (dot-stuffed on the way in, unstuffed by the session).
+    assert!(find(&body, b"\r\n\r\n.\r\nstill the body\r\n").is_some());
+    assert!(find(&body, b"From: \"Cron Daemon\" <cronuser@box.test>\r\n").is_none());
+    assert!(find(&body, b"From: Cron Daemon <cronuser@box.test>\r\n").is_some());
+}
