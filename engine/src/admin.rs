@@ -15,7 +15,7 @@
 //!
 //!   Operations: `list`, `show`, `flush`, `delete`, `hold`, `release`, `stats` (queue,
 //!   answered by every shard and merged here), `status`, `reload`, `stop`, `log-level`
-//!   (server). Failures are `{"ok":false,"error":"..."}`. Queue operations travel to the
+//!   (server), `submit` (store one message; shard 0 only). Failures are `{"ok":false,"error":"..."}`. Queue operations travel to the
 //!   shards through their control channels (`server::Control::Admin`); each shard's
 //!   control task runs them on its own thread against its own `Runner`, and answers on a
 //!   std channel with a JSON value. No shard state is ever touched from this thread.
@@ -24,7 +24,7 @@
 //!   The socket is created with mode 0600 (umask 0177 around bind(2), then chmod), so only
 //!   the server's owner (and root) can connect; every connection's peer credentials
 //!   (SO_PEERCRED) are checked again: uid 0 or the server's effective uid. Requests are
-//!   one line of at most 64 KiB, read with a timeout, so a stuck client cannot hold the
+//!   one line of at most 64 KiB (a `submit` line: `MAX_SUBMIT`), read with a timeout, so a stuck client cannot hold the
 //!   thread. Nothing here is reachable from the network.
 //!
 //! DIAGNOSTICS
@@ -53,6 +53,8 @@ use crate::server::{Control, Shard};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 64 * 1024;
+/// Longest `submit` request line: base64 of a message of up to 64 MiB, plus the envelope.
+const MAX_SUBMIT: u64 = 90 << 20;
 /// `show --body` returns at most this much of the body.
 pub const BODY_CAP: usize = 1 << 20;
 /// How long the admin thread waits for all shards to answer one request.
@@ -128,6 +130,15 @@ pub enum Request {
     Stop,
     LogLevel {
         level: String,
+    },
+    /// Store one message (`tern stdio`, `tern sendmail`): answered by shard 0 with the
+    /// queue id once the record is durable and handed to that shard's runner.
+    Submit {
+        envelope: crate::stdio::WireEnvelope,
+        /// The Received: header, with `stdio::ID_PLACEHOLDER` where the queue id goes.
+        received: String,
+        /// The message, base64.
+        body: String,
     },
 }
 
@@ -279,12 +290,20 @@ fn serve_one(
         return writeln!(w, "{}", json!({"ok": false, "error": "permission denied"}));
     }
     let mut line = String::new();
-    BufReader::new(&conn)
-        .take(MAX_REQUEST)
-        .read_line(&mut line)?;
+    let mut r = BufReader::new(&conn);
+    // A `submit` carries a whole message; every other request stays within 64 KiB.
+    let head = r.fill_buf()?;
+    let limit = if head.starts_with(br#"{"op":"submit""#) {
+        MAX_SUBMIT
+    } else {
+        MAX_REQUEST
+    };
+    r.take(limit).read_line(&mut line)?;
     let (answer, stop) = match serde_json::from_str::<Request>(line.trim()) {
         Ok(req) => {
-            tracing::debug!(request = ?req, "admin request");
+            if !matches!(req, Request::Submit { .. }) {
+                tracing::debug!(request = ?req, "admin request");
+            }
             let stop = matches!(req, Request::Stop);
             (handle(ctx, level, req), stop)
         }
@@ -329,6 +348,12 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
         }
         Request::Hold(ref f) | Request::Release(ref f) if f.is_empty() => {
             Err("hold/release need a selection (a queue id)".into())
+        }
+        // Shard 0 stores submissions: one shard, so the answer is one queue id.
+        Request::Submit { .. } => {
+            let first = ctx.controls.first().ok_or("no shard runs")?;
+            let answers = ask_shards(std::slice::from_ref(first), &req)?;
+            answers.into_iter().next().ok_or_else(|| "no answer".into())
         }
         req => {
             let answers = ask_shards(&ctx.controls, &req)?;
@@ -453,7 +478,7 @@ fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
             Value::Object(m)
         }
         Request::Status => json!({ "shards": answers }),
-        Request::Reload | Request::Stop | Request::LogLevel { .. } => {
+        Request::Reload | Request::Stop | Request::LogLevel { .. } | Request::Submit { .. } => {
             return Err("not a shard request".into())
         }
     })
@@ -506,10 +531,62 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
             "queued": runner.len(),
             "in_flight": runner.in_flight(),
         }),
+        Request::Submit {
+            envelope,
+            received,
+            body,
+        } => submit(shard, envelope, received, body).await?,
         Request::Reload | Request::Stop | Request::LogLevel { .. } => {
             return Err("not a shard request".into())
         }
     })
+}
+
+/// Stores a submitted message the way `ShardStore::store` stores a session's: the queue
+/// id, the Received: header, the spool record, its commit, then the runner.
+async fn submit(
+    shard: &Shard,
+    envelope: &crate::stdio::WireEnvelope,
+    received: &str,
+    body: &str,
+) -> Result<Value, String> {
+    let (mut env, body) = crate::stdio::decode_submit(envelope, body)?;
+    let store = &shard.store;
+    let runner = store.runner();
+    if runner.over_high_water() {
+        return Err("queue full: above its high-water mark".into());
+    }
+    let prepared = store.group_commit().with_spool(|spool| {
+        let id = spool.id_gen().next();
+        let hdr = bytes::Bytes::from(received.replacen(crate::stdio::ID_PLACEHOLDER, &id, 1));
+        env.id = id;
+        env.size = (hdr.len() + body.len()) as u64;
+        spool.prepare(&env, &[hdr, body])
+    });
+    let write = prepared.map_err(|e| {
+        if e.is_full() {
+            format!("spool full: {e}")
+        } else {
+            format!("spool: {e}")
+        }
+    })?;
+    let c = store
+        .group_commit()
+        .commit(write)
+        .await
+        .map_err(|e| format!("spool: {e}"))?;
+    runner.enqueue(
+        tern_queue::MsgRef {
+            shard: shard.id as u16,
+            segment: c.segment,
+            offset: c.offset,
+        },
+        &c.id,
+        env.arrival_unix_micros,
+        env.recipients.len(),
+    );
+    tracing::info!(id = %c.id, "message submitted on the admin socket");
+    Ok(json!({ "id": c.id }))
 }
 
 fn changed_json(c: tern_queue::runner::Changed) -> Value {

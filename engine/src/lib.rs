@@ -17,6 +17,9 @@
 //!   std thread in the main process, requests forwarded to the shards' control tasks.
 //! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
 //!   message gets its 250 only after its record is fdatasync'ed.
+//! - `stdio`, `sendmail`: local submission without a socket (`tern stdio`, `tern
+//!   sendmail`): a `Session` driven in-process, the message handed to a running server's
+//!   shard 0 (admin `submit`) or written straight into a free shard spool.
 //!
 //! Data flows one way: listener → conn → session → spool. Nothing on the per-command path
 //! is shared between shards.
@@ -35,8 +38,10 @@ pub mod privileges;
 pub mod queue_cli;
 pub mod sasl;
 pub mod sdnotify;
+pub mod sendmail;
 pub mod server;
 pub mod session;
 pub mod spool;
+pub mod stdio;
 pub mod tls;
 pub mod users;

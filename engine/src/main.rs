@@ -1,4 +1,5 @@
-//! The `tern` command: `serve`, `demo`, `queue`, `ctl`, `check-config`.
+//! The `tern` command: `serve`, `demo`, `queue`, `ctl`, `check-config`, `stdio`,
+//! `sendmail` (also when invoked as `sendmail`).
 //!
 //! Parses the command line, sets up logging, and hands over to the library. This file must
 //! stay thin: anything with logic lives in a module of its own.
@@ -72,6 +73,20 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// One SMTP session on stdin/stdout (like sendmail -bs; for inetd, ssh and tests).
+    Stdio {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// The sendmail(8) interface: read a message on stdin and queue it
+    /// ([-t] [-i|-oi] [-f SENDER] [-F NAME] [RECIPIENTS...]).
+    Sendmail {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// sendmail's own options and the recipients.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Validate a configuration file and print the effective configuration.
     CheckConfig {
         #[arg(long, short = 'c')]
@@ -79,6 +94,55 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+}
+
+/// Which configuration `stdio` and `sendmail` use: a file, a demo directory, or defaults.
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The TOML configuration file.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Use the configuration of a `tern demo --dir DIR`.
+    #[arg(long = "demo-dir", value_name = "DIR", conflicts_with = "config")]
+    demo_dir: Option<PathBuf>,
+    /// Override any configuration key.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, String> {
+        match &self.demo_dir {
+            Some(d) => demo::prepare(d, &self.set)
+                .map(|p| p.config)
+                .map_err(|e| e.to_string()),
+            None => Config::load(self.config.as_deref(), &self.set).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// Logging for the one-shot commands: stderr only, warnings unless TERN_LOG says more.
+fn init_quiet_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+}
+
+/// `tern sendmail ARGS`, also reached as `sendmail ARGS` (argv[0]), where every argument
+/// is sendmail's: the configuration then comes from $TERN_CONFIG or the defaults.
+fn sendmail(config: &ConfigArgs, args: &[String]) -> ExitCode {
+    init_quiet_logging();
+    match config.load() {
+        Ok(cfg) => tern_engine::sendmail::run(&cfg, args),
+        Err(e) => {
+            eprintln!("sendmail: {e}");
+            ExitCode::from(78)
+        }
+    }
 }
 
 /// Installs the log subscriber; returns the handle `tern ctl log-level` uses to swap
@@ -148,6 +212,18 @@ fn serve(
 }
 
 fn main() -> ExitCode {
+    let argv0 = std::env::args_os().next().map(PathBuf::from);
+    if argv0.as_deref().and_then(|p| p.file_name()) == Some("sendmail".as_ref()) {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let config = ConfigArgs {
+            config: std::env::var_os("TERN_CONFIG")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from),
+            demo_dir: None,
+            set: Vec::new(),
+        };
+        return sendmail(&config, &args);
+    }
     let cli = Cli::parse();
     match cli.command {
         Cmd::Serve {
@@ -201,6 +277,17 @@ fn main() -> ExitCode {
                 demo::print_banner(&dir2, r)
             })
         }
+        Cmd::Stdio { config } => {
+            init_quiet_logging();
+            match config.load() {
+                Ok(cfg) => tern_engine::stdio::run(&cfg),
+                Err(e) => {
+                    eprintln!("tern stdio: {e}");
+                    ExitCode::from(78)
+                }
+            }
+        }
+        Cmd::Sendmail { config, args } => sendmail(&config, &args),
         Cmd::Queue { command } => queue_cli::run(command),
         Cmd::Ctl { command } => tern_engine::admin::ctl(command),
         Cmd::Passwd(args) => tern_engine::users::cli::run(args),
