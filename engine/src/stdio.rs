@@ -73,6 +73,8 @@ pub fn session_config(cfg: &Config, extra_trusted: &[ipnet::IpNet]) -> SessionCo
         tls_available: false,
         policy: RelayPolicy::new(&cfg.relay.local_domains, &trusted),
         auth: None,
+        // A one-session process: its counters are never scraped.
+        metrics: Default::default(),
     }
 }
 
