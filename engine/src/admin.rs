@@ -552,8 +552,7 @@ async fn submit(
 ) -> Result<Value, String> {
     let (mut env, body) = crate::stdio::decode_submit(envelope, body)?;
     let store = &shard.store;
-    let runner = store.runner();
-    if runner.over_high_water() {
+    if !store.accepting() {
         return Err("queue full: above its high-water mark".into());
     }
     let prepared = store.group_commit().with_spool(|spool| {
@@ -571,20 +570,9 @@ async fn submit(
         }
     })?;
     let c = store
-        .group_commit()
-        .commit(write)
+        .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
         .await
         .map_err(|e| format!("spool: {e}"))?;
-    runner.enqueue(
-        tern_queue::MsgRef {
-            shard: shard.id as u16,
-            segment: c.segment,
-            offset: c.offset,
-        },
-        &c.id,
-        env.arrival_unix_micros,
-        env.recipients.len(),
-    );
     tracing::info!(id = %c.id, "message submitted on the admin socket");
     Ok(json!({ "id": c.id }))
 }

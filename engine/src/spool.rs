@@ -56,13 +56,7 @@ impl ShardStore {
 
     /// Makes `msg` durable and returns its queue id.
     pub async fn store(&self, msg: &mut Message) -> Result<String, StoreError> {
-        // Backpressure: past the high-water mark new mail waits (452 4.3.1) until the
-        // queue drains; what is queued stays bounded.
-        if self.runner.over_high_water() {
-            tracing::warn!(
-                queued = self.runner.len(),
-                "queue above its high-water mark: deferring new mail"
-            );
+        if !self.accepting() {
             return Err(StoreError::Full);
         }
         let prepared = self.commit.with_spool(|spool| {
@@ -77,25 +71,51 @@ impl ShardStore {
                 return Err(map_err(&e));
             }
         };
-        match self.commit.commit(write).await {
-            Ok(c) => {
-                // Durable: hand it to the runner, which tries it right away.
-                self.runner.enqueue(
-                    MsgRef {
-                        shard: self.shard,
-                        segment: c.segment,
-                        offset: c.offset,
-                    },
-                    &c.id,
-                    msg.envelope.arrival_unix_micros,
-                    msg.envelope.recipients.len(),
-                );
-                Ok(c.id)
-            }
+        let env = &msg.envelope;
+        match self
+            .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
+            .await
+        {
+            Ok(c) => Ok(c.id),
             Err(e) => {
-                tracing::error!(id = %msg.envelope.id, error = %e, "spool commit failed");
+                tracing::error!(id = %env.id, error = %e, "spool commit failed");
                 Err(map_err(&e))
             }
         }
+    }
+
+    /// Backpressure: past the high-water mark new mail waits (452 4.3.1) until the queue
+    /// drains, so what is queued stays bounded.
+    pub fn accepting(&self) -> bool {
+        if self.runner.over_high_water() {
+            tracing::warn!(
+                queued = self.runner.len(),
+                "queue above its high-water mark: deferring new mail"
+            );
+            return false;
+        }
+        true
+    }
+
+    /// Makes a prepared message record durable (group commit) and hands it to the runner,
+    /// which tries it right away. Shared by SMTP sessions and the admin socket's submit.
+    pub async fn commit_and_enqueue(
+        &self,
+        write: tern_queue::PendingWrite,
+        arrival_unix_micros: u64,
+        recipients: usize,
+    ) -> Result<tern_queue::Committed, SpoolError> {
+        let c = self.commit.commit(write).await?;
+        self.runner.enqueue(
+            MsgRef {
+                shard: self.shard,
+                segment: c.segment,
+                offset: c.offset,
+            },
+            &c.id,
+            arrival_unix_micros,
+            recipients,
+        );
+        Ok(c)
     }
 }
