@@ -124,7 +124,8 @@ async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let acceptor = lst.acceptor.as_ref()?;
+    lst.acceptor.as_ref()?; // TLS offered on this listener at all
+    let acceptor = shard.tls.borrow().clone();
     let r = timed(shard.idle_timeout, acceptor.accept(stream)).await;
     shard.metrics.tls(matches!(r, Some(Ok(_))));
     match r {

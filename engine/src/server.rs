@@ -152,6 +152,9 @@ pub struct Shard {
     pub scratch: RefCell<Box<[u8]>>,
     /// The shard's counters (`metrics.rs`), read only through `Control::Metrics`.
     pub metrics: Rc<crate::metrics::ShardMetrics>,
+    /// The shard's TLS acceptor (its own rustls config); replaced whole on reload, so a
+    /// handshake in progress keeps the configuration it started with.
+    pub tls: RefCell<TlsAcceptor>,
     connections: Cell<usize>,
     per_ip: RefCell<HashMap<IpAddr, usize>>,
     max_connections: usize,
@@ -376,8 +379,9 @@ pub fn run_with(
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
-                    tracing::info!("SIGHUP: reloading the user store");
+                    tracing::info!("SIGHUP: reloading the user store and the certificate");
                     let _ = reload_users(&reload_cfg, &reload_controls);
+                    reload_tls(&reload_cfg, &reload_controls);
                     continue;
                 }
                 tracing::info!(
@@ -397,7 +401,10 @@ pub fn run_with(
             crate::admin::AdminCtx {
                 controls: controls.clone(),
                 stop: Box::new(move || admin_stopper.stop()),
-                reload: Box::new(move || reload_users(&reload_cfg, &reload_controls)),
+                reload: Box::new(move || {
+                    reload_tls(&reload_cfg, &reload_controls);
+                    reload_users(&reload_cfg, &reload_controls)
+                }),
                 log_level: hooks.log_level,
                 started,
             },
@@ -427,6 +434,8 @@ pub fn run_with(
 pub enum Control {
     /// A new user-store snapshot.
     Users(Arc<UserDb>),
+    /// A new certificate and key (SIGHUP).
+    Tls(Identity),
     /// A request from the admin socket; the shard answers on the channel.
     Admin(
         Arc<crate::admin::Request>,
@@ -438,6 +447,24 @@ pub enum Control {
 
 /// Loads the user store again and hands the new snapshot to every shard. A store that
 /// fails to load (bad mode, syntax) is reported and the old one stays in force.
+/// Loads the configured certificate and key again and hands them to every shard; a pair
+/// that does not load is reported and the old one stays. (A generated certificate, used
+/// when none is configured, is kept.)
+fn reload_tls(cfg: &Config, controls: &[mpsc::UnboundedSender<Control>]) {
+    let (Some(cert), Some(key)) = (&cfg.tls.cert, &cfg.tls.key) else {
+        return;
+    };
+    match Identity::from_pem_files(cert, key) {
+        Ok(identity) => {
+            for c in controls {
+                let _ = c.unbounded_send(Control::Tls(identity.clone()));
+            }
+            tracing::info!(cert = %cert.display(), "certificate reloaded");
+        }
+        Err(e) => tracing::error!(error = %e, "certificate not reloaded; keeping the previous one"),
+    }
+}
+
 fn reload_users(
     cfg: &Config,
     controls: &[mpsc::UnboundedSender<Control>],
@@ -566,12 +593,13 @@ async fn shard_main(
             });
         }
         let metrics = Rc::new(crate::metrics::ShardMetrics::default());
-        let tls_cfg = tls::server_config(&identity, ticketer).map_err(|e| e.to_string())?;
+        let tls_cfg = tls::server_config(&identity, ticketer.clone()).map_err(|e| e.to_string())?;
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
             id,
             store: ShardStore::new(commit, &cfg.hostname, runner, id as u16),
             stopping: LocalNotify::new(),
+            tls: RefCell::new(acceptor.clone()),
             peers: anvil.clone(),
             idle_timeout: cfg.limits.idle_timeout,
             grace: cfg.shutdown.grace,
@@ -670,6 +698,10 @@ async fn shard_main(
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
                 }
+                Control::Tls(identity) => match tls::server_config(&identity, ticketer.clone()) {
+                    Ok(c) => *control_shard.tls.borrow_mut() = TlsAcceptor::from(c),
+                    Err(e) => tracing::error!(shard = id, error = %e, "TLS not reloaded"),
+                },
                 Control::Metrics(reply) => {
                     let _ = reply.send(crate::metrics::snapshot(&control_shard));
                 }

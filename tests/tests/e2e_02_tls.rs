@@ -194,3 +194,74 @@ fn hostile_handshakes_do_not_kill_the_server() {
     assert!(closed, "a stalled TLS handshake was never timed out");
     assert!(!got.starts_with(b"220"), "{got:?}");
 }
+
+/// SIGHUP picks up a new certificate: the next TLS handshake presents it, while a session
+/// opened before keeps working.
+#[test]
+fn sighup_reloads_the_certificate() {
+    let ok = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok();
+    if !ok {
+        assert!(
+            !tern_tests::in_ci(),
+            "openssl is needed to make a second certificate"
+        );
+        eprintln!("skipped: openssl not installed");
+        return;
+    }
+    let s = Server::with(&[r#"auth.require_on=["submission"]"#]);
+    let mut before = s.smtps();
+    before.ehlo("client.test");
+    // A new self-signed pair, written over the demo's files.
+    let new_cert = s.dir().join("new-cert.pem");
+    let new_key = s.dir().join("new-key.pem");
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-days", "2", "-keyout"])
+        .arg(&new_key)
+        .arg("-out")
+        .arg(&new_cert)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&new_key, s.dir().join("key.pem")).unwrap();
+    std::fs::rename(&new_cert, s.dir().join("cert.pem")).unwrap();
+    unsafe { libc::kill(s.pid() as i32, libc::SIGHUP) };
+    // The harness trusts exactly cert.pem, now the new certificate: a handshake verifies
+    // only once the server presents it.
+    let mut reloaded = false;
+    for _ in 0..50 {
+        let r = std::panic::catch_unwind(|| {
+            let mut c = Client::connect_tls(s.smtps, &s.cert(), TlsVersion::Any);
+            c.expect_greeting();
+        });
+        if r.is_ok() {
+            reloaded = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(reloaded, "the new certificate was never presented");
+    before.expect("NOOP", 250, "2.0.0");
+}
