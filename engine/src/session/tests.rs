@@ -285,3 +285,62 @@ fn auth_lines_may_reach_12288_octets_other_commands_may_not() {
     assert!(out.contains("500 5.5.2 Error: line too long"), "{out}");
     assert!(out.ends_with("250 2.0.0 Ok\r\n"));
 }
+
+/// Feeds `input` split at `cuts` (read boundaries), storing messages as "ID"; returns the
+/// replies and the stored bodies.
+fn drive_split(input: &[u8], cuts: &[usize]) -> (String, Vec<Vec<u8>>) {
+    let mut s = session();
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let mut stored = Vec::new();
+    let mut bounds: Vec<usize> = cuts.iter().map(|c| c % (input.len() + 1)).collect();
+    bounds.push(input.len());
+    bounds.sort_unstable();
+    let mut pos = 0;
+    for b in bounds {
+        inbuf.extend_from_slice(&input[pos..b]);
+        pos = b;
+        loop {
+            match s.process(&mut inbuf, &mut out) {
+                Event::NeedInput | Event::Close => break,
+                Event::StartTls => {
+                    discard_input(&mut inbuf);
+                    break;
+                }
+                Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
+                Event::Message(mut m) => {
+                    m.finish("mx.test", "ID");
+                    // Leave out the Received: header (it carries the current time).
+                    stored.push(m.body[1..].concat());
+                    s.stored(Ok("ID"), &mut out);
+                }
+            }
+        }
+    }
+    (String::from_utf8_lossy(&out).into_owned(), stored)
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+    /// Any byte stream, split at any points, yields the same replies and the same stored
+    /// messages as when it arrives in one piece (issue 8 §2).
+    #[test]
+    fn any_split_same_replies_and_messages(
+        body in proptest::collection::vec(
+            proptest::sample::select(vec![b'a', b'.', b'\r', b'\n', b' ', 0u8, 0xe9]), 0..300),
+        chunk in proptest::collection::vec(0u8..8, 0..3),
+        cuts in proptest::collection::vec(0usize..2000, 0..12),
+    ) {
+        let mut input = b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n".to_vec();
+        input.extend_from_slice(&body);
+        input.extend_from_slice(b"\r\n.\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@local.test>\r\n");
+        input.extend_from_slice(format!("BDAT {} LAST\r\n", chunk.len()).as_bytes());
+        input.extend_from_slice(&chunk);
+        input.extend_from_slice(b"NOOP\r\nQUIT\r\n");
+        let whole = drive_split(&input, &[]);
+        let split = drive_split(&input, &cuts);
+        proptest::prop_assert_eq!(&whole.0, &split.0);
+        proptest::prop_assert_eq!(&whole.1, &split.1);
+        proptest::prop_assert!(whole.0.ends_with("221 2.0.0 Bye\r\n"));
+    }
+}
