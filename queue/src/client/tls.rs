@@ -99,8 +99,10 @@ fn load_roots(ca_file: Option<&Path>) -> Result<RootCertStore, TlsConfigError> {
 
 /// Accepts any certificate (opportunistic TLS, RFC 7435: encryption against passive
 /// eavesdroppers without authentication), but still checks the handshake signatures.
+/// Public so that other clients of the project (the load generator's `--insecure`) use
+/// this one verifier instead of a copy.
 #[derive(Debug)]
-struct NoVerify(Arc<CryptoProvider>);
+pub struct NoVerify(pub Arc<CryptoProvider>);
 
 impl ServerCertVerifier for NoVerify {
     fn verify_server_cert(
