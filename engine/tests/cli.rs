@@ -66,3 +66,23 @@ fn serve_refuses_missing_config() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/tern.toml"));
 }
+
+#[test]
+fn the_example_configuration_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../tern.example.toml");
+    let out = tern()
+        .args(["check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        effective.contains("hostname = \"mx.example.org\""),
+        "{effective}"
+    );
+    assert!(effective.contains("require_on = ["), "{effective}");
+}
