@@ -26,7 +26,8 @@ use crate::session::{reply, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.
 pub struct ListenerCtx {
-    pub session: Rc<SessionConfig>,
+    /// Replaced whole on a configuration reload; each connection takes the current one.
+    pub session: std::cell::RefCell<Rc<SessionConfig>>,
     pub acceptor: Option<TlsAcceptor>,
 }
 
@@ -51,7 +52,8 @@ impl Drop for ConnGuard {
 pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, shard: Rc<Shard>) {
     // Without TCP_NODELAY, small replies wait for delayed ACKs (~40 ms per round trip).
     let _ = stream.set_nodelay(true);
-    let kind = lst.session.kind;
+    let session_cfg = lst.session.borrow().clone();
+    let kind = session_cfg.kind;
     if let Err(why) = shard.admit_connection(peer.ip()) {
         tracing::info!(shard = shard.id, %peer, listener = kind.name(), "refused: {why}");
         if kind != ListenerKind::Smtps {
@@ -60,7 +62,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
                 &mut out,
                 421,
                 "4.7.0",
-                &format!("{} Error: {why}, try again later", lst.session.hostname),
+                &format!("{} Error: {why}, try again later", session_cfg.hostname),
             );
             let mut s = stream;
             let _ = timed(shard.idle_timeout, s.write_all(&out)).await;
@@ -74,7 +76,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
     shard.metrics.connection();
     tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
     let started = Instant::now();
-    let mut session = Session::new(lst.session.clone(), peer, kind == ListenerKind::Smtps);
+    let mut session = Session::new(session_cfg, peer, kind == ListenerKind::Smtps);
     // The TLS paths are boxed so that a plain connection's task carries only its own
     // state (memory per idle connection is bounded and small).
     let result = match kind {

@@ -196,9 +196,13 @@ fn serve(
     cfg: Config,
     identity: Identity,
     log_level: Option<LogLevelFn>,
+    reload_config: server::ConfigLoader,
     after_ready: impl FnOnce(&Ready),
 ) -> ExitCode {
-    let hooks = server::Hooks { log_level };
+    let hooks = server::Hooks {
+        log_level,
+        reload_config: Some(reload_config),
+    };
     match server::run_with(cfg, identity, hooks, |r| {
         print_ready(r);
         after_ready(r);
@@ -256,7 +260,11 @@ fn main() -> ExitCode {
                     return ExitCode::from(78);
                 }
             };
-            serve(cfg, identity, log_level, |_| {})
+            // SIGHUP reads the same file with the same --set overrides again.
+            let loader: server::ConfigLoader = std::sync::Arc::new(move || {
+                Config::load(Some(&config), &set).map_err(|e| e.to_string())
+            });
+            serve(cfg, identity, log_level, loader, |_| {})
         }
         Cmd::Demo {
             dir,
@@ -273,9 +281,18 @@ fn main() -> ExitCode {
             };
             let log_level = init_logging(&prepared.config.log);
             let dir2 = dir.clone();
-            serve(prepared.config, prepared.identity, log_level, move |r| {
-                demo::print_banner(&dir2, r)
-            })
+            let loader: server::ConfigLoader = std::sync::Arc::new(move || {
+                demo::prepare(&dir, &set)
+                    .map(|p| p.config)
+                    .map_err(|e| e.to_string())
+            });
+            serve(
+                prepared.config,
+                prepared.identity,
+                log_level,
+                loader,
+                move |r| demo::print_banner(&dir2, r),
+            )
         }
         Cmd::Stdio { config } => {
             init_quiet_logging();

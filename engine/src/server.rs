@@ -214,6 +214,93 @@ pub struct Ready {
 pub struct Hooks {
     /// Changes the log filter at run time (`tern ctl log-level`).
     pub log_level: Option<crate::admin::LogLevelFn>,
+    /// Reads the configuration again (from the file and `--set`s the server started
+    /// with), for SIGHUP and `tern ctl reload`. None: only the user store and certificate
+    /// are reloaded.
+    pub reload_config: Option<ConfigLoader>,
+}
+
+/// How to read the configuration again.
+pub type ConfigLoader = Arc<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Settings that only take effect at start-up: a reload reports them instead of
+/// pretending to apply them.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.ser() == b.ser();
+    let mut v = Vec::new();
+    if !same(&old.listeners, &new.listeners) {
+        v.push("listeners");
+    }
+    if old.shards != new.shards {
+        v.push("shards");
+    }
+    if !same(&old.spool, &new.spool) {
+        v.push("spool");
+    }
+    if !same(&old.executor, &new.executor) {
+        v.push("executor");
+    }
+    if old.user != new.user || old.group != new.group || old.allow_root != new.allow_root {
+        v.push("user/group");
+    }
+    if !same(&old.queue, &new.queue) {
+        v.push("queue");
+    }
+    if !same(&old.admin, &new.admin) {
+        v.push("admin");
+    }
+    if !same(&old.metrics, &new.metrics) {
+        v.push("metrics");
+    }
+    if old.hostname != new.hostname {
+        v.push("hostname");
+    }
+    v
+}
+
+/// Comparing configuration sections through their TOML form (they all serialise).
+mod erased {
+    pub trait Ser {
+        fn ser(&self) -> String;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn ser(&self) -> String {
+            toml::to_string(self).unwrap_or_default()
+        }
+    }
+}
+
+/// SIGHUP / `tern ctl reload`: the configuration (what can change live: limits, relay
+/// policy, AUTH settings, log format aside), the certificate and the user store. Sessions
+/// already open keep the settings they started with.
+fn reload_all(
+    current: &Arc<Config>,
+    loader: Option<&ConfigLoader>,
+    controls: &[mpsc::UnboundedSender<Control>],
+) -> Result<usize, String> {
+    let cfg = match loader.map(|f| f()) {
+        Some(Ok(new)) => {
+            for what in restart_only_changes(current, &new) {
+                tracing::warn!(
+                    section = what,
+                    "configuration changed: takes effect after a restart"
+                );
+            }
+            let new = Arc::new(new);
+            for c in controls {
+                let _ = c.unbounded_send(Control::Config(new.clone()));
+            }
+            tracing::info!("configuration reloaded");
+            new
+        }
+        Some(Err(e)) => {
+            tracing::error!(error = %e, "configuration not reloaded; keeping the previous one");
+            current.clone()
+        }
+        None => current.clone(),
+    };
+    reload_tls(&cfg, controls);
+    reload_users(&cfg, controls)
 }
 
 /// Sends the stop message to every shard, once, whoever asks first (a signal or the admin
@@ -374,14 +461,14 @@ pub fn run_with(
     let reload_cfg = cfg.clone();
     let reload_controls = controls.clone();
     let sig_stopper = stopper.clone();
+    let sig_loader = hooks.reload_config.clone();
     std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
-                    tracing::info!("SIGHUP: reloading the user store and the certificate");
-                    let _ = reload_users(&reload_cfg, &reload_controls);
-                    reload_tls(&reload_cfg, &reload_controls);
+                    tracing::info!("SIGHUP: reloading");
+                    let _ = reload_all(&reload_cfg, sig_loader.as_ref(), &reload_controls);
                     continue;
                 }
                 tracing::info!(
@@ -396,14 +483,14 @@ pub fn run_with(
         let reload_cfg = cfg.clone();
         let reload_controls = controls.clone();
         let admin_stopper = stopper.clone();
+        let admin_loader = hooks.reload_config.clone();
         crate::admin::spawn(
             &mut admin_socket,
             crate::admin::AdminCtx {
                 controls: controls.clone(),
                 stop: Box::new(move || admin_stopper.stop()),
                 reload: Box::new(move || {
-                    reload_tls(&reload_cfg, &reload_controls);
-                    reload_users(&reload_cfg, &reload_controls)
+                    reload_all(&reload_cfg, admin_loader.as_ref(), &reload_controls)
                 }),
                 log_level: hooks.log_level,
                 started,
@@ -436,6 +523,8 @@ pub enum Control {
     Users(Arc<UserDb>),
     /// A new certificate and key (SIGHUP).
     Tls(Identity),
+    /// A reloaded configuration: new sessions use its limits, policy and AUTH settings.
+    Config(Arc<Config>),
     /// A request from the admin socket; the shard answers on the channel.
     Admin(
         Arc<crate::admin::Request>,
@@ -610,45 +699,12 @@ async fn shard_main(
             max_connections: cfg.limits.connections_per_shard,
             max_per_ip: cfg.limits.connections_per_ip,
         });
-        let policy = RelayPolicy::new(&cfg.relay.local_domains, &cfg.relay.trusted_networks);
-        let limits = SessionLimits {
-            command_line: cfg.limits.command_line,
-            text_line: cfg.limits.text_line,
-            message_size: cfg.limits.message_size,
-            recipients: cfg.limits.recipients,
-            errors: cfg.limits.errors,
-        };
-        let mechanisms: Vec<Mechanism> = cfg
-            .auth
-            .mechanisms
-            .iter()
-            .filter_map(|m| Mechanism::from_name(m))
-            .collect();
-        let relay_mechanisms: Vec<Mechanism> = cfg
-            .auth
-            .relay_mechanisms
-            .iter()
-            .filter_map(|m| Mechanism::from_name(m))
-            .collect();
         // One SASL state per shard: its own nonces, its own snapshot handle.
         let auth_shared = Rc::new(AuthShared {
             users: RefCell::new(users.clone()),
             nonces: RefCell::new(NonceCache::new(16_384, Duration::from_secs(300))),
             anvil: anvil.clone(),
         });
-        let auth_for = |kind: ListenerKind| {
-            (!mechanisms.is_empty()).then(|| AuthSetup {
-                mechanisms: mechanisms.clone(),
-                relay_mechanisms: relay_mechanisms.clone(),
-                allow_plaintext_without_tls: cfg.auth.allow_plaintext_without_tls,
-                allow_authzid: cfg.auth.allow_authzid,
-                max_failures: cfg.auth.max_failures,
-                tarpit: cfg.auth.tarpit,
-                required: cfg.auth.require_on.iter().any(|r| r == kind.name()),
-                realm: cfg.auth.realm_or(&cfg.hostname).to_string(),
-                shared: auth_shared.clone(),
-            })
-        };
         let mut ctxs: HashMap<&'static str, Rc<ListenerCtx>> = HashMap::new();
         let mut out = Vec::new();
         for (kind, sock) in sockets {
@@ -656,15 +712,12 @@ async fn shard_main(
                 .entry(kind.name())
                 .or_insert_with(|| {
                     Rc::new(ListenerCtx {
-                        session: Rc::new(SessionConfig {
-                            hostname: cfg.hostname.clone(),
+                        session: RefCell::new(Rc::new(session_config(
+                            &cfg,
                             kind,
-                            limits: limits.clone(),
-                            tls_available: true,
-                            policy: policy.clone(),
-                            auth: auth_for(kind),
-                            metrics: metrics.clone(),
-                        }),
+                            &auth_shared,
+                            &metrics,
+                        ))),
                         acceptor: Some(acceptor.clone()),
                     })
                 })
@@ -682,6 +735,7 @@ async fn shard_main(
             return;
         }
     };
+    let ctx_list: Vec<Rc<ListenerCtx>> = listeners.iter().map(|(c, _)| c.clone()).collect();
     for (ctx, listener) in listeners {
         let shard = shard.clone();
         glommio::spawn_local(accept_loop(listener, ctx, shard)).detach();
@@ -697,6 +751,14 @@ async fn shard_main(
             match c {
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
+                }
+                Control::Config(new) => {
+                    for ctx in &ctx_list {
+                        let kind = ctx.session.borrow().kind;
+                        let fresh =
+                            session_config(&new, kind, &auth_shared, &control_shard.metrics);
+                        *ctx.session.borrow_mut() = Rc::new(fresh);
+                    }
                 }
                 Control::Tls(identity) => match tls::server_config(&identity, ticketer.clone()) {
                     Ok(c) => *control_shard.tls.borrow_mut() = TlsAcceptor::from(c),
@@ -726,6 +788,49 @@ async fn shard_main(
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     tracing::debug!(shard = id, "shard stopped");
+}
+
+/// The session settings of one listener role on one shard, from `cfg`. Built at start-up
+/// and again on every configuration reload (sessions already open keep theirs).
+fn session_config(
+    cfg: &Config,
+    kind: ListenerKind,
+    auth_shared: &Rc<AuthShared>,
+    metrics: &Rc<crate::metrics::ShardMetrics>,
+) -> SessionConfig {
+    let mechs = |names: &[String]| -> Vec<Mechanism> {
+        names
+            .iter()
+            .filter_map(|m| Mechanism::from_name(m))
+            .collect()
+    };
+    let mechanisms = mechs(&cfg.auth.mechanisms);
+    let auth = (!mechanisms.is_empty()).then(|| AuthSetup {
+        mechanisms,
+        relay_mechanisms: mechs(&cfg.auth.relay_mechanisms),
+        allow_plaintext_without_tls: cfg.auth.allow_plaintext_without_tls,
+        allow_authzid: cfg.auth.allow_authzid,
+        max_failures: cfg.auth.max_failures,
+        tarpit: cfg.auth.tarpit,
+        required: cfg.auth.require_on.iter().any(|r| r == kind.name()),
+        realm: cfg.auth.realm_or(&cfg.hostname).to_string(),
+        shared: auth_shared.clone(),
+    });
+    SessionConfig {
+        hostname: cfg.hostname.clone(),
+        kind,
+        limits: SessionLimits {
+            command_line: cfg.limits.command_line,
+            text_line: cfg.limits.text_line,
+            message_size: cfg.limits.message_size,
+            recipients: cfg.limits.recipients,
+            errors: cfg.limits.errors,
+        },
+        tls_available: true,
+        policy: RelayPolicy::new(&cfg.relay.local_domains, &cfg.relay.trusted_networks),
+        auth,
+        metrics: metrics.clone(),
+    }
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Rc<ListenerCtx>, shard: Rc<Shard>) {
