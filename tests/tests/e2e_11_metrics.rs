@@ -302,3 +302,94 @@ fn off_by_default_in_config() {
     let c = tern_engine::config::Config::default();
     assert!(c.metrics.listen.is_empty());
 }
+
+/// The status page in a real browser (headless Chromium): after its script has polled
+/// `/metrics`, the numbers it shows match `/metrics`; a screenshot is kept as a test
+/// artifact (`target/tmp/status-page.png`). Skipped, with a message, where Chromium is not
+/// installed (`.ci/run` tries to install it).
+#[test]
+fn status_page_in_headless_chromium() {
+    let Some(browser) = ["chromium", "chromium-browser"].into_iter().find(|b| {
+        std::process::Command::new(b)
+            .arg("--version")
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }) else {
+        eprintln!("skipped: chromium not installed (apt-get install chromium)");
+        return;
+    };
+    let s = Server::with(&[]);
+    let metrics = s.metrics.expect("the demo serves metrics");
+    let mut c = s.smtp();
+    c.ehlo("client.test");
+    for i in 0..2 {
+        c.send_mail(
+            "a@example.com",
+            &["x@localhost"],
+            format!("Subject: {i}\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    let (_, text) = get(metrics, "/metrics");
+    let accepted = text
+        .lines()
+        .find(|l| l.starts_with("tern_messages_accepted_total{shard=\"total\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .map(str::to_string)
+        .expect("accepted total in /metrics");
+    assert_eq!(accepted, "2");
+    let profile = tempfile::tempdir().unwrap();
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
+    let url = format!("http://{metrics}/");
+    let common = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--virtual-time-budget=3000",
+    ];
+    let dom = std::process::Command::new(browser)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(&url)
+        .output()
+        .expect("run chromium");
+    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    assert!(
+        dom.contains("tern status") || dom.contains("<h1>tern</h1>"),
+        "{dom}"
+    );
+    // The "messages accepted" cell after the page's script has run.
+    let cell = dom
+        .split("id=\"a\">")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .map(str::trim)
+        .expect("the accepted cell")
+        .to_string();
+    assert_eq!(
+        cell, accepted,
+        "page shows {cell}, /metrics says {accepted}"
+    );
+    let out = std::process::Command::new(browser)
+        .args(common)
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--window-size=1200,900")
+        .arg(format!("--screenshot={}", shot.display()))
+        .arg(&url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let png = std::fs::read(&shot).expect("screenshot written");
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    eprintln!("status page screenshot: {}", shot.display());
+}
