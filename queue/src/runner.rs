@@ -415,18 +415,18 @@ impl Runner {
                 let to = &env.recipients[*i].addr;
                 match o {
                     Outcome::Delivered(reply) => {
-                        tracing::info!(id = %q.id, to = %to, status = "sent", reply = %reply, "delivery");
+                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "sent", reply = %reply, "delivery");
                         change.updates.push((*i as u32, RcptState::Delivered));
                         counts.sent += 1;
                     }
                     Outcome::Failed(rep, _) => {
-                        tracing::info!(id = %q.id, to = %to, status = "bounced", reply = %rep, "delivery");
+                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %rep, "delivery");
                         change.updates.push((*i as u32, RcptState::Failed));
                         counts.bounced += 1;
                         counts.failure(format!("{} to {to}: bounced: {rep}", q.id));
                     }
                     Outcome::Deferred(why) => {
-                        tracing::info!(id = %q.id, to = %to, status = "deferred", reply = %why, "delivery");
+                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "deferred", reply = %why, "delivery");
                         last = why.clone();
                         counts.deferred += 1;
                         counts.failure(format!("{} to {to}: deferred: {why}", q.id));
