@@ -109,10 +109,7 @@ fn null_sender_is_never_bounced() {
 #[test]
 fn deferred_while_next_hop_is_down_then_delivered() {
     // Reserve a port for the next hop, then keep it closed for a while.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = tern_tests::free_port();
     let relay = relay(port);
     let mut c = relay.smtp();
     c.ehlo("client.test");
@@ -145,10 +142,7 @@ fn deferred_while_next_hop_is_down_then_delivered() {
 
 #[test]
 fn queued_mail_survives_restart_and_is_delivered() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = tern_tests::free_port();
     let mut relay = relay(port);
     let mut c = relay.smtp();
     c.ehlo("client.test");
@@ -179,10 +173,7 @@ fn queued_mail_survives_restart_and_is_delivered() {
 
 #[test]
 fn etrn_starts_a_queue_run() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = tern_tests::free_port();
     // A long retry interval: only ETRN can make the second attempt happen in time.
     let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{port}"}}"#);
     let relay = Server::with(&[
@@ -222,10 +213,7 @@ fn etrn_starts_a_queue_run() {
 
 #[test]
 fn deliverby_return_mode_bounces_at_the_deadline() {
-    let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let down = tern_tests::free_port();
     // The relay delivers its own bounces (to demo.test) into its Maildir; everything else
     // goes to a next hop that is down.
     let dir = tempfile::tempdir().unwrap();

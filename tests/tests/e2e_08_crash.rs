@@ -166,10 +166,7 @@ fn kill9_rounds_lose_nothing_acknowledged() {
 
 #[test]
 fn high_water_mark_defers_new_mail_until_the_queue_drains() {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = tern_tests::free_port();
     let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{port}"}}"#);
     // One shard so the mark (per shard) is exact: 4 queued messages.
     let relay = Server::with(&[
