@@ -144,6 +144,8 @@ pub struct Snapshot {
     pub deferred: u64,
     pub bounced: u64,
     pub queue: u64,
+    /// Bytes of the shard's spool segment files.
+    pub spool_bytes: u64,
     pub oldest_arrival_unix_micros: Option<u64>,
     pub accept_latency: Histogram,
     pub sync_latency: Histogram,
@@ -177,6 +179,7 @@ pub fn snapshot(shard: &Shard) -> Snapshot {
         deferred: d.deferred,
         bounced: d.bounced,
         queue: runner.len() as u64,
+        spool_bytes: shard.store.group_commit().with_spool(|s| s.disk_bytes()),
         oldest_arrival_unix_micros: runner.oldest_arrival_unix_micros(),
         accept_latency: m.accept_latency.borrow().clone(),
         sync_latency: shard.store.group_commit().sync_times(),
@@ -215,6 +218,7 @@ impl Snapshot {
             t.deferred += s.deferred;
             t.bounced += s.bounced;
             t.queue += s.queue;
+            t.spool_bytes += s.spool_bytes;
             t.oldest_arrival_unix_micros =
                 match (t.oldest_arrival_unix_micros, s.oldest_arrival_unix_micros) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -347,6 +351,12 @@ pub fn render(shards: &[Snapshot]) -> String {
         "gauge",
         "Messages in the queue.",
         &simple("tern_queue_messages", |s| s.queue as f64),
+    );
+    family(
+        "tern_queue_spool_bytes",
+        "gauge",
+        "Bytes the queue's spool segment files take on disk.",
+        &simple("tern_queue_spool_bytes", |s| s.spool_bytes as f64),
     );
     family(
         "tern_queue_oldest_message_age_seconds",

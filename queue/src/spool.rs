@@ -733,6 +733,17 @@ impl ShardSpool {
     }
 
     /// The recycling bookkeeping of every segment, in number order.
+    /// Bytes the shard's segment files take on disk (what the queue costs in space).
+    pub fn disk_bytes(&self) -> u64 {
+        self.segs
+            .keys()
+            .filter_map(|&n| {
+                std::fs::metadata(self.dir.join(crate::segment::segment_file_name(n))).ok()
+            })
+            .map(|m| m.len())
+            .sum()
+    }
+
     pub fn segment_info(&self) -> Vec<SegmentInfo> {
         self.segs
             .iter()

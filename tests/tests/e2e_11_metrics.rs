@@ -139,6 +139,7 @@ fn metrics_move_as_mail_flows() {
         ("tern_messages_rejected", "counter"),
         ("tern_deliveries", "counter"),
         ("tern_queue_messages", "gauge"),
+        ("tern_queue_spool_bytes", "gauge"),
         ("tern_queue_oldest_message_age_seconds", "gauge"),
         ("tern_acceptance_latency_seconds", "histogram"),
         ("tern_spool_sync_seconds", "histogram"),
@@ -258,6 +259,8 @@ fn metrics_move_as_mail_flows() {
     );
     let m = Metrics::scrape(addr);
     assert!(m.total("tern_queue_messages") >= 3.0);
+    // Each shard's preallocated segment is on disk: at least 1 MiB per shard.
+    assert!(m.total("tern_queue_spool_bytes") >= (1 << 20) as f64);
 
     // /healthz
     let (code, body) = get(addr, "/healthz");
