@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 use tern_queue::runner::{AdminChange, MsgState, QueueItem, Select};
-use tern_queue::{QueuedMessage, SpoolError, SpoolOptions};
+use tern_queue::{SpoolError, SpoolOptions};
 
 use crate::admin::{self, ClientError, Filter, Request};
 use crate::config::Config;
@@ -558,56 +558,24 @@ fn shard_dirs(dir: &Path) -> Result<Vec<(u16, PathBuf)>, Fail> {
 }
 
 /// Every message of the spool under `dir` with its state after every state record (as
-/// recovery computes it), read-only, oldest first; finished ones only with `all`.
-// XXX: this repeats `tern_queue::scan_spool_with_state`, which gives recipient states
-// only (not held/attempts/last reply); it belongs in spool.rs as a scan returning
-// `QueuedMessage`s.
+/// recovery computes it, through `tern_queue::scan_spool_with_state`), read-only, oldest
+/// first; finished ones only with `all`.
 fn offline_items(dir: &Path, sel: &Select, all: bool) -> Result<Vec<QueueItem>, Fail> {
-    use tern_queue::recovery::{scan_segment, Payload};
-    use tern_queue::segment::{list_segments, map_readonly};
-    let mut out: Vec<QueueItem> = Vec::new();
-    let mut at = std::collections::HashMap::new();
-    for (shard, sdir) in shard_dirs(dir)? {
-        for (number, path) in list_segments(&sdir).map_err(spool_fail)? {
-            let file = std::fs::File::open(&path)
-                .map_err(|e| Fail(74, format!("{}: {e}", path.display())))?;
-            let map = map_readonly(&file, &path).map_err(spool_fail)?;
-            let Ok(scan) = scan_segment(&map) else {
-                continue; // unreadable header: nothing in it can be trusted
-            };
-            for r in scan.records {
-                match r.payload {
-                    Payload::Message(envelope) => {
-                        let msg = tern_queue::MsgRef {
-                            shard,
-                            segment: number,
-                            offset: r.offset,
-                        };
-                        let Some(id) = tern_queue::MsgId::new(&envelope.id) else {
-                            continue;
-                        };
-                        at.insert(msg, out.len());
-                        out.push(QueueItem {
-                            q: QueuedMessage::new(
-                                msg,
-                                id,
-                                envelope.arrival_unix_micros,
-                                envelope.recipients.len(),
-                            ),
-                            in_flight: false,
-                            envelope,
-                        });
-                    }
-                    Payload::State(change) => {
-                        if let Some(&i) = at.get(&change.msg) {
-                            // Checks message and id; a mismatch is ignored, as in recovery.
-                            let _ = out[i].q.apply(&change);
-                        }
-                    }
-                }
-            }
-        }
+    if !dir.is_dir() {
+        return Err(Fail(
+            66,
+            format!("{}: no such spool directory", dir.display()),
+        ));
     }
+    let out: Vec<QueueItem> = tern_queue::scan_spool_with_state(dir)
+        .map_err(spool_fail)?
+        .into_iter()
+        .map(|(m, q)| QueueItem {
+            q,
+            in_flight: false,
+            envelope: m.envelope,
+        })
+        .collect();
     let now = now_micros();
     let mut v: Vec<QueueItem> = out
         .into_iter()

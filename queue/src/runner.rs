@@ -115,6 +115,15 @@ impl DeliveryCounts {
     }
 }
 
+/// When the schedule should next try `q`: its next attempt, or never while it is held.
+fn due_of(q: &QueuedMessage) -> u64 {
+    if q.held {
+        u64::MAX
+    } else {
+        q.next_attempt_unix
+    }
+}
+
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -239,11 +248,7 @@ impl Runner {
     }
 
     fn insert(&self, q: QueuedMessage) {
-        let due = if q.held {
-            u64::MAX
-        } else {
-            q.next_attempt_unix
-        };
+        let due = due_of(&q);
         self.schedule.borrow_mut().insert((due, q.msg));
         self.index.borrow_mut().insert(
             q.msg,
@@ -509,12 +514,7 @@ impl Runner {
                         index.remove(&r);
                         true
                     } else {
-                        let due = if e.q.held {
-                            u64::MAX
-                        } else {
-                            e.q.next_attempt_unix
-                        };
-                        self.schedule.borrow_mut().insert((due, r));
+                        self.schedule.borrow_mut().insert((due_of(&e.q), r));
                         false
                     }
                 }
@@ -1074,11 +1074,7 @@ impl Runner {
                     index.remove(&r);
                     true
                 } else {
-                    let due = if e.q.held {
-                        u64::MAX
-                    } else {
-                        e.q.next_attempt_unix
-                    };
+                    let due = due_of(&e.q);
                     drop(index);
                     self.reschedule(r, due);
                     false

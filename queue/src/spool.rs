@@ -1063,12 +1063,13 @@ pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
         .collect())
 }
 
-/// Like [`scan_spool`], with each message's recipient states after applying every state
-/// record found (in segment order, as recovery does). A message whose recipients are all
-/// final is finished: `tern queue list` leaves it out unless asked for everything.
+/// Like [`scan_spool`], with each message's delivery state (recipient states, attempts,
+/// next attempt, last reply, held) after applying every state record found, in segment
+/// order, exactly as recovery does (`QueuedMessage::apply`). A message whose recipients
+/// are all final is finished: `tern queue list` leaves it out unless asked for everything.
 pub fn scan_spool_with_state(
     dir: &Path,
-) -> Result<Vec<(RecoveredMessage, Vec<crate::state::RcptState>)>, SpoolError> {
+) -> Result<Vec<(RecoveredMessage, crate::state::QueuedMessage)>, SpoolError> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| SpoolError::io(format!("listing {}", dir.display()), e))?;
     let mut shards = Vec::new();
@@ -1079,8 +1080,8 @@ pub fn scan_spool_with_state(
         }
     }
     shards.sort_by_key(|(s, _)| *s);
-    let mut out: Vec<(RecoveredMessage, Vec<crate::state::RcptState>)> = Vec::new();
-    let mut at: std::collections::HashMap<(u16, u64, u64), usize> =
+    let mut out: Vec<(RecoveredMessage, crate::state::QueuedMessage)> = Vec::new();
+    let mut at: std::collections::HashMap<crate::state::MsgRef, usize> =
         std::collections::HashMap::new();
     for (shard, sdir) in shards {
         for (number, path) in list_segments(&sdir)? {
@@ -1102,8 +1103,22 @@ pub fn scan_spool_with_state(
             for r in scan.records {
                 match r.payload {
                     Payload::Message(envelope) => {
-                        let n = envelope.recipients.len();
-                        at.insert((shard, number, r.offset), out.len());
+                        let msg = crate::state::MsgRef {
+                            shard,
+                            segment: number,
+                            offset: r.offset,
+                        };
+                        // `prepare` refuses ids that do not fit a MsgId, so none is lost here.
+                        let Some(id) = crate::state::MsgId::new(&envelope.id) else {
+                            continue;
+                        };
+                        let q = crate::state::QueuedMessage::new(
+                            msg,
+                            id,
+                            envelope.arrival_unix_micros,
+                            envelope.recipients.len(),
+                        );
+                        at.insert(msg, out.len());
                         out.push((
                             RecoveredMessage {
                                 body_len: r.header.body_len,
@@ -1112,20 +1127,13 @@ pub fn scan_spool_with_state(
                                 offset: r.offset,
                                 shard,
                             },
-                            vec![crate::state::RcptState::Pending; n],
+                            q,
                         ));
                     }
                     Payload::State(change) => {
-                        let key = (change.msg.shard, change.msg.segment, change.msg.offset);
-                        if let Some(&i) = at.get(&key) {
-                            let (m, states) = &mut out[i];
-                            if change.id == m.envelope.id.as_str() {
-                                for (rcpt, st) in &change.updates {
-                                    if let Some(slot) = states.get_mut(*rcpt as usize) {
-                                        *slot = *st;
-                                    }
-                                }
-                            }
+                        if let Some(&i) = at.get(&change.msg) {
+                            // Checks message and id; a mismatch is ignored, as in recovery.
+                            let _ = out[i].1.apply(&change);
                         }
                     }
                 }
