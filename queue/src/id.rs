@@ -90,13 +90,21 @@ impl QueueIdGen {
 
 /// Encodes (timestamp, shard) as a 16-character id.
 pub fn encode_queue_id(micros: u64, shard: u16) -> String {
+    encode_queue_id_bytes(micros, shard)
+        .iter()
+        .map(|&b| b as char)
+        .collect()
+}
+
+/// [`encode_queue_id`] without an allocation: the 16 ASCII characters.
+pub fn encode_queue_id_bytes(micros: u64, shard: u16) -> [u8; QUEUE_ID_LEN] {
     let v: u128 = (u128::from(micros) << 16) | u128::from(shard);
     let mut out = [0u8; QUEUE_ID_LEN];
     for (i, c) in out.iter_mut().enumerate() {
         let shift = 5 * (QUEUE_ID_LEN - 1 - i);
         *c = CROCKFORD[((v >> shift) & 31) as usize];
     }
-    out.iter().map(|&b| b as char).collect()
+    out
 }
 
 /// Parses an id back into (timestamp, shard); `None` if it is not one of ours.

@@ -14,8 +14,10 @@
 //! - `record` — the byte layout of segment headers and records (the format spec).
 //! - `segment` — the files: creation (preallocated, zeroed), lock, mapping, pwritev/fdatasync.
 //! - `recovery` — walking a segment's bytes: good records, corrupt regions, torn tail.
-//! - `state` — per-recipient delivery state: `StateChange` records and the compact
-//!   `QueuedMessage` the queue runner indexes.
+//! - `state` — per-recipient delivery state: `StateChange` records and the
+//!   `QueuedMessage` the queue runner works with.
+//! - `index` — `QueueIndex`: the runner's compact in-memory index of a shard's queued
+//!   messages (~70 bytes each) and its schedule of next attempts.
 //! - `spool` — `ShardSpool` (one per shard): `prepare`, `prepare_state`, `commit_batch`,
 //!   recovery into a queue, `load` (zero-copy body), `finished` and segment recycling;
 //!   `scan_spool`, `read_body`.
@@ -68,6 +70,7 @@ pub mod dsn;
 pub mod envelope;
 pub mod error;
 pub mod id;
+pub mod index;
 pub mod maildir;
 pub mod record;
 pub mod recovery;

@@ -1,8 +1,8 @@
 //! The queue runner: one per shard, delivering that shard's queued messages.
 //!
-//! Holds a compact index of the shard's undelivered messages (`QueuedMessage`, ~150 bytes
-//! each; envelopes and bodies stay on disk and are loaded, zero-copy, per attempt) and a
-//! schedule ordered by next attempt. A message is tried as soon as it is accepted, then on
+//! Holds a compact index of the shard's undelivered messages and a schedule ordered by
+//! next attempt (`index::QueueIndex`, ~70 bytes a message; envelopes and bodies stay on
+//! disk and are loaded, zero-copy, per attempt). A message is tried as soon as it is accepted, then on
 //! a backoff schedule (`retry_interval` doubling up to `max_retry_interval`, sendmail's
 //! `-q15m` idea) until `max_age`. Each attempt groups the pending recipients by route
 //! (maildir, a static SMTP next hop, the relayhost, or the recipient domain's mail host),
@@ -16,7 +16,7 @@
 //! bounce (null sender), or hold more than `concurrency` deliveries in flight.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::task::Waker;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,6 +25,7 @@ use bytes::Bytes;
 
 use crate::client::{ClientOptions, Reply};
 use crate::commit::GroupCommit;
+use crate::index::QueueIndex;
 use crate::route::{Destination, Dns, Router};
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
 use crate::{BodyType, Envelope, NOTIFY_DELAY, NOTIFY_NEVER};
@@ -67,18 +68,13 @@ pub(crate) enum Outcome {
     Deferred(String),
 }
 
-struct Entry {
-    q: QueuedMessage,
-    in_flight: bool,
-}
-
 /// The per-shard runner. Shard-local (`Rc`).
 pub struct Runner {
     shard: u16,
     cfg: Rc<RunnerConfig>,
     commit: GroupCommit,
-    index: RefCell<HashMap<MsgRef, Entry>>,
-    schedule: RefCell<BTreeSet<(u64, MsgRef)>>,
+    /// The shard's queued messages and their schedule.
+    index: RefCell<QueueIndex>,
     in_flight: Cell<usize>,
     over_water: Cell<bool>,
     waker: RefCell<Option<Waker>>,
@@ -115,15 +111,6 @@ impl DeliveryCounts {
     }
 }
 
-/// When the schedule should next try `q`: its next attempt, or never while it is held.
-fn due_of(q: &QueuedMessage) -> u64 {
-    if q.held {
-        u64::MAX
-    } else {
-        q.next_attempt_unix
-    }
-}
-
 fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -150,8 +137,7 @@ impl Runner {
             shard,
             cfg: Rc::new(cfg),
             commit,
-            index: RefCell::new(HashMap::with_capacity(recovered.len())),
-            schedule: RefCell::new(BTreeSet::new()),
+            index: RefCell::new(QueueIndex::new(shard)),
             in_flight: Cell::new(0),
             over_water: Cell::new(false),
             waker: RefCell::new(None),
@@ -173,14 +159,13 @@ impl Runner {
     }
 
     /// Arrival time of the oldest queued message (µs since the epoch).
-    // XXX: a scan of the in-memory index (no envelope loads): O(queue) per scrape, about a
-    // millisecond per 100k messages; an ordered index would make it O(1).
     pub fn oldest_arrival_unix_micros(&self) -> Option<u64> {
-        self.index
-            .borrow()
-            .values()
-            .map(|e| e.q.arrival_unix_micros)
-            .min()
+        self.index.borrow().oldest_arrival_unix_micros()
+    }
+
+    /// What the index holds in memory (tests, memory figures).
+    pub fn index_footprint(&self) -> crate::index::IndexFootprint {
+        self.index.borrow().footprint()
     }
 
     /// Messages queued on this shard.
@@ -222,23 +207,9 @@ impl Runner {
 
     /// Makes every queued message due now (`tern queue flush`, ETRN). Returns how many.
     pub fn flush(&self) -> usize {
-        let refs: Vec<MsgRef> = self
-            .index
-            .borrow()
-            .iter()
-            .filter(|(_, e)| !e.in_flight && !e.q.held)
-            .map(|(r, _)| *r)
-            .collect();
-        {
-            let set: std::collections::HashSet<MsgRef> = refs.iter().copied().collect();
-            let mut sched = self.schedule.borrow_mut();
-            sched.retain(|(_, r)| !set.contains(r));
-            for r in &refs {
-                sched.insert((0, *r));
-            }
-        }
+        let n = self.index.borrow_mut().flush_all();
         self.kick();
-        refs.len()
+        n
     }
 
     /// Asks `run` to stop after the deliveries in flight.
@@ -248,15 +219,10 @@ impl Runner {
     }
 
     fn insert(&self, q: QueuedMessage) {
-        let due = due_of(&q);
-        self.schedule.borrow_mut().insert((due, q.msg));
-        self.index.borrow_mut().insert(
-            q.msg,
-            Entry {
-                q,
-                in_flight: false,
-            },
-        );
+        let id = q.id;
+        if let Err(e) = self.index.borrow_mut().insert(q) {
+            tracing::error!(shard = self.shard, %id, error = %e, "cannot index the message; left in the spool");
+        }
     }
 
     fn kick(&self) {
@@ -279,50 +245,28 @@ impl Runner {
                 if self.in_flight.get() >= self.cfg.concurrency.max(1) {
                     break;
                 }
-                let next = {
-                    let mut sched = self.schedule.borrow_mut();
-                    match sched.first().copied() {
-                        Some((due, r)) if due <= now => {
-                            sched.remove(&(due, r));
-                            Some(r)
-                        }
-                        _ => None,
-                    }
-                };
+                // Claimed (in flight) as it leaves the schedule.
+                let next = self.index.borrow_mut().claim_due(now);
                 let Some(r) = next else { break };
-                let ok = match self.index.borrow_mut().get_mut(&r) {
-                    Some(e) if !e.in_flight => {
-                        e.in_flight = true;
-                        true
-                    }
-                    _ => false,
-                };
-                if ok {
-                    self.in_flight.set(self.in_flight.get() + 1);
-                    let me = self.clone();
-                    glommio::spawn_local(async move {
-                        me.attempt(r).await;
-                        me.in_flight.set(me.in_flight.get() - 1);
-                        me.kick();
-                    })
-                    .detach();
-                }
+                self.in_flight.set(self.in_flight.get() + 1);
+                let me = self.clone();
+                glommio::spawn_local(async move {
+                    me.attempt(r).await;
+                    me.in_flight.set(me.in_flight.get() - 1);
+                    me.kick();
+                })
+                .detach();
             }
             // Sleep until the next due time (at most a second, so the clock is re-read),
             // or until kicked.
-            let wait = {
-                let sched = self.schedule.borrow();
-                match sched.first() {
-                    Some((due, _)) if self.in_flight.get() < self.cfg.concurrency => {
-                        Duration::from_secs(due.saturating_sub(now_unix()).min(1))
-                    }
-                    _ => Duration::from_secs(1),
+            let next_due = self.index.borrow().next_due();
+            let wait = match next_due {
+                Some(due) if self.in_flight.get() < self.cfg.concurrency => {
+                    Duration::from_secs(due.saturating_sub(now_unix()).min(1))
                 }
+                _ => Duration::from_secs(1),
             };
-            if wait.is_zero()
-                && !self.schedule.borrow().is_empty()
-                && self.in_flight.get() < self.cfg.concurrency
-            {
+            if wait.is_zero() && next_due.is_some() && self.in_flight.get() < self.cfg.concurrency {
                 glommio::yield_if_needed().await;
                 continue;
             }
@@ -354,15 +298,15 @@ impl Runner {
                 // Unreadable record: nothing can be delivered or bounced. Keep it (the
                 // segment stays as evidence) but stop trying; an operator must look.
                 tracing::error!(shard = self.shard, msg = ?r, error = %e, "cannot load queued message; holding it");
-                if let Some(e) = self.index.borrow_mut().get_mut(&r) {
-                    e.in_flight = false;
-                    e.q.held = true;
-                }
+                self.index.borrow_mut().update(r, |q, in_flight| {
+                    *in_flight = false;
+                    q.held = true;
+                });
                 return;
             }
         };
-        let q = match self.index.borrow().get(&r) {
-            Some(e) => e.q.clone(),
+        let q = match self.index.borrow().get(r) {
+            Some((q, _)) => q,
             None => return,
         };
         let pending: Vec<usize> = q
@@ -498,25 +442,26 @@ impl Runner {
             tracing::error!(id = %q.id, error = %e, "cannot record delivery state; will retry the message");
             // The outcome is not durable: retry later (at-least-once).
             let due = now_unix() + self.cfg.retry_interval.as_secs();
-            if let Some(e) = self.index.borrow_mut().get_mut(&r) {
-                e.in_flight = false;
-            }
-            self.schedule.borrow_mut().insert((due, r));
+            let mut index = self.index.borrow_mut();
+            index.update(r, |_, in_flight| *in_flight = false);
+            index.reschedule(r, due);
             return;
         }
         let finished = {
             let mut index = self.index.borrow_mut();
-            match index.get_mut(&r) {
-                Some(e) => {
-                    let _ = e.q.apply(&change);
-                    e.in_flight = false;
-                    if e.q.is_finished() {
-                        index.remove(&r);
-                        true
-                    } else {
-                        self.schedule.borrow_mut().insert((due_of(&e.q), r));
-                        false
-                    }
+            let finished = index.update(r, |q, in_flight| {
+                let _ = q.apply(&change);
+                *in_flight = false;
+                q.is_finished()
+            });
+            match finished {
+                Some(true) => {
+                    index.remove(r);
+                    true
+                }
+                Some(false) => {
+                    index.schedule(r);
+                    false
                 }
                 None => false,
             }
@@ -854,12 +799,20 @@ impl Runner {
     /// References of the index entries that pass the entry-only criteria.
     fn candidates(&self, sel: &Select) -> Vec<MsgRef> {
         let now = now_micros();
-        let mut v: Vec<(u64, MsgRef)> = self
-            .index
-            .borrow()
+        let index = self.index.borrow();
+        if let Some(id) = &sel.id {
+            // One message: find it without building every entry.
+            return index
+                .find_id(id)
+                .and_then(|r| index.get(r))
+                .filter(|(q, fl)| sel.matches_entry(q, *fl, now))
+                .map(|(q, _)| vec![q.msg])
+                .unwrap_or_default();
+        }
+        let mut v: Vec<(u64, MsgRef)> = index
             .iter()
-            .filter(|(_, e)| sel.matches_entry(&e.q, e.in_flight, now))
-            .map(|(r, e)| (e.q.arrival_unix_micros, *r))
+            .filter(|(q, fl)| sel.matches_entry(q, *fl, now))
+            .map(|(q, _)| (q.arrival_unix_micros, q.msg))
             .collect();
         v.sort_unstable();
         v.into_iter().map(|(_, r)| r).collect()
@@ -867,11 +820,7 @@ impl Runner {
 
     /// The item for `r` if it (still) matches `sel`; loads the envelope from the spool.
     fn item(&self, r: MsgRef, sel: &Select) -> Option<QueueItem> {
-        let (q, in_flight) = {
-            let index = self.index.borrow();
-            let e = index.get(&r)?;
-            (e.q.clone(), e.in_flight)
-        };
+        let (q, in_flight) = self.index.borrow().get(r)?;
         let envelope = match self.commit.with_spool(|s| s.load(r)) {
             Ok((env, _)) => env,
             Err(e) => {
@@ -930,8 +879,8 @@ impl Runner {
             let busy = self
                 .index
                 .borrow()
-                .get(&r)
-                .is_none_or(|e| e.in_flight || e.q.held);
+                .get(r)
+                .is_none_or(|(q, in_flight)| in_flight || q.held);
             if busy {
                 continue;
             }
@@ -969,12 +918,7 @@ impl Runner {
         let mut st = QueueStats::default();
         let all = Select::default();
         for r in self.candidates(&all) {
-            let Some((q, in_flight)) = self
-                .index
-                .borrow()
-                .get(&r)
-                .map(|e| (e.q.clone(), e.in_flight))
-            else {
+            let Some((q, in_flight)) = self.index.borrow().get(r) else {
                 continue;
             };
             st.messages += 1;
@@ -1003,11 +947,9 @@ impl Runner {
         st
     }
 
-    /// Moves `r` in the schedule to `due` (u64::MAX: never).
+    /// Makes `r` due at `due` (unix seconds, 0: now).
     fn reschedule(&self, r: MsgRef, due: u64) {
-        let mut sched = self.schedule.borrow_mut();
-        sched.retain(|(_, x)| *x != r);
-        sched.insert((due, r));
+        self.index.borrow_mut().reschedule(r, due);
     }
 
     /// Hold, release or delete: claim each matching message (so no attempt starts on it),
@@ -1031,14 +973,16 @@ impl Runner {
         let mut changes = Vec::new();
         for r in refs {
             let mut index = self.index.borrow_mut();
-            let Some(e) = index.get_mut(&r) else { continue };
+            let Some((q, in_flight)) = index.get(r) else {
+                continue;
+            };
             out.matched += 1;
-            if e.in_flight {
+            if in_flight {
                 out.busy += 1;
                 continue;
             }
-            let Some(c) = what.record(&e.q) else { continue };
-            e.in_flight = true; // claimed: the run loop and flush skip it
+            let Some(c) = what.record(&q) else { continue };
+            index.claim(r); // claimed: the run loop and flush skip it
             changes.push(c);
         }
         // 3. Durable first: every record in one batch (one fdatasync).
@@ -1057,31 +1001,31 @@ impl Runner {
             let r = c.msg;
             let finished = {
                 let mut index = self.index.borrow_mut();
-                let Some(e) = index.get_mut(&r) else { continue };
-                e.in_flight = false;
-                match &res {
-                    Ok(()) => {
-                        let _ = e.q.apply(c);
-                        out.changed += 1;
-                        tracing::info!(shard = self.shard, id = %c.id, action = ?what, "queue: changed by the administrator");
+                let Some(finished) = index.update(r, |q, in_flight| {
+                    *in_flight = false;
+                    match &res {
+                        Ok(()) => {
+                            let _ = q.apply(c);
+                            out.changed += 1;
+                            tracing::info!(shard = self.shard, id = %c.id, action = ?what, "queue: changed by the administrator");
+                        }
+                        Err(err) => {
+                            out.failed += 1;
+                            tracing::error!(shard = self.shard, id = %c.id, error = %err, action = ?what, "queue: cannot record the change");
+                        }
                     }
-                    Err(err) => {
-                        out.failed += 1;
-                        tracing::error!(shard = self.shard, id = %c.id, error = %err, action = ?what, "queue: cannot record the change");
-                    }
-                }
-                if e.q.is_finished() {
-                    index.remove(&r);
-                    true
+                    q.is_finished()
+                }) else {
+                    continue;
+                };
+                if finished {
+                    index.remove(r);
                 } else {
-                    let due = due_of(&e.q);
-                    drop(index);
-                    self.reschedule(r, due);
-                    false
+                    index.schedule(r);
                 }
+                finished
             };
             if finished {
-                self.schedule.borrow_mut().retain(|(_, x)| *x != r);
                 if let Err(e) = self.commit.with_spool(|s| s.finished(r)) {
                     tracing::warn!(id = %c.id, error = %e, "spool did not take the finished mark");
                 }

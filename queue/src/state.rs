@@ -65,7 +65,8 @@ pub struct MsgRef {
 }
 
 /// A queue id stored inline (no heap allocation): at most [`MAX_ID_LEN`] bytes of UTF-8.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// The default is the empty id.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MsgId {
     len: u8,
     buf: [u8; MAX_ID_LEN],

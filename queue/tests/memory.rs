@@ -1,15 +1,16 @@
 //! What the queue index costs per message: recover 100k small messages (1–2 recipients,
 //! half of them deferred with a typical reply) and measure the heap that stays allocated
 //! (the `queue` plus the spool's own per-segment bookkeeping) with a counting allocator.
-//! Run with `--nocapture` to see the figures.
+//! Then the same messages in the runner's compact index (`QueueIndex`), which is what a
+//! backlog costs for its whole life. Run with `--nocapture` to see the figures.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
 
 use bytes::Bytes;
 use tern_queue::{
-    commit_batch, BodyType, Envelope, Listing, MsgId, MsgRef, QueuedMessage, RcptState, Recipient,
-    ShardSpool, SpoolOptions, StateChange,
+    commit_batch, index::QueueIndex, BodyType, Envelope, Listing, MsgId, MsgRef, QueuedMessage,
+    RcptState, Recipient, ShardSpool, SpoolOptions, StateChange,
 };
 
 struct Counting;
@@ -135,5 +136,34 @@ fn queue_index_is_small() {
     );
     assert!(size <= 112, "QueuedMessage grew to {size} bytes");
     assert!(measured < 200.0, "{measured} B per queued message");
+
+    // What the runner keeps for the life of the backlog: the recovered list moves into
+    // the compact index (then is freed), next to the spool's per-segment bookkeeping.
+    let before_index = LIVE.load(Ordering::Relaxed);
+    let mut index = QueueIndex::new(0);
+    for q in rec.queue.drain(..) {
+        index.insert(q).unwrap();
+    }
+    drop(rec);
+    let after_index = LIVE.load(Ordering::Relaxed);
+    let fp = index.footprint();
+    let kept = (after_index - before) as f64 / N as f64;
+    println!(
+        "runner index: {:.1} B/msg live heap (index + spool bookkeeping, the recovered list \
+         freed); index parts per message: slab {:.1}, lookup {:.1}, schedule {:.1}; \
+         {} distinct replies",
+        kept,
+        fp.slab_bytes as f64 / N as f64,
+        fp.lookup_bytes as f64 / N as f64,
+        fp.schedule_bytes as f64 / N as f64,
+        fp.distinct_replies
+    );
+    let _ = before_index;
+    assert_eq!(index.len(), N);
+    assert_eq!(fp.distinct_replies, 1);
+    assert!(
+        kept < 100.0,
+        "{kept} B per queued message in the runner's index"
+    );
     drop(spool);
 }
