@@ -461,6 +461,8 @@ impl Runner {
                 }
                 Some(false) => {
                     index.schedule(r);
+                    // Deferred: its pages need not stay resident until the next try.
+                    self.commit.with_spool(|s| s.release_pages(r));
                     false
                 }
                 None => false,
@@ -821,7 +823,13 @@ impl Runner {
     /// The item for `r` if it (still) matches `sel`; loads the envelope from the spool.
     fn item(&self, r: MsgRef, sel: &Select) -> Option<QueueItem> {
         let (q, in_flight) = self.index.borrow().get(r)?;
-        let envelope = match self.commit.with_spool(|s| s.load(r)) {
+        let loaded = self.commit.with_spool(|s| {
+            let l = s.load(r);
+            // Listing a large queue must not leave every message resident.
+            s.release_pages(r);
+            l
+        });
+        let envelope = match loaded {
             Ok((env, _)) => env,
             Err(e) => {
                 tracing::warn!(shard = self.shard, id = %q.id, error = %e, "queue tools: cannot load envelope");

@@ -787,6 +787,53 @@ impl ShardSpool {
         Ok((env, body))
     }
 
+    /// Lets the kernel drop this process's page-table entries for the pages of `msg`'s
+    /// record (the pages stay in the page cache; a later `load` maps them again).
+    ///
+    /// Why: `load` reads through a mapping, so every message tried once stays resident
+    /// in the process (RssFile) for as long as its segment is mapped. A backlog of
+    /// deferred messages would otherwise look like ~1 KiB of resident memory per message,
+    /// all of it page cache the process no longer needs until the next attempt. The
+    /// runner calls this after an attempt that leaves the message queued (not on the
+    /// delivered path, which costs no syscall) and the queue tools after reading.
+    pub fn release_pages(&self, msg: MsgRef) {
+        if msg.shard != self.shard || !self.segs.contains_key(&msg.segment) {
+            return;
+        }
+        let Ok(seg) = self.mapping(msg.segment) else {
+            return;
+        };
+        let Ok((_, _, body_r)) = message_at(&seg.map, seg.salt, seg.limit, msg.offset) else {
+            return;
+        };
+        // Whole 2 MiB blocks: one page fault on a file mapping maps more than its page
+        // (fault-around, and whole large folios of the page cache: measured here, a fault
+        // mapped up to 320 KiB around it), but never across a page-table (2 MiB)
+        // boundary. Dropping only the record's own pages would leave its neighbours
+        // mapped by its fault; zapping the block costs at most 512 entries.
+        const WINDOW: usize = 2 * 1024 * 1024;
+        let start = (msg.offset as usize) & !(WINDOW - 1);
+        let end = body_r.end.div_ceil(WINDOW) * WINDOW;
+        let end = end.min(seg.map.len());
+        if end <= start {
+            return;
+        }
+        // SAFETY: a read-only, shared, file-backed mapping: MADV_DONTNEED only drops the
+        // page-table entries, and the next access faults the same file contents back in
+        // from the page cache (unlike a private mapping, nothing is zeroed). Bodies still
+        // held elsewhere (`Bytes` over this mapping) read the same bytes after the fault.
+        let r = unsafe {
+            seg.map.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                start,
+                end - start,
+            )
+        };
+        if let Err(e) = r {
+            tracing::debug!(segment = msg.segment, error = %e, "madvise(DONTNEED) failed");
+        }
+    }
+
     fn mapping(&self, segment: u64) -> Result<Arc<SegMap>, SpoolError> {
         let mut maps = self
             .maps
