@@ -208,19 +208,33 @@ pub struct QueueConfig {
     pub concurrency: usize,
     /// Queued messages (all shards together) above which new mail gets 452 4.3.1.
     pub high_water_messages: usize,
-    /// Smarthost for everything without a static route: "host", "host:port" or "[host]:port".
+    /// Smarthost for everything without a static route: "host", "host:port" or "[host]:port",
+    /// optionally followed by route attributes (`tls=`, `ca=`, `rate=`, `burst=`).
     pub relayhost: String,
     /// File holding "user password" (one line, mode 0600) to AUTH to the relayhost with
     /// (PLAIN/LOGIN only under TLS, CRAM-MD5 otherwise). Empty: no AUTH.
     pub relayhost_auth_file: PathBuf,
     /// Deliveries in flight at once to one destination, per shard.
     pub destination_concurrency: usize,
-    /// Static routes by recipient domain ("*" = default): "maildir:/path", "smtp:[host]:port".
+    /// Deliveries started per second to one destination (a route, or a recipient domain
+    /// delivered by MX), for the whole server: each shard enforces `rate / shards`.
+    /// Fractions allowed; 0 = no limit. A route's `rate=` overrides it.
+    pub destination_rate: f64,
+    /// Deliveries that may start back to back after a quiet spell (also divided among the
+    /// shards, at least 1 each); 0 = the rate rounded up.
+    pub destination_burst: u32,
+    /// Static routes by recipient domain ("*" = default): "maildir:/path", "smtp:[host]:port",
+    /// with optional attributes `tls=none|may|encrypt|verify`, `ca=/file`, `rate=`, `burst=`.
     pub routes: std::collections::BTreeMap<String, String>,
     /// Outbound STARTTLS: "opportunistic", "required" or "never".
     pub starttls: String,
     /// Verify next hops' certificates (off by default: opportunistic TLS, as Postfix's "may").
     pub tls_verify: bool,
+    /// CA certificates (PEM) to verify next hops against; empty = the system bundle.
+    pub tls_ca_file: PathBuf,
+    /// TLS policy per recipient domain for MX deliveries (keys as for `routes`):
+    /// "none", "may", "encrypt", "verify" or "verify ca=/file". Others use the global one.
+    pub tls_policy: std::collections::BTreeMap<String, String>,
     /// Outbound connect timeout (RFC 5321 §4.5.3.2 timeouts apply to the rest).
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -245,9 +259,13 @@ impl Default for QueueConfig {
             relayhost: String::new(),
             relayhost_auth_file: PathBuf::new(),
             destination_concurrency: 20,
+            destination_rate: 0.0,
+            destination_burst: 0,
             routes: Default::default(),
             starttls: "opportunistic".into(),
             tls_verify: false,
+            tls_ca_file: PathBuf::new(),
+            tls_policy: Default::default(),
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             resolver: String::new(),
@@ -524,6 +542,24 @@ impl Config {
         if let Err(e) = tern_queue::route::DnsConfig::parse(&self.queue.resolver) {
             return Err(ConfigError::Invalid(format!("queue.{e}")));
         }
+        let q = &self.queue;
+        if !q.destination_rate.is_finite() || q.destination_rate < 0.0 {
+            return Err(ConfigError::Invalid(format!(
+                "queue.destination_rate: expected messages per second, 0 or more, got {}",
+                q.destination_rate
+            )));
+        }
+        // The route strings, the relay host and the TLS policy table: parsed here so that
+        // check-config catches a typo, not only the server start.
+        let relayhost = (!q.relayhost.is_empty()).then_some(q.relayhost.as_str());
+        tern_queue::route::Router::from_config(
+            relayhost,
+            q.routes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        )
+        .and_then(|r| {
+            r.with_mx_tls_policies(q.tls_policy.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        })
+        .map_err(|e| ConfigError::Invalid(format!("queue: {e}")))?;
         if self.queue.concurrency == 0 || self.queue.high_water_messages == 0 {
             return Err(ConfigError::Invalid(
                 "queue.concurrency and queue.high_water_messages must be positive".into(),
@@ -652,6 +688,37 @@ mod tests {
         let e =
             Config::from_toml_str("[queue]\nresolver = \"dns.example\"\n", "t", &[]).unwrap_err();
         assert!(e.to_string().contains("queue.resolver"), "{e}");
+    }
+
+    #[test]
+    fn queue_rate_routes_and_tls_policy_are_checked() {
+        let ok = Config::from_toml_str(
+            "[queue]\ndestination_rate = 0.5\ndestination_burst = 3\n\
+             relayhost = \"[smart.example]:587 tls=verify\"\n\
+             [queue.routes]\n\"slow.example\" = \"smtp:[10.0.0.1] rate=2 tls=encrypt\"\n\
+             [queue.tls_policy]\n\".bank.example\" = \"verify ca=/etc/tern/ca.pem\"\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(ok.queue.destination_rate, 0.5);
+        for (bad, key) in [
+            ("[queue]\ndestination_rate = -1\n", "destination_rate"),
+            (
+                "[queue.routes]\n\"x.example\" = \"smtp:[h] tls=maybe\"\n",
+                "attribute",
+            ),
+            ("[queue]\nrelayhost = \"[h] rate=fast\"\n", "attribute"),
+            (
+                "[queue.tls_policy]\n\"x.example\" = \"strict\"\n",
+                "tls_policy",
+            ),
+        ] {
+            let e = Config::from_toml_str(bad, "t", &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

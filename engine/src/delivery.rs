@@ -5,12 +5,14 @@
 //! module only translates configuration. It must never hold state.
 
 use tern_queue::client::{ClientOptions, StarttlsPolicy, Timeouts};
+use tern_queue::ratelimit::RateLimit;
 use tern_queue::route::{Destination, Dns, DnsConfig, Router};
 use tern_queue::runner::RunnerConfig;
 
 use crate::config::Config;
 
-/// Builds one shard's runner settings. `shards` divides the queue-wide limits.
+/// Builds one shard's runner settings. `shards` divides the queue-wide limits (the
+/// high-water mark, and the destination rates: each shard enforces its share).
 pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String> {
     let q = &cfg.queue;
     let relayhost = (!q.relayhost.is_empty()).then_some(q.relayhost.as_str());
@@ -18,7 +20,11 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         relayhost,
         q.routes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
-    .map_err(|e| e.to_string())?;
+    .and_then(|r| {
+        r.with_mx_tls_policies(q.tls_policy.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    })
+    .map_err(|e| e.to_string())?
+    .share_rates(shards);
     let mut client = ClientOptions::new(cfg.hostname.clone());
     client.starttls = match q.starttls.as_str() {
         "required" => StarttlsPolicy::Required,
@@ -26,6 +32,7 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         _ => StarttlsPolicy::Opportunistic,
     };
     client.verify_certs = q.tls_verify;
+    client.ca_file = (!q.tls_ca_file.as_os_str().is_empty()).then(|| q.tls_ca_file.clone());
     // RFC 5321 §4.5.3.2 timeouts, capped by command_timeout (tests shorten it).
     let d = Timeouts::default();
     let cap = |x: std::time::Duration| x.min(q.command_timeout);
@@ -64,6 +71,8 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         router,
         client,
         destination_concurrency: q.destination_concurrency,
+        destination_rate: RateLimit::per_second(q.destination_rate, q.destination_burst)
+            .map(|r| r.share(shards)),
         relayhost,
         relayhost_auth,
         dns,

@@ -1,15 +1,20 @@
 //! One delivery attempt to one destination, for the runner: maildir or SMTP, with the
 //! per-recipient outcome mapped to delivered / failed / deferred.
 //!
-//! Owns the policy of turning client results into outcomes: a 2xx is delivered, a 5xx is
-//! a permanent failure, a 4xx, a connection failure or a local error is deferred; a
-//! permanent DNS answer about the domain (null MX, NXDOMAIN) fails, other DNS trouble
-//! defers. Tries each address of each host in order until one answers. Must never turn a
-//! connection problem into a bounce, or block the shard (maildir writes run on the
-//! blocking thread, DNS on the resolver thread, `route::Dns`).
+//! Owns the policy of turning client results into outcomes: a 2xx is delivered (with what
+//! the next hop offered, for success DSNs), a 5xx is a permanent failure, a 4xx, a
+//! connection failure or a local error is deferred; a permanent DNS answer about the
+//! domain (null MX, NXDOMAIN) fails, other DNS trouble defers. Tries each address of each
+//! host in order until one answers (a TLS failure moves on too). Chooses the client
+//! options per next hop: the route's or the MX domain's TLS policy over the global one,
+//! AUTH only to the relay host. Keeps idle connections per address *and* per security
+//! settings, so a connection opened under a weaker TLS policy is never reused for a
+//! stricter one. Must never turn a connection problem into a bounce, or block the shard
+//! (maildir writes run on the blocking thread, DNS on the resolver thread, `route::Dns`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -17,10 +22,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{connect, ClientError, Connection, Reply, Stage};
+use crate::client::{connect, ClientError, ClientOptions, Connection, Reply, Stage};
 use crate::dsn::{DsnKind, DsnStatus};
 use crate::route::Destination;
-use crate::runner::{Outcome, RunnerConfig};
+use crate::runner::{NextHop, Outcome, RunnerConfig};
 use crate::Envelope;
 
 /// Delivers recipients `idx` of `env` to `dest`.
@@ -34,9 +39,19 @@ pub(crate) async fn to_destination(
 ) -> Vec<(usize, Outcome)> {
     match dest {
         Destination::Maildir(path) => to_maildir(cfg, path, env, body, idx).await,
-        Destination::Smtp { host, port, mx, .. } => {
+        Destination::Smtp {
+            host,
+            port,
+            mx,
+            tls,
+            ..
+        } => {
+            let mut opts = cfg.client.clone();
+            if let Some(t) = tls {
+                t.apply(&mut opts);
+            }
             if *mx {
-                via_mx(cfg, pool, host, *port, env, body, idx).await
+                via_mx(cfg, pool, &opts, host, *port, env, body, idx).await
             } else {
                 // The relayhost may want AUTH (sendmail's authinfo, Postfix's
                 // smtp_sasl_password_maps); never to anyone else.
@@ -44,7 +59,6 @@ pub(crate) async fn to_destination(
                     .relayhost
                     .as_ref()
                     .is_some_and(|(h, p)| h.eq_ignore_ascii_case(host) && p == port);
-                let mut opts = cfg.client.clone();
                 if relay {
                     opts.auth = cfg.relayhost_auth.clone();
                 }
@@ -61,15 +75,24 @@ pub(crate) async fn to_destination(
                 .await
             }
         }
-        Destination::Mx(domain) => via_mx(cfg, pool, domain, cfg.mx_port, env, body, idx).await,
+        Destination::Mx(domain) => match cfg.router.mx_tls_policy(domain) {
+            Some(t) => {
+                let mut opts = cfg.client.clone();
+                t.apply(&mut opts);
+                via_mx(cfg, pool, &opts, domain, cfg.mx_port, env, body, idx).await
+            }
+            None => via_mx(cfg, pool, &cfg.client, domain, cfg.mx_port, env, body, idx).await,
+        },
     }
 }
 
 /// SMTP to the MX hosts of `domain` (RFC 5321 §5.1). A permanent DNS answer (null MX,
 /// NXDOMAIN, no mail host) fails the recipients; any other DNS trouble defers them.
+#[allow(clippy::too_many_arguments)]
 async fn via_mx(
     cfg: &RunnerConfig,
     pool: &ConnPool,
+    opts: &ClientOptions,
     domain: &str,
     port: u16,
     env: &Envelope,
@@ -77,7 +100,7 @@ async fn via_mx(
     idx: &[usize],
 ) -> Vec<(usize, Outcome)> {
     match cfg.dns.mx_hosts(domain).await {
-        Ok(mx) => to_smtp(cfg, pool, &cfg.client, &mx.hosts, port, env, body, idx).await,
+        Ok(mx) => to_smtp(cfg, pool, opts, &mx.hosts, port, env, body, idx).await,
         Err(e) => {
             let text = e.to_string();
             let outcome = match e.permanent() {
@@ -122,7 +145,12 @@ async fn to_maildir(
         .map(|(i, r)| match r {
             Ok(p) => (
                 i,
-                Outcome::Delivered(format!("250 2.0.0 delivered to maildir as {p}")),
+                Outcome::Delivered {
+                    line: format!("250 2.0.0 delivered to maildir as {p}"),
+                    // What a success DSN says: no file names.
+                    reply: Reply::local(250, (2, 0, 0), "delivered to mailbox"),
+                    hop: None,
+                },
             ),
             Err((true, e)) => (i, Outcome::Deferred(format!("452 4.3.1 maildir full: {e}"))),
             Err((false, e)) => (i, Outcome::Deferred(format!("451 4.3.0 maildir: {e}"))),
@@ -150,7 +178,7 @@ fn reply_line(r: &Reply) -> String {
 async fn to_smtp(
     cfg: &RunnerConfig,
     pool: &ConnPool,
-    base: &crate::client::ClientOptions,
+    base: &ClientOptions,
     hosts: &[String],
     port: u16,
     env: &Envelope,
@@ -171,9 +199,10 @@ async fn to_smtp(
             if opts.server_name.is_none() && host.parse::<std::net::IpAddr>().is_err() {
                 opts.server_name = Some(host.clone());
             }
+            let key = (addr, security_key(&opts));
             // A cached connection to this address first; a fresh one if there is none or
             // if the cached one turns out to have been closed by the server meanwhile.
-            let mut reused = pool.take(addr);
+            let mut reused = pool.take(key);
             let result = loop {
                 let was_reused = reused.is_some();
                 let mut conn = match reused.take() {
@@ -185,21 +214,31 @@ async fn to_smtp(
                 };
                 match conn.send(env, idx, body).await {
                     Ok(replies) => {
-                        pool.put(addr, conn);
-                        break Ok(replies);
+                        let ext = conn.extensions();
+                        let hop = NextHop {
+                            mta: host.clone(),
+                            dsn: ext.dsn,
+                            deliverby: ext.deliverby.is_some(),
+                        };
+                        pool.put(key, conn);
+                        break Ok((replies, hop));
                     }
                     Err(e) if was_reused && stale(&e) => continue,
                     Err(e) => break Err(e),
                 }
             };
             match result {
-                Ok(replies) => {
+                Ok((replies, hop)) => {
                     return replies
                         .into_iter()
                         .map(|(i, r)| {
                             let line = format!("{host}[{addr}] said: {}", reply_line(&r));
                             let o = if r.is_positive() {
-                                Outcome::Delivered(line)
+                                Outcome::Delivered {
+                                    line,
+                                    reply: r,
+                                    hop: Some(hop.clone()),
+                                }
                             } else if r.is_permanent() {
                                 Outcome::Failed(r, Some(host.clone()))
                             } else {
@@ -211,6 +250,9 @@ async fn to_smtp(
                 }
                 Err(e) => {
                     // A 5xx greeting/HELO means this host will not take mail: try the next.
+                    // So does a TLS failure (no STARTTLS where the policy needs it, a
+                    // certificate that does not verify): another MX may do better, and
+                    // the mail is deferred, never sent in the clear.
                     last_err = format!("{host}[{addr}]: {e}");
                     // Connection-level trouble after connecting: do not try other hosts
                     // with the same transaction half done elsewhere; defer.
@@ -219,7 +261,16 @@ async fn to_smtp(
                         ClientError::Connect { .. }
                             | ClientError::Greeting(_)
                             | ClientError::Helo(_)
-                            | ClientError::Timeout(Stage::Connect | Stage::Greeting)
+                            | ClientError::StartTlsNotOffered
+                            | ClientError::StartTlsRefused(_)
+                            | ClientError::Tls(_)
+                            | ClientError::ServerName(_)
+                            | ClientError::Timeout(
+                                Stage::Connect
+                                    | Stage::Greeting
+                                    | Stage::StartTls
+                                    | Stage::TlsHandshake
+                            )
                     );
                     if !before_transaction {
                         return idx
@@ -256,18 +307,37 @@ const POOL_IDLE: Duration = Duration::from_secs(5);
 /// Idle connections kept per address.
 const POOL_PER_ADDR: usize = 16;
 
+/// What a cached connection is keyed by: the address, and a hash of every option that
+/// decides its security (STARTTLS policy, verification, CA file, verified name, AUTH
+/// user). A connection opened in plaintext for a `may` route is thus never handed to a
+/// `verify` route to the same address. SipHash with fixed keys: a collision between the
+/// handful of option sets a shard uses is not a practical concern, and the key costs no
+/// allocation per delivery.
+type PoolKey = (SocketAddr, u64);
+
+fn security_key(o: &ClientOptions) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    o.starttls.hash(&mut h);
+    o.verify_certs.hash(&mut h);
+    o.ca_file.hash(&mut h);
+    o.server_name.hash(&mut h);
+    o.auth.as_ref().map(|(user, _)| user).hash(&mut h);
+    o.helo.hash(&mut h);
+    h.finish()
+}
+
 /// One shard's cache of idle outbound connections (Postfix's connection cache): a message
 /// to an address that was just delivered to reuses the open, already-EHLO'd (and TLS'd)
 /// connection, with RSET between transactions. Shard-local, never shared.
 #[derive(Default)]
 pub(crate) struct ConnPool {
-    idle: RefCell<HashMap<SocketAddr, Vec<(Connection, Instant)>>>,
+    idle: RefCell<HashMap<PoolKey, Vec<(Connection, Instant)>>>,
 }
 
 impl ConnPool {
-    fn take(&self, addr: SocketAddr) -> Option<Connection> {
+    fn take(&self, key: PoolKey) -> Option<Connection> {
         let mut idle = self.idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&key)?;
         while let Some((c, since)) = list.pop() {
             if since.elapsed() < POOL_IDLE && c.is_usable() {
                 return Some(c);
@@ -276,12 +346,12 @@ impl ConnPool {
         None
     }
 
-    fn put(&self, addr: SocketAddr, c: Connection) {
+    fn put(&self, key: PoolKey, c: Connection) {
         if !c.is_usable() {
             return;
         }
         let mut idle = self.idle.borrow_mut();
-        let list = idle.entry(addr).or_default();
+        let list = idle.entry(key).or_default();
         if list.len() < POOL_PER_ADDR {
             list.push((c, Instant::now()));
         }

@@ -10,16 +10,17 @@
 //! `EightBitMime` when the original was not 7-bit (the original is embedded as is).
 //!
 //! Policy (not from an RFC): without NOTIFY only failures are reported; without RET a
-//! failure returns the full message and a delay/success only the headers; a BINARYMIME
-//! original is always returned as headers only (binary cannot sit in a message/rfc822
-//! part sent with DATA).
+//! failure returns the full message and a delay/success/relayed report only the headers;
+//! a BINARYMIME original is always returned as headers only (binary cannot sit in a
+//! message/rfc822 part sent with DATA).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::client::transaction::xtext;
 use crate::client::Reply;
 use crate::envelope::{
-    BodyType, Envelope, Ret, NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
+    BodyType, DeliverByMode, Envelope, Ret, NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER,
+    NOTIFY_SUCCESS,
 };
 
 /// What the DSN reports.
@@ -29,8 +30,13 @@ pub enum DsnKind {
     Failure,
     /// Action: delayed (still retrying).
     Delay,
-    /// Action: delivered.
+    /// Action: delivered (into a mailbox here).
     Success,
+    /// Action: relayed (RFC 3464 §2.3.3): handed to a next hop that will not send DSNs
+    /// (no DSN extension, RFC 3461 §5.2.2). Covers recipients with NOTIFY=SUCCESS, and,
+    /// for a message with BY=;N (RFC 2852 §4.1.4.2, the caller only lists hops without
+    /// DELIVERBY then), any recipient without NOTIFY=NEVER.
+    Relayed,
 }
 
 /// One recipient's status, as a server (or tern itself) reported it.
@@ -59,7 +65,7 @@ impl DsnStatus {
         match self.enhanced {
             Some((a, b, c)) => format!("{a}.{b}.{c}"),
             None => match (kind, self.code / 100) {
-                (DsnKind::Success, _) | (_, 2) => "2.0.0".into(),
+                (DsnKind::Success | DsnKind::Relayed, _) | (_, 2) => "2.0.0".into(),
                 (DsnKind::Delay, _) | (_, 4) => "4.0.0".into(),
                 _ => "5.0.0".into(),
             },
@@ -87,14 +93,20 @@ pub fn bounce(
     let wanted = match kind {
         DsnKind::Failure => NOTIFY_FAILURE,
         DsnKind::Delay => NOTIFY_DELAY,
-        DsnKind::Success => NOTIFY_SUCCESS,
+        DsnKind::Success | DsnKind::Relayed => NOTIFY_SUCCESS,
     };
+    let by_notify = kind == DsnKind::Relayed
+        && env
+            .deliver_by
+            .is_some_and(|b| b.mode == DeliverByMode::Notify);
     let covered: Vec<(&crate::envelope::Recipient, &DsnStatus)> = statuses
         .iter()
         .filter_map(|(i, s)| env.recipients.get(*i).map(|r| (r, s)))
         .filter(|(r, _)| {
             if r.notify & NOTIFY_NEVER != 0 {
                 false
+            } else if by_notify {
+                true
             } else if r.notify == 0 {
                 kind == DsnKind::Failure
             } else {
@@ -127,6 +139,7 @@ pub fn bounce(
         DsnKind::Failure => ("Undelivered Mail Returned to Sender", "failed"),
         DsnKind::Delay => ("Delayed Mail (still being retried)", "delayed"),
         DsnKind::Success => ("Successful Mail Delivery Report", "delivered"),
+        DsnKind::Relayed => ("Relayed Mail Report", "relayed"),
     };
     let since = date
         .duration_since(UNIX_EPOCH)
@@ -164,6 +177,11 @@ pub fn bounce(
         DsnKind::Success => {
             "Your message was successfully delivered to the recipients below,\r\n\
              as you asked with a delivery status notification request.\r\n"
+        }
+        DsnKind::Relayed => {
+            "Your message was relayed to the recipients below to a system that does\r\n\
+             not send delivery status notifications: expect no further notice about\r\n\
+             these recipients unless their delivery fails.\r\n"
         }
     };
     m += "\r\n";
@@ -212,11 +230,15 @@ pub fn bounce(
 
     // Part 3: the original.
     m += &format!("--{boundary}\r\n");
+    let what = match kind {
+        DsnKind::Failure | DsnKind::Delay => "Undelivered Message",
+        DsnKind::Success | DsnKind::Relayed => "Message",
+    };
     if headers_only {
-        m += "Content-Description: Undelivered Message Headers\r\n";
+        m += &format!("Content-Description: {what} Headers\r\n");
         m += "Content-Type: text/rfc822-headers\r\n";
     } else {
-        m += "Content-Description: Undelivered Message\r\n";
+        m += &format!("Content-Description: {what}\r\n");
         m += "Content-Type: message/rfc822\r\n";
     }
     if env.body_type != BodyType::SevenBit {

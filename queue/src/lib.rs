@@ -26,6 +26,8 @@
 //! recipient states plus attempts/next attempt/last reply), commits it with
 //! `commit_batch` alongside new messages, and calls `finished` once a message has no
 //! pending recipient; segments whose contents are all finished are deleted.
+//! - `runner` — the shard's queue runner; `deliver`, `client/`, `route`, `maildir`,
+//!   `dsn` and `ratelimit` (per-destination token buckets) serve it.
 //! - `commit` — `GroupCommit`: the shard's committer task (group commit on glommio's
 //!   blocking thread) shared by accepting sessions and the queue runner.
 //!
@@ -72,6 +74,7 @@ pub mod error;
 pub mod id;
 pub mod index;
 pub mod maildir;
+pub mod ratelimit;
 pub mod record;
 pub mod recovery;
 pub mod route;

@@ -16,8 +16,15 @@
 //! 4. the relay host (always used without MX lookup, like Postfix's `[host]`);
 //! 5. otherwise [`Destination::Mx`] for the domain itself.
 //!
+//! Per-next-hop settings travel with the route: an `smtp:` route (and the relay host,
+//! written the same way) may carry `tls=LEVEL`, `ca=/path`, `rate=N` and `burst=N`
+//! attributes; MX deliveries take their TLS policy from a table keyed by recipient domain
+//! (`queue.tls_policy`, same key syntax as the routes, looked up by
+//! [`Router::mx_tls_policy`]).
+//!
 //! STANDARDS: RFC 5321 §5.1 (MX, implicit MX, address literals), RFC 7505 (null MX).
-//! CONFIGURATION PARAMETERS: `queue.relayhost`, `queue.routes`, `queue.resolver`.
+//! CONFIGURATION PARAMETERS: `queue.relayhost`, `queue.routes`, `queue.tls_policy`,
+//! `queue.resolver`.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
@@ -35,18 +42,25 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::ProtoErrorKind;
 use hickory_resolver::{Name, ResolveError, TokioResolver};
 
-/// Where to send.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::client::TlsPolicy;
+use crate::ratelimit::RateLimit;
+
+/// Where to send. `Hash + Eq`: the runner keys its per-destination concurrency slots and
+/// rate buckets by it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Destination {
     /// SMTP to `host:port`. `mx` = look up MX records for `host` first (`smtp:host`);
     /// false for `smtp:[host]` (connect to the host's addresses directly).
     /// `options_name` selects a named set of client options (TLS/AUTH) from the
-    /// configuration; `None` = the defaults.
+    /// configuration; `None` = the defaults. `tls` overrides the global STARTTLS policy
+    /// for this next hop, `rate` the global `queue.destination_rate`.
     Smtp {
         host: String,
         port: u16,
         mx: bool,
         options_name: Option<String>,
+        tls: Option<TlsPolicy>,
+        rate: Option<RateLimit>,
     },
     /// Local delivery into a Maildir.
     Maildir(PathBuf),
@@ -65,7 +79,7 @@ pub enum RouteError {
     BadPort(String),
     #[error("route {0:?}: maildir path must be absolute")]
     RelativeMaildir(String),
-    #[error("route {0:?}: unknown attribute")]
+    #[error("route {0:?}: unknown, repeated or invalid attribute")]
     BadAttribute(String),
     #[error("route key {0:?} is not a domain, .domain or *")]
     BadKey(String),
@@ -83,6 +97,9 @@ pub enum RouteError {
     /// SERVFAIL, a timeout, an unreachable resolver, anything else: try again later.
     #[error("DNS lookup for {name} failed: {reason}")]
     Dns { name: String, reason: String },
+    /// A `queue.tls_policy` entry that cannot be used.
+    #[error("tls_policy {0}")]
+    BadPolicy(String),
     /// `queue.resolver` is not "" or "IP[:port]", or the resolver cannot be set up.
     #[error("resolver {0}")]
     Resolver(String),
@@ -112,28 +129,71 @@ impl Destination {
     /// - `smtp:host`, `smtp:host:port` (MX lookup of `host`)
     /// - `smtp:[host]`, `smtp:[host]:port`, `smtp:[ipv6:2001:db8::1]:port` (no MX)
     ///
-    /// followed by optional whitespace-separated attributes; the only one is
-    /// `options=NAME`. The default port is 25.
+    /// followed by optional whitespace-separated attributes (each at most once, `smtp:`
+    /// only): `options=NAME`; `tls=none|may|encrypt|verify` (see
+    /// [`crate::client::TlsLevel`]) and `ca=/abs/file.pem` (with `tls=verify`: the trust
+    /// anchors for this hop instead of `queue.tls_ca_file` or the system's);
+    /// `rate=N` (messages per second to this destination, fractions allowed) and
+    /// `burst=N`. The default port is 25.
     pub fn parse(s: &str) -> Result<Destination, RouteError> {
         let err_s = || s.to_string();
+        let bad = || RouteError::BadAttribute(s.to_string());
         let mut words = s.split_ascii_whitespace();
         let spec = words
             .next()
             .ok_or_else(|| RouteError::UnknownKind(err_s()))?;
         let mut options_name = None;
+        let mut tls_word: Option<&str> = None;
+        let mut ca: Option<&str> = None;
+        let mut rate: Option<f64> = None;
+        let mut burst: Option<u32> = None;
+        let mut any_attr = false;
         for w in words {
-            match w.split_once('=') {
-                Some(("options", v)) if !v.is_empty() => options_name = Some(v.to_string()),
-                _ => return Err(RouteError::BadAttribute(err_s())),
+            any_attr = true;
+            let (k, v) = w
+                .split_once('=')
+                .filter(|(_, v)| !v.is_empty())
+                .ok_or_else(bad)?;
+            match k {
+                "options" if options_name.is_none() => options_name = Some(v.to_string()),
+                "tls" if tls_word.is_none() => tls_word = Some(v),
+                "ca" if ca.is_none() => ca = Some(v),
+                "rate" if rate.is_none() => {
+                    rate = Some(
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|r| r.is_finite() && *r > 0.0)
+                            .ok_or_else(bad)?,
+                    )
+                }
+                "burst" if burst.is_none() => {
+                    burst = Some(v.parse::<u32>().ok().filter(|b| *b > 0).ok_or_else(bad)?)
+                }
+                _ => return Err(bad()),
             }
         }
+        let tls = match (tls_word, ca) {
+            (None, None) => None,
+            (None, Some(_)) => return Err(bad()),
+            (Some(level), ca) => {
+                let text = match ca {
+                    Some(c) => format!("{level} ca={c}"),
+                    None => level.to_string(),
+                };
+                Some(TlsPolicy::parse(&text).map_err(|_| bad())?)
+            }
+        };
+        if burst.is_some() && rate.is_none() {
+            return Err(bad());
+        }
+        let rate = rate.and_then(|r| RateLimit::per_second(r, burst.unwrap_or(0)));
         let (kind, rest) = spec
             .split_once(':')
             .ok_or_else(|| RouteError::UnknownKind(err_s()))?;
         match kind.to_ascii_lowercase().as_str() {
             "maildir" => {
-                if options_name.is_some() {
-                    return Err(RouteError::BadAttribute(err_s()));
+                if any_attr {
+                    return Err(bad());
                 }
                 let p = PathBuf::from(rest);
                 if !p.is_absolute() {
@@ -173,6 +233,8 @@ impl Destination {
                     port,
                     mx,
                     options_name,
+                    tls,
+                    rate,
                 })
             }
             _ => Err(RouteError::UnknownKind(err_s())),
@@ -183,8 +245,48 @@ impl Destination {
 /// The route table of one tern instance (immutable; shared by the shards).
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    relayhost: Option<(String, u16)>,
+    /// Always an `smtp:[host]:port` destination (no MX), with its attributes.
+    relayhost: Option<Destination>,
     routes: HashMap<String, Destination>,
+    /// TLS policies for MX deliveries, keyed like `routes`.
+    mx_tls: HashMap<String, TlsPolicy>,
+}
+
+/// A table key: `domain`, `.parent.domain` or `*`, normalised.
+fn table_key(key: &str) -> Result<String, RouteError> {
+    let k = normalise(key);
+    let bare = k.strip_prefix('.').unwrap_or(&k);
+    let ok = k == "*"
+        || (!bare.is_empty()
+            && bare.split('.').all(|l| {
+                !l.is_empty()
+                    && l.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80)
+            }));
+    if ok {
+        Ok(k)
+    } else {
+        Err(RouteError::BadKey(key.to_string()))
+    }
+}
+
+/// The value of `table` for `domain`: exact key, then `.parent` keys most specific first,
+/// then `*`.
+fn lookup<'a, T>(table: &'a HashMap<String, T>, domain: &str) -> Option<&'a T> {
+    if table.is_empty() {
+        return None;
+    }
+    if let Some(v) = table.get(domain) {
+        return Some(v);
+    }
+    let mut rest = domain;
+    while let Some(i) = rest.find('.') {
+        if let Some(v) = table.get(&rest[i..]) {
+            return Some(v);
+        }
+        rest = &rest[i + 1..];
+    }
+    table.get("*")
 }
 
 impl Router {
@@ -193,31 +295,35 @@ impl Router {
         relayhost: Option<(String, u16)>,
         routes: impl IntoIterator<Item = (String, Destination)>,
     ) -> Result<Router, RouteError> {
+        let relay = relayhost.map(|(host, port)| Destination::Smtp {
+            host: host.to_ascii_lowercase(),
+            port,
+            mx: false,
+            options_name: None,
+            tls: None,
+            rate: None,
+        });
+        Router::build(relay, routes)
+    }
+
+    fn build(
+        relayhost: Option<Destination>,
+        routes: impl IntoIterator<Item = (String, Destination)>,
+    ) -> Result<Router, RouteError> {
         let mut table = HashMap::new();
         for (key, dest) in routes {
-            let k = normalise(&key);
-            let bare = k.strip_prefix('.').unwrap_or(&k);
-            let ok = k == "*"
-                || (!bare.is_empty()
-                    && bare.split('.').all(|l| {
-                        !l.is_empty()
-                            && l.bytes().all(|b| {
-                                b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b >= 0x80
-                            })
-                    }));
-            if !ok {
-                return Err(RouteError::BadKey(key));
-            }
-            table.insert(k, dest);
+            table.insert(table_key(&key)?, dest);
         }
         Ok(Router {
-            relayhost: relayhost.map(|(h, p)| (h.to_ascii_lowercase(), p)),
+            relayhost,
             routes: table,
+            mx_tls: HashMap::new(),
         })
     }
 
     /// Builds a router from configuration strings: `relayhost` as `[host]:port`,
-    /// `host:port` or `host` (always used without MX), routes as `(key, route string)`.
+    /// `host:port` or `host` (always used without MX), with the same attributes as a
+    /// route (`tls=`, `ca=`, `rate=`, `burst=`); routes as `(key, route string)`.
     pub fn from_config<'a>(
         relayhost: Option<&str>,
         routes: impl IntoIterator<Item = (&'a str, &'a str)>,
@@ -225,7 +331,21 @@ impl Router {
         let relay = match relayhost {
             None => None,
             Some(r) => match Destination::parse(&format!("smtp:{r}"))? {
-                Destination::Smtp { host, port, .. } => Some((host, port)),
+                Destination::Smtp {
+                    host,
+                    port,
+                    options_name,
+                    tls,
+                    rate,
+                    ..
+                } => Some(Destination::Smtp {
+                    host,
+                    port,
+                    mx: false,
+                    options_name,
+                    tls,
+                    rate,
+                }),
                 _ => return Err(RouteError::UnknownKind(r.to_string())),
             },
         };
@@ -233,32 +353,52 @@ impl Router {
             .into_iter()
             .map(|(k, v)| Destination::parse(v).map(|d| (k.to_string(), d)))
             .collect::<Result<Vec<_>, _>>()?;
-        Router::new(relay, parsed)
+        Router::build(relay, parsed)
+    }
+
+    /// Adds the TLS policy table for MX deliveries (`queue.tls_policy`): keys as for
+    /// routes (recipient domain, `.parent`, `*`), values as [`TlsPolicy::parse`].
+    pub fn with_mx_tls_policies<'a>(
+        mut self,
+        table: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Router, RouteError> {
+        for (k, v) in table {
+            let policy = TlsPolicy::parse(v)
+                .map_err(|e| RouteError::BadPolicy(format!("{k:?} = {v:?}: {e}")))?;
+            self.mx_tls.insert(table_key(k)?, policy);
+        }
+        Ok(self)
+    }
+
+    /// The TLS policy for MX delivery to `rcpt_domain`, if the table has one.
+    pub fn mx_tls_policy(&self, rcpt_domain: &str) -> Option<&TlsPolicy> {
+        if self.mx_tls.is_empty() {
+            return None;
+        }
+        lookup(&self.mx_tls, &normalise(rcpt_domain))
+    }
+
+    /// Every `rate=` of the routes and the relay host divided among `shards` shards
+    /// ([`RateLimit::share`]): route rates are configured for the whole server.
+    pub fn share_rates(mut self, shards: usize) -> Router {
+        let share = |d: &mut Destination| {
+            if let Destination::Smtp { rate: Some(r), .. } = d {
+                *r = r.share(shards);
+            }
+        };
+        self.relayhost.iter_mut().for_each(share);
+        self.routes.values_mut().for_each(share);
+        self
     }
 
     /// The destination for a recipient domain (see the module documentation for the order).
     pub fn route(&self, rcpt_domain: &str) -> Destination {
         let domain = normalise(rcpt_domain);
-        if let Some(d) = self.routes.get(&domain) {
+        if let Some(d) = lookup(&self.routes, &domain) {
             return d.clone();
         }
-        let mut rest = domain.as_str();
-        while let Some(i) = rest.find('.') {
-            if let Some(d) = self.routes.get(&rest[i..]) {
-                return d.clone();
-            }
-            rest = &rest[i + 1..];
-        }
-        if let Some(d) = self.routes.get("*") {
+        if let Some(d) = &self.relayhost {
             return d.clone();
-        }
-        if let Some((host, port)) = &self.relayhost {
-            return Destination::Smtp {
-                host: host.clone(),
-                port: *port,
-                mx: false,
-                options_name: None,
-            };
         }
         Destination::Mx(domain)
     }

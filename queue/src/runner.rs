@@ -11,24 +11,38 @@
 //! sender, RFC 3464), 4xx or connection trouble retried. A message with no pending
 //! recipient is `finished` in the spool so its segment can be recycled.
 //!
+//! Per destination (a route, or an MX domain) a shard runs at most
+//! `destination_concurrency` deliveries at once and starts them at most at its share of
+//! the destination's rate (a token bucket, `ratelimit`): a delivery without a token waits
+//! up to [`RATE_WAIT_INLINE`], else its recipients are *throttled*: not tried, not counted
+//! as an attempt or a failure, due again when a token should be there.
+//!
+//! DSNs besides bounces: a delay warning (NOTIFY=DELAY), and success reports (RFC 3461
+//! §5.2): NOTIFY=SUCCESS delivered into a maildir gets "delivered", relayed to a next hop
+//! without DSN gets "relayed" (so does a BY=;N message relayed to a hop with neither DSN
+//! nor DELIVERBY, RFC 2852 §4.1.4.2); a hop with DSN was handed NOTIFY/ORCPT and reports
+//! itself, so nothing is sent.
+//!
 //! Owns: the shard's delivery schedule and in-flight count. Must never: deliver a message
-//! of another shard, change the index before the state record is durable, bounce a
-//! bounce (null sender), or hold more than `concurrency` deliveries in flight.
+//! of another shard, change the index before the state record is durable, send any DSN to
+//! a null sender, or hold more than `concurrency` deliveries in flight.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::task::Waker;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
 use crate::client::{ClientOptions, Reply};
 use crate::commit::GroupCommit;
+use crate::dsn::DsnKind;
 use crate::index::QueueIndex;
+use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::route::{Destination, Dns, Router};
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
-use crate::{BodyType, Envelope, NOTIFY_DELAY, NOTIFY_NEVER};
+use crate::{BodyType, DeliverByMode, Envelope, NOTIFY_DELAY, NOTIFY_NEVER, NOTIFY_SUCCESS};
 
 /// Settings of the runner (from the `[queue]` configuration).
 #[derive(Debug, Clone)]
@@ -53,6 +67,10 @@ pub struct RunnerConfig {
     /// Deliveries in flight at once to one destination (one route / MX domain) per shard,
     /// so a slow or small next hop is not hammered.
     pub destination_concurrency: usize,
+    /// Deliveries started per second to one destination by this shard (its share of
+    /// `queue.destination_rate`); `None` = no limit. A route's own `rate=` wins. Local
+    /// (maildir) deliveries are never limited.
+    pub destination_rate: Option<RateLimit>,
     /// The relayhost (as routed) and the credentials to AUTH to it with, if any.
     pub relayhost: Option<(String, u16)>,
     pub relayhost_auth: Option<(String, String)>,
@@ -61,12 +79,41 @@ pub struct RunnerConfig {
 /// Outcome of one recipient in one attempt.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
-    Delivered(String),
+    /// 2xx. `line` is for the log; `reply` for a success DSN; `hop` is the next hop that
+    /// took it (`None`: delivered here, into a maildir).
+    Delivered {
+        line: String,
+        reply: Reply,
+        hop: Option<NextHop>,
+    },
     /// Permanent failure: status code, enhanced code, text, remote MTA.
     Failed(Reply, Option<String>),
     /// Try again later.
     Deferred(String),
+    /// Not tried: the destination's rate limit has no token for this long. Neither an
+    /// attempt nor a failure.
+    Throttled(Duration),
 }
+
+/// What the SMTP server that took a recipient offered: decides whether tern owes the
+/// sender a "relayed" DSN.
+#[derive(Debug, Clone)]
+pub(crate) struct NextHop {
+    /// The host name (MX or route host) as tern looked it up.
+    pub mta: String,
+    /// It offered DSN (RFC 3461): NOTIFY/ORCPT went on, it reports from now on.
+    pub dsn: bool,
+    /// It offered DELIVERBY (RFC 2852): BY= went on.
+    pub deliverby: bool,
+}
+
+/// Longest a delivery waits in place for its destination's rate token; beyond that its
+/// recipients are throttled and the message is due again later (a waiting delivery holds
+/// one of the shard's `concurrency` slots, so the wait is kept short).
+pub const RATE_WAIT_INLINE: Duration = Duration::from_secs(1);
+
+/// Per-destination maps (slots, buckets) are pruned of idle entries beyond this size.
+const DESTINATIONS_KEPT: usize = 1024;
 
 /// The per-shard runner. Shard-local (`Rc`).
 pub struct Runner {
@@ -83,7 +130,9 @@ pub struct Runner {
     /// Idle outbound connections for reuse.
     pool: crate::deliver::ConnPool,
     /// Per-destination slots (`destination_concurrency`), keyed by the route.
-    slots: RefCell<HashMap<String, Rc<glommio::sync::Semaphore>>>,
+    slots: RefCell<HashMap<Destination, Rc<glommio::sync::Semaphore>>>,
+    /// Per-destination rate buckets (`destination_rate`, a route's `rate=`).
+    buckets: RefCell<HashMap<Destination, TokenBucket>>,
     /// Recipient outcomes so far (metrics), and the last few failures.
     counts: RefCell<DeliveryCounts>,
 }
@@ -118,6 +167,12 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// When a throttled message is due again: whole seconds, rounded up, at least one.
+fn throttled_due(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    now_unix() + secs.max(1)
+}
+
 fn now_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -145,6 +200,7 @@ impl Runner {
             stopping: Cell::new(false),
             pool: Default::default(),
             slots: RefCell::new(HashMap::new()),
+            buckets: RefCell::new(HashMap::new()),
             counts: RefCell::new(DeliveryCounts::default()),
         });
         for q in recovered {
@@ -341,6 +397,29 @@ impl Runner {
             outcomes = self.deliver(&env, &body, &pending).await;
         }
 
+        // Recipients waiting for a rate token were not tried. If that is all of them,
+        // nothing happened: no state record, no attempt counted, just due again later.
+        let throttled = outcomes
+            .iter()
+            .filter_map(|(_, o)| match o {
+                Outcome::Throttled(w) => Some(*w),
+                _ => None,
+            })
+            .min();
+        if let Some(wait) = throttled {
+            if outcomes
+                .iter()
+                .all(|(_, o)| matches!(o, Outcome::Throttled(_)))
+            {
+                tracing::debug!(id = %q.id, wait_ms = wait.as_millis() as u64, "delivery: destination rate limit, retrying later");
+                self.retry_throttled(r, wait);
+                return;
+            }
+        }
+
+        // Success reports (RFC 3461 §5.2), queued before the state record like bounces.
+        self.success_reports(&env, &body, &outcomes).await;
+
         // Bounce newly failed recipients (never for a null sender).
         let failed: Vec<(usize, Reply, Option<String>)> = outcomes
             .iter()
@@ -350,8 +429,7 @@ impl Runner {
             })
             .collect();
         if !failed.is_empty() {
-            self.bounce(&env, &body, &failed, crate::dsn::DsnKind::Failure)
-                .await;
+            self.bounce(&env, &body, &failed, DsnKind::Failure).await;
         }
 
         let mut change = q.change(Vec::new());
@@ -363,7 +441,7 @@ impl Runner {
             for (i, o) in &outcomes {
                 let to = &env.recipients[*i].addr;
                 match o {
-                    Outcome::Delivered(reply) => {
+                    Outcome::Delivered { line: reply, .. } => {
                         tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "sent", reply = %reply, "delivery");
                         change.updates.push((*i as u32, RcptState::Delivered));
                         counts.sent += 1;
@@ -380,6 +458,8 @@ impl Runner {
                         counts.deferred += 1;
                         counts.failure(format!("{} to {to}: deferred: {why}", q.id));
                     }
+                    // Still pending; comes back with the message (below).
+                    Outcome::Throttled(_) => {}
                 }
             }
         }
@@ -390,12 +470,15 @@ impl Runner {
         change.next_attempt_unix = if still_pending {
             let next = now_unix() + self.backoff(change.attempts).as_secs();
             // Come back exactly at a DELIVERBY deadline still ahead of us.
-            match by_deadline {
+            let next = match by_deadline {
                 Some((d, _)) if d > now_unix() => next.min(d),
                 _ => next,
-            }
+            };
+            // Throttled recipients of the same message come back sooner (the deferred
+            // ones are then retried early too: one due time per message).
+            throttled.map_or(next, |w| next.min(throttled_due(w)))
         } else {
-            0
+            throttled.map_or(0, throttled_due)
         };
         let by_notify_due =
             by_deadline.is_some_and(|(d, m)| m == crate::DeliverByMode::Notify && now_unix() >= d);
@@ -424,8 +507,7 @@ impl Runner {
                         })
                         .collect();
                     if !delayed.is_empty() {
-                        self.bounce(&env, &body, &delayed, crate::dsn::DsnKind::Delay)
-                            .await;
+                        self.bounce(&env, &body, &delayed, DsnKind::Delay).await;
                     }
                     change.warned = true;
                 }
@@ -502,19 +584,16 @@ impl Runner {
         let mut out = Vec::with_capacity(rcpts.len());
         for (dest, idx) in groups {
             // Wait for a slot of this destination (bounded by the shard's concurrency).
-            let sem = {
-                let key = format!("{dest:?}");
-                let mut slots = self.slots.borrow_mut();
-                slots
-                    .entry(key)
-                    .or_insert_with(|| {
-                        Rc::new(glommio::sync::Semaphore::new(
-                            self.cfg.destination_concurrency.max(1) as u64,
-                        ))
-                    })
-                    .clone()
-            };
+            let sem = self.slot(&dest);
             let permit = sem.acquire_permit(1).await;
+            // Then for a rate token: taken with the slot held, so a delivery starts
+            // right after its token (tokens taken long before the send would let a
+            // burst through when slots free up together).
+            if let Err(wait) = self.rate_token(&dest).await {
+                drop(permit);
+                out.extend(idx.iter().map(|&i| (i, Outcome::Throttled(wait))));
+                continue;
+            }
             out.extend(
                 crate::deliver::to_destination(&self.cfg, &self.pool, &dest, env, body, &idx).await,
             );
@@ -523,13 +602,128 @@ impl Runner {
         out
     }
 
-    /// Builds a DSN for `failed` recipients and queues it from `<>` to the sender.
+    /// The concurrency semaphore of `dest` (created on first use; idle ones are dropped
+    /// when the map grows large: a semaphore nobody holds or awaits is only referenced by
+    /// the map).
+    fn slot(&self, dest: &Destination) -> Rc<glommio::sync::Semaphore> {
+        let mut slots = self.slots.borrow_mut();
+        if let Some(s) = slots.get(dest) {
+            return s.clone();
+        }
+        if slots.len() >= DESTINATIONS_KEPT {
+            slots.retain(|_, s| Rc::strong_count(s) > 1);
+        }
+        let s = Rc::new(glommio::sync::Semaphore::new(
+            self.cfg.destination_concurrency.max(1) as u64,
+        ));
+        slots.insert(dest.clone(), s.clone());
+        s
+    }
+
+    /// The rate limit of `dest`: the route's own, else the configured default; none for
+    /// local delivery.
+    fn rate_of(&self, dest: &Destination) -> Option<RateLimit> {
+        match dest {
+            Destination::Maildir(_) => None,
+            Destination::Smtp { rate: Some(r), .. } => Some(*r),
+            Destination::Smtp { .. } | Destination::Mx(_) => self.cfg.destination_rate,
+        }
+    }
+
+    /// Takes a rate token for `dest`, waiting for it up to [`RATE_WAIT_INLINE`] in all;
+    /// `Err(wait)` when there is none within that (the bucket is left as it was).
+    async fn rate_token(&self, dest: &Destination) -> Result<(), Duration> {
+        let Some(limit) = self.rate_of(dest) else {
+            return Ok(());
+        };
+        let mut waited = Duration::ZERO;
+        loop {
+            let now = Instant::now();
+            let taken = {
+                let mut buckets = self.buckets.borrow_mut();
+                match buckets.get_mut(dest) {
+                    Some(b) => b.try_take(now),
+                    None => {
+                        if buckets.len() >= DESTINATIONS_KEPT {
+                            // A full bucket is the same as a new one.
+                            buckets.retain(|_, b| !b.is_full(now));
+                        }
+                        let mut b = TokenBucket::new(limit, now);
+                        let t = b.try_take(now);
+                        buckets.insert(dest.clone(), b);
+                        t
+                    }
+                }
+            };
+            match taken {
+                Ok(()) => return Ok(()),
+                Err(wait) if waited + wait <= RATE_WAIT_INLINE => {
+                    // Another delivery may take the token first; then we wait again.
+                    glommio::timer::sleep(wait).await;
+                    waited += wait;
+                }
+                Err(wait) => return Err(wait),
+            }
+        }
+    }
+
+    /// Every pending recipient of `r` waits for a rate token: put the message back, due
+    /// when a token should be there (whole seconds, at least one, as the schedule
+    /// counts). Nothing was tried, so nothing is recorded; the index and schedule are
+    /// handled as after a failed state write.
+    fn retry_throttled(&self, r: MsgRef, wait: Duration) {
+        let mut index = self.index.borrow_mut();
+        index.update(r, |_, in_flight| *in_flight = false);
+        index.reschedule(r, throttled_due(wait));
+    }
+
+    /// Success DSNs for the recipients of `outcomes` that were delivered (RFC 3461 §5.2,
+    /// RFC 3464 §2.3.3): NOTIFY=SUCCESS into a maildir → "delivered"; to a next hop
+    /// without DSN → "relayed" (it will not report); so does a BY=;N message to a hop
+    /// with neither DSN nor DELIVERBY whatever its NOTIFY but NEVER (RFC 2852 §4.1.4.2).
+    /// A hop with DSN was given NOTIFY and ORCPT: nothing from us.
+    async fn success_reports(&self, env: &Envelope, body: &Bytes, outcomes: &[(usize, Outcome)]) {
+        if env.sender.is_empty() {
+            return;
+        }
+        let by_notify = env
+            .deliver_by
+            .is_some_and(|b| b.mode == DeliverByMode::Notify);
+        let mut delivered = Vec::new();
+        let mut relayed = Vec::new();
+        for (i, o) in outcomes {
+            let Outcome::Delivered { reply, hop, .. } = o else {
+                continue;
+            };
+            let notify = env.recipients[*i].notify;
+            if notify & NOTIFY_NEVER != 0 {
+                continue;
+            }
+            let success = notify & NOTIFY_SUCCESS != 0;
+            match hop {
+                None if success => delivered.push((*i, reply.clone(), None)),
+                Some(h) if !h.dsn && (success || (by_notify && !h.deliverby)) => {
+                    relayed.push((*i, reply.clone(), Some(h.mta.clone())))
+                }
+                _ => {}
+            }
+        }
+        if !delivered.is_empty() {
+            self.bounce(env, body, &delivered, DsnKind::Success).await;
+        }
+        if !relayed.is_empty() {
+            self.bounce(env, body, &relayed, DsnKind::Relayed).await;
+        }
+    }
+
+    /// Builds a DSN of `kind` for the recipients in `failed` (those whose NOTIFY asks for
+    /// it) and queues it from `<>` to the sender.
     async fn bounce(
         &self,
         env: &Envelope,
         body: &Bytes,
         failed: &[(usize, Reply, Option<String>)],
-        kind: crate::dsn::DsnKind,
+        kind: DsnKind,
     ) {
         if env.sender.is_empty() {
             return; // never bounce a bounce

@@ -323,3 +323,260 @@ fn eight_bit_original_is_marked() {
     );
     assert_eq!(p.parts[2].1, original);
 }
+
+#[test]
+fn relayed_and_delivered_reports_name_their_action() {
+    let e = env(&[
+        ("r@x.test", NOTIFY_SUCCESS, Some("rfc822;R@x.test")),
+        ("plain@x.test", 0, None),
+    ]);
+    let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    let relayed = [
+        (
+            0,
+            status(250, Some((2, 0, 0)), "queued as 7", Some("mx.x.test")),
+        ),
+        (
+            1,
+            status(250, Some((2, 0, 0)), "queued as 7", Some("mx.x.test")),
+        ),
+    ];
+    let dsn = bounce("h", &e, &relayed, DsnKind::Relayed, ORIGINAL, now).unwrap();
+    let p = parse(&dsn);
+    assert_eq!(get(&p.headers, "subject"), Some("Relayed Mail Report"));
+    let g = status_groups(&p.parts[1].1);
+    // Only the recipient that asked (NOTIFY=SUCCESS).
+    assert_eq!(g.len(), 2);
+    assert_eq!(get(&g[1], "final-recipient"), Some("rfc822; r@x.test"));
+    assert_eq!(get(&g[1], "original-recipient"), Some("rfc822; R@x.test"));
+    assert_eq!(get(&g[1], "action"), Some("relayed"));
+    assert_eq!(get(&g[1], "status"), Some("2.0.0"));
+    assert_eq!(get(&g[1], "remote-mta"), Some("dns; mx.x.test"));
+    assert_eq!(
+        get(&g[1], "diagnostic-code"),
+        Some("smtp; 250 2.0.0 queued as 7")
+    );
+    // RET absent: headers only, and not called "undelivered".
+    assert_eq!(
+        get(&p.parts[2].0, "content-type"),
+        Some("text/rfc822-headers")
+    );
+    assert_eq!(
+        get(&p.parts[2].0, "content-description"),
+        Some("Message Headers")
+    );
+
+    // BY=;N (RFC 2852 §4.1.4.2): every recipient but NOTIFY=NEVER gets "relayed".
+    let mut e = env(&[("r@x.test", 0, None), ("never@x.test", NOTIFY_NEVER, None)]);
+    e.deliver_by = Some(tern_queue::DeliverBy {
+        seconds: 60,
+        mode: tern_queue::DeliverByMode::Notify,
+        trace: false,
+    });
+    let dsn = bounce("h", &e, &relayed, DsnKind::Relayed, ORIGINAL, now).unwrap();
+    let g = status_groups(&parse(&dsn).parts[1].1);
+    assert_eq!(g.len(), 2);
+    assert_eq!(get(&g[1], "final-recipient"), Some("rfc822; r@x.test"));
+
+    let local = [(
+        0,
+        status(250, Some((2, 0, 0)), "delivered to mailbox", None),
+    )];
+    let e = env(&[("r@x.test", NOTIFY_SUCCESS, None)]);
+    let dsn = bounce("h", &e, &local, DsnKind::Success, ORIGINAL, now).unwrap();
+    let g = status_groups(&parse(&dsn).parts[1].1);
+    assert_eq!(get(&g[1], "action"), Some("delivered"));
+    assert_eq!(get(&g[1], "remote-mta"), None);
+}
+
+// ------------------------------------------------------------------ through the runner
+
+mod common;
+
+use common::{body, config, empty, envelope, maildir, run, Sink, SinkOpts};
+use tern_queue::route::Router;
+
+/// The sender's domain is delivered into `mbox` (so DSNs land there); everything else
+/// goes to `sink`.
+fn relay_router(sink: &Sink, mbox: &std::path::Path, local: Option<&std::path::Path>) -> Router {
+    let sender = format!("maildir:{}", mbox.display());
+    let far = sink.route("");
+    let mut routes = vec![("sender.test", sender), ("*", far)];
+    if let Some(l) = local {
+        routes.push(("local.test", format!("maildir:{}", l.display())));
+    }
+    Router::from_config(None, routes.iter().map(|(k, v)| (*k, v.as_str()))).unwrap()
+}
+
+fn only_dsn(mbox: &std::path::Path) -> Parsed {
+    let got = maildir(mbox);
+    assert_eq!(got.len(), 1, "expected one DSN, got {}", got.len());
+    let (h, _) = split_headers(&got[0]);
+    assert_eq!(get(&h, "return-path"), Some("<>"));
+    assert_eq!(get(&h, "delivered-to"), Some("s@sender.test"));
+    parse(&got[0])
+}
+
+/// RFC 3461 §5.2.2: NOTIFY=SUCCESS relayed to a hop without DSN gets a "relayed" DSN;
+/// the other recipients (FAILURE only, no NOTIFY) get nothing, and nothing DSN-ish goes
+/// on the wire to that hop.
+#[test]
+fn notify_success_to_a_hop_without_dsn_gets_a_relayed_report() {
+    let sink = Sink::start(SinkOpts::plain(&["PIPELINING"]));
+    let mbox = tempfile::tempdir().unwrap();
+    let cfg = config(relay_router(&sink, mbox.path(), None));
+    let mut e = envelope(
+        "s@sender.test",
+        &[
+            ("a@far.test", NOTIFY_SUCCESS, Some("rfc822;A@far.test")),
+            ("b@far.test", NOTIFY_FAILURE, None),
+            ("c@far.test", 0, None),
+        ],
+    );
+    e.envid = Some("E-1".into());
+    let r = run(
+        cfg,
+        vec![(e, body("relayed"))],
+        empty,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        (r.left, r.counts.sent, r.counts.bounced),
+        (0, 4, 0),
+        "{r:?}"
+    );
+    let t = sink.txns();
+    assert_eq!(t.len(), 1);
+    assert!(t[0].rcpts.iter().all(|l| !l.contains("NOTIFY")), "{t:?}");
+    assert!(!t[0].mail.contains("ENVID"));
+
+    let p = only_dsn(mbox.path());
+    assert_eq!(get(&p.headers, "to"), Some("<s@sender.test>"));
+    assert_eq!(get(&p.headers, "subject"), Some("Relayed Mail Report"));
+    let g = status_groups(&p.parts[1].1);
+    assert_eq!(g.len(), 2, "one recipient group: {g:?}");
+    assert_eq!(get(&g[0], "reporting-mta"), Some("dns; relay.test"));
+    assert_eq!(get(&g[0], "original-envelope-id"), Some("E-1"));
+    assert_eq!(get(&g[1], "final-recipient"), Some("rfc822; a@far.test"));
+    assert_eq!(get(&g[1], "original-recipient"), Some("rfc822; A@far.test"));
+    assert_eq!(get(&g[1], "action"), Some("relayed"));
+    assert_eq!(get(&g[1], "status"), Some("2.0.0"));
+    assert_eq!(get(&g[1], "remote-mta"), Some("dns; 127.0.0.1"));
+    assert_eq!(
+        get(&g[1], "diagnostic-code"),
+        Some("smtp; 250 2.0.0 queued as 1")
+    );
+    let (h, orig) = &p.parts[2];
+    assert_eq!(get(h, "content-type"), Some("text/rfc822-headers"));
+    assert!(String::from_utf8_lossy(orig).contains("Subject: relayed"));
+}
+
+/// A hop that offers DSN is handed NOTIFY and ORCPT and reports itself: nothing from us.
+#[test]
+fn notify_success_to_a_dsn_hop_is_passed_on_and_no_report_is_sent() {
+    let sink = Sink::start(SinkOpts::plain(&["PIPELINING", "DSN"]));
+    let mbox = tempfile::tempdir().unwrap();
+    let cfg = config(relay_router(&sink, mbox.path(), None));
+    let mut e = envelope(
+        "s@sender.test",
+        &[(
+            "a@far.test",
+            NOTIFY_SUCCESS | NOTIFY_DELAY,
+            Some("rfc822;A@far.test"),
+        )],
+    );
+    e.envid = Some("E-2".into());
+    e.ret = Some(Ret::Hdrs);
+    let r = run(
+        cfg,
+        vec![(e, body("passed"))],
+        empty,
+        Duration::from_secs(20),
+    );
+    assert_eq!((r.left, r.counts.sent), (0, 1), "{r:?}");
+    let t = sink.txns();
+    assert_eq!(
+        t[0].rcpts,
+        ["RCPT TO:<a@far.test> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;A@far.test"]
+    );
+    assert!(t[0].mail.ends_with("RET=HDRS ENVID=E-2"), "{}", t[0].mail);
+    assert!(maildir(mbox.path()).is_empty(), "a DSN was sent");
+}
+
+/// NOTIFY=SUCCESS delivered into a maildir here: "delivered", without file names.
+#[test]
+fn local_delivery_with_notify_success_gets_a_delivered_report() {
+    let sink = Sink::start(SinkOpts::plain(&[]));
+    let mbox = tempfile::tempdir().unwrap();
+    let local = tempfile::tempdir().unwrap();
+    let cfg = config(relay_router(&sink, mbox.path(), Some(local.path())));
+    let e = envelope(
+        "s@sender.test",
+        &[
+            ("u@local.test", NOTIFY_SUCCESS, None),
+            ("v@local.test", NOTIFY_FAILURE, None),
+        ],
+    );
+    let r = run(
+        cfg,
+        vec![(e, body("local"))],
+        empty,
+        Duration::from_secs(20),
+    );
+    assert_eq!((r.left, r.counts.sent), (0, 3), "{r:?}");
+    assert_eq!(maildir(local.path()).len(), 2);
+    let p = only_dsn(mbox.path());
+    assert_eq!(
+        get(&p.headers, "subject"),
+        Some("Successful Mail Delivery Report")
+    );
+    let g = status_groups(&p.parts[1].1);
+    assert_eq!(g.len(), 2);
+    assert_eq!(get(&g[1], "final-recipient"), Some("rfc822; u@local.test"));
+    assert_eq!(get(&g[1], "action"), Some("delivered"));
+    assert_eq!(get(&g[1], "status"), Some("2.0.0"));
+    assert_eq!(get(&g[1], "remote-mta"), None);
+    assert_eq!(
+        get(&g[1], "diagnostic-code"),
+        Some("X-tern; 250 2.0.0 delivered to mailbox")
+    );
+    assert!(!String::from_utf8_lossy(&maildir(mbox.path())[0])
+        .contains(&local.path().display().to_string()));
+}
+
+/// Never a DSN to `<>`: the relayed message is the only one the runner sends.
+#[test]
+fn null_sender_gets_no_success_report() {
+    let sink = Sink::start(SinkOpts::plain(&[]));
+    let mbox = tempfile::tempdir().unwrap();
+    let cfg = config(relay_router(&sink, mbox.path(), None));
+    let e = envelope("", &[("a@far.test", NOTIFY_SUCCESS, None)]);
+    let r = run(cfg, vec![(e, body("null"))], empty, Duration::from_secs(20));
+    assert_eq!((r.left, r.counts.sent), (0, 1), "{r:?}");
+    assert_eq!(sink.txns().len(), 1);
+    assert!(maildir(mbox.path()).is_empty());
+}
+
+/// BY=;N relayed to a hop with neither DSN nor DELIVERBY: a "relayed" report for every
+/// recipient but NOTIFY=NEVER (RFC 2852 §4.1.4.2).
+#[test]
+fn deliverby_notify_to_a_bare_hop_gets_a_relayed_report() {
+    let sink = Sink::start(SinkOpts::plain(&["PIPELINING"]));
+    let mbox = tempfile::tempdir().unwrap();
+    let cfg = config(relay_router(&sink, mbox.path(), None));
+    let mut e = envelope(
+        "s@sender.test",
+        &[("a@far.test", 0, None), ("n@far.test", NOTIFY_NEVER, None)],
+    );
+    e.deliver_by = Some(tern_queue::DeliverBy {
+        seconds: 600,
+        mode: tern_queue::DeliverByMode::Notify,
+        trace: false,
+    });
+    let r = run(cfg, vec![(e, body("byn"))], empty, Duration::from_secs(20));
+    assert_eq!((r.left, r.counts.sent), (0, 3), "{r:?}");
+    let g = status_groups(&only_dsn(mbox.path()).parts[1].1);
+    assert_eq!(g.len(), 2);
+    assert_eq!(get(&g[1], "final-recipient"), Some("rfc822; a@far.test"));
+    assert_eq!(get(&g[1], "action"), Some("relayed"));
+}

@@ -4,6 +4,8 @@
 //! executor (`futures::executor::block_on`); the last test runs a `Runner` in a glommio
 //! executor that delivers through MX to a scripted SMTP server on `mx_port`.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
 use std::str::FromStr;
@@ -56,6 +58,8 @@ fn zone(name: &str) -> Option<Node> {
         "servfail.test" => Some(Node::ServFail),
         "e2e.test" => host(&[(10, "mx.e2e.test")], &[]),
         "mx.e2e.test" => host(&[], &[LO]),
+        "tls.test" => host(&[(10, "mx.tls.test")], &[]),
+        "mx.tls.test" => host(&[], &[LO]),
         _ => None,
     }
 }
@@ -349,6 +353,7 @@ fn runner_delivers_via_mx_and_fails_a_null_mx_recipient() {
         dns: Dns::new(dns_config(dns_addr)).unwrap(),
         mx_port: smtp_port,
         destination_concurrency: 4,
+        destination_rate: None,
         relayhost: None,
         relayhost_auth: None,
     };
@@ -424,4 +429,74 @@ fn runner_delivers_via_mx_and_fails_a_null_mx_recipient() {
     // a deferral would have left the message queued.
     assert_eq!(left, 0, "message still queued");
     assert_eq!(sink.join().unwrap(), vec!["RCPT TO:<a@e2e.test>"]);
+}
+
+/// `queue.tls_policy` applies to MX deliveries by recipient domain: `verify` checks the
+/// certificate against the CA file *and the MX host name* (mx.tls.test), while another
+/// domain on the same MX address keeps the global policy (here: no TLS at all).
+#[test]
+fn mx_tls_policy_table_verifies_the_mx_host_name() {
+    use common::{body, config, envelope, run, tls_pair, Sink, SinkOpts};
+    let dns_addr = dns_server();
+    let dir = tempfile::tempdir().unwrap();
+    let attempt = |cert_names: &[&str], policy_ca_names: Option<&[&str]>| {
+        let (server, pem) = tls_pair(cert_names);
+        let sink = Sink::start(SinkOpts::starttls(&["PIPELINING"], server));
+        let ca = dir.path().join(format!("ca-{}.pem", sink.addr.port()));
+        std::fs::write(
+            &ca,
+            match policy_ca_names {
+                Some(names) => tls_pair(names).1,
+                None => pem,
+            },
+        )
+        .unwrap();
+        let policy = format!("verify ca={}", ca.display());
+        let router = Router::new(None, [])
+            .unwrap()
+            .with_mx_tls_policies([("tls.test", policy.as_str())])
+            .unwrap();
+        let mut cfg = config(router);
+        cfg.dns = Dns::new(dns_config(dns_addr)).unwrap();
+        cfg.mx_port = sink.addr.port();
+        cfg.client.starttls = StarttlsPolicy::Never;
+        let msgs = vec![
+            (envelope("", &[("a@tls.test", 0, None)]), body("tls")),
+            (envelope("", &[("b@e2e.test", 0, None)]), body("plain")),
+        ];
+        // Done when both were tried and the delivered ones have left the queue.
+        let r = run(
+            cfg,
+            msgs,
+            |r| {
+                let c = r.delivery_counts();
+                c.sent + c.deferred >= 2 && r.len() as u64 == c.deferred
+            },
+            Duration::from_secs(20),
+        );
+        (r, sink.txns())
+    };
+
+    // The certificate names the MX host and the CA file is its own: delivered in TLS.
+    let (r, txns) = attempt(&["mx.tls.test"], None);
+    assert_eq!((r.counts.sent, r.counts.deferred), (2, 0), "{r:?}");
+    let tls_of = |rcpt: &str| txns.iter().find(|t| t.rcpts[0].contains(rcpt)).unwrap().tls;
+    assert!(tls_of("a@tls.test"), "the table's policy");
+    assert!(!tls_of("b@e2e.test"), "the global policy (never)");
+
+    // A valid chain for another name: the MX host name does not match, deferred.
+    let (r, txns) = attempt(&["mx.other.test"], None);
+    assert_eq!(
+        (r.counts.sent, r.counts.deferred, r.counts.bounced),
+        (1, 1, 0),
+        "{r:?}"
+    );
+    assert_eq!(r.left, 1);
+    let why = &r.counts.recent.back().unwrap().1;
+    assert!(why.contains("a@tls.test") && why.contains("TLS"), "{why}");
+    assert!(txns.iter().all(|t| !t.rcpts[0].contains("a@tls.test")));
+
+    // The right name, a CA that did not sign it: deferred too.
+    let (r, _) = attempt(&["mx.tls.test"], Some(&["mx.tls.test"]));
+    assert_eq!((r.counts.sent, r.counts.deferred), (1, 1), "{r:?}");
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use tern_queue::client::{ClientOptions, StarttlsPolicy, TlsLevel, TlsPolicy};
+use tern_queue::ratelimit::RateLimit;
 use tern_queue::route::{domain_of, resolve, Destination, RouteError, Router};
 
 fn smtp(host: &str, port: u16, mx: bool) -> Destination {
@@ -10,6 +12,8 @@ fn smtp(host: &str, port: u16, mx: bool) -> Destination {
         port,
         mx,
         options_name: None,
+        tls: None,
+        rate: None,
     }
 }
 
@@ -46,6 +50,8 @@ fn parse_route_strings() {
             port: 587,
             mx: false,
             options_name: Some("submission".into()),
+            tls: None,
+            rate: None,
         }
     );
     for bad in [
@@ -112,6 +118,149 @@ fn lookup_order() {
     ));
     assert_eq!(domain_of("a@b.example"), "b.example");
     assert_eq!(domain_of("a@b@c"), "c");
+}
+
+#[test]
+fn route_attributes_tls_and_rate() {
+    let d = Destination::parse(
+        "smtp:[relay.example]:587 tls=verify ca=/etc/tern/ca.pem rate=2.5 burst=4",
+    )
+    .unwrap();
+    let Destination::Smtp { tls, rate, .. } = &d else {
+        panic!("{d:?}")
+    };
+    assert_eq!(
+        tls.as_ref().unwrap(),
+        &TlsPolicy {
+            level: TlsLevel::Verify,
+            ca_file: Some("/etc/tern/ca.pem".into())
+        }
+    );
+    assert_eq!(
+        *rate,
+        Some(RateLimit {
+            milli_per_sec: 2500,
+            burst: 4
+        })
+    );
+    for (word, level) in [
+        ("none", TlsLevel::None),
+        ("MAY", TlsLevel::May),
+        ("encrypt", TlsLevel::Encrypt),
+    ] {
+        let d = Destination::parse(&format!("smtp:mx.example tls={word}")).unwrap();
+        assert!(
+            matches!(&d, Destination::Smtp { tls: Some(t), .. } if t.level == level && t.ca_file.is_none()),
+            "{d:?}"
+        );
+    }
+    for bad in [
+        "smtp:x tls=sometimes",
+        "smtp:x ca=/a.pem",         // ca without tls=verify
+        "smtp:x tls=may ca=/a.pem", // ca only with verify
+        "smtp:x tls=verify ca=relative.pem",
+        "smtp:x tls=may tls=verify", // twice
+        "smtp:x rate=0",
+        "smtp:x rate=-1",
+        "smtp:x rate=fast",
+        "smtp:x burst=3", // burst without rate
+        "smtp:x rate=1 burst=0",
+        "smtp:x tls=",
+        "maildir:/m rate=1",
+        "maildir:/m tls=verify",
+    ] {
+        assert!(
+            matches!(Destination::parse(bad), Err(RouteError::BadAttribute(_))),
+            "{bad:?} parsed"
+        );
+    }
+
+    // Levels onto client options; a policy's CA file replaces the global one, none keeps it.
+    let mut o = ClientOptions::new("h");
+    o.ca_file = Some("/global.pem".into());
+    TlsPolicy::parse("encrypt").unwrap().apply(&mut o);
+    assert_eq!(
+        (o.starttls, o.verify_certs),
+        (StarttlsPolicy::Required, false)
+    );
+    TlsPolicy::parse("verify").unwrap().apply(&mut o);
+    assert_eq!(
+        (o.starttls, o.verify_certs),
+        (StarttlsPolicy::Required, true)
+    );
+    assert_eq!(
+        o.ca_file.as_deref(),
+        Some(std::path::Path::new("/global.pem"))
+    );
+    TlsPolicy::parse("verify ca=/hop.pem")
+        .unwrap()
+        .apply(&mut o);
+    assert_eq!(o.ca_file.as_deref(), Some(std::path::Path::new("/hop.pem")));
+    TlsPolicy::parse("may").unwrap().apply(&mut o);
+    assert_eq!(
+        (o.starttls, o.verify_certs),
+        (StarttlsPolicy::Opportunistic, false)
+    );
+    TlsPolicy::parse("none").unwrap().apply(&mut o);
+    assert_eq!(o.starttls, StarttlsPolicy::Never);
+}
+
+#[test]
+fn relayhost_attributes_mx_tls_table_and_rate_shares() {
+    let r = Router::from_config(
+        Some("[smart.example]:587 tls=verify rate=10"),
+        [("slow.example", "smtp:[slow.example] rate=3 burst=5")],
+    )
+    .unwrap()
+    .with_mx_tls_policies([
+        ("bank.example", "verify"),
+        (".bank.example", "verify ca=/etc/tern/bank-ca.pem"),
+        ("legacy.example", "none"),
+    ])
+    .unwrap()
+    .share_rates(2);
+    let relay = r.route("elsewhere.example");
+    assert!(
+        matches!(&relay, Destination::Smtp { host, port: 587, mx: false, tls: Some(t), rate: Some(RateLimit { milli_per_sec: 5000, burst: 5 }), .. }
+            if host == "smart.example" && t.level == TlsLevel::Verify),
+        "{relay:?}"
+    );
+    assert!(matches!(
+        r.route("slow.example"),
+        Destination::Smtp {
+            rate: Some(RateLimit {
+                milli_per_sec: 1500,
+                burst: 2
+            }),
+            ..
+        }
+    ));
+    assert_eq!(
+        r.mx_tls_policy("Bank.Example.").map(|p| p.level),
+        Some(TlsLevel::Verify)
+    );
+    assert_eq!(
+        r.mx_tls_policy("mx.bank.example")
+            .and_then(|p| p.ca_file.clone()),
+        Some("/etc/tern/bank-ca.pem".into())
+    );
+    assert_eq!(
+        r.mx_tls_policy("legacy.example").map(|p| p.level),
+        Some(TlsLevel::None)
+    );
+    assert_eq!(r.mx_tls_policy("other.example"), None);
+    assert!(matches!(
+        Router::from_config(None, [])
+            .unwrap()
+            .with_mx_tls_policies([("x.example", "strict")]),
+        Err(RouteError::BadPolicy(_))
+    ));
+    assert!(matches!(
+        Router::from_config(None, [])
+            .unwrap()
+            .with_mx_tls_policies([("bad key", "may")]),
+        Err(RouteError::BadKey(_))
+    ));
 }
 
 #[test]

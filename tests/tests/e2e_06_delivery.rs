@@ -1,6 +1,8 @@
 //! 06: store and forward: one tern relays to another (the "next hop"), which delivers
 //! into a Maildir. Covers per-recipient 2xx/5xx handling, a bounce (RFC 3464) back to the
-//! sender, no bounce for a null sender, and a retry after the next hop was down.
+//! sender, no bounce for a null sender, a retry after the next hop was down, per-route
+//! TLS verification, NOTIFY=SUCCESS passed on (and reported by the delivering hop), and
+//! `queue.destination_rate` shared among the shards.
 
 use std::time::Duration;
 
@@ -390,5 +392,154 @@ fn relayhost_with_auth() {
     assert!(
         m.contains("ESMTPSA"),
         "authenticated and encrypted at the hop: {m}"
+    );
+}
+
+/// Per-route TLS verification against a real tern next hop (self-signed demo
+/// certificate): `tls=verify` with the hop's certificate as `ca=` delivers in TLS; plain
+/// `tls=verify` (system roots, which do not include it) defers and keeps the mail.
+#[test]
+fn route_tls_verify_with_and_without_the_hops_ca() {
+    let hop = next_hop(None, &[]);
+    let port = hop.smtp.port();
+    let routes = format!(
+        r#"queue.routes={{"demo.test"="smtp:[127.0.0.1]:{port} tls=verify ca={}","localhost"="smtp:[127.0.0.1]:{port} tls=verify"}}"#,
+        hop.cert().display()
+    );
+    let relay = Server::with(&[
+        &routes,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1h",
+        "queue.command_timeout=10s",
+        "queue.connect_timeout=2s",
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.send_mail(
+        "s@demo.test",
+        &["a@demo.test"],
+        b"Subject: verified\r\n\r\nx\r\n",
+    );
+    let unverified = c.send_mail(
+        "s@demo.test",
+        &["b@localhost"],
+        b"Subject: unverified\r\n\r\nx\r\n",
+    );
+    wait_for("the verified delivery", Duration::from_secs(20), || {
+        !maildir(hop.dir()).is_empty()
+    });
+    wait_for("the other to be deferred", Duration::from_secs(20), || {
+        relay.stderr_log().contains("deferred")
+    });
+    let got = maildir(hop.dir());
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert!(got[0].1.contains("Subject: verified"));
+    assert!(got[0].1.contains("ESMTPS"), "TLS at the hop: {}", got[0].1);
+    let log = relay.stderr_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("deferred") && l.contains("b@localhost") && l.contains("TLS")),
+        "{log}"
+    );
+    let q = relay.queue_list();
+    assert!(q.iter().any(|e| e.id == unverified), "still queued: {q:?}");
+    assert!(!log.contains("bounced"), "{log}");
+}
+
+/// NOTIFY=SUCCESS through a relay to a next hop that offers DSN: the relay passes NOTIFY
+/// on and sends nothing itself; the next hop, delivering into its maildir, reports
+/// "delivered" (RFC 3461). Both sides are tern.
+#[test]
+fn notify_success_is_passed_on_and_reported_by_the_delivering_hop() {
+    let hop = next_hop(None, &[]);
+    let relay = relay(hop.smtp.port());
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<s@demo.test> ENVID=e2e-7", 250, "2.1.0");
+    c.expect(
+        "RCPT TO:<a@demo.test> NOTIFY=SUCCESS ORCPT=rfc822;A@demo.test",
+        250,
+        "2.1.5",
+    );
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: success please\r\n\r\nx\r\n.\r\n");
+    c.read_reply().check(250, "2.0.0");
+    wait_for("the message and one DSN", Duration::from_secs(20), || {
+        maildir(hop.dir()).len() >= 2
+    });
+    wait_for("an empty relay queue", Duration::from_secs(10), || {
+        relay.queue_list().is_empty()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = maildir(hop.dir());
+    assert_eq!(got.len(), 2, "{got:?}");
+    let dsn = &got
+        .iter()
+        .find(|(_, m)| m.contains("multipart/report"))
+        .expect("a DSN")
+        .1;
+    assert!(dsn.contains("Action: delivered"), "{dsn}");
+    assert!(!dsn.contains("Action: relayed"), "{dsn}");
+    assert!(
+        dsn.contains("Original-Recipient: rfc822; A@demo.test"),
+        "{dsn}"
+    );
+    assert!(dsn.contains("Original-Envelope-Id: e2e-7"), "{dsn}");
+    assert!(dsn.contains("Delivered-To: s@demo.test"), "{dsn}");
+}
+
+/// `queue.destination_rate` is for the whole server; each of the two shards enforces
+/// half. One client connection lands on one shard, so six messages to one destination
+/// at rate 2/s, burst 2, arrive at most 1/s + 1 per second. The arrival times are the
+/// hop's maildir file names (seconds and microseconds of delivery).
+#[test]
+fn destination_rate_is_shared_among_shards() {
+    let hop = next_hop(None, &[]);
+    let route = format!(
+        r#"queue.routes={{"*"="smtp:[127.0.0.1]:{}"}}"#,
+        hop.smtp.port()
+    );
+    let relay = Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "shards=2",
+        "queue.destination_rate=2",
+        "queue.destination_burst=2",
+        "queue.retry_interval=1h",
+    ]);
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    for i in 0..6 {
+        c.send_mail(
+            "s@demo.test",
+            &["a@demo.test"],
+            format!("Subject: paced {i}\r\n\r\nx\r\n").as_bytes(),
+        );
+    }
+    wait_for("six deliveries", Duration::from_secs(30), || {
+        maildir(hop.dir()).len() >= 6
+    });
+    let mut at: Vec<u64> = maildir(hop.dir())
+        .iter()
+        .map(|(name, _)| {
+            let (secs, rest) = name.split_once(".M").unwrap();
+            let micros: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+            secs.parse::<u64>().unwrap() * 1_000_000 + micros.parse::<u64>().unwrap()
+        })
+        .collect();
+    at.sort();
+    let most = (0..at.len())
+        .map(|i| {
+            at[i..]
+                .iter()
+                .take_while(|&&t| t < at[i] + 1_000_000)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} deliveries within a second: {at:?}");
+    assert!(
+        !relay.stderr_log().contains("status=\"deferred\""),
+        "waiting for the rate is not a deferral"
     );
 }

@@ -1,10 +1,11 @@
 //! Outbound SMTP client (RFC 5321), driven on a glommio executor.
 //!
 //! Owns: one TCP connection to one remote server at a time: greeting, EHLO (HELO fallback),
-//! STARTTLS (RFC 3207) per [`StarttlsPolicy`], AUTH (RFC 4954: PLAIN/LOGIN only inside TLS,
-//! CRAM-MD5 otherwise), and message transactions with PIPELINING (RFC 2920), SIZE
-//! (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), DSN (RFC 3461) and
-//! CHUNKING/BINARYMIME (RFC 3030), every wait bounded by the RFC 5321 §4.5.3.2 timeouts.
+//! STARTTLS (RFC 3207) per [`StarttlsPolicy`] (the per-hop [`TlsPolicy`] levels map onto
+//! it), AUTH (RFC 4954: PLAIN/LOGIN only inside TLS, CRAM-MD5 otherwise), and message
+//! transactions with PIPELINING (RFC 2920), SIZE (RFC 1870), 8BITMIME (RFC 6152),
+//! SMTPUTF8 (RFC 6531), DSN (RFC 3461), DELIVERBY (RFC 2852) and CHUNKING/BINARYMIME
+//! (RFC 3030), every wait bounded by the RFC 5321 §4.5.3.2 timeouts.
 //! The protocol decisions are sans-I/O in [`reply`] and [`transaction`]; this file only
 //! moves bytes.
 //!
@@ -49,7 +50,7 @@ use crate::envelope::{BodyType, Envelope};
 use transaction::sasl;
 
 /// When to use STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StarttlsPolicy {
     /// Use it when offered; continue in plaintext when it is not offered or refused
     /// (RFC 7435). A failed handshake still fails the connection.
@@ -58,6 +59,85 @@ pub enum StarttlsPolicy {
     Required,
     /// Never send STARTTLS.
     Never,
+}
+
+/// A next hop's TLS requirement: per route (`tls=` attribute), per MX domain
+/// (`queue.tls_policy`), else the global `queue.starttls` / `queue.tls_verify`. The
+/// names are Postfix's `smtp_tls_security_level` values that mean the same thing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsLevel {
+    /// Never send STARTTLS.
+    None,
+    /// STARTTLS when offered, any certificate accepted; plaintext when it is not offered
+    /// or refused (RFC 7435 opportunistic security).
+    May,
+    /// STARTTLS required, any certificate accepted: no plaintext fallback (a hop without
+    /// STARTTLS defers the mail).
+    Encrypt,
+    /// STARTTLS required and the certificate verified: chain to the CA file (the policy's,
+    /// else `queue.tls_ca_file`, else the system bundle) and the next hop's name (the MX
+    /// or route host name; an IP address when the route gives one). Failure defers.
+    Verify,
+}
+
+/// A [`TlsLevel`] and, for `verify`, an optional CA file for this hop only.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TlsPolicy {
+    pub level: TlsLevel,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl TlsPolicy {
+    pub fn new(level: TlsLevel) -> TlsPolicy {
+        TlsPolicy {
+            level,
+            ca_file: None,
+        }
+    }
+
+    /// Parses `none`, `may`, `encrypt`, `verify` or `verify ca=/absolute/file.pem`
+    /// (case-insensitive level). The error says what is wrong.
+    pub fn parse(s: &str) -> Result<TlsPolicy, String> {
+        let mut words = s.split_ascii_whitespace();
+        let level = match words.next().map(str::to_ascii_lowercase).as_deref() {
+            Some("none") => TlsLevel::None,
+            Some("may") => TlsLevel::May,
+            Some("encrypt") => TlsLevel::Encrypt,
+            Some("verify") => TlsLevel::Verify,
+            _ => return Err("expected none, may, encrypt or verify".into()),
+        };
+        let mut ca_file = None;
+        for w in words {
+            match w.strip_prefix("ca=") {
+                Some(p) if level == TlsLevel::Verify && ca_file.is_none() => {
+                    let p = PathBuf::from(p);
+                    if !p.is_absolute() {
+                        return Err("ca= needs an absolute path".into());
+                    }
+                    ca_file = Some(p);
+                }
+                Some(_) => return Err("ca= goes once, with verify".into()),
+                None => return Err(format!("unknown word {w:?}")),
+            }
+        }
+        Ok(TlsPolicy { level, ca_file })
+    }
+
+    /// Makes `o` follow this policy (a CA file of the policy replaces `o`'s; without one
+    /// `o`'s stays, which is the global `queue.tls_ca_file`).
+    pub fn apply(&self, o: &mut ClientOptions) {
+        let (starttls, verify) = match self.level {
+            TlsLevel::None => (StarttlsPolicy::Never, false),
+            TlsLevel::May => (StarttlsPolicy::Opportunistic, false),
+            TlsLevel::Encrypt => (StarttlsPolicy::Required, false),
+            TlsLevel::Verify => (StarttlsPolicy::Required, true),
+        };
+        o.starttls = starttls;
+        o.verify_certs = verify;
+        if let Some(ca) = &self.ca_file {
+            o.ca_file = Some(ca.clone());
+        }
+    }
 }
 
 /// Per-stage timeouts. `Default` is RFC 5321 §4.5.3.2.
@@ -635,7 +715,11 @@ impl Connection {
                 });
             }
         }
-        let plan = match transaction::plan(env, rcpts, body.len(), &self.ext) {
+        let now_micros = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let plan = match transaction::plan(env, rcpts, body.len(), &self.ext, now_micros) {
             Ok(p) => p,
             Err(reply) => {
                 tracing::info!(peer = %self.peer, id = %env.id, %reply, "not sent");

@@ -2,7 +2,7 @@
 //!
 //! Owns: reading the EHLO keywords into [`Extensions`]; deciding, before a byte is sent,
 //! whether a message can go to this server at all (SIZE, BINARYMIME, SMTPUTF8); building
-//! MAIL FROM and RCPT TO with their RFC 1870/3461/6152/6531/3030 parameters; the DATA
+//! MAIL FROM and RCPT TO with their RFC 1870/2852/3461/6152/6531/3030 parameters; the DATA
 //! byte stream (dot-stuffing and line-ending repair as slices of the body, RFC 5321
 //! §4.5.2 and §2.3.8); SASL client responses.
 //! Must never: do I/O, or put a byte from an envelope on the wire that could end a command
@@ -10,7 +10,8 @@
 
 use super::reply::Reply;
 use crate::envelope::{
-    BodyType, Envelope, Recipient, Ret, NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER, NOTIFY_SUCCESS,
+    BodyType, DeliverByMode, Envelope, Recipient, Ret, NOTIFY_DELAY, NOTIFY_FAILURE, NOTIFY_NEVER,
+    NOTIFY_SUCCESS,
 };
 
 /// The service extensions a server announced in its EHLO reply (RFC 5321 §4.1.1.1).
@@ -26,6 +27,8 @@ pub struct Extensions {
     pub chunking: bool,
     pub binarymime: bool,
     pub dsn: bool,
+    /// RFC 2852 DELIVERBY with its min-by-time in seconds (`Some(0)`: none given).
+    pub deliverby: Option<u64>,
     pub starttls: bool,
     pub enhancedstatuscodes: bool,
     /// RFC 4954 AUTH mechanisms, upper case.
@@ -57,6 +60,10 @@ impl Extensions {
                 "CHUNKING" => ext.chunking = true,
                 "BINARYMIME" => ext.binarymime = true,
                 "DSN" => ext.dsn = true,
+                "DELIVERBY" => {
+                    let min = first_param.or_else(|| words.next());
+                    ext.deliverby = Some(min.and_then(|n| n.parse().ok()).unwrap_or(0))
+                }
                 "STARTTLS" => ext.starttls = true,
                 "ENHANCEDSTATUSCODES" => ext.enhancedstatuscodes = true,
                 "AUTH" => {
@@ -87,8 +94,16 @@ pub struct Plan {
     pub bdat: bool,
 }
 
-/// Decides whether and how `env` can be sent to a server with `ext`. `Err(reply)` is a
-/// locally made permanent failure for every recipient (nothing is sent).
+/// Decides whether and how `env` can be sent to a server with `ext` at `now_unix_micros`.
+/// `Err(reply)` is a locally made permanent failure for every recipient (nothing is sent).
+///
+/// RFC 2852 DELIVERBY: to a server that offers it, `BY=` goes on with the by-time less
+/// the whole seconds (rounded up) since arrival (§4: the time spent here counts). A
+/// message in R (return) mode is not relayed to a server without DELIVERBY, nor with
+/// less time left than the server's min-by-time, nor once its time is up: `554 5.4.7`
+/// (§4.1.4.2; sendmail does the same). N (notify) mode goes on without BY=, and each
+/// recipient's NOTIFY gets DELAY (see [`rcpt_command`]) so the next hop still reports a
+/// late delivery; the runner sends a "relayed" DSN when the server lacks DSN as well.
 ///
 /// Policy on an 8-bit body to a server without 8BITMIME: send it anyway, without BODY=
 /// (what Postfix does with MIME conversion off, and what every such server we know of
@@ -99,6 +114,7 @@ pub fn plan(
     rcpts: &[usize],
     body_len: usize,
     ext: &Extensions,
+    now_unix_micros: u64,
 ) -> Result<Plan, Reply> {
     if !safe_address(&env.sender) {
         return Err(Reply::local(
@@ -157,6 +173,52 @@ pub fn plan(
             xtext(envid, &mut mail);
         }
     }
+    let mut by_notify_without_deliverby = false;
+    if let Some(by) = env.deliver_by {
+        let spent = now_unix_micros
+            .saturating_sub(env.arrival_unix_micros)
+            .div_ceil(1_000_000);
+        let left = by
+            .seconds
+            .saturating_sub(i64::try_from(spent).unwrap_or(i64::MAX));
+        let trace = if by.trace { "T" } else { "" };
+        match (ext.deliverby, by.mode) {
+            (Some(_), DeliverByMode::Return) if left <= 0 => {
+                return Err(Reply::local(
+                    554,
+                    (5, 4, 7),
+                    "delivery time (DELIVERBY) expired",
+                ));
+            }
+            (Some(min), DeliverByMode::Return) if left.unsigned_abs() < min => {
+                return Err(Reply::local(
+                    554,
+                    (5, 4, 7),
+                    format!(
+                        "{left} s of the DELIVERBY time left; the remote server needs at least {min} s"
+                    ),
+                ));
+            }
+            (Some(_), mode) => {
+                // RFC 2852 §4: at most nine digits, either sign.
+                let left = left.clamp(-999_999_999, 999_999_999);
+                let m = if mode == DeliverByMode::Return {
+                    'R'
+                } else {
+                    'N'
+                };
+                mail.push_str(&format!(" BY={left};{m}{trace}"));
+            }
+            (None, DeliverByMode::Return) => {
+                return Err(Reply::local(
+                    554,
+                    (5, 4, 7),
+                    "the remote server does not support DELIVERBY, required by BY=...;R (RFC 2852 §4.1.4.2)",
+                ));
+            }
+            (None, DeliverByMode::Notify) => by_notify_without_deliverby = true,
+        }
+    }
     mail.push_str("\r\n");
 
     let mut plan = Plan {
@@ -180,24 +242,34 @@ pub fn plan(
             ));
             continue;
         }
-        plan.rcpts.push((i, rcpt_command(r, ext)));
+        plan.rcpts
+            .push((i, rcpt_command(r, ext, by_notify_without_deliverby)));
     }
     Ok(plan)
 }
 
-fn rcpt_command(r: &Recipient, ext: &Extensions) -> String {
+/// `RCPT TO` with the DSN parameters when the server offers DSN. `add_delay`: the message
+/// has a DELIVERBY in N mode that this server cannot take, so NOTIFY gets DELAY (and no
+/// NOTIFY becomes FAILURE,DELAY, the default plus DELAY; NEVER stays NEVER), letting the
+/// next hop report a late delivery the way BY=;N asked (RFC 2852 §4.1.4.2).
+fn rcpt_command(r: &Recipient, ext: &Extensions, add_delay: bool) -> String {
     let mut cmd = format!("RCPT TO:<{}>", r.addr);
     if ext.dsn {
-        if r.notify & NOTIFY_NEVER != 0 {
+        let notify = match r.notify {
+            n if !add_delay || n & NOTIFY_NEVER != 0 => n,
+            0 => NOTIFY_FAILURE | NOTIFY_DELAY,
+            n => n | NOTIFY_DELAY,
+        };
+        if notify & NOTIFY_NEVER != 0 {
             cmd.push_str(" NOTIFY=NEVER");
-        } else if r.notify != 0 {
+        } else if notify != 0 {
             let words: Vec<&str> = [
                 (NOTIFY_SUCCESS, "SUCCESS"),
                 (NOTIFY_FAILURE, "FAILURE"),
                 (NOTIFY_DELAY, "DELAY"),
             ]
             .iter()
-            .filter(|(bit, _)| r.notify & bit != 0)
+            .filter(|(bit, _)| notify & bit != 0)
             .map(|(_, w)| *w)
             .collect();
             cmd.push_str(" NOTIFY=");
@@ -403,6 +475,86 @@ mod tests {
         assert!(e.pipelining && e.dsn && e.eightbitmime && !e.chunking);
         assert_eq!(e.size, Some(1000));
         assert_eq!(e.auth, ["LOGIN", "PLAIN", "CRAM-MD5"]);
+    }
+
+    fn by_env(seconds: i64, mode: DeliverByMode, notify: u8) -> Envelope {
+        Envelope {
+            id: "Q".into(),
+            sender: "s@x".into(),
+            recipients: vec![Recipient {
+                addr: "r@y".into(),
+                notify,
+                orcpt: None,
+            }],
+            arrival_unix_micros: 1_000_000_000,
+            size: 10,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            deliver_by: Some(crate::envelope::DeliverBy {
+                seconds,
+                mode,
+                trace: false,
+            }),
+            auth: None,
+            client_helo: "c".into(),
+            client_addr: "192.0.2.1:1".into(),
+        }
+    }
+
+    #[test]
+    fn deliverby_parameters() {
+        let ehlo = |t: &str| {
+            Extensions::from_ehlo(&Reply {
+                code: 250,
+                enhanced: None,
+                text: t.into(),
+            })
+        };
+        assert_eq!(ehlo("mx\nDELIVERBY").deliverby, Some(0));
+        assert_eq!(ehlo("mx\nDELIVERBY 120").deliverby, Some(120));
+        assert_eq!(ehlo("mx\nDSN").deliverby, None);
+        let with = ehlo("mx\nDELIVERBY 60\nDSN");
+        let without = ehlo("mx\nDSN");
+        // 10.2 s after arrival: 11 s count as spent (rounded up).
+        let now = 1_000_000_000 + 10_200_000;
+        let mail = |e: &Envelope, x: &Extensions| plan(e, &[0], 10, x, now).map(|p| p.mail);
+        let rcpt =
+            |e: &Envelope, x: &Extensions| plan(e, &[0], 10, x, now).unwrap().rcpts[0].1.clone();
+
+        let e = by_env(100, DeliverByMode::Return, 0);
+        assert_eq!(mail(&e, &with).unwrap(), "MAIL FROM:<s@x> BY=89;R\r\n");
+        // R mode: not below the hop's minimum, not expired, not to a hop without it.
+        let e = by_env(70, DeliverByMode::Return, 0);
+        let err = mail(&e, &with).unwrap_err();
+        assert_eq!((err.code, err.enhanced), (554, Some((5, 4, 7))));
+        let e = by_env(11, DeliverByMode::Return, 0);
+        assert_eq!(mail(&e, &with).unwrap_err().enhanced, Some((5, 4, 7)));
+        let e = by_env(100, DeliverByMode::Return, 0);
+        let err = mail(&e, &without).unwrap_err();
+        assert!(
+            err.text.contains("does not support DELIVERBY"),
+            "{}",
+            err.text
+        );
+
+        // N mode: sent whatever is left, even late; without DELIVERBY, NOTIFY gains DELAY.
+        let e = by_env(5, DeliverByMode::Notify, 0);
+        assert_eq!(mail(&e, &with).unwrap(), "MAIL FROM:<s@x> BY=-6;N\r\n");
+        assert_eq!(rcpt(&e, &with), "RCPT TO:<r@y>\r\n");
+        assert_eq!(mail(&e, &without).unwrap(), "MAIL FROM:<s@x>\r\n");
+        assert_eq!(rcpt(&e, &without), "RCPT TO:<r@y> NOTIFY=FAILURE,DELAY\r\n");
+        let e = by_env(5, DeliverByMode::Notify, NOTIFY_SUCCESS);
+        assert_eq!(rcpt(&e, &without), "RCPT TO:<r@y> NOTIFY=SUCCESS,DELAY\r\n");
+        let e = by_env(5, DeliverByMode::Notify, NOTIFY_NEVER);
+        assert_eq!(rcpt(&e, &without), "RCPT TO:<r@y> NOTIFY=NEVER\r\n");
+        // A huge by-time stays within nine digits.
+        let e = by_env(i64::MIN, DeliverByMode::Notify, 0);
+        assert_eq!(
+            mail(&e, &with).unwrap(),
+            "MAIL FROM:<s@x> BY=-999999999;N\r\n"
+        );
     }
 
     #[test]
