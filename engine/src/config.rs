@@ -208,6 +208,9 @@ pub struct QueueConfig {
     pub concurrency: usize,
     /// Queued messages (all shards together) above which new mail gets 452 4.3.1.
     pub high_water_messages: usize,
+    /// Spool bytes on disk (all shards' segment files together) above which new mail gets
+    /// 452 4.3.1; 0 = no limit. Each shard enforces its share.
+    pub high_water_bytes: u64,
     /// Smarthost for everything without a static route: "host", "host:port" or "[host]:port",
     /// optionally followed by route attributes (`tls=`, `ca=`, `rate=`, `burst=`).
     pub relayhost: String,
@@ -256,6 +259,7 @@ impl Default for QueueConfig {
             delay_warning: Duration::from_secs(4 * 3600),
             concurrency: 64,
             high_water_messages: 2_000_000,
+            high_water_bytes: 0,
             relayhost: String::new(),
             relayhost_auth_file: PathBuf::new(),
             destination_concurrency: 20,

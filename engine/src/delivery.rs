@@ -68,6 +68,8 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         delay_warning: (!q.delay_warning.is_zero()).then_some(q.delay_warning),
         concurrency: q.concurrency,
         high_water_messages: (q.high_water_messages / shards.max(1)).max(1),
+        high_water_bytes: (q.high_water_bytes / shards.max(1) as u64)
+            .max(u64::from(q.high_water_bytes > 0)),
         router,
         client,
         destination_concurrency: q.destination_concurrency,

@@ -57,6 +57,8 @@ pub struct RunnerConfig {
     pub concurrency: usize,
     /// Above this many queued messages on the shard, new mail gets 452 4.3.1.
     pub high_water_messages: usize,
+    /// Above this many bytes of spool segments on the shard, likewise; 0 = no limit.
+    pub high_water_bytes: u64,
     pub router: Router,
     pub client: ClientOptions,
     /// The resolver for MX and host lookups (`queue.resolver`; shared by the shards).
@@ -233,17 +235,28 @@ impl Runner {
         self.len() == 0
     }
 
-    /// Whether new mail should be refused for now (452 4.3.1). Hysteresis: once over the
-    /// mark, the shard accepts again only at or below 90% of it (at least one less).
+    /// Whether new mail should be refused for now (452 4.3.1): the shard holds
+    /// `high_water_messages` messages, or its segments take `high_water_bytes` on disk.
+    /// Hysteresis: once over a mark, the shard accepts again only at or below 90% of it
+    /// (at least one less), so it does not flap at the edge.
     pub fn over_high_water(&self) -> bool {
-        let n = self.len();
-        let mark = self.cfg.high_water_messages;
-        let low = mark.saturating_sub((mark / 10).max(1));
-        let over = if self.over_water.get() {
-            n > low
-        } else {
-            n >= mark
-        };
+        fn past(n: u64, mark: u64, was_over: bool) -> bool {
+            if mark == 0 {
+                return false; // no limit
+            }
+            if was_over {
+                n > mark.saturating_sub((mark / 10).max(1))
+            } else {
+                n >= mark
+            }
+        }
+        let was = self.over_water.get();
+        let over = past(self.len() as u64, self.cfg.high_water_messages as u64, was)
+            || past(
+                self.commit.with_spool(|s| s.disk_bytes()),
+                self.cfg.high_water_bytes,
+                was,
+            );
         self.over_water.set(over);
         over
     }

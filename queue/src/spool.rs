@@ -159,6 +159,8 @@ struct SegTrack {
     /// Never delete: unlinking failed once (kept until restart), or recovery found
     /// corrupt records in it (kept for the operator).
     stuck: bool,
+    /// The segment file's size (preallocated, so also what it takes on disk).
+    bytes: u64,
 }
 
 impl SegTrack {
@@ -260,6 +262,8 @@ pub struct ShardSpool {
     /// Read-only mappings for `load`, one per segment, made on first use. A Mutex (not a
     /// RefCell) keeps `ShardSpool: Sync`; it is never contended (one shard thread).
     maps: Mutex<HashMap<u64, Arc<SegMap>>>,
+    /// Sum of `SegTrack::bytes`: see [`ShardSpool::disk_bytes`].
+    disk_bytes: u64,
     /// Holds the flock for as long as the spool lives.
     _lock: std::fs::File,
 }
@@ -396,6 +400,7 @@ impl ShardSpool {
                     // Corrupt records are evidence (and may be messages we could not
                     // read): such a segment is never deleted automatically.
                     stuck: !scan.corrupt.is_empty(),
+                    bytes: scan.header.size,
                     ..SegTrack::default()
                 },
             );
@@ -491,6 +496,7 @@ impl ShardSpool {
             next_segment,
             spare: None,
             id_gen: QueueIdGen::new(shard, floor),
+            disk_bytes: segs.values().map(|t| t.bytes).sum(),
             segs,
             reclaim_candidates,
             maps: Mutex::new(HashMap::new()),
@@ -711,6 +717,7 @@ impl ShardSpool {
                 let Some(t) = self.segs.remove(&n) else {
                     continue;
                 };
+                self.disk_bytes = self.disk_bytes.saturating_sub(t.bytes);
                 deleted += 1;
                 tracing::debug!(shard = self.shard, segment = n, "deleted finished segment");
                 if let Err(e) = &synced {
@@ -733,15 +740,11 @@ impl ShardSpool {
     }
 
     /// The recycling bookkeeping of every segment, in number order.
-    /// Bytes the shard's segment files take on disk (what the queue costs in space).
+    /// Bytes the shard's segment files take on disk (what the queue costs in space):
+    /// kept as segments come and go (they are preallocated, so their size is fixed), as
+    /// cheap to ask as the backpressure check on every MAIL needs.
     pub fn disk_bytes(&self) -> u64 {
-        self.segs
-            .keys()
-            .filter_map(|&n| {
-                std::fs::metadata(self.dir.join(crate::segment::segment_file_name(n))).ok()
-            })
-            .map(|m| m.len())
-            .sum()
+        self.disk_bytes
     }
 
     pub fn segment_info(&self) -> Vec<SegmentInfo> {
@@ -823,11 +826,8 @@ impl ShardSpool {
         // from the page cache (unlike a private mapping, nothing is zeroed). Bodies still
         // held elsewhere (`Bytes` over this mapping) read the same bytes after the fault.
         let r = unsafe {
-            seg.map.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                start,
-                end - start,
-            )
+            seg.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
         };
         if let Err(e) = r {
             tracing::debug!(segment = msg.segment, error = %e, "madvise(DONTNEED) failed");
@@ -954,7 +954,9 @@ impl ShardSpool {
                 seg
             }
         };
-        self.segs.entry(seg.number).or_default();
+        let bytes = seg.size;
+        self.segs.entry(seg.number).or_default().bytes = bytes;
+        self.disk_bytes += bytes;
         let old = self.active.replace(Active {
             seg: Arc::new(seg),
             write_off: SEGMENT_HEADER_SIZE,

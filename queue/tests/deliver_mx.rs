@@ -348,6 +348,7 @@ fn runner_delivers_via_mx_and_fails_a_null_mx_recipient() {
         delay_warning: None,
         concurrency: 4,
         high_water_messages: 1000,
+        high_water_bytes: 0,
         router: Router::new(None, []).unwrap(),
         client,
         dns: Dns::new(dns_config(dns_addr)).unwrap(),

@@ -209,3 +209,67 @@ fn high_water_mark_defers_new_mail_until_the_queue_drains() {
     assert!(!id.is_empty());
     let _ = hop;
 }
+
+#[test]
+fn high_water_bytes_defers_new_mail_until_segments_are_recycled() {
+    let port = tern_tests::free_port();
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{port}"}}"#);
+    // One shard with 1 MiB segments and a 2 MiB mark: the mark is passed when a second
+    // segment has to be created for the messages that no longer fit the first.
+    let relay = Server::with(&[
+        &route,
+        "shards=1",
+        "spool.segment_size=1048576",
+        "queue.high_water_bytes=2097152",
+        "queue.retry_interval=1h",
+        "queue.connect_timeout=1s",
+    ]);
+    let line = "x".repeat(76);
+    let mut big = String::from("Subject: big\r\n\r\n");
+    while big.len() < 400 * 1024 {
+        big.push_str(&line);
+        big.push_str("\r\n");
+    }
+    let mut c = relay.smtp();
+    c.ehlo("client.test");
+    // Three 400 KiB messages: the third needs the second segment (2 MiB on disk).
+    for _ in 0..3 {
+        c.send_mail("s@demo.test", &["a@demo.test"], big.as_bytes());
+    }
+    c.expect("MAIL FROM:<s@demo.test>", 250, "2.1.0");
+    c.expect("RCPT TO:<a@demo.test>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: over\r\n\r\nx\r\n.\r\n");
+    c.read_reply().check(452, "4.3.1");
+    // Deliver everything: the first segment is finished and deleted, the spool is back
+    // under the mark's low water and mail is accepted again.
+    let hop = next_hop(Some(port), &[]);
+    c.expect("ETRN demo.test", 250, "2.0.0");
+    let start = Instant::now();
+    while !relay.queue_list().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "queue did not drain"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let start = Instant::now();
+    loop {
+        c.expect("MAIL FROM:<s@demo.test>", 250, "2.1.0");
+        c.expect("RCPT TO:<a@demo.test>", 250, "2.1.5");
+        c.expect("DATA", 354, "");
+        c.send(b"Subject: after\r\n\r\nx\r\n.\r\n");
+        let r = c.read_reply();
+        if r.code == 250 {
+            break;
+        }
+        r.check(452, "4.3.1");
+        // Segment recycling runs after the last message of a segment is finished.
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "still refusing after the queue drained"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = hop;
+}

@@ -312,6 +312,7 @@ pub fn config(router: Router) -> RunnerConfig {
         delay_warning: None,
         concurrency: 8,
         high_water_messages: 10_000,
+        high_water_bytes: 0,
         router,
         client,
         // Never asked: every route in these tests names an IP.
