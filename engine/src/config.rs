@@ -295,6 +295,9 @@ pub struct ExecutorConfig {
     pub io_memory: usize,
     /// Pin each shard to one CPU.
     pub pin: bool,
+    /// Threads per shard for blocking work (Maildir deliveries: each fsyncs a file and a
+    /// directory). The spool's fdatasync has a thread of its own and never waits here.
+    pub blocking_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -419,6 +422,7 @@ impl Default for ExecutorConfig {
             ring_depth: 256,
             io_memory: 512 * 1024,
             pin: true,
+            blocking_threads: 4,
         }
     }
 }

@@ -404,7 +404,11 @@ pub fn run_with(
         let users = users.clone();
         let mesh = mesh.clone();
         let ready_tx = ready_tx.clone();
+        // The blocking pool floats: its threads mostly wait on the disk.
         let builder = LocalExecutorBuilder::new(placement)
+            .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
+                cfg.executor.blocking_threads.max(1),
+            ))
             .name(&format!("tern-shard-{i}"))
             .io_memory(cfg.executor.io_memory)
             .ring_depth(cfg.executor.ring_depth);

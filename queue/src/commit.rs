@@ -1,15 +1,22 @@
 //! Group commit: the one place where a shard's spool records become durable.
 //!
-//! Sessions (accepted messages) and, later, the queue runner (delivery state) hand a
+//! Sessions (accepted messages) and the queue runner (delivery state) hand a
 //! `PendingWrite` to `GroupCommit::commit` and wait. One committer task per shard takes
 //! every queued write at once, runs `commit_batch` (pwritev + one fdatasync per segment) on
-//! glommio's blocking thread, and wakes each waiter with its own result. While a batch is
-//! being synced the next one accumulates, so concurrent writers share one fdatasync and
+//! the shard's own syncer thread, and wakes each waiter with its own result. While a batch
+//! is being synced the next one accumulates, so concurrent writers share one fdatasync and
 //! at most one `commit_batch` runs per shard at a time (which `commit_batch` requires).
 //!
-//! Owns: the shard's `ShardSpool` (behind `with_spool`) and its commit queue. Shard-local
-//! (`Rc`): it must never cross threads. Must never report success for a record whose
-//! fdatasync failed, or run disk I/O on the executor thread.
+//! Why a thread of its own rather than glommio's `spawn_blocking`: the blocking pool is
+//! shared with other slow work (Maildir deliveries fsync each file and directory), and a
+//! batch queued behind those would hold every waiting `250` (measured: acceptance p50
+//! 60 ms while the demo delivered into its Maildir). The syncer does nothing else, so a
+//! batch waits only for the previous batch.
+//!
+//! Owns: the shard's `ShardSpool` (behind `with_spool`), its commit queue and its syncer
+//! thread (which ends when the `GroupCommit` is dropped). Shard-local (`Rc`): it must never
+//! cross threads. Must never report success for a record whose fdatasync failed, or run
+//! disk I/O on the executor thread.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -20,8 +27,16 @@ use crate::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError};
 
 type Waiter = oneshot::Sender<Result<Committed, SpoolError>>;
 
+/// One batch for the syncer thread, and where its results go (with the time the disk
+/// work took).
+type SyncJob = (
+    Vec<PendingWrite>,
+    oneshot::Sender<(Vec<Result<Committed, SpoolError>>, std::time::Duration)>,
+);
+
 struct Inner {
     spool: ShardSpool,
+    syncer: crossbeam::channel::Sender<SyncJob>,
     queue: Vec<(PendingWrite, Waiter)>,
     committing: bool,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
@@ -73,9 +88,28 @@ pub struct GroupCommit {
 
 impl GroupCommit {
     pub fn new(spool: ShardSpool) -> Self {
+        let (tx, rx) = crossbeam::channel::unbounded::<SyncJob>();
+        let name = format!("tern-sync-{}", spool.shard());
+        let spawned = std::thread::Builder::new().name(name).spawn(move || {
+            // Ends when every sender is gone (the GroupCommit was dropped).
+            for (writes, done) in rx {
+                let t0 = std::time::Instant::now();
+                // A panic must not take the thread (and every later batch) with it: the
+                // batch fails instead, and its writers get no 250.
+                let r =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(writes)))
+                        .unwrap_or_default();
+                let _ = done.send((r, t0.elapsed()));
+            }
+        });
+        if let Err(e) = spawned {
+            // Every commit will fail with "syncer gone" (no 250 without a disk write).
+            tracing::error!(error = %e, "cannot start the spool's syncer thread");
+        }
         GroupCommit {
             inner: Rc::new(RefCell::new(Inner {
                 spool,
+                syncer: tx,
                 queue: Vec::new(),
                 committing: false,
                 sync_times: Histogram::default(),
@@ -130,20 +164,14 @@ impl GroupCommit {
             };
             let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             let n = writes.len();
-            // A panic inside spawn_blocking would leave glommio reading an uninitialised
-            // result, so it is caught there and turned into failures.
-            // Timed on the blocking thread, around the disk work only (not the wait for a
-            // blocking-pool thread).
-            let (results, took) = glommio::executor()
-                .spawn_blocking(move || {
-                    let t0 = std::time::Instant::now();
-                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        commit_batch(writes)
-                    }))
-                    .unwrap_or_default();
-                    (r, t0.elapsed())
-                })
-                .await;
+            // Timed on the syncer thread, around the disk work only. The reply comes back
+            // over a oneshot whose waker glommio accepts from a foreign thread.
+            let (done_tx, done_rx) = oneshot::channel();
+            let sent = self.inner.borrow().syncer.send((writes, done_tx)).is_ok();
+            let (results, took) = match (sent, done_rx.await) {
+                (true, Ok(r)) => r,
+                _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below
+            };
             self.inner.borrow_mut().sync_times.observe(took);
             let mut results = results.into_iter();
             for tx in waiters {
