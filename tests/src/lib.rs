@@ -6,6 +6,7 @@
 //! - `tests/e2e_02_tls.rs`        STARTTLS, implicit TLS, TLS versions, hostile handshakes
 //! - `tests/e2e_03_durability.rs` kill -9 after the 250, graceful stop, 1000 connections
 //! - `tests/e2e_04_interop.rs`    Python smtplib, curl, swaks against a live server
+//! - `tests/e2e_13_floods.rs`     idle floods, never-reading pipeliners, slowloris: memory and cut-offs
 //!
 //! This file is the harness they share:
 //!
