@@ -75,17 +75,36 @@ impl ShardStore {
                 return Err(map_err(&e));
             }
         };
-        let env = &msg.envelope;
-        match self
-            .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
-            .await
-        {
-            Ok(c) => Ok(c.id),
-            Err(e) => {
-                tracing::error!(id = %env.id, error = %e, "spool commit failed");
-                Err(map_err(&e))
+        let mut write = write;
+        // A record reserved in a segment that another batch's failure retired before it
+        // was written is not on disk at all: prepare it again (a newer segment) rather
+        // than refuse a message that met no failure of its own.
+        for attempt in 0.. {
+            let env = &msg.envelope;
+            match self
+                .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
+                .await
+            {
+                Ok(c) => return Ok(c.id),
+                Err(SpoolError::SegmentUnusable { .. }) if attempt < 2 => {
+                    match self
+                        .commit
+                        .with_spool(|spool| spool.prepare(&msg.envelope, &msg.body))
+                    {
+                        Ok(w) => write = w,
+                        Err(e) => {
+                            tracing::error!(id = %msg.envelope.id, error = %e, "spool prepare failed");
+                            return Err(map_err(&e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %env.id, error = %e, "spool commit failed");
+                    return Err(map_err(&e));
+                }
             }
         }
+        Err(StoreError::Local)
     }
 
     /// Backpressure: past the high-water mark new mail waits (452 4.3.1) until the queue
@@ -142,11 +161,15 @@ impl ShardStore {
     /// it. Best effort: if that commit fails too, recovery may deliver it (a duplicate of
     /// the client's retry, never a loss), which is logged.
     async fn withdraw(&self, msg: MsgRef, id: &str, recipients: usize, why: &SpoolError) {
-        if matches!(
-            why,
-            SpoolError::SegmentUnusable { .. } | SpoolError::Invalid(_)
-        ) {
-            return; // nothing was written
+        match why {
+            SpoolError::SegmentUnusable { .. } => {
+                // Never written: only the reservation's bookkeeping is to be released,
+                // so the retired segment can go once the rest of it is finished.
+                let _ = self.commit.with_spool(|s| s.finished(msg));
+                return;
+            }
+            SpoolError::Invalid(_) => return,
+            _ => {}
         }
         let Some(mid) = MsgId::new(id) else {
             return;
