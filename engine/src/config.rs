@@ -92,9 +92,13 @@ pub struct Limits {
     pub recipients: usize,
     /// Negative replies in one session before it is closed with 421 4.7.0.
     pub errors: u32,
-    /// Inactivity allowed while waiting for the client, then 421 4.4.2.
+    /// Time the client has to complete each request (command, or message body) after
+    /// the previous reply, then 421 4.4.2.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Octets per second: bytes that do not complete a request extend its deadline by
+    /// bytes / this (at most to `idle_timeout` from now). 0 = every byte restarts the timer.
+    pub min_data_rate: u64,
     /// Concurrent connections one shard serves; more get 421 4.7.0.
     pub connections_per_shard: usize,
     /// Concurrent connections from one client IP on one shard; more get 421 4.7.0.
@@ -384,6 +388,7 @@ impl Default for Limits {
             recipients: 1000,
             errors: 20,
             idle_timeout: Duration::from_secs(300),
+            min_data_rate: 500,
             connections_per_shard: 10_000,
             connections_per_ip: 100,
         }

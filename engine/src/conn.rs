@@ -3,8 +3,20 @@
 //! Reads into a `BytesMut` receive buffer, lets the session consume it, and writes the
 //! replies it produced once the input is drained (one write per pipelined batch, RFC 2920)
 //! or before waiting on the disk. Runs the STARTTLS upgrade (dropping every byte that was
-//! buffered before it: CVE-2011-0411) and implicit TLS. Applies the idle timeout and the
-//! graceful stop.
+//! buffered before it: CVE-2011-0411) and implicit TLS. Applies the graceful stop and the
+//! request deadline.
+//!
+//! Deadline (RFC 5321 §4.5.3.2, and Postfix's per-request deadline with a minimum data
+//! rate): after each reply the client has `idle_timeout` to complete its next request;
+//! bytes that arrive without completing it extend the deadline only by
+//! `bytes / min_data_rate` seconds (never past `idle_timeout` from now), so a client
+//! trickling a command or a body a byte at a time cannot hold the connection forever.
+//!
+//! Bounded per connection: replies waiting to be written (`OUTPUT_LIMIT`: past it the
+//! session stops consuming pipelined commands until they are written, so a client that
+//! never reads stalls on TCP flow control, not on our memory), the receive buffer (the
+//! session's line limits; body reads fill the room left in the current allocation before
+//! asking for a new one, since body slices keep their allocation alive).
 //!
 //! Must never: act on input received before a TLS handshake after it, let a slow or
 //! silent client hold the shard (every wait is bounded by a timer), or grow the receive
@@ -35,6 +47,13 @@ pub struct ListenerCtx {
 const READ_COMMANDS: usize = 4 * 1024;
 /// Read size while receiving a body.
 const READ_BODY: usize = 64 * 1024;
+/// A body read goes into the room left in the receive buffer's allocation while at least
+/// this much is left. Asking for a fresh `READ_BODY` every time would pin one 64 KiB
+/// allocation per read, since the body slices handed to the session share it: a client
+/// sending its body in tiny TCP segments made each byte cost ~6 KiB of memory.
+const MIN_BODY_ROOM: usize = 4 * 1024;
+/// Replies held before they are written even though pipelined input is left.
+const OUTPUT_LIMIT: usize = 8 * 1024;
 
 /// Releases the shard's connection counters when a connection ends, however it ends.
 struct ConnGuard {
@@ -170,14 +189,25 @@ where
     if greet {
         session.greeting(&mut out);
     }
+    session.set_output_limit(OUTPUT_LIMIT);
     let mut stop = shard.stopping.wait();
     let mut grace_deadline: Option<Instant> = None;
+    // The client must complete its next request by then (see the module docs).
+    let mut deadline = Instant::now() + shard.idle_timeout;
+    // A reply was written since the last wait: a request was completed.
+    let mut replied = false;
     loop {
         match session.process(&mut inbuf, &mut out) {
-            Event::NeedInput => {}
+            Event::NeedInput => {
+                if session.take_output_full() {
+                    // PIPELINING backpressure: write what is due before reading on.
+                    replied |= flush(&mut io, &mut out, shard).await?;
+                    continue;
+                }
+            }
             Event::Message(mut msg) => {
                 // Let the client see the replies so far while the disk works.
-                flush(&mut io, &mut out, shard).await?;
+                replied |= flush(&mut io, &mut out, shard).await?;
                 let t0 = Instant::now();
                 let id = shard.store.store(&mut msg).await;
                 match &id {
@@ -226,10 +256,13 @@ where
             // AUTH tarpit: only failed attempts get here.
             Timer::new(d).await;
         }
-        flush(&mut io, &mut out, shard).await?;
+        replied |= flush(&mut io, &mut out, shard).await?;
+        if std::mem::take(&mut replied) {
+            deadline = Instant::now() + shard.idle_timeout;
+        }
 
-        // Wait for input, the idle timer, or the stop signal.
-        let mut wait = shard.idle_timeout;
+        // Wait for input, the request deadline, or the stop signal.
+        let mut wait = deadline.saturating_duration_since(Instant::now());
         if let Some(d) = grace_deadline {
             wait = wait.min(d.saturating_duration_since(Instant::now()));
         }
@@ -242,12 +275,17 @@ where
             inbuf = BytesMut::new();
             out = BytesMut::new();
         } else {
-            let chunk = if session.in_transaction() {
-                READ_BODY
+            let want = if session.in_transaction() {
+                let room = inbuf.capacity() - len;
+                if room >= MIN_BODY_ROOM {
+                    room.min(READ_BODY)
+                } else {
+                    READ_BODY
+                }
             } else {
                 READ_COMMANDS
             };
-            inbuf.resize(len + chunk, 0);
+            inbuf.resize(len + want, 0);
         }
         let stopping = grace_deadline.is_some();
         let scratch = &shard.scratch;
@@ -282,13 +320,15 @@ where
                 if !idle {
                     inbuf.truncate(len + n)
                 }
+                deadline = extend_deadline(deadline, n, shard);
             }
             Wake::Read(Err(e)) => return Err(e),
             Wake::Timeout => {
                 inbuf.truncate(len);
-                if grace_deadline.is_some_and(|d| Instant::now() >= d) {
+                let now = Instant::now();
+                if grace_deadline.is_some_and(|d| now >= d) {
                     session.shutdown(&mut out);
-                } else {
+                } else if now >= deadline {
                     session.timeout(&mut out);
                 }
             }
@@ -325,13 +365,30 @@ async fn read_via_scratch<S: AsyncRead + Unpin>(
     .await
 }
 
+/// The request deadline after `n` more bytes arrived: `n / min_data_rate` seconds later,
+/// but never more than `idle_timeout` from now (a rate of 0 restores a plain idle timer).
+fn extend_deadline(deadline: Instant, n: usize, shard: &Shard) -> Instant {
+    let now = Instant::now();
+    let cap = now + shard.idle_timeout;
+    if shard.min_data_rate == 0 {
+        return cap;
+    }
+    let earned = Duration::from_secs_f64(n as f64 / shard.min_data_rate as f64);
+    deadline
+        .max(now)
+        .checked_add(earned)
+        .unwrap_or(cap)
+        .min(cap)
+}
+
+/// Writes `out` (bounded by the idle timeout); true if there was anything to write.
 async fn flush<S: AsyncWrite + Unpin>(
     io: &mut S,
     out: &mut BytesMut,
     shard: &Shard,
-) -> std::io::Result<()> {
+) -> std::io::Result<bool> {
     if out.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     // A client that never reads its replies must not hold the session forever.
     let r = timed(shard.idle_timeout, async {
@@ -341,7 +398,7 @@ async fn flush<S: AsyncWrite + Unpin>(
     .await;
     out.clear();
     match r {
-        Some(r) => r,
+        Some(r) => r.map(|()| true),
         None => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             "write timed out",

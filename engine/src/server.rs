@@ -147,6 +147,8 @@ pub struct Shard {
     /// The shard-to-shard mesh (failed-AUTH counting, ETRN broadcast).
     pub peers: Rc<Anvil>,
     pub idle_timeout: Duration,
+    /// Octets per second that earn a client more time to finish a request (`conn`).
+    pub min_data_rate: u64,
     pub grace: Duration,
     /// Receive scratch shared by the shard's idle connections (see conn::read_via_scratch).
     pub scratch: RefCell<Box<[u8]>>,
@@ -695,6 +697,7 @@ async fn shard_main(
             tls: RefCell::new(acceptor.clone()),
             peers: anvil.clone(),
             idle_timeout: cfg.limits.idle_timeout,
+            min_data_rate: cfg.limits.min_data_rate,
             grace: cfg.shutdown.grace,
             scratch: RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice()),
             metrics: metrics.clone(),

@@ -5,10 +5,14 @@
 //! shard's `GroupCommit` until the record is fdatasync'ed. Only then does the session
 //! answer 250.
 //!
+//! A record whose write or fdatasync failed gets a 4xx, but its bytes may still be on
+//! disk; it is then withdrawn (a durable state record marking every recipient final), so
+//! that recovery does not deliver a message the client was told to send again.
+//!
 //! Must never: answer before the commit returned, or hold the spool borrowed across an await.
 
 use tern_queue::runner::Runner;
-use tern_queue::{GroupCommit, MsgRef, SpoolError};
+use tern_queue::{GroupCommit, MsgId, MsgRef, RcptState, SpoolError, StateChange};
 
 use crate::session::{Message, StoreError};
 
@@ -71,17 +75,36 @@ impl ShardStore {
                 return Err(map_err(&e));
             }
         };
-        let env = &msg.envelope;
-        match self
-            .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
-            .await
-        {
-            Ok(c) => Ok(c.id),
-            Err(e) => {
-                tracing::error!(id = %env.id, error = %e, "spool commit failed");
-                Err(map_err(&e))
+        let mut write = write;
+        // A record reserved in a segment that another batch's failure retired before it
+        // was written is not on disk at all: prepare it again (a newer segment) rather
+        // than refuse a message that met no failure of its own.
+        for attempt in 0.. {
+            let env = &msg.envelope;
+            match self
+                .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
+                .await
+            {
+                Ok(c) => return Ok(c.id),
+                Err(SpoolError::SegmentUnusable { .. }) if attempt < 2 => {
+                    match self
+                        .commit
+                        .with_spool(|spool| spool.prepare(&msg.envelope, &msg.body))
+                    {
+                        Ok(w) => write = w,
+                        Err(e) => {
+                            tracing::error!(id = %msg.envelope.id, error = %e, "spool prepare failed");
+                            return Err(map_err(&e));
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(id = %env.id, error = %e, "spool commit failed");
+                    return Err(map_err(&e));
+                }
             }
         }
+        Err(StoreError::Local)
     }
 
     /// Backpressure: past the high-water mark new mail waits (452 4.3.1) until the queue
@@ -105,7 +128,19 @@ impl ShardStore {
         arrival_unix_micros: u64,
         recipients: usize,
     ) -> Result<tern_queue::Committed, SpoolError> {
-        let c = self.commit.commit(write).await?;
+        let msg = MsgRef {
+            shard: self.shard,
+            segment: write.segment(),
+            offset: write.offset(),
+        };
+        let id = write.id().to_string();
+        let c = match self.commit.commit(write).await {
+            Ok(c) => c,
+            Err(e) => {
+                self.withdraw(msg, &id, recipients, &e).await;
+                return Err(e);
+            }
+        };
         self.runner.enqueue(
             MsgRef {
                 shard: self.shard,
@@ -117,5 +152,61 @@ impl ShardStore {
             recipients,
         );
         Ok(c)
+    }
+
+    /// After a failed commit the client hears 4xx and will send the message again, but
+    /// the record may be on disk all the same (written, then the fdatasync failed; or a
+    /// write failed half-way): recovery would queue it, and the message would be
+    /// delivered twice. A durable state record marking every recipient final withdraws
+    /// it. Best effort: if that commit fails too, recovery may deliver it (a duplicate of
+    /// the client's retry, never a loss), which is logged.
+    async fn withdraw(&self, msg: MsgRef, id: &str, recipients: usize, why: &SpoolError) {
+        match why {
+            SpoolError::SegmentUnusable { .. } => {
+                // Never written: only the reservation's bookkeeping is to be released,
+                // so the retired segment can go once the rest of it is finished.
+                let _ = self.commit.with_spool(|s| s.finished(msg));
+                return;
+            }
+            SpoolError::Invalid(_) => return,
+            _ => {}
+        }
+        let Some(mid) = MsgId::new(id) else {
+            return;
+        };
+        let change = StateChange {
+            msg,
+            id: mid,
+            updates: (0..recipients as u32)
+                .map(|i| (i, RcptState::Failed))
+                .collect(),
+            attempts: 0,
+            next_attempt_unix: 0,
+            last_reply: "withdrawn: the client was answered 4xx (spool write or sync failed)"
+                .into(),
+            warned: false,
+            held: false,
+        };
+        let mut r = Err(SpoolError::Invalid("not tried".into()));
+        // A concurrent failure may retire the segment the record was reserved in before
+        // it is written (SegmentUnusable): prepare it again, in a newer segment.
+        for _ in 0..3 {
+            r = match self.commit.with_spool(|s| s.prepare_state(&change)) {
+                Ok(w) => self.commit.commit(w).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if !matches!(r, Err(SpoolError::SegmentUnusable { .. })) {
+                break;
+            }
+        }
+        match r {
+            Ok(()) => {
+                // Its segment no longer waits for it.
+                let _ = self.commit.with_spool(|s| s.finished(msg));
+                tracing::warn!(id, "record of a refused message withdrawn");
+            }
+            Err(e) => tracing::error!(id, error = %e,
+                "cannot withdraw the record of a refused message; after a restart it may be delivered in addition to the client's retry"),
+        }
     }
 }

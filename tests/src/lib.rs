@@ -6,6 +6,8 @@
 //! - `tests/e2e_02_tls.rs`        STARTTLS, implicit TLS, TLS versions, hostile handshakes
 //! - `tests/e2e_03_durability.rs` kill -9 after the 250, graceful stop, 1000 connections
 //! - `tests/e2e_04_interop.rs`    Python smtplib, curl, swaks against a live server
+//! - `tests/e2e_13_floods.rs`     idle floods, never-reading pipeliners, slowloris: memory and cut-offs
+//! - `tests/e2e_14_faults.rs`     disk full (tmpfs), fdatasync EIO (LD_PRELOAD shim), bad next hops, TLS leaks
 //!
 //! This file is the harness they share:
 //!
@@ -92,6 +94,8 @@ pub struct Server {
     /// Owns the temporary directory when the harness made it (deleted on drop).
     _tmp: Option<tempfile::TempDir>,
     sets: Vec<String>,
+    /// Extra environment of the process (e.g. LD_PRELOAD for fault injection).
+    env: Vec<(String, String)>,
     pub smtp: SocketAddr,
     pub submission: SocketAddr,
     pub smtps: SocketAddr,
@@ -105,6 +109,11 @@ impl Server {
     /// Starts `tern demo` in `dir` (a fresh temporary directory when `None`) with the
     /// harness defaults plus `sets` (`key=value`, later ones win).
     pub fn start(dir: Option<&Path>, sets: &[&str]) -> Server {
+        Server::start_with_env(dir, sets, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (kept for restarts).
+    pub fn start_with_env(dir: Option<&Path>, sets: &[&str], env: &[(&str, &str)]) -> Server {
         let (tmp, dir) = match dir {
             Some(d) => (None, d.to_path_buf()),
             None => {
@@ -121,6 +130,10 @@ impl Server {
             dir,
             _tmp: tmp,
             sets: sets.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             smtp: ([0, 0, 0, 0], 0).into(),
             submission: ([0, 0, 0, 0], 0).into(),
             smtps: ([0, 0, 0, 0], 0).into(),
@@ -148,6 +161,7 @@ impl Server {
         {
             cmd.arg("--set").arg(s);
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

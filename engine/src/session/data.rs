@@ -9,6 +9,12 @@
 //!
 //! This module must never copy body bytes line by line, never allocate per line, and never
 //! keep more than the configured size limit of body slices.
+//!
+//! `Coalescer` bounds what a body costs besides its bytes: a client can make the slices
+//! tiny (a body trickled in 1-byte TCP segments, or short lines that all start with a
+//! stuffed dot), and each `Bytes` costs 32 octets plus a share of the allocation it views.
+//! Pieces under `MIN_SLICE` octets are copied once into a staging buffer, so the slice
+//! list stays a small fraction of the body however it arrives; large pieces stay views.
 
 use bytes::{Buf, Bytes, BytesMut};
 use memchr::{memmem, memrchr};
@@ -22,6 +28,65 @@ pub struct BodyFlaws {
     pub long_line: bool,
     /// The body grew past the size limit; slices after that point were dropped.
     pub oversize: bool,
+}
+
+/// Body pieces shorter than this are copied together instead of kept as views.
+pub const MIN_SLICE: usize = 512;
+
+/// Staged small pieces are emitted as one slice once they reach this size.
+const STAGE_CHUNK: usize = 8 * 1024;
+
+/// Keeps a body's slice list proportional to its size (see the module docs). Call
+/// [`Coalescer::absorb`] after each step that appended pieces to the body and
+/// [`Coalescer::finish`] before the body is used; order is preserved.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    /// Copies of small pieces that come after every slice already in the body.
+    stage: BytesMut,
+    /// Pieces of the body before this index have been looked at.
+    seen: usize,
+}
+
+impl Coalescer {
+    /// Looks at the pieces appended to `body` since the last call: small ones move into
+    /// the staging buffer (copied once), large ones stay, after whatever was staged.
+    pub fn absorb(&mut self, body: &mut Vec<Bytes>) {
+        let start = self.seen.min(body.len());
+        if start == body.len() {
+            self.seen = start;
+            return;
+        }
+        let fresh = body.split_off(start);
+        for piece in fresh {
+            if piece.len() < MIN_SLICE {
+                if self.stage.capacity() == 0 {
+                    // Later chunks get the same capacity when the frozen one is still shared.
+                    self.stage.reserve(STAGE_CHUNK);
+                }
+                self.stage.extend_from_slice(&piece);
+                if self.stage.len() >= STAGE_CHUNK {
+                    body.push(self.stage.split().freeze());
+                }
+            } else {
+                self.flush(body);
+                body.push(piece);
+            }
+        }
+        self.seen = body.len();
+    }
+
+    /// Appends whatever is staged: the body is complete.
+    pub fn finish(&mut self, body: &mut Vec<Bytes>) {
+        self.absorb(body);
+        self.flush(body);
+        self.seen = body.len();
+    }
+
+    fn flush(&mut self, body: &mut Vec<Bytes>) {
+        if !self.stage.is_empty() {
+            body.push(self.stage.split().freeze());
+        }
+    }
 }
 
 /// Incremental DATA scanner. One per DATA command; state survives across reads.
@@ -238,6 +303,43 @@ fn newlines_paired(prev: u8, region: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coalescer_copies_small_pieces_together_and_keeps_large_ones() {
+        let mut c = Coalescer::default();
+        let mut body: Vec<Bytes> = Vec::new();
+        let mut want = Vec::new();
+        let big = Bytes::from(vec![b'B'; 4096]);
+        for i in 0..100_000u32 {
+            let piece = Bytes::from(vec![(i % 251) as u8]);
+            want.extend_from_slice(&piece);
+            body.push(piece);
+            if i % 7 == 0 {
+                c.absorb(&mut body);
+            }
+            if i == 50_000 {
+                body.push(big.clone());
+                want.extend_from_slice(&big);
+            }
+        }
+        c.finish(&mut body);
+        assert_eq!(body.concat(), want);
+        // 100,001 pieces in, a few dozen slices out.
+        assert!(body.len() < 20, "{} slices", body.len());
+        // The large piece is still a view of its buffer (not copied).
+        assert!(body.iter().any(|b| b.as_ptr() == big.as_ptr()));
+    }
+
+    #[test]
+    fn coalescer_survives_a_cleared_body() {
+        let mut c = Coalescer::default();
+        let mut body = vec![Bytes::from(vec![1u8; 600]), Bytes::from(vec![2u8; 600])];
+        c.absorb(&mut body);
+        body.clear(); // what the scanner does once a body is over the size limit
+        body.push(Bytes::from_static(b"x"));
+        c.finish(&mut body);
+        assert_eq!(body.concat(), b"x");
+    }
 
     fn run(chunks: &[&[u8]]) -> (Vec<u8>, Option<BodyFlaws>, Vec<u8>) {
         let mut s = DataScanner::new(1000, 1 << 20);

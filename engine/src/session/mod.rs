@@ -30,7 +30,7 @@ use crate::sasl::nonces::NonceCache;
 use crate::sasl::{self, AuthContext, AuthFailure, ClientLine, Exchange, Mechanism, Step};
 use crate::users::UserDb;
 use command::{Body, Command, ParseError};
-use data::{BodyFlaws, DataScanner, Scan};
+use data::{BodyFlaws, Coalescer, DataScanner, Scan};
 use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
 
 /// The role of the listener a session arrived on.
@@ -53,6 +53,12 @@ impl ListenerKind {
         }
     }
 }
+
+/// Commands that move no mail (HELO/EHLO, NOOP, RSET, VRFY, HELP, ETRN) allowed between
+/// two accepted messages; the next one is answered `421 4.7.0` and the session closes.
+/// Like Postfix's `smtpd_junk_command_limit` (also 100): a client trickling NOOPs (or any
+/// such loop) cannot hold a connection forever, while every accepted message resets it.
+pub const MAX_JUNK_COMMANDS: u32 = 100;
 
 /// Limits a session enforces; copied from the configuration.
 #[derive(Debug, Clone)]
@@ -246,6 +252,8 @@ struct Transaction {
     rcpts: Vec<Recipient>,
     rcpt_attempts: u32,
     body: Vec<Bytes>,
+    /// Keeps `body` from becoming a long list of tiny slices (see `data::Coalescer`).
+    coalesce: Coalescer,
     bdat_size: u64,
     bdat_oversize: bool,
     bdat_used: bool,
@@ -270,6 +278,13 @@ pub struct Session {
     auth_failures: u32,
     /// Tarpit owed before the next flush (set after a failed AUTH).
     delay: Option<Duration>,
+    /// Commands since the last accepted message that moved no mail (see
+    /// [`MAX_JUNK_COMMANDS`]).
+    junk: u32,
+    /// See [`Session::set_output_limit`].
+    out_limit: Option<usize>,
+    /// `process` stopped because `out` reached `out_limit` with input left.
+    output_full: bool,
 }
 
 impl Session {
@@ -289,7 +304,25 @@ impl Session {
             messages: 0,
             auth_failures: 0,
             delay: None,
+            junk: 0,
+            out_limit: None,
+            output_full: false,
         }
+    }
+
+    /// Bounds the replies one `process` call appends: once `out` holds `limit` octets or
+    /// more and input is left, `process` returns `Event::NeedInput` early and
+    /// [`Session::take_output_full`] says so; the driver then writes `out` and calls
+    /// `process` again before reading. Without it a client pipelining short commands that
+    /// earn long replies (EHLO) and never reading them would make one read of input cost
+    /// a reply buffer ~30 times its size. Off by default (tests, stdio).
+    pub fn set_output_limit(&mut self, limit: usize) {
+        self.out_limit = Some(limit);
+    }
+
+    /// True (once) if the last `process` call stopped because the output limit was reached.
+    pub fn take_output_full(&mut self) -> bool {
+        std::mem::take(&mut self.output_full)
     }
 
     /// The 220 greeting (RFC 5321 §4.2: no enhanced code).
@@ -367,6 +400,7 @@ impl Session {
         match result {
             Ok(id) => {
                 self.messages += 1;
+                self.junk = 0;
                 reply::line(out, 250, "2.0.0", &format!("Ok: queued as {id}"));
             }
             Err(e) => {
@@ -396,6 +430,13 @@ impl Session {
     /// Handles all complete input. See `Event` for what the driver does next.
     pub fn process(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Event {
         loop {
+            if self.out_limit.is_some_and(|l| out.len() >= l)
+                && !input.is_empty()
+                && !matches!(self.state, State::Closed | State::Storing)
+            {
+                self.output_full = true;
+                return Event::NeedInput;
+            }
             match &mut self.state {
                 State::Closed => return Event::Close,
                 State::Storing => return Event::NeedInput,
@@ -430,7 +471,9 @@ impl Session {
                         self.state = State::Command;
                         continue;
                     };
-                    match scanner.feed(input, &mut txn.body) {
+                    let scan = scanner.feed(input, &mut txn.body);
+                    txn.coalesce.absorb(&mut txn.body);
+                    match scan {
                         Scan::More => return Event::NeedInput,
                         Scan::End(flaws) => {
                             let size = scanner.size();
@@ -462,6 +505,7 @@ impl Session {
                                 txn.bdat_size += n as u64;
                                 if !txn.bdat_oversize {
                                     txn.body.push(piece);
+                                    txn.coalesce.absorb(&mut txn.body);
                                 }
                             }
                         }
@@ -591,6 +635,32 @@ impl Session {
                 return self.closed_event();
             }
         };
+        let junk = matches!(
+            cmd,
+            Command::Helo(_)
+                | Command::Ehlo(_)
+                | Command::Noop
+                | Command::Rset
+                | Command::Vrfy
+                | Command::Help
+                | Command::Etrn(_)
+        );
+        if junk {
+            self.junk += 1;
+            if self.junk > MAX_JUNK_COMMANDS {
+                reply::line(
+                    out,
+                    421,
+                    "4.7.0",
+                    &format!(
+                        "{} Error: too many commands without a message",
+                        self.cfg.hostname
+                    ),
+                );
+                self.state = State::Closed;
+                return Some(Event::Close);
+            }
+        }
         match cmd {
             Command::Helo(name) => {
                 self.reset_transaction();
@@ -738,6 +808,7 @@ impl Session {
             rcpts: Vec::new(),
             rcpt_attempts: 0,
             body: Vec::new(),
+            coalesce: Coalescer::default(),
             bdat_size: 0,
             bdat_oversize: false,
             bdat_used: false,
@@ -897,7 +968,8 @@ impl Session {
     }
 
     fn finish_message(&mut self, size: u64) -> Option<Event> {
-        let txn = self.txn.take()?;
+        let mut txn = self.txn.take()?;
+        txn.coalesce.finish(&mut txn.body);
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)

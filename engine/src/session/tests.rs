@@ -344,3 +344,55 @@ proptest::proptest! {
         proptest::prop_assert!(whole.0.ends_with("221 2.0.0 Bye\r\n"));
     }
 }
+
+#[test]
+fn output_limit_stops_processing_until_replies_are_written() {
+    let mut s = session();
+    s.set_output_limit(1024);
+    // 2,000 pipelined EHLOs would make ~500 KB of replies in one call.
+    let mut inbuf = BytesMut::from(&b"EHLO c.test\r\n".repeat(2000)[..]);
+    let mut out = BytesMut::new();
+    let mut rounds = 0;
+    let mut replies = 0;
+    loop {
+        let ev = s.process(&mut inbuf, &mut out);
+        assert!(matches!(ev, Event::NeedInput | Event::Close));
+        // One EHLO reply (~250 octets) at most past the limit.
+        assert!(out.len() < 1024 + 512, "{} octets pending", out.len());
+        replies += String::from_utf8_lossy(&out).matches("250 ").count();
+        out.clear();
+        rounds += 1;
+        if !s.take_output_full() {
+            break;
+        }
+    }
+    assert!(rounds > 10, "{rounds} rounds");
+    // The junk-command limit ended the session at the 101st EHLO; nothing was lost
+    // before that.
+    assert_eq!(replies, MAX_JUNK_COMMANDS as usize);
+    assert!(s.is_closed());
+}
+
+#[test]
+fn junk_commands_are_limited_and_reset_by_an_accepted_message() {
+    let mut s = session();
+    let noops = b"NOOP\r\n".repeat(MAX_JUNK_COMMANDS as usize - 1);
+    let (out, _) = drive(&mut s, &noops);
+    assert_eq!(out.matches("250 2.0.0 Ok\r\n").count(), 99);
+    // The 100th junk command (EHLO), a message, then 100 more are fine.
+    let mut more =
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\nhi\r\n.\r\n"
+            .to_vec();
+    more.extend_from_slice(&b"RSET\r\n".repeat(MAX_JUNK_COMMANDS as usize));
+    let (out, stored) = drive(&mut s, &more);
+    assert_eq!(stored.len(), 1);
+    assert!(!out.contains("421"), "{out}");
+    assert!(!s.is_closed());
+    // The 101st since the message: 421 and close.
+    let (out, _) = drive(&mut s, b"NOOP\r\nNOOP\r\n");
+    assert_eq!(
+        out,
+        "421 4.7.0 mx.test Error: too many commands without a message\r\n"
+    );
+    assert!(s.is_closed());
+}
