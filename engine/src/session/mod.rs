@@ -404,6 +404,10 @@ impl Session {
                         if matches!(self.state, State::Closed) {
                             return Event::Close;
                         }
+                        if matches!(self.state, State::Command) {
+                            // A refused line ended the exchange; what follows is commands.
+                            continue;
+                        }
                         return Event::NeedInput;
                     };
                     self.auth_response(&line[..line.len() - 2], out);
@@ -514,22 +518,24 @@ impl Session {
                 return None;
             };
             let line = input.split_to(nl + 1);
-            if self.discarding || line.len() > limit {
+            let refusal = if self.discarding || line.len() > limit {
                 self.discarding = false;
-                self.error(out, 500, "5.5.2", "Error: line too long");
+                "Error: line too long"
             } else if bare_lf {
-                self.error(
-                    out,
-                    500,
-                    "5.5.2",
-                    "Error: bare <LF> received; lines must end with <CR><LF>",
-                );
+                "Error: bare <LF> received; lines must end with <CR><LF>"
             } else if memchr2(b'\r', 0, &line[..nl - 1]).is_some() {
-                self.error(out, 500, "5.5.2", "Error: bare <CR> or NUL in command");
+                "Error: bare <CR> or NUL in command"
             } else {
                 return Some(line);
+            };
+            // RFC 4954 §4: a 500 to an AUTH response line ends the exchange, and the client
+            // reads it so; staying in the exchange would take its next command for a response.
+            let ends_auth = matches!(self.state, State::Auth(_) | State::AuthFinal { .. });
+            if ends_auth {
+                self.state = State::Command;
             }
-            if matches!(self.state, State::Closed) {
+            self.error(out, 500, "5.5.2", refusal);
+            if ends_auth || matches!(self.state, State::Closed) {
                 return None;
             }
         }
