@@ -863,6 +863,23 @@ impl Session {
             self.error(out, 552, "5.3.4", "Error: message file too big");
             return self.closed_event();
         }
+        // BDAT counts octets, so a NUL cannot end the data here; but a 7bit/8BITMIME body
+        // may be relayed with DATA later, where a NUL-dropping receiver could (see data.rs).
+        let nul = self.txn.as_ref().is_some_and(|t| {
+            !matches!(t.body_type, Body::BinaryMime)
+                && t.body.iter().any(|b| memchr(0, b).is_some())
+        });
+        if nul {
+            self.reject(Reject::Nul, "message refused at BDAT LAST");
+            self.reset_transaction();
+            self.error(
+                out,
+                554,
+                "5.6.0",
+                "Error: NUL in message; only BODY=BINARYMIME may carry it",
+            );
+            return self.closed_event();
+        }
         let size = self.txn.as_ref().map_or(0, |t| t.bdat_size);
         self.finish_message(size)
     }
@@ -876,6 +893,12 @@ impl Session {
                 554,
                 "5.6.0",
                 "Error: bare <CR> or <LF> in message; lines must end with <CR><LF> (RFC 5321 2.3.8)",
+            ))
+        } else if flaws.nul {
+            Some((
+                554,
+                "5.6.0",
+                "Error: NUL in message (RFC 5322 2.3, RFC 6152 2)",
             ))
         } else if flaws.long_line {
             Some((
@@ -891,6 +914,8 @@ impl Session {
                 Reject::Size
             } else if flaws.bare_newline {
                 Reject::BareNewline
+            } else if flaws.nul {
+                Reject::Nul
             } else {
                 Reject::LongLine
             };

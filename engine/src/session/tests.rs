@@ -439,3 +439,38 @@ fn refused_line_ends_auth_exchange() {
     );
     assert!(out.ends_with("500 5.5.2 Error: bare <CR> or NUL in command\r\n235 2.7.0 Authentication successful\r\n"), "{out}");
 }
+
+/// NUL in a DATA body, or in a BDAT body that is not BINARYMIME, refuses the message: a
+/// receiver that drops NULs would read CRLF NUL "." CRLF as the end of data. BINARYMIME
+/// may carry any octet.
+#[test]
+fn nul_in_body_refused_unless_binarymime() {
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n\
+          hello\r\n\x00.\r\nMAIL FROM:<evil@b.test>\r\n.\r\nNOOP\r\n",
+    );
+    assert!(stored.is_empty());
+    assert!(
+        out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.6.0 Error: NUL in message (RFC 5322 2.3, RFC 6152 2)\r\n250 2.0.0 Ok\r\n"),
+        "{out}"
+    );
+    for body in ["", " BODY=8BITMIME", " BODY=7BIT"] {
+        let mut s = session();
+        let (out, stored) = drive(
+            &mut s,
+            format!("EHLO c.test\r\nMAIL FROM:<a@b.test>{body}\r\nRCPT TO:<x@local.test>\r\nBDAT 8 LAST\r\nab\r\n\x00.\r\nNOOP\r\n").as_bytes(),
+        );
+        assert!(stored.is_empty(), "{body}");
+        assert!(out.ends_with("554 5.6.0 Error: NUL in message; only BODY=BINARYMIME may carry it\r\n250 2.0.0 Ok\r\n"), "{out}");
+    }
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@local.test>\r\n\
+          BDAT 8 LAST\r\nab\r\n\x00.\r\nNOOP\r\n",
+    );
+    assert_eq!(stored.len(), 1, "{out}");
+    assert!(stored[0].ends_with(b"ab\r\n\x00.\r\n"));
+}
