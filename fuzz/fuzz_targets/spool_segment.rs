@@ -29,7 +29,7 @@ use tern_queue::{
     StateChange,
 };
 
-const SALT: u64 = 0x5eed_0f_7e_12_5a17;
+const SALT: u64 = 0x005e_ed0f_7e12_5a17;
 
 /// A little reader over the fuzz input; runs out gracefully (zeros).
 struct In<'a>(&'a [u8]);
@@ -131,7 +131,7 @@ enum Expect {
 }
 
 fn pad(seg: &mut Vec<u8>) {
-    while seg.len() % RECORD_ALIGN as usize != 0 {
+    while !seg.len().is_multiple_of(RECORD_ALIGN as usize) {
         seg.push(0);
     }
 }
