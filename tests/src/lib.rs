@@ -7,7 +7,7 @@
 //! - `tests/e2e_03_durability.rs` kill -9 after the 250, graceful stop, 1000 connections
 //! - `tests/e2e_04_interop.rs`    Python smtplib, curl, swaks against a live server
 //! - `tests/security.rs`          the security regression suite in one place: smuggling,
-//!                                STARTTLS injection, AUTH/NUL/length abuse, header injection
+//!   STARTTLS injection, AUTH/NUL/length abuse, header injection
 //!
 //! This file is the harness they share:
 //!
