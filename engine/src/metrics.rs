@@ -35,6 +35,8 @@ pub enum Reject {
     BareNewline,
     /// A text line over `limits.text_line`.
     LongLine,
+    /// A NUL octet in a DATA body (or a non-BINARYMIME BDAT body).
+    Nul,
     /// RCPT to a domain we do not relay for.
     Relay,
     TooManyRecipients,
@@ -45,10 +47,11 @@ pub enum Reject {
 }
 
 impl Reject {
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 8] = [
         Reject::Size,
         Reject::BareNewline,
         Reject::LongLine,
+        Reject::Nul,
         Reject::Relay,
         Reject::TooManyRecipients,
         Reject::Storage,
@@ -60,6 +63,7 @@ impl Reject {
             Reject::Size => "size",
             Reject::BareNewline => "bare_newline",
             Reject::LongLine => "long_line",
+            Reject::Nul => "nul",
             Reject::Relay => "relay",
             Reject::TooManyRecipients => "too_many_recipients",
             Reject::Storage => "storage",

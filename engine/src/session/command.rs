@@ -264,14 +264,14 @@ fn parse_mail(rest: &str) -> Result<MailFrom<'_>, ParseError> {
             }
             ("ENVID", Some(v)) if m.envid.is_none() => {
                 // RFC 3461 §4.4: at most 100 characters, xtext.
-                if v.is_empty() || v.len() > 100 || !valid_xtext(v) {
+                if v.is_empty() || v.len() > 100 || !valid_xtext_printable(v) {
                     return Err(ParseError::BadParam("invalid ENVID value"));
                 }
                 m.envid = Some(v)
             }
             ("BY", Some(v)) if m.by.is_none() => m.by = Some(parse_by(v)?),
             ("AUTH", Some(v)) if m.auth.is_none() => {
-                if v != "<>" && (v.is_empty() || v.len() > 500 || !valid_xtext(v)) {
+                if v != "<>" && (v.is_empty() || v.len() > 500 || !valid_xtext_printable(v)) {
                     return Err(ParseError::BadParam("invalid AUTH value"));
                 }
                 m.auth = Some(v)
@@ -323,7 +323,7 @@ fn parse_rcpt(rest: &str) -> Result<RcptTo<'_>, ParseError> {
                     || !ty.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                     || addr.is_empty()
                     || v.len() > 500
-                    || !(valid_xtext(addr) || ty.eq_ignore_ascii_case("utf-8"))
+                    || !(valid_xtext_printable(addr) || ty.eq_ignore_ascii_case("utf-8"))
                 {
                     return Err(ParseError::BadParam("invalid ORCPT value"));
                 }
@@ -427,6 +427,14 @@ pub fn valid_xtext(s: &str) -> bool {
         }
     }
     true
+}
+
+/// Valid xtext that also decodes to no control character. ENVID, AUTH= and ORCPT are
+/// stored decoded (or decoded later) and end up in DSN headers, `tern queue show` and
+/// logs: "+0D+0A" must not smuggle a line break (or a NUL) into any of them, and no
+/// envelope id or mailbox legitimately contains one.
+pub fn valid_xtext_printable(s: &str) -> bool {
+    valid_xtext(s) && decode_xtext(s).chars().all(|c| !c.is_control())
 }
 
 /// Decodes validated xtext (for storing ENVID/ORCPT in readable form).
@@ -716,6 +724,29 @@ mod tests {
         assert!(!valid_xtext("abc+"));
         assert!(!valid_xtext("a=b"));
         assert_eq!(decode_xtext("a+2Bb"), "a+b");
+        assert!(valid_xtext_printable("a+2Bb+7E"));
+        for bad in ["x+0D+0Ay", "x+0A", "x+0D", "x+00", "x+7F", "x+09", "a=b"] {
+            assert!(!valid_xtext_printable(bad), "{bad}");
+        }
+        for line in [
+            "MAIL FROM:<a@b.example> ENVID=x+0D+0AX-Injected:+201",
+            "MAIL FROM:<a@b.example> AUTH=x+0Ay",
+            "MAIL FROM:<a@b.example> AUTH=x+00",
+        ] {
+            assert_eq!(
+                parse(line.as_bytes()),
+                Err(ParseError::BadParam(if line.contains("ENVID") {
+                    "invalid ENVID value"
+                } else {
+                    "invalid AUTH value"
+                })),
+                "{line}"
+            );
+        }
+        assert_eq!(
+            parse(b"RCPT TO:<a@b.example> ORCPT=rfc822;a+0D+0A@b.example"),
+            Err(ParseError::BadParam("invalid ORCPT value"))
+        );
     }
 
     /// Arbitrary lines (ASCII, UTF-8 and the characters the grammar cares about) never

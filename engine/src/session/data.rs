@@ -5,7 +5,10 @@
 //! stuffed dot of each transparent line simply left out between two slices (RFC 5321
 //! §4.5.2). Only CRLF "." CRLF ends the data (RFC 5321 §4.1.1.4): a "." line after a bare
 //! LF does not, which is what defeats SMTP smuggling (CVE-2023-51765). Bare CR and bare LF
-//! are remembered and make the session reject the message once the real end arrives.
+//! are remembered and make the session reject the message once the real end arrives, and
+//! so are NUL octets: RFC 5322 text and RFC 6152 8-bit data exclude NUL, and a receiver
+//! further on that drops NULs would read CRLF NUL "." CRLF as the end of data (smuggling
+//! through us to it).
 //!
 //! This module must never copy body bytes line by line, never allocate per line, and never
 //! keep more than the configured size limit of body slices.
@@ -17,7 +20,7 @@
 //! list stays a small fraction of the body however it arrives; large pieces stay views.
 
 use bytes::{Buf, Bytes, BytesMut};
-use memchr::{memmem, memrchr};
+use memchr::{memchr, memmem, memrchr};
 
 /// What the scanner concluded about a finished message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,6 +31,8 @@ pub struct BodyFlaws {
     pub long_line: bool,
     /// The body grew past the size limit; slices after that point were dropped.
     pub oversize: bool,
+    /// A NUL octet was seen.
+    pub nul: bool,
 }
 
 /// Body pieces shorter than this are copied together instead of kept as views.
@@ -206,6 +211,9 @@ impl DataScanner {
             }
             if !self.flaws.long_line {
                 self.check_line_lengths(region);
+            }
+            if !self.flaws.nul && memchr(0, region).is_some() {
+                self.flaws.nul = true;
             }
             let ends_crlf = match consumed {
                 1 => region[0] == b'\n' && self.last == b'\r',
@@ -405,6 +413,22 @@ mod tests {
     }
 
     #[test]
+    fn nul_detected_and_does_not_end_data() {
+        for v in [&b"x\r\n\x00.\r\nMAIL"[..], b"x\r\n.\x00\r\nMAIL", b"\x00"] {
+            let mut input = v.to_vec();
+            input.extend_from_slice(b"\r\n.\r\n");
+            let (body, f, _) = run(&[&input]);
+            let f = f.expect("ends at real CRLF.CRLF");
+            assert!(f.nul && !f.bare_newline, "{v:?}");
+            assert!(body.ends_with(b"\r\n"));
+        }
+        let (_, f, _) = run(&[b"a\r\n", b"\x00", b"\r\n.\r\n"]);
+        assert!(f.unwrap().nul);
+        let (_, f, _) = run(&[b"a\r\nb\r\n.\r\n"]);
+        assert!(!f.unwrap().nul);
+    }
+
+    #[test]
     fn bare_cr_detected() {
         let (_, f, _) = run(&[b"a\rb\r\n.\r\n"]);
         assert!(f.unwrap().bare_newline);
@@ -458,6 +482,9 @@ mod tests {
             at_start = false;
             let c = input[i];
             line_len += 1;
+            if c == 0 {
+                f.nul = true;
+            }
             if c == b'\n' {
                 if prev == b'\r' {
                     at_start = true;
@@ -490,10 +517,11 @@ mod tests {
         for _ in 0..20_000 {
             let n = (rnd() % 120) as usize;
             let mut input: Vec<u8> = (0..n)
-                .map(|_| match rnd() % 10 {
+                .map(|_| match rnd() % 11 {
                     0..=4 => b'a',
                     5 => b'.',
                     6 | 7 => b'\r',
+                    10 => 0,
                     _ => b'\n',
                 })
                 .collect();

@@ -445,6 +445,10 @@ impl Session {
                         if matches!(self.state, State::Closed) {
                             return Event::Close;
                         }
+                        if matches!(self.state, State::Command) {
+                            // A refused line ended the exchange; what follows is commands.
+                            continue;
+                        }
                         return Event::NeedInput;
                     };
                     self.auth_response(&line[..line.len() - 2], out);
@@ -558,22 +562,24 @@ impl Session {
                 return None;
             };
             let line = input.split_to(nl + 1);
-            if self.discarding || line.len() > limit {
+            let refusal = if self.discarding || line.len() > limit {
                 self.discarding = false;
-                self.error(out, 500, "5.5.2", "Error: line too long");
+                "Error: line too long"
             } else if bare_lf {
-                self.error(
-                    out,
-                    500,
-                    "5.5.2",
-                    "Error: bare <LF> received; lines must end with <CR><LF>",
-                );
+                "Error: bare <LF> received; lines must end with <CR><LF>"
             } else if memchr2(b'\r', 0, &line[..nl - 1]).is_some() {
-                self.error(out, 500, "5.5.2", "Error: bare <CR> or NUL in command");
+                "Error: bare <CR> or NUL in command"
             } else {
                 return Some(line);
+            };
+            // RFC 4954 §4: a 500 to an AUTH response line ends the exchange, and the client
+            // reads it so; staying in the exchange would take its next command for a response.
+            let ends_auth = matches!(self.state, State::Auth(_) | State::AuthFinal { .. });
+            if ends_auth {
+                self.state = State::Command;
             }
-            if matches!(self.state, State::Closed) {
+            self.error(out, 500, "5.5.2", refusal);
+            if ends_auth || matches!(self.state, State::Closed) {
                 return None;
             }
         }
@@ -928,6 +934,23 @@ impl Session {
             self.error(out, 552, "5.3.4", "Error: message file too big");
             return self.closed_event();
         }
+        // BDAT counts octets, so a NUL cannot end the data here; but a 7bit/8BITMIME body
+        // may be relayed with DATA later, where a NUL-dropping receiver could (see data.rs).
+        let nul = self.txn.as_ref().is_some_and(|t| {
+            !matches!(t.body_type, Body::BinaryMime)
+                && t.body.iter().any(|b| memchr(0, b).is_some())
+        });
+        if nul {
+            self.reject(Reject::Nul, "message refused at BDAT LAST");
+            self.reset_transaction();
+            self.error(
+                out,
+                554,
+                "5.6.0",
+                "Error: NUL in message; only BODY=BINARYMIME may carry it",
+            );
+            return self.closed_event();
+        }
         let size = self.txn.as_ref().map_or(0, |t| t.bdat_size);
         self.finish_message(size)
     }
@@ -941,6 +964,12 @@ impl Session {
                 554,
                 "5.6.0",
                 "Error: bare <CR> or <LF> in message; lines must end with <CR><LF> (RFC 5321 2.3.8)",
+            ))
+        } else if flaws.nul {
+            Some((
+                554,
+                "5.6.0",
+                "Error: NUL in message (RFC 5322 2.3, RFC 6152 2)",
             ))
         } else if flaws.long_line {
             Some((
@@ -956,6 +985,8 @@ impl Session {
                 Reject::Size
             } else if flaws.bare_newline {
                 Reject::BareNewline
+            } else if flaws.nul {
+                Reject::Nul
             } else {
                 Reject::LongLine
             };

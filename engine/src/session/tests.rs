@@ -396,3 +396,133 @@ fn junk_commands_are_limited_and_reset_by_an_accepted_message() {
     );
     assert!(s.is_closed());
 }
+
+/// A session with AUTH (PLAIN, LOGIN, CRAM-MD5) for user `user` / `pencil`, allowed
+/// without TLS.
+fn auth_session() -> Session {
+    let mut users = UserDb::empty();
+    users
+        .insert(
+            "user",
+            "mx.test",
+            crate::users::Secrets::derive("user", "mx.test", "pencil", "pencil", b"salt", 16),
+        )
+        .unwrap();
+    let shared = Rc::new(AuthShared {
+        users: RefCell::new(Arc::new(users)),
+        nonces: RefCell::new(NonceCache::new(64, Duration::from_secs(60))),
+        anvil: crate::anvil::Anvil::local(crate::anvil::AnvilLimits {
+            limit: 100,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        }),
+    });
+    let base = cfg();
+    let cfg = Rc::new(SessionConfig {
+        hostname: base.hostname.clone(),
+        kind: base.kind,
+        limits: base.limits.clone(),
+        tls_available: true,
+        policy: RelayPolicy::new(&["local.test".into()], &[]),
+        auth: Some(AuthSetup {
+            mechanisms: vec![Mechanism::Plain, Mechanism::Login, Mechanism::CramMd5],
+            relay_mechanisms: vec![],
+            allow_plaintext_without_tls: true,
+            allow_authzid: false,
+            max_failures: 10,
+            tarpit: Duration::ZERO,
+            required: false,
+            realm: "mx.test".into(),
+            shared,
+        }),
+        metrics: Default::default(),
+    });
+    Session::new(cfg, "192.0.2.7:4000".parse().unwrap(), false)
+}
+
+/// RFC 4954 §4: a line refused with 500 (too long, bare LF/CR, NUL) during an AUTH
+/// exchange ends the exchange; the next line is a command, not a SASL response (it used
+/// to be read as one: "501 5.5.2 Malformed authentication response" to the NOOP).
+#[test]
+fn refused_line_ends_auth_exchange() {
+    let long = "A".repeat(13_000);
+    let lines: [&[u8]; 4] = [
+        long.as_bytes(),
+        b"dXNlcg\x00==",
+        b"dXNl\ncg==",
+        b"dXNl\rcg==",
+    ];
+    for bad in lines {
+        for mech in ["LOGIN", "CRAM-MD5"] {
+            let mut s = auth_session();
+            let mut input = format!("EHLO x\r\nAUTH {mech}\r\n").into_bytes();
+            input.extend_from_slice(bad);
+            input.extend_from_slice(b"\r\nNOOP\r\nMAIL FROM:<a@b.test>\r\n");
+            let (out, _) = drive(&mut s, &input);
+            let c = codes(&out);
+            assert_eq!(&c[c.len() - 4..], ["334", "500", "250", "250"], "{out}");
+            assert!(out.contains("500 5.5.2 "), "{out}");
+            assert!(s.authenticated().is_none());
+        }
+    }
+    // The same split across reads, the long line arriving in pieces (discarded as it comes).
+    let mut s = auth_session();
+    let mut inbuf = BytesMut::new();
+    let mut out = BytesMut::new();
+    let mut feed = |bytes: &[u8], s: &mut Session| {
+        inbuf.extend_from_slice(bytes);
+        assert!(matches!(s.process(&mut inbuf, &mut out), Event::NeedInput));
+    };
+    feed(b"EHLO x\r\nAUTH LOGIN\r\n", &mut s);
+    for _ in 0..4 {
+        feed(&[b'A'; 8192], &mut s);
+    }
+    feed(b"\r\nNOOP\r\n", &mut s);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        text.ends_with("334 VXNlcm5hbWU6\r\n500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"),
+        "{text}"
+    );
+    // A good exchange still works after a refused one.
+    let mut s = auth_session();
+    let (out, _) = drive(
+        &mut s,
+        b"EHLO x\r\nAUTH LOGIN\r\nab\x00\r\nAUTH PLAIN AHVzZXIAcGVuY2ls\r\n",
+    );
+    assert!(out.ends_with("500 5.5.2 Error: bare <CR> or NUL in command\r\n235 2.7.0 Authentication successful\r\n"), "{out}");
+}
+
+/// NUL in a DATA body, or in a BDAT body that is not BINARYMIME, refuses the message: a
+/// receiver that drops NULs would read CRLF NUL "." CRLF as the end of data. BINARYMIME
+/// may carry any octet.
+#[test]
+fn nul_in_body_refused_unless_binarymime() {
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nDATA\r\n\
+          hello\r\n\x00.\r\nMAIL FROM:<evil@b.test>\r\n.\r\nNOOP\r\n",
+    );
+    assert!(stored.is_empty());
+    assert!(
+        out.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n554 5.6.0 Error: NUL in message (RFC 5322 2.3, RFC 6152 2)\r\n250 2.0.0 Ok\r\n"),
+        "{out}"
+    );
+    for body in ["", " BODY=8BITMIME", " BODY=7BIT"] {
+        let mut s = session();
+        let (out, stored) = drive(
+            &mut s,
+            format!("EHLO c.test\r\nMAIL FROM:<a@b.test>{body}\r\nRCPT TO:<x@local.test>\r\nBDAT 8 LAST\r\nab\r\n\x00.\r\nNOOP\r\n").as_bytes(),
+        );
+        assert!(stored.is_empty(), "{body}");
+        assert!(out.ends_with("554 5.6.0 Error: NUL in message; only BODY=BINARYMIME may carry it\r\n250 2.0.0 Ok\r\n"), "{out}");
+    }
+    let mut s = session();
+    let (out, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test> BODY=BINARYMIME\r\nRCPT TO:<x@local.test>\r\n\
+          BDAT 8 LAST\r\nab\r\n\x00.\r\nNOOP\r\n",
+    );
+    assert_eq!(stored.len(), 1, "{out}");
+    assert!(stored[0].ends_with(b"ab\r\n\x00.\r\n"));
+}
