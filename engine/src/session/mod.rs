@@ -936,6 +936,10 @@ impl Session {
         }
         // BDAT counts octets, so a NUL cannot end the data here; but a 7bit/8BITMIME body
         // may be relayed with DATA later, where a NUL-dropping receiver could (see data.rs).
+        // The body is complete: small pieces still staged by the coalescer join it first.
+        if let Some(t) = self.txn.as_mut() {
+            t.coalesce.finish(&mut t.body);
+        }
         let nul = self.txn.as_ref().is_some_and(|t| {
             !matches!(t.body_type, Body::BinaryMime)
                 && t.body.iter().any(|b| memchr(0, b).is_some())
