@@ -459,6 +459,49 @@ fn connection_reuse_two_messages_one_tcp_connection() {
 }
 
 #[test]
+fn reused_pipelining_connection_sends_rset_in_the_same_group_as_mail() {
+    // The next hop reads the whole group before answering anything: a client that waited
+    // for RSET's reply before sending MAIL would stall here until its timeout.
+    let srv = server(|p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING"]);
+        p.expect("MAIL");
+        p.expect("RCPT");
+        p.expect("DATA");
+        p.say("250 ok\r\n250 ok\r\n354 go\r\n");
+        p.data();
+        p.say("250 2.0.0 message 0\r\n");
+        p.expect("RSET");
+        p.expect("MAIL");
+        p.expect("RCPT");
+        p.expect("DATA");
+        p.say("250 2.0.0 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        p.data();
+        p.say("250 2.0.0 message 1\r\n");
+        // A refused RSET: the client gives the connection up.
+        p.expect("RSET");
+        p.expect("MAIL");
+        p.expect("RCPT");
+        p.expect("DATA");
+        p.say("421 4.3.0 going away\r\n");
+    });
+    let addr = srv.addr;
+    let (a, b, c3, usable) = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        let a = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        let b = c.send(&env(&["b@x"]), &[0], BODY).await.unwrap();
+        let c3 = c.send(&env(&["c@x"]), &[0], BODY).await;
+        let usable = c.is_usable();
+        (a, b, c3, usable)
+    });
+    assert_eq!(a[0].1.text, "message 0");
+    assert_eq!(b[0].1.text, "message 1");
+    assert!(c3.is_err(), "a refused RSET fails the transaction: {c3:?}");
+    assert!(!usable, "the connection is not reused after a refused RSET");
+    srv.finish();
+}
+
+#[test]
 fn starttls_opportunistic_then_ehlo_again() {
     let (config, _) = tls_server_config();
     let srv = server(move |p| {
