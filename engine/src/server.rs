@@ -121,6 +121,10 @@ pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<BoundListener>, Serve
     Ok(out)
 }
 
+/// The delivery task queue's share of a shard against the default queue's 1000 (sessions,
+/// the committer): a quarter, used in full whenever sessions leave the CPU idle.
+const DELIVERY_SHARES: usize = 250;
+
 fn reuseport_socket(addr: SocketAddr) -> std::io::Result<StdListener> {
     let domain = if addr.is_ipv6() {
         Domain::IPV6
@@ -680,7 +684,24 @@ async fn shard_main(
             .map_err(|e| format!("queue: {e}"))?;
         let runner =
             tern_queue::runner::Runner::new(id as u16, runner_cfg, commit.clone(), recovered.queue);
-        glommio::spawn_local(runner.clone().run()).detach();
+        // Deliveries run in a task queue of their own with a smaller share of the shard
+        // than sessions: when both have work, a client waiting for its 250 goes first,
+        // and the queue still drains whenever sessions are idle (shares, not priorities).
+        let delivery_tq = glommio::executor().create_task_queue(
+            glommio::Shares::Static(DELIVERY_SHARES),
+            glommio::Latency::NotImportant,
+            "delivery",
+        );
+        let run = runner.clone().run();
+        match glommio::spawn_local_into(run, delivery_tq) {
+            Ok(t) => {
+                t.detach();
+            }
+            Err(e) => {
+                tracing::warn!(shard = id, error = %e, "no delivery task queue; deliveries share the sessions' queue");
+                glommio::spawn_local(runner.clone().run()).detach();
+            }
+        }
         {
             let r = runner.clone();
             anvil.set_on_flush(move || {

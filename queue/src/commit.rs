@@ -37,6 +37,11 @@ type SyncJob = (
 struct Inner {
     spool: ShardSpool,
     syncer: crossbeam::channel::Sender<SyncJob>,
+    /// The task queue the committer runs in: the one current when the `GroupCommit` was
+    /// made (the shard's default queue), whoever queues the first write of a batch. A
+    /// committer started from the runner's lower-share delivery queue would hold every
+    /// session's 250 at that lower share.
+    tq: Option<glommio::TaskQueueHandle>,
     queue: Vec<(PendingWrite, Waiter)>,
     committing: bool,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
@@ -110,6 +115,7 @@ impl GroupCommit {
             inner: Rc::new(RefCell::new(Inner {
                 spool,
                 syncer: tx,
+                tq: Some(glommio::executor().current_task_queue()),
                 queue: Vec::new(),
                 committing: false,
                 sync_times: Histogram::default(),
@@ -142,7 +148,20 @@ impl GroupCommit {
         if start {
             // Spawned outside the borrow: glommio may poll the new task right away.
             let me = self.clone();
-            glommio::spawn_local(async move { me.commit_loop().await }).detach();
+            let fallback = self.clone();
+            let tq = self.inner.borrow().tq;
+            let committer = async move { me.commit_loop().await };
+            // The default queue is never removed, so spawning into it cannot fail; were it
+            // to, the committer runs in the current queue rather than not at all.
+            let spawned = tq.map(|tq| glommio::spawn_local_into(committer, tq));
+            match spawned {
+                Some(Ok(t)) => {
+                    t.detach();
+                }
+                _ => {
+                    glommio::spawn_local(async move { fallback.commit_loop().await }).detach();
+                }
+            }
         }
         match rx.await {
             Ok(r) => r,
