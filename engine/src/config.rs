@@ -593,6 +593,24 @@ impl Config {
                 "spool.segment_size must be at least 1 MiB".into(),
             ));
         }
+        if self.spool.segment_size > tern_queue::spool::MAX_SEGMENT_SIZE {
+            return Err(ConfigError::Invalid(
+                "spool.segment_size must be at most 4 GiB (the queue index keeps 32-bit offsets)"
+                    .into(),
+            ));
+        }
+        // Each shard counts its preallocated active segment in its spool bytes: a share
+        // below two segments would refuse mail with an empty queue.
+        let hw = self.queue.high_water_bytes;
+        if hw > 0 && hw / (self.shard_count() as u64) < 2 * self.spool.segment_size {
+            return Err(ConfigError::Invalid(format!(
+                "queue.high_water_bytes must be 0 (no limit) or at least 2 segments per shard \
+                 ({} bytes with {} shards of spool.segment_size {})",
+                2 * self.spool.segment_size * self.shard_count() as u64,
+                self.shard_count(),
+                self.spool.segment_size
+            )));
+        }
         Ok(())
     }
 
@@ -686,6 +704,27 @@ mod tests {
         assert_eq!(c.limits.command_line, 512);
         assert_eq!(c.limits.message_size, 50 * 1024 * 1024);
         assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn segment_size_and_high_water_bytes_bounds() {
+        let e = Config::from_toml_str("shards = 1\n[spool]\nsegment_size = 8589934592\n", "t", &[])
+            .unwrap_err();
+        assert!(e.to_string().contains("at most 4 GiB"), "{e}");
+        // 2 shards of 32 MiB segments need at least 128 MiB, or 0.
+        let e = Config::from_toml_str(
+            "shards = 2\n[queue]\nhigh_water_bytes = 100000000\n",
+            "t",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("high_water_bytes"), "{e}");
+        let ok = Config::from_toml_str(
+            "shards = 2\n[queue]\nhigh_water_bytes = 134217728\n",
+            "t",
+            &[],
+        );
+        assert_eq!(ok.unwrap().queue.high_water_bytes, 134_217_728);
     }
 
     #[test]

@@ -36,12 +36,16 @@ type SyncJob = (
 
 struct Inner {
     spool: ShardSpool,
-    syncer: crossbeam::channel::Sender<SyncJob>,
+    /// `None` only while dropping.
+    syncer: Option<crossbeam::channel::Sender<SyncJob>>,
+    /// Joined when the `GroupCommit` goes, so the spool (and its flock) outlives any batch
+    /// still being written.
+    syncer_thread: Option<std::thread::JoinHandle<()>>,
     /// The task queue the committer runs in: the one current when the `GroupCommit` was
     /// made (the shard's default queue), whoever queues the first write of a batch. A
     /// committer started from the runner's lower-share delivery queue would hold every
     /// session's 250 at that lower share.
-    tq: Option<glommio::TaskQueueHandle>,
+    tq: glommio::TaskQueueHandle,
     queue: Vec<(PendingWrite, Waiter)>,
     committing: bool,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
@@ -85,6 +89,16 @@ impl Histogram {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the syncer after the batch it is writing, if any.
+        self.syncer.take();
+        if let Some(t) = self.syncer_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Cloneable, shard-local handle to the shard's spool and its committer.
 #[derive(Clone)]
 pub struct GroupCommit {
@@ -92,6 +106,8 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
+    /// Must be called inside the shard's glommio executor: the committer will run in the
+    /// task queue current at this call.
     pub fn new(spool: ShardSpool) -> Self {
         let (tx, rx) = crossbeam::channel::unbounded::<SyncJob>();
         let name = format!("tern-sync-{}", spool.shard());
@@ -107,15 +123,20 @@ impl GroupCommit {
                 let _ = done.send((r, t0.elapsed()));
             }
         });
-        if let Err(e) = spawned {
-            // Every commit will fail with "syncer gone" (no 250 without a disk write).
-            tracing::error!(error = %e, "cannot start the spool's syncer thread");
-        }
+        let syncer_thread = match spawned {
+            Ok(h) => Some(h),
+            Err(e) => {
+                // Every commit will fail (no 250 without a disk write).
+                tracing::error!(error = %e, "cannot start the spool's syncer thread");
+                None
+            }
+        };
         GroupCommit {
             inner: Rc::new(RefCell::new(Inner {
                 spool,
-                syncer: tx,
-                tq: Some(glommio::executor().current_task_queue()),
+                syncer: Some(tx),
+                syncer_thread,
+                tq: glommio::executor().current_task_queue(),
                 queue: Vec::new(),
                 committing: false,
                 sync_times: Histogram::default(),
@@ -150,15 +171,13 @@ impl GroupCommit {
             let me = self.clone();
             let fallback = self.clone();
             let tq = self.inner.borrow().tq;
-            let committer = async move { me.commit_loop().await };
             // The default queue is never removed, so spawning into it cannot fail; were it
             // to, the committer runs in the current queue rather than not at all.
-            let spawned = tq.map(|tq| glommio::spawn_local_into(committer, tq));
-            match spawned {
-                Some(Ok(t)) => {
+            match glommio::spawn_local_into(async move { me.commit_loop().await }, tq) {
+                Ok(t) => {
                     t.detach();
                 }
-                _ => {
+                Err(_) => {
                     glommio::spawn_local(async move { fallback.commit_loop().await }).detach();
                 }
             }
@@ -186,7 +205,12 @@ impl GroupCommit {
             // Timed on the syncer thread, around the disk work only. The reply comes back
             // over a oneshot whose waker glommio accepts from a foreign thread.
             let (done_tx, done_rx) = oneshot::channel();
-            let sent = self.inner.borrow().syncer.send((writes, done_tx)).is_ok();
+            let sent = self
+                .inner
+                .borrow()
+                .syncer
+                .as_ref()
+                .is_some_and(|s| s.send((writes, done_tx)).is_ok());
             let (results, took) = match (sent, done_rx.await) {
                 (true, Ok(r)) => r,
                 _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below

@@ -688,6 +688,8 @@ impl Runner {
         let mut index = self.index.borrow_mut();
         index.update(r, |_, in_flight| *in_flight = false);
         index.reschedule(r, throttled_due(wait));
+        // Waiting for its destination's rate: like a deferred message, not kept resident.
+        self.commit.with_spool(|s| s.release_pages(r));
     }
 
     /// Success DSNs for the recipients of `outcomes` that were delivered (RFC 3461 §5.2,

@@ -59,6 +59,10 @@ use crate::state::{truncate_utf8, MsgId, MsgRef, QueuedMessage, StateChange, MAX
 
 /// Smallest accepted `segment_size`: a header page plus room for a few small records.
 pub const MIN_SEGMENT_SIZE: u64 = 8192;
+/// Largest accepted `segment_size`: record offsets stay below 2^32, which the queue
+/// runner's index relies on (`index.rs` keeps them as `u32`). A record larger than this
+/// still gets a segment of its own, where it starts right after the header.
+pub const MAX_SEGMENT_SIZE: u64 = 1 << 32;
 
 /// Tuning knobs of a shard spool.
 #[derive(Debug, Clone)]
@@ -323,9 +327,13 @@ impl ShardSpool {
         opts: SpoolOptions,
         listing: Listing,
     ) -> Result<(ShardSpool, Recovered), SpoolError> {
-        let segment_size =
-            align_up(opts.segment_size.max(MIN_SEGMENT_SIZE), 4096).ok_or_else(|| {
-                SpoolError::Invalid(format!("segment_size {} is too large", opts.segment_size))
+        let segment_size = align_up(opts.segment_size.max(MIN_SEGMENT_SIZE), 4096)
+            .filter(|&s| s <= MAX_SEGMENT_SIZE)
+            .ok_or_else(|| {
+                SpoolError::Invalid(format!(
+                    "segment_size {} is too large (at most {MAX_SEGMENT_SIZE})",
+                    opts.segment_size
+                ))
             })?;
         let opts = SpoolOptions { segment_size };
         let sdir = shard_dir(dir, shard);
