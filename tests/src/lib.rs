@@ -1148,3 +1148,19 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// `tern_sessions_active{shard="total"}` from a server's /metrics endpoint: sessions still
+/// open (tests that check nothing leaked).
+pub fn sessions_active(metrics: std::net::SocketAddr) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(metrics).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix("tern_sessions_active{shard=\"total\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("tern_sessions_active total") as u64
+}

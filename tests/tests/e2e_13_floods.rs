@@ -18,7 +18,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use tern_tests::{wait_for, Server};
+use tern_tests::{sessions_active, wait_for, Server};
 
 /// Resident memory of `pid` in KiB (VmRSS).
 fn rss_kib(pid: u32) -> u64 {
@@ -28,20 +28,6 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .expect("VmRSS line")
-}
-
-/// `tern_sessions_active{shard="total"}` from /metrics.
-fn sessions_active(metrics: SocketAddr) -> u64 {
-    let mut s = TcpStream::connect(metrics).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("tern_sessions_active{shard=\"total\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .expect("tern_sessions_active total") as u64
 }
 
 fn one_shard(extra: &[&str]) -> Server {

@@ -20,26 +20,14 @@
 //! skipped. The shim needs a C compiler, required in CI.
 
 use std::ffi::CString;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tern_tests::{dot_stuff, in_ci, maildir, next_hop, wait_for, Client, Reply, Server};
-
-/// `tern_sessions_active{shard="total"}` from /metrics.
-fn sessions_active(metrics: SocketAddr) -> u64 {
-    let mut s = TcpStream::connect(metrics).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("tern_sessions_active{shard=\"total\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .expect("tern_sessions_active total") as u64
-}
+use tern_tests::{
+    dot_stuff, in_ci, maildir, next_hop, sessions_active, wait_for, Client, Reply, Server,
+};
 
 /// MAIL/RCPT/DATA/body/dot; returns the reply to the dot (whatever it is). `body` is
 /// CRLF-terminated and dot-stuffed here.
