@@ -57,8 +57,10 @@ impl Coalescer {
     /// the staging buffer (copied once), large ones stay, after whatever was staged.
     pub fn absorb(&mut self, body: &mut Vec<Bytes>) {
         let start = self.seen.min(body.len());
-        if start == body.len() {
-            self.seen = start;
+        // Common case (large reads, nothing staged): the new pieces stay where they are,
+        // without moving them through a second vector.
+        if self.stage.is_empty() && body[start..].iter().all(|p| p.len() >= MIN_SLICE) {
+            self.seen = body.len();
             return;
         }
         let fresh = body.split_off(start);
