@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tern_tests::{next_hop, Server};
+use tern_tests::{next_hop, wait_for, Server};
 
 fn maildir_subjects(dir: &Path) -> Vec<String> {
     let new = dir.join("maildir").join("new");
@@ -193,14 +193,9 @@ fn high_water_mark_defers_new_mail_until_the_queue_drains() {
     // The session goes on; bring the next hop up and run the queue.
     let hop = next_hop(Some(port), &[]);
     c.expect("ETRN demo.test", 250, "2.0.0");
-    let start = Instant::now();
-    while !relay.queue_list().is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "queue did not drain"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the queue to drain", Duration::from_secs(20), || {
+        relay.queue_list().is_empty()
+    });
     let id = c.send_mail(
         "s@demo.test",
         &["a@demo.test"],
@@ -245,14 +240,9 @@ fn high_water_bytes_defers_new_mail_until_segments_are_recycled() {
     // under the mark's low water and mail is accepted again.
     let hop = next_hop(Some(port), &[]);
     c.expect("ETRN demo.test", 250, "2.0.0");
-    let start = Instant::now();
-    while !relay.queue_list().is_empty() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "queue did not drain"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for("the queue to drain", Duration::from_secs(20), || {
+        relay.queue_list().is_empty()
+    });
     let start = Instant::now();
     loop {
         c.expect("MAIL FROM:<s@demo.test>", 250, "2.1.0");
