@@ -79,7 +79,8 @@ impl ShardStore {
         // A record reserved in a segment that another batch's failure retired before it
         // was written is not on disk at all: prepare it again (a newer segment) rather
         // than refuse a message that met no failure of its own.
-        for attempt in 0.. {
+        let mut attempt = 0;
+        loop {
             let env = &msg.envelope;
             match self
                 .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
@@ -87,6 +88,7 @@ impl ShardStore {
             {
                 Ok(c) => return Ok(c.id),
                 Err(SpoolError::SegmentUnusable { .. }) if attempt < 2 => {
+                    attempt += 1;
                     match self
                         .commit
                         .with_spool(|spool| spool.prepare(&msg.envelope, &msg.body))
@@ -104,7 +106,6 @@ impl ShardStore {
                 }
             }
         }
-        Err(StoreError::Local)
     }
 
     /// Backpressure: past the high-water mark new mail waits (452 4.3.1) until the queue
@@ -133,24 +134,18 @@ impl ShardStore {
             segment: write.segment(),
             offset: write.offset(),
         };
-        let id = write.id().to_string();
+        // Inline (no allocation); only needed if the commit fails.
+        let id = MsgId::new(write.id());
         let c = match self.commit.commit(write).await {
             Ok(c) => c,
             Err(e) => {
-                self.withdraw(msg, &id, recipients, &e).await;
+                self.withdraw(msg, id, recipients, &e).await;
                 return Err(e);
             }
         };
-        self.runner.enqueue(
-            MsgRef {
-                shard: self.shard,
-                segment: c.segment,
-                offset: c.offset,
-            },
-            &c.id,
-            arrival_unix_micros,
-            recipients,
-        );
+        // The record is where it was reserved (`msg`).
+        self.runner
+            .enqueue(msg, &c.id, arrival_unix_micros, recipients);
         Ok(c)
     }
 
@@ -160,7 +155,7 @@ impl ShardStore {
     /// delivered twice. A durable state record marking every recipient final withdraws
     /// it. Best effort: if that commit fails too, recovery may deliver it (a duplicate of
     /// the client's retry, never a loss), which is logged.
-    async fn withdraw(&self, msg: MsgRef, id: &str, recipients: usize, why: &SpoolError) {
+    async fn withdraw(&self, msg: MsgRef, id: Option<MsgId>, recipients: usize, why: &SpoolError) {
         match why {
             SpoolError::SegmentUnusable { .. } => {
                 // Never written: only the reservation's bookkeeping is to be released,
@@ -171,7 +166,7 @@ impl ShardStore {
             SpoolError::Invalid(_) => return,
             _ => {}
         }
-        let Some(mid) = MsgId::new(id) else {
+        let Some(mid) = id else {
             return;
         };
         let change = StateChange {
@@ -187,25 +182,13 @@ impl ShardStore {
             warned: false,
             held: false,
         };
-        let mut r = Err(SpoolError::Invalid("not tried".into()));
-        // A concurrent failure may retire the segment the record was reserved in before
-        // it is written (SegmentUnusable): prepare it again, in a newer segment.
-        for _ in 0..3 {
-            r = match self.commit.with_spool(|s| s.prepare_state(&change)) {
-                Ok(w) => self.commit.commit(w).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if !matches!(r, Err(SpoolError::SegmentUnusable { .. })) {
-                break;
-            }
-        }
-        match r {
-            Ok(()) => {
+        match self.commit.commit_state(&change).await {
+            Ok(_) => {
                 // Its segment no longer waits for it.
                 let _ = self.commit.with_spool(|s| s.finished(msg));
-                tracing::warn!(id, "record of a refused message withdrawn");
+                tracing::warn!(id = %mid, "record of a refused message withdrawn");
             }
-            Err(e) => tracing::error!(id, error = %e,
+            Err(e) => tracing::error!(id = %mid, error = %e,
                 "cannot withdraw the record of a refused message; after a restart it may be delivered in addition to the client's retry"),
         }
     }

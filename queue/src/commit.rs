@@ -23,7 +23,7 @@ use std::rc::Rc;
 
 use futures::channel::oneshot;
 
-use crate::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError};
+use crate::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError, StateChange};
 
 type Waiter = oneshot::Sender<Result<Committed, SpoolError>>;
 
@@ -153,6 +153,21 @@ impl GroupCommit {
     /// Latencies of the group commits so far (write + fdatasync of one batch).
     pub fn sync_times(&self) -> Histogram {
         self.inner.borrow().sync_times.clone()
+    }
+
+    /// Makes a state change durable: `prepare_state`, then [`GroupCommit::commit`]. A
+    /// record reserved in a segment that another batch's failure retired before it was
+    /// written never reached the disk, so it is prepared again (in a newer segment), up to
+    /// three times, rather than reported as failed.
+    pub async fn commit_state(&self, change: &StateChange) -> Result<Committed, SpoolError> {
+        let mut tries = 0;
+        loop {
+            let w = self.with_spool(|s| s.prepare_state(change))?;
+            match self.commit(w).await {
+                Err(SpoolError::SegmentUnusable { .. }) if tries < 2 => tries += 1,
+                r => return r,
+            }
+        }
     }
 
     /// Queues `write` for the next batch and waits until it is durable (or failed).

@@ -215,11 +215,11 @@ async fn to_smtp(
                 match conn.send(env, idx, body).await {
                     Ok(replies) => {
                         let ext = conn.extensions();
-                        let hop = NextHop {
+                        let hop = std::rc::Rc::new(NextHop {
                             mta: host.clone(),
                             dsn: ext.dsn,
                             deliverby: ext.deliverby.is_some(),
-                        };
+                        });
                         pool.put(key, conn);
                         break Ok((replies, hop));
                     }

@@ -139,7 +139,10 @@ impl Replies {
         }
     }
     fn get(&self, i: u32) -> Option<Arc<str>> {
-        self.texts.get(i as usize).and_then(|(t, _)| t.clone())
+        self.text(i).cloned()
+    }
+    fn text(&self, i: u32) -> Option<&Arc<str>> {
+        self.texts.get(i as usize).and_then(|(t, _)| t.as_ref())
     }
     fn len(&self) -> usize {
         self.by_text.len()
@@ -289,10 +292,11 @@ impl QueueIndex {
     }
 
     /// Stores `q`'s mutable fields into slot `s` (its place and id do not change).
-    fn store(&mut self, s: u32, q: &QueuedMessage, in_flight: bool) {
+    fn store(&mut self, s: u32, q: QueuedMessage, in_flight: bool) {
         let old_reply = self.slot(s).reply;
-        let same_reply = match (&q.last_reply, self.replies.get(old_reply)) {
-            (Some(a), Some(b)) => a == &b,
+        // Usually the very same (interned) text: a pointer comparison.
+        let same_reply = match (&q.last_reply, self.replies.text(old_reply)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
             (None, None) => true,
             _ => false,
         };
@@ -306,7 +310,7 @@ impl QueueIndex {
         };
         let sl = self.slot_mut(s);
         sl.arrival_unix_micros = q.arrival_unix_micros;
-        sl.rcpt_states = q.rcpt_states.clone();
+        sl.rcpt_states = q.rcpt_states;
         sl.next_attempt = secs_u32(q.next_attempt_unix);
         sl.attempts = q.attempts;
         sl.reply = reply;
@@ -360,7 +364,7 @@ impl QueueIndex {
         if odd {
             self.odd_ids.insert(s, q.id);
         }
-        self.store(s, &q, false);
+        self.store(s, q, false);
         let ss = self.by_seg.entry(seg).or_default();
         match ss.v.last() {
             Some(&(o, _)) if o >= off => match ss.v.binary_search_by_key(&off, |&(o, _)| o) {
@@ -412,7 +416,7 @@ impl QueueIndex {
         let mut q = self.message(s);
         let mut in_flight = self.slot(s).is(IN_FLIGHT);
         let out = f(&mut q, &mut in_flight);
-        self.store(s, &q, in_flight);
+        self.store(s, q, in_flight);
         Some(out)
     }
 

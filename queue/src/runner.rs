@@ -86,7 +86,8 @@ pub(crate) enum Outcome {
     Delivered {
         line: String,
         reply: Reply,
-        hop: Option<NextHop>,
+        /// Shared by the recipients of one transaction.
+        hop: Option<Rc<NextHop>>,
     },
     /// Permanent failure: status code, enhanced code, text, remote MTA.
     Failed(Reply, Option<String>),
@@ -528,18 +529,10 @@ impl Runner {
         }
 
         // Durable first, then the index.
-        let prepared = self.commit.with_spool(|s| s.prepare_state(&change));
-        let committed = match prepared {
-            Ok(w) => self.commit.commit(w).await.map(|_| ()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = committed {
+        if let Err(e) = self.commit.commit_state(&change).await {
             tracing::error!(id = %q.id, error = %e, "cannot record delivery state; will retry the message");
             // The outcome is not durable: retry later (at-least-once).
-            let due = now_unix() + self.cfg.retry_interval.as_secs();
-            let mut index = self.index.borrow_mut();
-            index.update(r, |_, in_flight| *in_flight = false);
-            index.reschedule(r, due);
+            self.retry_at(r, now_unix() + self.cfg.retry_interval.as_secs());
             return;
         }
         let finished = {
@@ -682,13 +675,20 @@ impl Runner {
 
     /// Every pending recipient of `r` waits for a rate token: put the message back, due
     /// when a token should be there (whole seconds, at least one, as the schedule
-    /// counts). Nothing was tried, so nothing is recorded; the index and schedule are
-    /// handled as after a failed state write.
+    /// counts). Nothing was tried, so nothing is recorded.
     fn retry_throttled(&self, r: MsgRef, wait: Duration) {
-        let mut index = self.index.borrow_mut();
-        index.update(r, |_, in_flight| *in_flight = false);
-        index.reschedule(r, throttled_due(wait));
-        // Waiting for its destination's rate: like a deferred message, not kept resident.
+        self.retry_at(r, throttled_due(wait));
+    }
+
+    /// Ends `r`'s attempt without a durable outcome (a failed state write, or nothing
+    /// tried): unclaimed, due at `due` (unix seconds), and its pages not kept resident
+    /// until then.
+    fn retry_at(&self, r: MsgRef, due: u64) {
+        {
+            let mut index = self.index.borrow_mut();
+            index.update(r, |_, in_flight| *in_flight = false);
+            index.reschedule(r, due);
+        }
         self.commit.with_spool(|s| s.release_pages(r));
     }
 
@@ -710,11 +710,9 @@ impl Runner {
             let Outcome::Delivered { reply, hop, .. } = o else {
                 continue;
             };
-            let notify = env.recipients[*i].notify;
-            if notify & NOTIFY_NEVER != 0 {
-                continue;
-            }
-            let success = notify & NOTIFY_SUCCESS != 0;
+            // NOTIFY (SUCCESS asked, NEVER refused) is applied again by `dsn::bounce`;
+            // here it only spares the clones for the many recipients that asked nothing.
+            let success = env.recipients[*i].notify & NOTIFY_SUCCESS != 0;
             match hop {
                 None if success => delivered.push((*i, reply.clone(), None)),
                 Some(h) if !h.dsn && (success || (by_notify && !h.deliverby)) => {
@@ -1203,15 +1201,11 @@ impl Runner {
             changes.push(c);
         }
         // 3. Durable first: every record in one batch (one fdatasync).
-        let commits = changes.iter().map(|c| {
-            let prepared = self.commit.with_spool(|s| s.prepare_state(c));
-            async move {
-                match prepared {
-                    Ok(w) => self.commit.commit(w).await.map(|_| ()),
-                    Err(e) => Err(e),
-                }
-            }
-        });
+        // join_all polls every future once before any completes: all records are queued
+        // before the committer runs, so they share its next batch.
+        let commits = changes
+            .iter()
+            .map(|c| async move { self.commit.commit_state(c).await.map(|_| ()) });
         let results = futures::future::join_all(commits).await;
         // 4. Then the index (and the spool's finished mark for deletions).
         for (c, res) in changes.iter().zip(results) {

@@ -13,14 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::executor::block_on;
-use glommio::{LocalExecutorBuilder, Placement};
 use hickory_resolver::proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_resolver::proto::rr::rdata::{A, MX};
 use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
-use tern_queue::client::{ClientOptions, StarttlsPolicy, Timeouts};
+use tern_queue::client::StarttlsPolicy;
 use tern_queue::route::{Dns, DnsConfig, MxAnswer, RouteError, Router};
-use tern_queue::runner::{Runner, RunnerConfig};
-use tern_queue::{BodyType, Envelope, GroupCommit, MsgRef, Recipient, ShardSpool, SpoolOptions};
 
 // ------------------------------------------------------------------ the DNS server
 
@@ -331,104 +328,23 @@ fn smtp_sink(listener: TcpListener) -> std::thread::JoinHandle<Vec<String>> {
 
 #[test]
 fn runner_delivers_via_mx_and_fails_a_null_mx_recipient() {
+    use common::{config, empty, envelope, run};
     let dns_addr = dns_server();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let smtp_port = listener.local_addr().unwrap().port();
     let sink = smtp_sink(listener);
-    let dir = tempfile::tempdir().unwrap();
 
-    let mut client = ClientOptions::new("client.test");
-    client.starttls = StarttlsPolicy::Never;
-    client.timeouts = Timeouts::uniform(Duration::from_secs(5));
-    let cfg = RunnerConfig {
-        hostname: "client.test".into(),
-        retry_interval: Duration::from_secs(600),
-        max_retry_interval: Duration::from_secs(600),
-        max_age: Duration::from_secs(86400),
-        delay_warning: None,
-        concurrency: 4,
-        high_water_messages: 1000,
-        high_water_bytes: 0,
-        router: Router::new(None, []).unwrap(),
-        client,
-        dns: Dns::new(dns_config(dns_addr)).unwrap(),
-        mx_port: smtp_port,
-        destination_concurrency: 4,
-        destination_rate: None,
-        relayhost: None,
-        relayhost_auth: None,
-    };
-    let path = dir.path().to_path_buf();
-    let left = LocalExecutorBuilder::new(Placement::Unbound)
-        .ring_depth(64)
-        .io_memory(128 << 10)
-        .make()
-        .unwrap()
-        .run(async move {
-            let (spool, _) = ShardSpool::open(
-                &path,
-                0,
-                SpoolOptions {
-                    segment_size: 1 << 20,
-                },
-            )
-            .unwrap();
-            let commit = GroupCommit::new(spool);
-            let body = [Bytes::from_static(b"Subject: mx\r\n\r\nhello\r\n")];
-            let env = |id: String| Envelope {
-                id,
-                // Null sender: the null MX failure must not queue a bounce.
-                sender: String::new(),
-                recipients: ["a@e2e.test", "b@null.test"]
-                    .iter()
-                    .map(|a| Recipient {
-                        addr: (*a).into(),
-                        notify: 0,
-                        orcpt: None,
-                    })
-                    .collect(),
-                arrival_unix_micros: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap()
-                    .as_micros() as u64,
-                size: body[0].len() as u64,
-                body_type: BodyType::SevenBit,
-                smtputf8: false,
-                ret: None,
-                envid: None,
-                deliver_by: None,
-                auth: None,
-                client_helo: "c".into(),
-                client_addr: "192.0.2.1:1".into(),
-            };
-            let (w, e) = commit.with_spool(|s| {
-                let id = s.id_gen().next();
-                let e = env(id);
-                (s.prepare(&e, &body).unwrap(), e)
-            });
-            let c = commit.commit(w).await.unwrap();
-            let runner = Runner::new(0, cfg, commit, Vec::new());
-            glommio::spawn_local(runner.clone().run()).detach();
-            runner.enqueue(
-                MsgRef {
-                    shard: 0,
-                    segment: c.segment,
-                    offset: c.offset,
-                },
-                &e.id,
-                e.arrival_unix_micros,
-                e.recipients.len(),
-            );
-            let t = Instant::now();
-            while !runner.is_empty() && t.elapsed() < Duration::from_secs(15) {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            runner.stop();
-            runner.len()
-        });
+    let mut cfg = config(Router::new(None, []).unwrap());
+    cfg.client.starttls = StarttlsPolicy::Never;
+    cfg.dns = Dns::new(dns_config(dns_addr)).unwrap();
+    cfg.mx_port = smtp_port;
+    // Null sender: the null MX failure must not queue a bounce.
+    let env = envelope("", &[("a@e2e.test", 0, None), ("b@null.test", 0, None)]);
+    let body = Bytes::from_static(b"Subject: mx\r\n\r\nhello\r\n");
+    let r = run(cfg, vec![(env, body)], empty, Duration::from_secs(15));
     // Both recipients are done: one delivered through the MX host, one failed (null MX);
     // a deferral would have left the message queued.
-    assert_eq!(left, 0, "message still queued");
+    assert_eq!(r.left, 0, "message still queued");
     assert_eq!(sink.join().unwrap(), vec!["RCPT TO:<a@e2e.test>"]);
 }
 

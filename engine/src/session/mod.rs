@@ -256,6 +256,8 @@ struct Transaction {
     coalesce: Coalescer,
     bdat_size: u64,
     bdat_oversize: bool,
+    /// A BDAT chunk carried a NUL (checked as each piece arrives; see `bdat_last`).
+    bdat_nul: bool,
     bdat_used: bool,
 }
 
@@ -508,6 +510,7 @@ impl Session {
                                 }
                                 txn.bdat_size += n as u64;
                                 if !txn.bdat_oversize {
+                                    txn.bdat_nul |= memchr(0, &piece).is_some();
                                     txn.body.push(piece);
                                     txn.coalesce.absorb(&mut txn.body);
                                 }
@@ -817,6 +820,7 @@ impl Session {
             coalesce: Coalescer::default(),
             bdat_size: 0,
             bdat_oversize: false,
+            bdat_nul: false,
             bdat_used: false,
         });
         reply::line(out, 250, "2.1.0", "Ok");
@@ -936,14 +940,10 @@ impl Session {
         }
         // BDAT counts octets, so a NUL cannot end the data here; but a 7bit/8BITMIME body
         // may be relayed with DATA later, where a NUL-dropping receiver could (see data.rs).
-        // The body is complete: small pieces still staged by the coalescer join it first.
-        if let Some(t) = self.txn.as_mut() {
-            t.coalesce.finish(&mut t.body);
-        }
-        let nul = self.txn.as_ref().is_some_and(|t| {
-            !matches!(t.body_type, Body::BinaryMime)
-                && t.body.iter().any(|b| memchr(0, b).is_some())
-        });
+        let nul = self
+            .txn
+            .as_ref()
+            .is_some_and(|t| t.bdat_nul && !matches!(t.body_type, Body::BinaryMime));
         if nul {
             self.reject(Reject::Nul, "message refused at BDAT LAST");
             self.reset_transaction();
