@@ -1,0 +1,2 @@
+//! tern-smtp: the protocol core (sans-I/O).
+#![forbid(unsafe_code)]
