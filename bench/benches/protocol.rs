@@ -7,8 +7,8 @@
 use bytes::BytesMut;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::hint::black_box;
-use tern_engine::session::command;
-use tern_engine::session::data::{DataScanner, Scan};
+use tern_smtp::session::command;
+use tern_smtp::session::data::{DataScanner, Scan};
 
 fn commands(c: &mut Criterion) {
     let lines: [&[u8]; 6] = [

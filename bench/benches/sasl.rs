@@ -11,9 +11,9 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use tern_engine::sasl::{client, AuthContext, Exchange, Mechanism, NonceCache, Step};
-use tern_engine::users::secrets::{scram_hi, Secrets};
-use tern_engine::users::UserDb;
+use tern_smtp::sasl::{client, AuthContext, Exchange, Mechanism, NonceCache, Step};
+use tern_smtp::users::secrets::{scram_hi, Secrets};
+use tern_smtp::users::UserDb;
 
 const HOST: &str = "mx.example.org";
 const REALM: &str = "example.org";
@@ -44,6 +44,8 @@ impl Fixture {
             realm: REALM,
             allow_authzid: false,
             now: Instant::now(),
+            unix_secs: 1_796_281_560,
+            login: None,
         }
     }
 }

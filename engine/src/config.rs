@@ -524,7 +524,7 @@ impl Config {
             .iter()
             .chain(&self.auth.relay_mechanisms)
         {
-            if crate::sasl::Mechanism::from_name(m).is_none() {
+            if tern_smtp::sasl::Mechanism::from_name(m).is_none() {
                 return Err(ConfigError::Invalid(format!(
                     "auth.mechanisms: unknown mechanism {m:?} (expected CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN, LOGIN)"
                 )));

@@ -34,7 +34,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::server::Shard;
-use crate::session::{reply, Event, ListenerKind, Session, SessionConfig};
+use tern_smtp::session::{reply, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.
 pub struct ListenerCtx {
@@ -95,7 +95,12 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
     shard.metrics.connection();
     tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
     let started = Instant::now();
-    let mut session = Session::new(session_cfg, peer, kind == ListenerKind::Smtps);
+    let mut session = Session::new(
+        session_cfg,
+        peer,
+        kind == ListenerKind::Smtps,
+        crate::clock::now(),
+    );
     // The TLS paths are boxed so that a plain connection's task carries only its own
     // state (memory per idle connection is bounded and small).
     let result = match kind {
@@ -197,7 +202,7 @@ where
     // A reply was written since the last wait: a request was completed.
     let mut replied = false;
     loop {
-        match session.process(&mut inbuf, &mut out) {
+        match session.process(&mut inbuf, &mut out, crate::clock::now()) {
             Event::NeedInput => {
                 if session.take_output_full() {
                     // PIPELINING backpressure: write what is due before reading on.

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use crate::config::{Config, ConfigError};
 use crate::server::Ready;
-use crate::session::ListenerKind;
 use crate::tls::{Identity, TlsError};
+use tern_smtp::session::ListenerKind;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
@@ -105,18 +105,18 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
     if config.auth.users.exists() {
         return Ok(());
     }
-    let args = crate::users::cli::PasswdArgs {
+    let args = crate::passwd_cli::PasswdArgs {
         file: config.auth.users.clone(),
         realm: Some(config.auth.realm_or(&config.hostname).to_string()),
         create: true,
         delete: false,
         pipe: true,
-        iterations: crate::users::secrets::DEFAULT_SCRAM_ITERATIONS,
+        iterations: tern_smtp::users::secrets::DEFAULT_SCRAM_ITERATIONS,
         list: false,
         user: Some(DEMO_USER.to_string()),
     };
     let mut err = Vec::new();
-    let code = crate::users::cli::run_with(
+    let code = crate::passwd_cli::run_with(
         &args,
         || Ok(DEMO_PASSWORD.to_string()),
         &mut std::io::sink(),

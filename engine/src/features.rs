@@ -6,7 +6,7 @@
 use std::fmt::Write;
 
 use crate::config::Config;
-use crate::sasl::Mechanism;
+use tern_smtp::sasl::Mechanism;
 
 /// The feature report for `cfg`.
 pub fn report(cfg: &Config) -> String {

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod anvil;
+pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod delivery;
@@ -33,15 +34,14 @@ pub mod demo;
 pub mod features;
 pub mod metrics;
 pub mod notify;
-pub mod policy;
+pub mod passwd_cli;
 pub mod privileges;
 pub mod queue_cli;
-pub mod sasl;
 pub mod sdnotify;
 pub mod sendmail;
 pub mod server;
-pub mod session;
+pub mod shard_hooks;
 pub mod spool;
 pub mod stdio;
 pub mod tls;
-pub mod users;
+pub mod userstore;

@@ -64,7 +64,7 @@ enum Cmd {
         command: tern_engine::admin::CtlCmd,
     },
     /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
-    Passwd(tern_engine::users::cli::PasswdArgs),
+    Passwd(tern_engine::passwd_cli::PasswdArgs),
     /// Print version, compiled-in features, mechanisms, TLS provider, shards and limits
     /// (like sendmail -d0).
     Features {
@@ -307,7 +307,7 @@ fn main() -> ExitCode {
         Cmd::Sendmail { config, args } => sendmail(&config, &args),
         Cmd::Queue { command } => queue_cli::run(command),
         Cmd::Ctl { command } => tern_engine::admin::ctl(command),
-        Cmd::Passwd(args) => tern_engine::users::cli::run(args),
+        Cmd::Passwd(args) => tern_engine::passwd_cli::run(args),
         Cmd::Features { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => {
                 print!("{}", tern_engine::features::report(&cfg));

@@ -26,51 +26,8 @@ use tern_queue::commit::{Histogram, LATENCY_BUCKETS};
 
 use crate::server::{Control, Shard};
 
-/// Why a message or command was refused (label `reason` of `tern_messages_rejected_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reject {
-    /// SIZE= or the message over `limits.message_size`.
-    Size,
-    /// Bare CR/LF in the message (SMTP smuggling defence).
-    BareNewline,
-    /// A text line over `limits.text_line`.
-    LongLine,
-    /// A NUL octet in a DATA body (or a non-BINARYMIME BDAT body).
-    Nul,
-    /// RCPT to a domain we do not relay for.
-    Relay,
-    TooManyRecipients,
-    /// The spool refused the message (full or failed).
-    Storage,
-    /// MAIL before AUTH where AUTH is required.
-    AuthRequired,
-}
-
-impl Reject {
-    pub const ALL: [Reject; 8] = [
-        Reject::Size,
-        Reject::BareNewline,
-        Reject::LongLine,
-        Reject::Nul,
-        Reject::Relay,
-        Reject::TooManyRecipients,
-        Reject::Storage,
-        Reject::AuthRequired,
-    ];
-
-    pub fn label(self) -> &'static str {
-        match self {
-            Reject::Size => "size",
-            Reject::BareNewline => "bare_newline",
-            Reject::LongLine => "long_line",
-            Reject::Nul => "nul",
-            Reject::Relay => "relay",
-            Reject::TooManyRecipients => "too_many_recipients",
-            Reject::Storage => "storage",
-            Reject::AuthRequired => "auth_required",
-        }
-    }
-}
+pub use tern_smtp::hooks::Reject;
+use tern_smtp::hooks::Rejection;
 
 /// How many recent rejections a shard keeps for the status page.
 const RECENT: usize = 20;
@@ -121,15 +78,26 @@ impl ShardMetrics {
         self.accept_latency.borrow_mut().observe(took);
     }
 
-    /// A refusal; `detail` (peer, reply text) goes to the recent-errors list.
-    pub fn rejected(&self, why: Reject, detail: impl FnOnce() -> String) {
-        let i = Reject::ALL.iter().position(|r| *r == why).unwrap_or(0);
+    /// A refusal: counted by reason, and kept (peer, command, reply) in the recent list.
+    pub fn rejected(&self, rej: &Rejection<'_>) {
+        let i = rej.why.index();
         self.rejected[i].set(self.rejected[i].get() + 1);
         let mut r = self.recent.borrow_mut();
         if r.len() == RECENT {
             r.pop_front();
         }
-        r.push_back((now_unix(), format!("{}: {}", why.label(), detail())));
+        r.push_back((
+            now_unix(),
+            format!(
+                "{}: {}: {} {} {} {}",
+                rej.why.label(),
+                rej.peer,
+                rej.stage,
+                rej.code,
+                rej.enhanced,
+                rej.text
+            ),
+        ));
     }
 }
 

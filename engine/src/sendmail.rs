@@ -33,7 +33,7 @@ use std::rc::Rc;
 use bytes::BytesMut;
 
 use crate::config::Config;
-use crate::session::{Event, Session};
+use tern_smtp::session::{Event, Session};
 
 const EX_USAGE: u8 = 64;
 const EX_DATAERR: u8 = 65;
@@ -326,7 +326,7 @@ fn submit(
         .map_err(|_| (EX_SOFTWARE, "ipnet".into()))?];
     let scfg = Rc::new(crate::stdio::session_config(cfg, &loopback));
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut s = Session::new(scfg, peer, false);
+    let mut s = Session::new(scfg, peer, false, crate::clock::now());
     let mut out = BytesMut::new();
     s.greeting(&mut out);
     let eight_bit = message.iter().any(|b| *b >= 0x80);
@@ -345,7 +345,7 @@ fn submit(
     for (cmd, code) in steps {
         out.clear();
         let mut input = BytesMut::from(cmd.as_bytes());
-        if let Event::Close = s.process(&mut input, &mut out) {
+        if let Event::Close = s.process(&mut input, &mut out, crate::clock::now()) {
             return Err((EX_TEMPFAIL, reply_text(&out)));
         }
         check(&out, code, &cmd)?;
@@ -360,7 +360,7 @@ fn submit(
     }
     input.extend_from_slice(b".\r\n");
     out.clear();
-    while let Event::Message(mut msg) = s.process(&mut input, &mut out) {
+    while let Event::Message(mut msg) = s.process(&mut input, &mut out, crate::clock::now()) {
         let r = crate::stdio::make_durable(cfg, &mut msg);
         id = r.as_ref().ok().cloned();
         s.stored(r.as_deref().map_err(|e| *e), &mut out);

@@ -32,14 +32,16 @@ use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
-use crate::policy::RelayPolicy;
-use crate::sasl::nonces::NonceCache;
-use crate::sasl::Mechanism;
-use crate::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, SessionLimits};
+use crate::shard_hooks::ShardHooks;
 use crate::spool::ShardStore;
 use crate::tls::{self, Identity};
-use crate::users::{UserDb, UserDbError};
+use crate::userstore::{self, UserDb, UserDbError};
 use glommio::channels::channel_mesh::MeshBuilder;
+use tern_smtp::hooks::SessionHooks;
+use tern_smtp::policy::RelayPolicy;
+use tern_smtp::sasl::nonces::NonceCache;
+use tern_smtp::sasl::Mechanism;
+use tern_smtp::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, SessionLimits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -56,7 +58,7 @@ pub enum ServerError {
     #[error("privileges: {0}")]
     Privileges(#[from] crate::privileges::PrivError),
     #[error("user store: {0}")]
-    Users(#[from] crate::users::UserDbError),
+    Users(#[from] UserDbError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("{0}")]
@@ -613,7 +615,7 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
 /// Loads the user store; a missing file is an empty store (AUTH then always fails), so a
 /// relay without users still starts, but a file with bad permissions or syntax is an error.
 pub fn load_users(cfg: &Config) -> Result<UserDb, ServerError> {
-    match UserDb::load(&cfg.auth.users) {
+    match userstore::load(&cfg.auth.users) {
         Ok(db) => {
             tracing::info!(users = db.len(), file = %cfg.auth.users.display(), "user store loaded");
             Ok(db)
@@ -731,8 +733,15 @@ async fn shard_main(
         let auth_shared = Rc::new(AuthShared {
             users: RefCell::new(users.clone()),
             nonces: RefCell::new(NonceCache::new(16_384, Duration::from_secs(300))),
-            anvil: anvil.clone(),
         });
+        let hooks = |kind: ListenerKind| -> Rc<dyn SessionHooks> {
+            Rc::new(ShardHooks {
+                shard: id,
+                listener: kind.name(),
+                metrics: metrics.clone(),
+                anvil: anvil.clone(),
+            })
+        };
         let mut ctxs: HashMap<&'static str, Rc<ListenerCtx>> = HashMap::new();
         let mut out = Vec::new();
         for (kind, sock) in sockets {
@@ -744,7 +753,7 @@ async fn shard_main(
                             &cfg,
                             kind,
                             &auth_shared,
-                            &metrics,
+                            hooks(kind),
                         ))),
                         acceptor: Some(acceptor.clone()),
                     })
@@ -782,9 +791,11 @@ async fn shard_main(
                 }
                 Control::Config(new) => {
                     for ctx in &ctx_list {
-                        let kind = ctx.session.borrow().kind;
-                        let fresh =
-                            session_config(&new, kind, &auth_shared, &control_shard.metrics);
+                        let (kind, hooks) = {
+                            let old = ctx.session.borrow();
+                            (old.kind, old.hooks.clone())
+                        };
+                        let fresh = session_config(&new, kind, &auth_shared, hooks);
                         *ctx.session.borrow_mut() = Rc::new(fresh);
                     }
                 }
@@ -824,7 +835,7 @@ fn session_config(
     cfg: &Config,
     kind: ListenerKind,
     auth_shared: &Rc<AuthShared>,
-    metrics: &Rc<crate::metrics::ShardMetrics>,
+    hooks: Rc<dyn SessionHooks>,
 ) -> SessionConfig {
     let mechs = |names: &[String]| -> Vec<Mechanism> {
         names
@@ -857,7 +868,8 @@ fn session_config(
         tls_available: true,
         policy: RelayPolicy::new(&cfg.relay.local_domains, &cfg.relay.trusted_networks),
         auth,
-        metrics: metrics.clone(),
+        hooks,
+        ehlo_cache: Default::default(),
     }
 }
 

@@ -14,7 +14,7 @@
 use tern_queue::runner::Runner;
 use tern_queue::{GroupCommit, MsgId, MsgRef, RcptState, SpoolError, StateChange};
 
-use crate::session::{Message, StoreError};
+use tern_smtp::session::{Message, StoreError};
 
 /// Cloneable, shard-local handle.
 #[derive(Clone)]

@@ -46,8 +46,8 @@ use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
 
 use crate::admin::{self, ClientError, Request};
 use crate::config::Config;
-use crate::policy::RelayPolicy;
-use crate::session::{
+use tern_smtp::policy::RelayPolicy;
+use tern_smtp::session::{
     Event, ListenerKind, Message, Session, SessionConfig, SessionLimits, StoreError,
 };
 
@@ -74,7 +74,8 @@ pub fn session_config(cfg: &Config, extra_trusted: &[ipnet::IpNet]) -> SessionCo
         policy: RelayPolicy::new(&cfg.relay.local_domains, &trusted),
         auth: None,
         // A one-session process: its counters are never scraped.
-        metrics: Default::default(),
+        hooks: Rc::new(tern_smtp::hooks::NoHooks),
+        ehlo_cache: Default::default(),
     }
 }
 
@@ -100,7 +101,7 @@ fn peer_from_env() -> SocketAddr {
 /// Runs one session on stdin/stdout; exits 0 on QUIT or EOF.
 pub fn run(cfg: &Config) -> ExitCode {
     let scfg = Rc::new(session_config(cfg, &[]));
-    let mut session = Session::new(scfg, peer_from_env(), false);
+    let mut session = Session::new(scfg, peer_from_env(), false, crate::clock::now());
     let mut stdin = std::io::stdin().lock();
     let mut stdout = std::io::stdout().lock();
     let mut input = BytesMut::with_capacity(16 * 1024);
@@ -108,7 +109,7 @@ pub fn run(cfg: &Config) -> ExitCode {
     let mut buf = vec![0u8; 64 * 1024];
     session.greeting(&mut out);
     loop {
-        match session.process(&mut input, &mut out) {
+        match session.process(&mut input, &mut out, crate::clock::now()) {
             Event::NeedInput => {
                 if let Some(d) = session.take_delay() {
                     std::thread::sleep(d);

@@ -11,9 +11,9 @@
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use tern_engine::sasl::nonces::NonceCache;
-use tern_engine::sasl::{decode_client_line, AuthContext, ClientLine, Exchange, Mechanism, Step};
-use tern_engine::users::{Secrets, UserDb};
+use tern_smtp::sasl::nonces::NonceCache;
+use tern_smtp::sasl::{decode_client_line, AuthContext, ClientLine, Exchange, Mechanism, Step};
+use tern_smtp::users::{Secrets, UserDb};
 
 fn users() -> &'static UserDb {
     static DB: OnceLock<UserDb> = OnceLock::new();
@@ -43,6 +43,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         realm: "mx.test",
         allow_authzid,
         now: Instant::now(),
+        unix_secs: 1_796_281_560,
+        login: None,
     };
     // The input is split into client messages at 0xff bytes. With bit 0x20 set, each is
     // an SMTP line that goes through the RFC 4954 base64 framing first (as the session

@@ -2,7 +2,7 @@
 //!
 //! Owns: driving one AUTH exchange over an `SmtpConn` for PLAIN, LOGIN, CRAM-MD5,
 //! DIGEST-MD5 and SCRAM-SHA-256. The cryptography comes from
-//! `tern_engine::sasl::client` (and its PBKDF2/HMAC helpers), so the generator and the
+//! `tern_smtp::sasl::client` (and its PBKDF2/HMAC helpers), so the generator and the
 //! server's tests share one reference implementation.
 //!
 //! SCRAM-SHA-256 caches SaltedPassword per (salt, iterations), as RFC 5802 §5.1 allows a
@@ -17,8 +17,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
-use tern_engine::sasl::client as sc;
-use tern_engine::users::secrets::{hmac_once, scram_hi};
+use tern_smtp::sasl::client as sc;
+use tern_smtp::users::secrets::{hmac_once, scram_hi};
 
 use crate::conn::{OpError, SmtpConn};
 
@@ -156,7 +156,7 @@ pub async fn authenticate(
 }
 
 /// RFC 5802 §3 client-final-message and the ServerSignature to expect. The same algebra
-/// as `tern_engine::sasl::client::scram_client_final`, with SaltedPassword cached.
+/// as `tern_smtp::sasl::client::scram_client_final`, with SaltedPassword cached.
 fn scram_final(
     bare: &str,
     server_first: &[u8],

@@ -144,17 +144,8 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         }
     }
     let tls = if args.starttls {
-        use tern_engine::tls::{server_config, ticketer, Identity};
-        let identity = match (&args.cert, &args.key) {
-            (Some(c), Some(k)) => Identity::from_pem_files(c, k).map_err(|e| e.to_string())?,
-            _ => {
-                Identity::self_signed("localhost")
-                    .map_err(|e| e.to_string())?
-                    .0
-            }
-        };
-        let t = ticketer().map_err(|e| e.to_string())?;
-        Some(server_config(&identity, t).map_err(|e| e.to_string())?)
+        let files = args.cert.as_deref().zip(args.key.as_deref());
+        Some(crate::tls::sink_server_config(files)?)
     } else {
         None
     };

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use tern_engine::sasl::client;
+use tern_smtp::sasl::client;
 use tern_tests::{ehlo_client, in_ci, wait_for, Client, Server};
 
 /// One raw HTTP/1.1 GET: (status code, body).

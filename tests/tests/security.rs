@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use tern_engine::sasl::client;
+use tern_smtp::sasl::client;
 use tern_tests::{find, maildir, wait_for, Client, Server, TlsVersion};
 
 /// The next reply after a step must be this one's (252 is unique to VRFY).

@@ -145,7 +145,13 @@ pub struct AuthContext<'a> {
     pub realm: &'a str,
     /// May an authzid differ from the authcid? (PLAIN, DIGEST-MD5, SCRAM.)
     pub allow_authzid: bool,
+    /// Monotonic time of this step (nonce lifetimes); the caller reads the clock.
     pub now: Instant,
+    /// Wall-clock seconds since the Unix epoch (the CRAM-MD5 challenge's timestamp).
+    pub unix_secs: u64,
+    /// Set by the step that judged credentials: the login the client tried (authcid), so
+    /// the host can log a failure with the name tried (never the secret).
+    pub login: Option<String>,
 }
 
 /// The outcome of one step.
@@ -341,9 +347,10 @@ fn verdict(
     found: bool,
     authcid: &str,
     authzid: Option<&str>,
-    ctx: &AuthContext,
+    ctx: &mut AuthContext,
     server_final: Option<Vec<u8>>,
 ) -> Step {
+    ctx.login = Some(authcid.to_owned());
     // `&` not `&&`: no short-circuit on a secret-dependent value.
     if !(ok & found) {
         return Step::Failure(AuthFailure::BadCredentials);

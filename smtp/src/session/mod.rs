@@ -3,8 +3,10 @@
 //! A `Session` is fed the bytes a client sent (`process`) and appends replies to an output
 //! buffer; it tells the connection driver what to do next through an `Event`: read more,
 //! make a finished message durable (then call `stored`), start TLS (then call
-//! `tls_started`), or close. Because it never touches a socket, a file or a clock it can be
-//! driven by a TCP connection, by `tern stdio`, by a fuzzer, or by a test, identically.
+//! `tls_started`), or close. Because it never touches a socket, a file or a clock (the
+//! caller passes [`Now`]) it can be driven by a TCP connection, by `tern stdio`, by a
+//! fuzzer, or by a test, identically. What it reports (refusals, AUTH results) and asks
+//! (is this address blocked?) goes through [`SessionHooks`].
 //!
 //! Owns: the command/transaction state, limits (line lengths, recipients, size, error
 //! count), relay decisions per RCPT, and the DATA/BDAT body as a list of `Bytes` slices of
@@ -15,23 +17,23 @@ pub mod command;
 pub mod data;
 pub mod reply;
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use memchr::{memchr, memchr2};
 
-use crate::metrics::Reject;
+use crate::envelope::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
+use crate::hooks::{AuthAttempt, Now, Reject, Rejection, SessionHooks};
 use crate::policy::RelayPolicy;
 use crate::sasl::nonces::NonceCache;
 use crate::sasl::{self, AuthContext, AuthFailure, ClientLine, Exchange, Mechanism, Step};
 use crate::users::UserDb;
 use command::{Body, Command, ParseError};
 use data::{BodyFlaws, Coalescer, DataScanner, Scan};
-use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
 
 /// The role of the listener a session arrived on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,7 +74,6 @@ pub struct SessionLimits {
 
 /// Everything a session needs to know about where it runs. One per listener per shard,
 /// shared by that listener's sessions (immutable).
-#[derive(Debug)]
 pub struct SessionConfig {
     pub hostname: String,
     pub kind: ListenerKind,
@@ -82,8 +83,30 @@ pub struct SessionConfig {
     pub policy: RelayPolicy,
     /// SMTP AUTH (RFC 4954); None when no mechanism is configured.
     pub auth: Option<AuthSetup>,
-    /// The shard's counters (rejections by reason, AUTH results).
-    pub metrics: Rc<crate::metrics::ShardMetrics>,
+    /// The host: counters, logs, cross-shard AUTH-failure blocks.
+    pub hooks: Rc<dyn SessionHooks>,
+    /// The EHLO replies without and with TLS, built on first use and then copied out as
+    /// they are (the EHLO reply depends only on this configuration and the TLS state).
+    pub ehlo_cache: EhloCache,
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("hostname", &self.hostname)
+            .field("kind", &self.kind)
+            .field("limits", &self.limits)
+            .field("tls_available", &self.tls_available)
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The two EHLO replies of a [`SessionConfig`] (before and after TLS), built once.
+#[derive(Debug, Default)]
+pub struct EhloCache {
+    plain: OnceCell<Bytes>,
+    tls: OnceCell<Bytes>,
 }
 
 /// AUTH settings of a listener, plus the shard's SASL state.
@@ -107,8 +130,6 @@ pub struct AuthSetup {
 pub struct AuthShared {
     pub users: RefCell<Arc<UserDb>>,
     pub nonces: RefCell<NonceCache>,
-    /// Failed-AUTH counting per client IP across shards.
-    pub anvil: Rc<crate::anvil::Anvil>,
 }
 
 impl std::fmt::Debug for AuthShared {
@@ -135,77 +156,79 @@ pub enum Event {
 }
 
 /// A finished message, ready for the spool. `envelope.id` is empty: the spool assigns it.
+/// The Received: header's facts come from the envelope itself (HELO name, client
+/// address, arrival time), so nothing is stored twice.
 #[derive(Debug)]
 pub struct Message {
     pub envelope: Envelope,
     pub body: Vec<Bytes>,
-    trace: Trace,
-}
-
-/// What the Received: header says about the session (RFC 5321 §4.4).
-#[derive(Debug)]
-struct Trace {
-    helo: String,
-    peer: SocketAddr,
+    /// RFC 3848 "with" keyword for the Received: header.
     protocol: &'static str,
-    single_rcpt: Option<String>,
+    peer: SocketAddr,
 }
 
 impl Message {
-    /// Builds the Received: trace header for queue id `id`. It becomes the first body slice,
-    /// so prepending it copies nothing of the body.
+    /// Builds the Received: trace header (RFC 5321 §4.4) for queue id `id`. It becomes the
+    /// first body slice, so prepending it copies nothing of the body; it is written into
+    /// one buffer, with no intermediate strings.
     pub fn received_header(&self, hostname: &str, id: &str) -> Bytes {
-        let t = &self.trace;
-        let mut h = String::with_capacity(200);
-        h.push_str("Received: from ");
-        h.push_str(&sanitize(&t.helo));
-        h.push_str(" ([");
-        h.push_str(&t.peer.ip().to_string());
-        h.push_str("])\r\n\tby ");
-        h.push_str(hostname);
-        h.push_str(" (tern) with ");
-        h.push_str(t.protocol);
-        h.push_str(" id ");
-        h.push_str(id);
-        if let Some(r) = &t.single_rcpt {
-            h.push_str("\r\n\tfor <");
-            h.push_str(&sanitize(r));
-            h.push('>');
+        let e = &self.envelope;
+        let mut h = BytesMut::with_capacity(160 + hostname.len() + e.client_helo.len());
+        h.put_slice(b"Received: from ");
+        put_sanitized(&mut h, &e.client_helo);
+        h.put_slice(b" ([");
+        let _ = std::fmt::Write::write_fmt(
+            &mut BytesWriter(&mut h),
+            format_args!("{}", self.peer.ip()),
+        );
+        h.put_slice(b"])\r\n\tby ");
+        h.put_slice(hostname.as_bytes());
+        h.put_slice(b" (tern) with ");
+        h.put_slice(self.protocol.as_bytes());
+        h.put_slice(b" id ");
+        h.put_slice(id.as_bytes());
+        if let [r] = e.recipients.as_slice() {
+            h.put_slice(b"\r\n\tfor <");
+            put_sanitized(&mut h, &r.addr);
+            h.put_u8(b'>');
         }
-        h.push_str(";\r\n\t");
-        h.push_str(&rfc5322_now());
-        h.push_str("\r\n");
-        Bytes::from(h)
+        h.put_slice(b";\r\n\t");
+        crate::date::rfc5322(&mut h, e.arrival_unix_micros / 1_000_000);
+        h.put_slice(b"\r\n");
+        h.freeze()
     }
 
-    /// Prepends the Received: header to the body and records the final size.
+    /// Prepends the Received: header to the body and records the final size and id.
     pub fn finish(&mut self, hostname: &str, id: &str) {
         let hdr = self.received_header(hostname, id);
         self.envelope.size += hdr.len() as u64;
-        self.envelope.id = id.to_string();
+        self.envelope.id.clear();
+        self.envelope.id.push_str(id);
         self.body.insert(0, hdr);
     }
 }
 
-/// Keeps client-supplied text in a header to printable ASCII: CR, LF and anything else
-/// that could break or forge header structure becomes '?'.
-fn sanitize(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_ascii_graphic() && c != '(' && c != ')' {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
+/// `fmt::Write` into a `BytesMut` (an IP address formats without a temporary String).
+struct BytesWriter<'a>(&'a mut BytesMut);
+
+impl std::fmt::Write for BytesWriter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.put_slice(s.as_bytes());
+        Ok(())
+    }
 }
 
-fn rfc5322_now() -> String {
-    use time::format_description::well_known::Rfc2822;
-    time::OffsetDateTime::now_utc()
-        .format(&Rfc2822)
-        .unwrap_or_else(|_| "Thu, 1 Jan 1970 00:00:00 +0000".into())
+/// Keeps client-supplied text in a header to printable ASCII: CR, LF and anything else
+/// that could break or forge header structure becomes '?' (per character, so a multi-byte
+/// UTF-8 character becomes one '?').
+fn put_sanitized(h: &mut BytesMut, s: &str) {
+    for c in s.chars() {
+        if c.is_ascii_graphic() && c != '(' && c != ')' {
+            h.put_u8(c as u8);
+        } else {
+            h.put_u8(b'?');
+        }
+    }
 }
 
 /// Why the spool could not take a message; chooses the reply.
@@ -287,11 +310,17 @@ pub struct Session {
     out_limit: Option<usize>,
     /// `process` stopped because `out` reached `out_limit` with input left.
     output_full: bool,
+    /// The time of the current `process` call (see [`Now`]).
+    now: Now,
+    /// The login tried in the AUTH exchange under way (for the failure's log line).
+    auth_login: Option<String>,
 }
 
 impl Session {
-    pub fn new(cfg: Rc<SessionConfig>, peer: SocketAddr, tls: bool) -> Self {
+    pub fn new(cfg: Rc<SessionConfig>, peer: SocketAddr, tls: bool, now: Now) -> Self {
         Session {
+            now,
+            auth_login: None,
             cfg,
             peer,
             tls,
@@ -403,34 +432,26 @@ impl Session {
             Ok(id) => {
                 self.messages += 1;
                 self.junk = 0;
-                reply::line(out, 250, "2.0.0", &format!("Ok: queued as {id}"));
+                reply::line_parts(out, 250, "2.0.0", &["Ok: queued as ", id]);
             }
             Err(e) => {
-                self.reject(Reject::Storage, &format!("{e:?}"));
-                self.stored_error(e, out)
+                let (code, enh, text) = match e {
+                    StoreError::Full => {
+                        (452, "4.3.1", "Insufficient system storage, try again later")
+                    }
+                    StoreError::Local => {
+                        (451, "4.3.0", "Local error in processing, try again later")
+                    }
+                };
+                self.refuse(out, Reject::Storage, "DATA", None, code, enh, text);
             }
         }
     }
 
-    fn stored_error(&mut self, e: StoreError, out: &mut BytesMut) {
-        match e {
-            StoreError::Full => self.error(
-                out,
-                452,
-                "4.3.1",
-                "Insufficient system storage, try again later",
-            ),
-            StoreError::Local => self.error(
-                out,
-                451,
-                "4.3.0",
-                "Local error in processing, try again later",
-            ),
-        }
-    }
-
-    /// Handles all complete input. See `Event` for what the driver does next.
-    pub fn process(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Event {
+    /// Handles all complete input, at time `now`. See `Event` for what the driver does
+    /// next.
+    pub fn process(&mut self, input: &mut BytesMut, out: &mut BytesMut, now: Now) -> Event {
+        self.now = now;
         loop {
             if self.out_limit.is_some_and(|l| out.len() >= l)
                 && !input.is_empty()
@@ -731,6 +752,19 @@ impl Session {
     }
 
     fn ehlo_reply(&self, out: &mut BytesMut) {
+        let cache = if self.tls {
+            &self.cfg.ehlo_cache.tls
+        } else {
+            &self.cfg.ehlo_cache.plain
+        };
+        out.put_slice(cache.get_or_init(|| {
+            let mut b = BytesMut::new();
+            self.build_ehlo_reply(&mut b);
+            b.freeze()
+        }));
+    }
+
+    fn build_ehlo_reply(&self, out: &mut BytesMut) {
         let size = format!("SIZE {}", self.cfg.limits.message_size);
         let mut lines: Vec<&str> = vec![
             &self.cfg.hostname,
@@ -773,8 +807,15 @@ impl Session {
             return self.error(out, 503, "5.5.1", "Error: nested MAIL command");
         }
         if self.authenticated.is_none() && self.cfg.auth.as_ref().is_some_and(|a| a.required) {
-            self.reject(Reject::AuthRequired, "MAIL without AUTH");
-            return self.error(out, 530, "5.7.0", "Authentication required");
+            return self.refuse(
+                out,
+                Reject::AuthRequired,
+                "MAIL",
+                None,
+                530,
+                "5.7.0",
+                "Authentication required",
+            );
         }
         let has_params = m.size.is_some()
             || m.body.is_some()
@@ -788,8 +829,15 @@ impl Session {
             return self.error(out, 555, "5.5.4", "Error: parameters require EHLO");
         }
         if m.size.is_some_and(|s| s > self.cfg.limits.message_size) {
-            self.reject(Reject::Size, "MAIL SIZE= over the limit");
-            return self.error(out, 552, "5.3.4", "Error: message size exceeds fixed limit");
+            return self.refuse(
+                out,
+                Reject::Size,
+                "MAIL",
+                None,
+                552,
+                "5.3.4",
+                "Error: message size exceeds fixed limit",
+            );
         }
         // RFC 4954 §5: AUTH= is honoured only from an authenticated client; otherwise it is
         // accepted and ignored (the identity becomes <>).
@@ -840,8 +888,15 @@ impl Session {
             );
         }
         if txn.rcpts.len() >= self.cfg.limits.recipients {
-            self.reject(Reject::TooManyRecipients, r.path);
-            return self.error(out, 452, "4.5.3", "Error: too many recipients");
+            return self.refuse(
+                out,
+                Reject::TooManyRecipients,
+                "RCPT",
+                Some(r.path),
+                452,
+                "4.5.3",
+                "Error: too many recipients",
+            );
         }
         let domain = command::domain_of(r.path);
         if !self
@@ -849,12 +904,15 @@ impl Session {
             .policy
             .may_relay(self.peer.ip(), self.auth_trusted, domain)
         {
-            self.reject(Reject::Relay, r.path);
-            return self.error(
+            let text = format!("<{}>: Relay access denied", r.path);
+            return self.refuse(
                 out,
+                Reject::Relay,
+                "RCPT",
+                Some(r.path),
                 554,
                 "5.7.1",
-                &format!("<{}>: Relay access denied", r.path),
+                &text,
             );
         }
         let Some(txn) = self.txn.as_mut() else {
@@ -933,9 +991,16 @@ impl Session {
         }
         let oversize = self.txn.as_ref().is_some_and(|t| t.bdat_oversize);
         if oversize {
-            self.reject(Reject::Size, "BDAT message too big");
+            self.refuse(
+                out,
+                Reject::Size,
+                "BDAT",
+                None,
+                552,
+                "5.3.4",
+                "Error: message file too big",
+            );
             self.reset_transaction();
-            self.error(out, 552, "5.3.4", "Error: message file too big");
             return self.closed_event();
         }
         // BDAT counts octets, so a NUL cannot end the data here; but a 7bit/8BITMIME body
@@ -945,14 +1010,16 @@ impl Session {
             .as_ref()
             .is_some_and(|t| t.bdat_nul && !matches!(t.body_type, Body::BinaryMime));
         if nul {
-            self.reject(Reject::Nul, "message refused at BDAT LAST");
-            self.reset_transaction();
-            self.error(
+            self.refuse(
                 out,
+                Reject::Nul,
+                "BDAT",
+                None,
                 554,
                 "5.6.0",
                 "Error: NUL in message; only BODY=BINARYMIME may carry it",
             );
+            self.reset_transaction();
             return self.closed_event();
         }
         let size = self.txn.as_ref().map_or(0, |t| t.bdat_size);
@@ -994,9 +1061,8 @@ impl Session {
             } else {
                 Reject::LongLine
             };
-            self.reject(why, "message refused at end of DATA");
+            self.refuse(out, why, "DATA", None, code, enh, text);
             self.reset_transaction();
-            self.error(out, code, enh, text);
             return self.closed_event();
         }
         self.finish_message(size)
@@ -1005,10 +1071,6 @@ impl Session {
     fn finish_message(&mut self, size: u64) -> Option<Event> {
         let mut txn = self.txn.take()?;
         txn.coalesce.finish(&mut txn.body);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_micros() as u64)
-            .unwrap_or(0);
         let protocol = match (txn.smtputf8, self.tls, self.authenticated.is_some()) {
             (false, false, false) if self.esmtp => "ESMTP",
             (false, false, false) => "SMTP",
@@ -1020,12 +1082,11 @@ impl Session {
             (true, true, false) => "UTF8SMTPS",
             (true, true, true) => "UTF8SMTPSA",
         };
-        let single_rcpt = (txn.rcpts.len() == 1).then(|| txn.rcpts[0].addr.clone());
         let envelope = Envelope {
             id: String::new(),
             sender: txn.sender,
             recipients: txn.rcpts,
-            arrival_unix_micros: now,
+            arrival_unix_micros: self.now.unix_micros,
             size,
             body_type: match txn.body_type {
                 Body::SevenBit => BodyType::SevenBit,
@@ -1044,12 +1105,8 @@ impl Session {
         Some(Event::Message(Box::new(Message {
             envelope,
             body: txn.body,
-            trace: Trace {
-                helo: self.helo.clone().unwrap_or_default(),
-                peer: self.peer,
-                protocol,
-                single_rcpt,
-            },
+            protocol,
+            peer: self.peer,
         })))
     }
 
@@ -1120,17 +1177,23 @@ impl Session {
         else {
             return self.error(out, 504, "5.5.4", "Unrecognized authentication type");
         };
-        if a.shared.anvil.is_blocked(self.peer.ip()) {
-            return self.error(
+        if self.cfg.hooks.auth_blocked(self.peer.ip()) {
+            return self.refuse(
                 out,
+                Reject::AuthBlocked,
+                "AUTH",
+                None,
                 454,
                 "4.7.0",
                 "Too many failed authentication attempts from your address, try again later",
             );
         }
         if mech.is_plaintext() && !self.tls && !a.allow_plaintext_without_tls {
-            return self.error(
+            return self.refuse(
                 out,
+                Reject::EncryptionRequired,
+                "AUTH",
+                None,
                 538,
                 "5.7.11",
                 "Encryption required for requested authentication mechanism",
@@ -1146,9 +1209,10 @@ impl Session {
                 return self.error(out, 501, "5.5.2", "Invalid base64 data in AUTH");
             }
         };
-        let (ex, step) = with_sasl(&self.cfg, a, |ctx| {
+        let ((ex, step), login) = with_sasl(&self.cfg, a, self.now, |ctx| {
             Exchange::start(mech, initial.as_deref(), ctx)
         });
+        self.auth_login = login;
         self.auth_step(ex, step, out);
     }
 
@@ -1174,7 +1238,11 @@ impl Session {
                         let Some(a) = self.cfg.auth.as_ref() else {
                             return;
                         };
-                        let step = with_sasl(&self.cfg, a, |ctx| ex.step(&d, ctx));
+                        let (step, login) =
+                            with_sasl(&self.cfg, a, self.now, |ctx| ex.step(&d, ctx));
+                        if login.is_some() {
+                            self.auth_login = login;
+                        }
                         self.auth_step(*ex, step, out);
                     }
                 }
@@ -1212,8 +1280,14 @@ impl Session {
     }
 
     fn auth_ok(&mut self, identity: String, mech: Mechanism, out: &mut BytesMut) {
-        tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), user = %identity, "auth ok");
-        self.cfg.metrics.auth(mech.name(), true);
+        self.auth_login = None;
+        self.cfg.hooks.auth_attempt(&AuthAttempt {
+            peer: self.peer,
+            mechanism: mech,
+            login: Some(&identity),
+            outcome: Ok(()),
+            failures: self.auth_failures,
+        });
         self.authenticated = Some(identity);
         self.auth_trusted = self
             .cfg
@@ -1227,16 +1301,20 @@ impl Session {
     fn auth_failed(&mut self, f: AuthFailure, mech: Mechanism, out: &mut BytesMut) {
         self.state = State::Command;
         self.auth_failures += 1;
-        self.cfg.metrics.auth(mech.name(), false);
-        tracing::info!(peer = %self.peer.ip(), mechanism = mech.name(), reason = ?f, failures = self.auth_failures, "auth failed");
+        let login = self.auth_login.take();
+        // The hooks count the failure (metrics, the cross-shard block) and log it.
+        self.cfg.hooks.auth_attempt(&AuthAttempt {
+            peer: self.peer,
+            mechanism: mech,
+            login: login.as_deref(),
+            outcome: Err(f),
+            failures: self.auth_failures,
+        });
         let (max, tarpit) = self
             .cfg
             .auth
             .as_ref()
             .map_or((1, Duration::ZERO), |a| (a.max_failures, a.tarpit));
-        if let Some(a) = &self.cfg.auth {
-            a.shared.anvil.record_failure(self.peer.ip());
-        }
         // Tarpit: each failure in the session waits longer before its reply. Only the
         // failure path pays; success never waits.
         self.delay = Some(tarpit * self.auth_failures);
@@ -1260,12 +1338,36 @@ impl Session {
         }
     }
 
-    /// Counts a refusal for the metrics, with the peer and `detail` for the status page.
-    fn reject(&self, why: Reject, detail: &str) {
-        let peer = self.peer;
-        self.cfg
-            .metrics
-            .rejected(why, || format!("{peer}: {detail}"));
+    /// A policy or limit refusal: tells the hooks (one `NOQUEUE: reject:` line, the
+    /// counters) and answers like [`Session::error`].
+    #[allow(clippy::too_many_arguments)]
+    fn refuse(
+        &mut self,
+        out: &mut BytesMut,
+        why: Reject,
+        stage: &'static str,
+        recipient: Option<&str>,
+        code: u16,
+        enhanced: &str,
+        text: &str,
+    ) {
+        let txn = self.txn.as_ref();
+        let recipient = recipient.or_else(|| match txn.map(|t| t.rcpts.as_slice()) {
+            Some([r]) => Some(r.addr.as_str()),
+            _ => None,
+        });
+        self.cfg.hooks.rejected(&Rejection {
+            why,
+            peer: self.peer,
+            stage,
+            code,
+            enhanced,
+            text,
+            sender: txn.map(|t| t.sender.as_str()),
+            recipient,
+            helo: self.helo.as_deref(),
+        });
+        self.error(out, code, enhanced, text);
     }
 
     fn starttls(&mut self, out: &mut BytesMut) -> Option<Event> {
@@ -1284,7 +1386,12 @@ impl Session {
 
 /// Runs `f` with an AUTH context over the shard's SASL state: the current user-store
 /// snapshot and the shard's nonce cache (borrowed only for the duration of `f`).
-fn with_sasl<R>(cfg: &SessionConfig, a: &AuthSetup, f: impl FnOnce(&mut AuthContext) -> R) -> R {
+fn with_sasl<R>(
+    cfg: &SessionConfig,
+    a: &AuthSetup,
+    now: Now,
+    f: impl FnOnce(&mut AuthContext) -> R,
+) -> (R, Option<String>) {
     let users = a.shared.users.borrow().clone();
     let mut nonces = a.shared.nonces.borrow_mut();
     let mut ctx = AuthContext {
@@ -1293,9 +1400,12 @@ fn with_sasl<R>(cfg: &SessionConfig, a: &AuthSetup, f: impl FnOnce(&mut AuthCont
         hostname: &cfg.hostname,
         realm: &a.realm,
         allow_authzid: a.allow_authzid,
-        now: Instant::now(),
+        now: now.mono,
+        unix_secs: now.unix_micros / 1_000_000,
+        login: None,
     };
-    f(&mut ctx)
+    let r = f(&mut ctx);
+    (r, ctx.login)
 }
 
 /// Drops buffered input (used at STARTTLS: CVE-2011-0411).

@@ -3,8 +3,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use super::secrets::Secrets;
-use super::{UserDb, UserDbError};
+use super::{load, save, UserDb, UserDbError};
+use tern_smtp::users::Secrets;
 
 fn secrets(user: &str, realm: &str, pw: &str) -> Secrets {
     Secrets::derive(user, realm, pw, pw, b"0123456789abcdef", 8)
@@ -26,12 +26,12 @@ fn save_load_round_trip() {
         .expect("insert");
     db.insert("alice", "other.org", secrets("alice", "other.org", "c"))
         .expect("insert");
-    db.save(&path).expect("save");
+    save(&db, &path).expect("save");
     assert_eq!(
         std::fs::metadata(&path).expect("meta").permissions().mode() & 0o777,
         0o600
     );
-    let loaded = UserDb::load(&path).expect("load");
+    let loaded = load(&path).expect("load");
     assert_eq!(loaded.len(), 3);
     for (user, realm) in db.entries() {
         assert_eq!(loaded.lookup(user, realm), db.lookup(user, realm));
@@ -46,7 +46,7 @@ fn save_load_round_trip() {
     );
     assert!(loaded.lookup("Alice", "example.org").is_none());
     // Saving again replaces atomically and leaves no temporary behind.
-    loaded.save(&path).expect("save again");
+    save(&loaded, &path).expect("save again");
     let names: Vec<_> = std::fs::read_dir(dir.path())
         .expect("readdir")
         .map(|e| e.expect("entry").file_name())
@@ -60,25 +60,25 @@ fn refuses_group_or_world_readable_file() {
     let path = dir.path().join("users.db");
     for mode in [0o640, 0o604, 0o660, 0o601] {
         write_mode(&path, "", mode);
-        match UserDb::load(&path) {
+        match load(&path) {
             Err(UserDbError::Permissions { mode: m, .. }) => assert_eq!(m, mode),
             other => panic!("mode {mode:o}: {other:?}"),
         }
     }
     write_mode(&path, "", 0o400);
-    assert!(UserDb::load(&path).expect("0400 is fine").is_empty());
+    assert!(load(&path).expect("0400 is fine").is_empty());
 }
 
 #[test]
 fn missing_file_and_directory() {
     let dir = tempfile::tempdir().expect("tempdir");
     assert!(matches!(
-        UserDb::load(&dir.path().join("nope")),
+        load(&dir.path().join("nope")),
         Err(UserDbError::NotFound { .. })
     ));
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
     assert!(matches!(
-        UserDb::load(dir.path()),
+        load(dir.path()),
         Err(UserDbError::NotRegular { .. })
     ));
 }
@@ -125,7 +125,7 @@ fn malformed_file_names_the_line() {
     ];
     for (text, line, needle) in cases {
         write_mode(&path, &text, 0o600);
-        match UserDb::load(&path) {
+        match load(&path) {
             Err(e @ UserDbError::Malformed { .. }) => {
                 let UserDbError::Malformed { line: l, .. } = &e else {
                     unreachable!()
@@ -141,7 +141,7 @@ fn malformed_file_names_the_line() {
     // Not UTF-8.
     std::fs::write(&path, b"\xff\xfe\n").expect("write");
     assert!(matches!(
-        UserDb::load(&path),
+        load(&path),
         Err(UserDbError::Malformed { line: 1, .. })
     ));
 }

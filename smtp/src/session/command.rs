@@ -70,7 +70,7 @@ pub enum Body {
     BinaryMime,
 }
 
-pub use tern_queue::Ret;
+pub use crate::envelope::Ret;
 
 /// RFC 2852 BY=<seconds>;<R|N>[T]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,7 +83,7 @@ pub struct By {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct RcptTo<'a> {
     pub path: &'a str,
-    /// Bit flags, see `tern_queue` NOTIFY_*; 0 = not given.
+    /// Bit flags, see `crate::envelope` NOTIFY_*; 0 = not given.
     pub notify: u8,
     /// ORCPT value as given: addr-type ";" xtext (validated).
     pub orcpt: Option<&'a str>,

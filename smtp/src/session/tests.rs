@@ -1,6 +1,13 @@
 //! Session state machine tests: bytes in, replies out, no sockets.
 
 use super::*;
+use crate::hooks::NoHooks;
+use std::time::Instant;
+
+/// The time every test session runs at (the host passes it; here a fixed wall clock).
+fn test_now() -> Now {
+    Now::at(Instant::now(), 1_796_281_560_000_000)
+}
 
 fn cfg() -> Rc<SessionConfig> {
     Rc::new(SessionConfig {
@@ -16,7 +23,8 @@ fn cfg() -> Rc<SessionConfig> {
         tls_available: true,
         policy: RelayPolicy::new(&["local.test".into()], &[]),
         auth: None,
-        metrics: Default::default(),
+        hooks: Rc::new(NoHooks),
+        ehlo_cache: Default::default(),
     })
 }
 
@@ -27,7 +35,7 @@ fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Vec<u8>>) {
     let mut out = BytesMut::new();
     let mut stored = Vec::new();
     loop {
-        match s.process(&mut inbuf, &mut out) {
+        match s.process(&mut inbuf, &mut out, test_now()) {
             Event::NeedInput | Event::Close => break,
             Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
             Event::StartTls => {
@@ -46,7 +54,7 @@ fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Vec<u8>>) {
 }
 
 fn session() -> Session {
-    Session::new(cfg(), "192.0.2.7:4000".parse().unwrap(), false)
+    Session::new(cfg(), "192.0.2.7:4000".parse().unwrap(), false, test_now())
 }
 
 fn codes(out: &str) -> Vec<&str> {
@@ -125,10 +133,13 @@ fn long_line_split_across_reads_is_discarded() {
     let mut inbuf = BytesMut::from(&b"NOOP "[..]);
     // Longer than any line tern buffers (AUTH lines may reach 12288 octets).
     inbuf.extend_from_slice(&[b'x'; 13_000]);
-    assert!(matches!(s.process(&mut inbuf, &mut out), Event::NeedInput));
+    assert!(matches!(
+        s.process(&mut inbuf, &mut out, test_now()),
+        Event::NeedInput
+    ));
     assert!(inbuf.is_empty(), "buffer must not grow without bound");
     inbuf.extend_from_slice(b"yyy\r\nNOOP\r\n");
-    s.process(&mut inbuf, &mut out);
+    s.process(&mut inbuf, &mut out, test_now());
     assert_eq!(
         &out[..],
         b"500 5.5.2 Error: line too long\r\n250 2.0.0 Ok\r\n"
@@ -245,7 +256,7 @@ fn etrn_needs_ehlo_and_a_valid_node() {
     );
     let mut out = BytesMut::new();
     let ev = loop {
-        match s.process(&mut inbuf, &mut out) {
+        match s.process(&mut inbuf, &mut out, test_now()) {
             Event::Etrn(node) => break node,
             Event::NeedInput => panic!("no ETRN event: {}", String::from_utf8_lossy(&out)),
             _ => {}
@@ -301,7 +312,7 @@ fn drive_split(input: &[u8], cuts: &[usize]) -> (String, Vec<Vec<u8>>) {
         inbuf.extend_from_slice(&input[pos..b]);
         pos = b;
         loop {
-            match s.process(&mut inbuf, &mut out) {
+            match s.process(&mut inbuf, &mut out, test_now()) {
                 Event::NeedInput | Event::Close => break,
                 Event::StartTls => {
                     discard_input(&mut inbuf);
@@ -355,7 +366,7 @@ fn output_limit_stops_processing_until_replies_are_written() {
     let mut rounds = 0;
     let mut replies = 0;
     loop {
-        let ev = s.process(&mut inbuf, &mut out);
+        let ev = s.process(&mut inbuf, &mut out, test_now());
         assert!(matches!(ev, Event::NeedInput | Event::Close));
         // One EHLO reply (~250 octets) at most past the limit.
         assert!(out.len() < 1024 + 512, "{} octets pending", out.len());
@@ -411,11 +422,6 @@ fn auth_session() -> Session {
     let shared = Rc::new(AuthShared {
         users: RefCell::new(Arc::new(users)),
         nonces: RefCell::new(NonceCache::new(64, Duration::from_secs(60))),
-        anvil: crate::anvil::Anvil::local(crate::anvil::AnvilLimits {
-            limit: 100,
-            window: Duration::from_secs(60),
-            cooldown: Duration::from_secs(60),
-        }),
     });
     let base = cfg();
     let cfg = Rc::new(SessionConfig {
@@ -435,9 +441,10 @@ fn auth_session() -> Session {
             realm: "mx.test".into(),
             shared,
         }),
-        metrics: Default::default(),
+        hooks: Rc::new(NoHooks),
+        ehlo_cache: Default::default(),
     });
-    Session::new(cfg, "192.0.2.7:4000".parse().unwrap(), false)
+    Session::new(cfg, "192.0.2.7:4000".parse().unwrap(), false, test_now())
 }
 
 /// RFC 4954 §4: a line refused with 500 (too long, bare LF/CR, NUL) during an AUTH
@@ -471,7 +478,10 @@ fn refused_line_ends_auth_exchange() {
     let mut out = BytesMut::new();
     let mut feed = |bytes: &[u8], s: &mut Session| {
         inbuf.extend_from_slice(bytes);
-        assert!(matches!(s.process(&mut inbuf, &mut out), Event::NeedInput));
+        assert!(matches!(
+            s.process(&mut inbuf, &mut out, test_now()),
+            Event::NeedInput
+        ));
     };
     feed(b"EHLO x\r\nAUTH LOGIN\r\n", &mut s);
     for _ in 0..4 {

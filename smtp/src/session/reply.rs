@@ -12,6 +12,18 @@ pub fn line(out: &mut BytesMut, code: u16, enhanced: &str, text: &str) {
     write_line(out, code, ' ', Some(enhanced), text);
 }
 
+/// Appends a single-line reply whose text is the concatenation of `parts` (no
+/// intermediate String: the 250 after every message is written this way).
+pub fn line_parts(out: &mut BytesMut, code: u16, enhanced: &str, parts: &[&str]) {
+    put_code(out, code, ' ');
+    out.put_slice(enhanced.as_bytes());
+    out.put_u8(b' ');
+    for p in parts {
+        put_text(out, p);
+    }
+    out.put_slice(b"\r\n");
+}
+
 /// Appends a single-line reply without an enhanced code (greeting, HELO/EHLO, 334, 354),
 /// which RFC 2034 §3 exempts.
 pub fn plain(out: &mut BytesMut, code: u16, text: &str) {
@@ -26,25 +38,38 @@ pub fn multi(out: &mut BytesMut, code: u16, enhanced: Option<&str>, lines: &[&st
     }
 }
 
-fn write_line(out: &mut BytesMut, code: u16, sep: char, enhanced: Option<&str>, text: &str) {
-    let mut num = [0u8; 3];
+fn put_code(out: &mut BytesMut, code: u16, sep: char) {
+    let mut num = [0u8; 4];
     num[0] = b'0' + (code / 100 % 10) as u8;
     num[1] = b'0' + (code / 10 % 10) as u8;
     num[2] = b'0' + (code % 10) as u8;
+    num[3] = sep as u8;
     out.put_slice(&num);
-    out.put_u8(sep as u8);
+}
+
+fn write_line(out: &mut BytesMut, code: u16, sep: char, enhanced: Option<&str>, text: &str) {
+    put_code(out, code, sep);
     if let Some(e) = enhanced {
         out.put_slice(e.as_bytes());
         if !text.is_empty() {
             out.put_u8(b' ');
         }
     }
-    // Client-derived text (an address echoed back) has been validated as a path, which
-    // cannot contain CR or LF; strip them anyway so no reply can ever be split.
-    for &b in text.as_bytes() {
+    put_text(out, text);
+    out.put_slice(b"\r\n");
+}
+
+/// Client-derived text (an address echoed back) has been validated as a path, which
+/// cannot contain CR or LF; strip them anyway so no reply can ever be split.
+fn put_text(out: &mut BytesMut, text: &str) {
+    let t = text.as_bytes();
+    if memchr::memchr2(b'\r', b'\n', t).is_none() {
+        out.put_slice(t);
+        return;
+    }
+    for &b in t {
         out.put_u8(if b == b'\r' || b == b'\n' { b' ' } else { b });
     }
-    out.put_slice(b"\r\n");
 }
 
 #[cfg(test)]

@@ -49,6 +49,8 @@ impl Harness {
             realm: &self.realm,
             allow_authzid: self.allow_authzid,
             now: self.now,
+            unix_secs: 1_796_281_560,
+            login: None,
         }
     }
 

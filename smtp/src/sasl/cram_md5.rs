@@ -7,8 +7,6 @@
 //! Must never: compare the digest in variable time, or answer differently for
 //! an unknown user (the dummy midstates run the same HMAC).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use super::{secrets_or_dummy, unhex16, verdict, AuthContext, AuthFailure, Step};
 use crate::users::secrets::{cram_hmac, ct_eq16};
 
@@ -27,9 +25,7 @@ impl Cram {
         let challenge = match fixed {
             Some(token) => format!("<{token}@{}>", ctx.hostname),
             None => {
-                let secs = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
+                let secs = ctx.unix_secs;
                 format!("<{}.{secs}@{}>", ctx.nonces.random_u64(), ctx.hostname)
             }
         }

@@ -17,9 +17,12 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use super::secrets::{Secrets, DEFAULT_SCRAM_ITERATIONS, MAX_SCRAM_ITERATIONS, SCRAM_SALT_LEN};
-use super::{UserDb, UserDbError};
-use crate::sasl::saslprep::saslprep;
+use crate::userstore::{self, UserDb, UserDbError};
+use tern_smtp::sasl::saslprep::saslprep;
+use tern_smtp::users::secrets::{
+    Secrets, DEFAULT_SCRAM_ITERATIONS, MAX_SCRAM_ITERATIONS, SCRAM_SALT_LEN,
+};
+use tern_smtp::users::{check_realm, check_user};
 
 /// sysexits.h codes.
 pub mod exit {
@@ -129,7 +132,7 @@ pub fn run_with(
         code
     };
     if args.list {
-        let db = match UserDb::load(&args.file) {
+        let db = match userstore::load(&args.file) {
             Ok(db) => db,
             Err(e) => return fail(load_code(&e), &e),
         };
@@ -152,7 +155,7 @@ pub fn run_with(
             )
         }
     };
-    if let Err(e) = super::check_user(user).and_then(|()| super::check_realm(&realm)) {
+    if let Err(e) = check_user(user).and_then(|()| check_realm(&realm)) {
         return fail(exit::USAGE, &e);
     }
     if !(1..=MAX_SCRAM_ITERATIONS).contains(&args.iterations) {
@@ -162,7 +165,7 @@ pub fn run_with(
         );
     }
 
-    let mut db = match UserDb::load(&args.file) {
+    let mut db = match userstore::load(&args.file) {
         Ok(db) => db,
         Err(UserDbError::NotFound { .. }) if args.create => UserDb::empty(),
         Err(e) => return fail(load_code(&e), &e),
@@ -203,7 +206,7 @@ pub fn run_with(
             return fail(exit::USAGE, &e);
         }
     }
-    match db.save(&args.file) {
+    match userstore::save(&db, &args.file) {
         Ok(()) => exit::OK,
         Err(e) => fail(save_code(&e), &e),
     }
@@ -349,11 +352,11 @@ mod tests {
             assert!(!text.contains(pw), "no password in the file");
         }
 
-        let db = UserDb::load(&file).expect("load");
+        let db = userstore::load(&file).expect("load");
         let s = db.lookup("alice", "example.org").expect("alice");
         assert_eq!(
             s.digest_ha1,
-            super::super::secrets::digest_ha1("alice", "example.org", b"secret3")
+            tern_smtp::users::secrets::digest_ha1("alice", "example.org", b"secret3")
         );
 
         let mut del = args(&file, Some("alice"));

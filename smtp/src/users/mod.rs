@@ -1,14 +1,12 @@
 //! The user store: who may authenticate, and the derived secrets to check them.
 //!
-//! Owns: the on-disk format (`tern-users.db`, one `user@realm` per line),
-//! loading it into an immutable [`UserDb`] snapshot that shards share via
-//! `Arc`, and the atomic rewrite used by `tern passwd` ([`cli`]).
+//! Owns: the text format of the store (`tern-users.db`, one `user@realm` per line) and the
+//! immutable [`UserDb`] snapshot that shards share via `Arc`. Reading and writing the
+//! file (mode checks, atomic rewrite) is the engine's `userstore`: this crate does no I/O.
 //!
 //! Must never: store or accept a password (only derived secrets, see
-//! [`secrets`]), load a file that group or others can read (a stolen file is a
-//! password-equivalent for CRAM-MD5 and DIGEST-MD5 and a fast offline
-//! dictionary target, see docs/decisions.md), change after it is shared
-//! (reload = load a new snapshot and swap the `Arc`), or print a secret.
+//! [`secrets`]), change after it is shared (reload = parse a new snapshot and swap the
+//! `Arc`), or print a secret.
 //!
 //! File format (text, UTF-8, `#` comments and blank lines ignored):
 //! ```text
@@ -16,14 +14,11 @@
 //! ```
 //! The realm is everything after the LAST `@`, so user names may contain `@`.
 
-pub mod cli;
 pub mod secrets;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -115,42 +110,6 @@ impl UserDb {
             realms: HashMap::new(),
             fake_salt_key,
         }
-    }
-
-    /// Load a snapshot. Refuses a file that group or others can read
-    /// (`mode & 0o077 != 0`) and names the first malformed line.
-    pub fn load(path: &Path) -> Result<UserDb, UserDbError> {
-        let io_err = |source: io::Error| {
-            if source.kind() == io::ErrorKind::NotFound {
-                UserDbError::NotFound {
-                    path: path.to_owned(),
-                }
-            } else {
-                UserDbError::Io {
-                    path: path.to_owned(),
-                    source,
-                }
-            }
-        };
-        let mut file = File::open(path).map_err(io_err)?;
-        // fstat the open file, not the path, so the check and the read see
-        // the same inode.
-        let meta = file.metadata().map_err(io_err)?;
-        if !meta.is_file() {
-            return Err(UserDbError::NotRegular {
-                path: path.to_owned(),
-            });
-        }
-        let mode = meta.mode() & 0o7777;
-        if mode & 0o077 != 0 {
-            return Err(UserDbError::Permissions {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        let mut bytes = Vec::with_capacity(meta.len().min(64 << 20) as usize);
-        file.read_to_end(&mut bytes).map_err(io_err)?;
-        Self::parse(&bytes, path)
     }
 
     /// Parse the text format; `path` only labels errors.
@@ -269,47 +228,9 @@ impl UserDb {
         }
         out
     }
-
-    /// Write atomically: a 0600 temporary file in the same directory, fsync,
-    /// rename over `path`, fsync the directory (so the rename itself is
-    /// durable). Readers see the old or the new file, never a torn one.
-    pub fn save(&self, path: &Path) -> Result<(), UserDbError> {
-        let io_err = |p: &Path| {
-            let p = p.to_owned();
-            move |source| UserDbError::Io { path: p, source }
-        };
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tern-users.db".into());
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io_err(&tmp))?;
-            file.write_all(self.to_text().as_bytes())
-                .map_err(io_err(&tmp))?;
-            file.sync_all().map_err(io_err(&tmp))?;
-            fs::rename(&tmp, path).map_err(io_err(path))?;
-            File::open(&dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err(&dir))
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
-    }
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
         let _ = write!(s, "{b:02x}");
@@ -408,6 +329,3 @@ fn parse_line(line: &str) -> Result<(&str, &str, Secrets), String> {
         },
     ))
 }
-
-#[cfg(test)]
-mod tests;

@@ -1,0 +1,96 @@
+//! The shard's side of `tern_smtp::hooks::SessionHooks`: what a session reports and asks.
+//!
+//! Owns: turning session events into the shard's counters (`metrics::ShardMetrics`),
+//! its log lines (one `NOQUEUE: reject:` line per refusal, as Postfix's smtpd writes them;
+//! one line per AUTH result naming the login tried) and the cross-shard AUTH-failure
+//! counting (`anvil`). One per listener role per shard (the log lines name the listener).
+//! Must never: log a secret (only the login the client tried), put client-supplied CR/LF
+//! or control characters into a log line, or block: the anvil is asked over the shard's
+//! own channels, never a lock.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use tern_smtp::hooks::{AuthAttempt, Rejection, SessionHooks};
+
+use crate::anvil::Anvil;
+use crate::metrics::ShardMetrics;
+
+pub struct ShardHooks {
+    pub shard: usize,
+    pub listener: &'static str,
+    pub metrics: Rc<ShardMetrics>,
+    pub anvil: Rc<Anvil>,
+}
+
+/// Client-supplied text in a log line: printable characters as they are, anything else
+/// (CR, LF, other controls) escaped, so a client cannot forge a log line or a fail2ban
+/// match.
+pub struct Printable<'a>(pub &'a str);
+
+impl fmt::Display for Printable<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "\\x{:02x}", c as u32)?;
+            } else {
+                f.write_fmt(format_args!("{c}"))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SessionHooks for ShardHooks {
+    fn auth_blocked(&self, ip: IpAddr) -> bool {
+        self.anvil.is_blocked(ip)
+    }
+
+    fn auth_attempt(&self, a: &AuthAttempt<'_>) {
+        let login = Printable(a.login.unwrap_or(""));
+        let mech = a.mechanism.name();
+        match a.outcome {
+            Ok(()) => {
+                self.metrics.auth(mech, true);
+                tracing::info!(
+                    shard = self.shard,
+                    "auth ok: client=[{}]:{} mechanism={mech} login=<{login}> listener={}",
+                    a.peer.ip(),
+                    a.peer.port(),
+                    self.listener
+                );
+            }
+            Err(why) => {
+                self.metrics.auth(mech, false);
+                self.anvil.record_failure(a.peer.ip());
+                tracing::info!(
+                    shard = self.shard,
+                    "auth failed: client=[{}]:{} mechanism={mech} login=<{login}> reason={why:?} failures={} listener={}",
+                    a.peer.ip(),
+                    a.peer.port(),
+                    a.failures,
+                    self.listener
+                );
+            }
+        }
+    }
+
+    fn rejected(&self, r: &Rejection<'_>) {
+        self.metrics.rejected(r);
+        tracing::info!(
+            shard = self.shard,
+            "NOQUEUE: reject: {} from [{}]:{}: {} {} {}; from=<{}> to=<{}> helo=<{}> listener={}",
+            r.stage,
+            r.peer.ip(),
+            r.peer.port(),
+            r.code,
+            r.enhanced,
+            Printable(r.text),
+            Printable(r.sender.unwrap_or("")),
+            Printable(r.recipient.unwrap_or("")),
+            Printable(r.helo.unwrap_or("")),
+            self.listener
+        );
+    }
+}
