@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{connect, ClientError, ClientOptions, Connection, Reply, Stage};
+use crate::config::RunnerConfig;
 use crate::dsn::{DsnKind, DsnStatus};
+use crate::outcome::{NextHop, Outcome};
 use crate::route::Destination;
-use crate::runner::{NextHop, Outcome, RunnerConfig};
 use crate::Envelope;
 
 /// Delivers recipients `idx` of `env` to `dest`.
