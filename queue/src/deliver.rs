@@ -105,7 +105,9 @@ async fn via_mx(
         Err(e) => {
             let text = e.to_string();
             let outcome = match e.permanent() {
-                Some((code, enhanced)) => Outcome::Failed(Reply::local(code, enhanced, text), None),
+                Some((code, enhanced)) => {
+                    Outcome::failed_locally(Reply::local(code, enhanced, text))
+                }
                 None => Outcome::Deferred(format!("451 4.4.3 {text}")),
             };
             idx.iter().map(|&i| (i, outcome.clone())).collect()
@@ -241,7 +243,11 @@ async fn to_smtp(
                                     hop: Some(hop.clone()),
                                 }
                             } else if r.is_permanent() {
-                                Outcome::Failed(r, Some(host.clone()))
+                                Outcome::Failed {
+                                    line,
+                                    reply: r,
+                                    mta: Some(host.clone()),
+                                }
                             } else {
                                 Outcome::Deferred(line)
                             };

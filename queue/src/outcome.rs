@@ -23,8 +23,14 @@ pub(crate) enum Outcome {
         /// Shared by the recipients of one transaction.
         hop: Option<Rc<NextHop>>,
     },
-    /// Permanent failure: status code, enhanced code, text, remote MTA.
-    Failed(Reply, Option<String>),
+    /// Permanent failure. `line` is for the log, in the same form as `Delivered`'s
+    /// (`host[addr] said: 550 5.1.1 ...` when a next hop said it); `reply` and `mta` (the
+    /// remote host, `None` for a local decision) go into the bounce.
+    Failed {
+        line: String,
+        reply: Reply,
+        mta: Option<String>,
+    },
     /// Try again later.
     Deferred(String),
     /// Not tried: the destination's rate limit has no token for this long. Neither an
@@ -42,4 +48,15 @@ pub(crate) struct NextHop {
     pub dsn: bool,
     /// It offered DELIVERBY (RFC 2852): BY= went on.
     pub deliverby: bool,
+}
+
+impl Outcome {
+    /// A permanent failure decided here (no next hop said it): DNS, expiry.
+    pub(crate) fn failed_locally(reply: Reply) -> Outcome {
+        Outcome::Failed {
+            line: reply.to_string(),
+            reply,
+            mta: None,
+        }
+    }
 }

@@ -342,7 +342,10 @@ impl Runner {
                 "delivery time expired"
             };
             for &i in &pending {
-                outcomes.push((i, Outcome::Failed(Reply::local(554, (5, 4, 7), why), None)));
+                outcomes.push((
+                    i,
+                    Outcome::failed_locally(Reply::local(554, (5, 4, 7), why)),
+                ));
             }
         } else {
             outcomes = self.deliver(&env, &body, &pending).await;
@@ -375,7 +378,7 @@ impl Runner {
         let failed: Vec<(usize, Reply, Option<String>)> = outcomes
             .iter()
             .filter_map(|(i, o)| match o {
-                Outcome::Failed(rep, mta) => Some((*i, rep.clone(), mta.clone())),
+                Outcome::Failed { reply, mta, .. } => Some((*i, reply.clone(), mta.clone())),
                 _ => None,
             })
             .collect();
@@ -397,11 +400,11 @@ impl Runner {
                         change.updates.push((*i as u32, RcptState::Delivered));
                         counts.sent += 1;
                     }
-                    Outcome::Failed(rep, _) => {
-                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %rep, "delivery");
+                    Outcome::Failed { line, .. } => {
+                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %line, "delivery");
                         change.updates.push((*i as u32, RcptState::Failed));
                         counts.bounced += 1;
-                        counts.failure(format!("{} to {to}: bounced: {rep}", q.id));
+                        counts.failure(format!("{} to {to}: bounced: {line}", q.id));
                     }
                     Outcome::Deferred(why) => {
                         tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "deferred", reply = %why, "delivery");
