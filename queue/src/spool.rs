@@ -46,8 +46,9 @@ use crate::envelope::Envelope;
 use crate::error::{clone_io_error, is_no_space, SpoolError};
 use crate::id::{parse_queue_id, QueueIdGen};
 use crate::record::{
-    align_up, deserialize_envelope, encode_state, serialize_envelope, RecordHeader, SegmentHeader,
-    KIND_MESSAGE, KIND_STATE, RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    align_up, deserialize_envelope, encode_state_into, envelope_capacity_hint,
+    serialize_envelope_after, state_len, RecordHeader, SegmentHeader, KIND_MESSAGE, KIND_STATE,
+    RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::recovery::{scan_segment, Payload, SegmentScan};
 use crate::segment::{
@@ -284,12 +285,13 @@ pub struct PendingWrite {
     body: Vec<Bytes>,
     /// Zero padding after the body up to the record's 8-byte aligned end.
     pad: usize,
-    id: String,
+    /// Inline: a pending write costs no allocation for its id.
+    id: MsgId,
 }
 
 impl PendingWrite {
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
     pub fn segment(&self) -> u64 {
         self.seg.number
@@ -546,20 +548,27 @@ impl ShardSpool {
                 env.id, env.size, body_len
             )));
         }
-        if env.id.len() > MAX_ID_LEN {
+        let Some(id) = MsgId::new(&env.id) else {
             return Err(SpoolError::Invalid(format!(
                 "queue id {:?} is longer than {MAX_ID_LEN} bytes",
                 env.id
             )));
-        }
-        let env_bytes = serialize_envelope(env).map_err(SpoolError::Invalid)?;
+        };
+        // The envelope is serialised once, straight after room for the record header, into
+        // the buffer `commit_batch` writes from (no second copy of it).
+        let mut head = Vec::with_capacity(
+            RECORD_HEADER_SIZE + envelope_capacity_hint(env) + RECORD_ALIGN as usize,
+        );
+        head.resize(RECORD_HEADER_SIZE, 0);
+        let mut head = serialize_envelope_after(env, head).map_err(SpoolError::Invalid)?;
+        let env_bytes = &head[RECORD_HEADER_SIZE..];
         let env_len = u32::try_from(env_bytes.len()).map_err(|_| {
             SpoolError::Invalid(format!("envelope {} is {} bytes", env.id, env_bytes.len()))
         })?;
         let header = RecordHeader {
             kind: KIND_MESSAGE,
             env_len,
-            env_crc: crc32c::crc32c(&env_bytes),
+            env_crc: crc32c::crc32c(env_bytes),
             body_len,
             // Filled in by commit_batch on the blocking thread: checksumming a large body is
             // the one CPU-heavy step, and it does not belong on the shard's executor.
@@ -574,9 +583,6 @@ impl ShardSpool {
         // Counted live from the reservation on: if the write fails the segment is kept
         // until the next restart recounts it (never deleted too early).
         self.segs.entry(seg.number).or_default().add_msg(offset);
-        let mut head = Vec::with_capacity(head_len);
-        head.resize(RECORD_HEADER_SIZE, 0);
-        head.extend_from_slice(&env_bytes);
         head.resize(head_len, 0);
         Ok(PendingWrite {
             seg,
@@ -585,7 +591,7 @@ impl ShardSpool {
             header,
             body: body.to_vec(),
             pad,
-            id: env.id.clone(),
+            id,
         })
     }
 
@@ -610,14 +616,19 @@ impl ShardSpool {
                 change.id, self.shard
             )));
         }
-        let payload = encode_state(change);
+        // Encoded once, after room for the record header, in the buffer that is written.
+        let mut head =
+            Vec::with_capacity(RECORD_HEADER_SIZE + state_len(change) + RECORD_ALIGN as usize);
+        head.resize(RECORD_HEADER_SIZE, 0);
+        encode_state_into(change, &mut head);
+        let payload = &head[RECORD_HEADER_SIZE..];
         let env_len = u32::try_from(payload.len()).map_err(|_| {
             SpoolError::Invalid(format!("state change for {} is too large", change.id))
         })?;
         let header = RecordHeader {
             kind: KIND_STATE,
             env_len,
-            env_crc: crc32c::crc32c(&payload),
+            env_crc: crc32c::crc32c(payload),
             body_len: 0,
             body_crc: 0,
         };
@@ -633,9 +644,6 @@ impl ShardSpool {
             }
             self.segs.entry(seg.number).or_default().pins += 1;
         }
-        let mut head = Vec::with_capacity(total as usize);
-        head.resize(RECORD_HEADER_SIZE, 0);
-        head.extend_from_slice(&payload);
         head.resize(total as usize, 0);
         Ok(PendingWrite {
             seg,
@@ -644,7 +652,7 @@ impl ShardSpool {
             header,
             body: Vec::new(),
             pad: 0,
-            id: change.id.to_string(),
+            id: change.id,
         })
     }
 
@@ -1028,7 +1036,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
                 touched.push(pw.seg.clone());
             }
             Committed {
-                id: pw.id.clone(),
+                id: pw.id.as_str().to_string(),
                 segment: pw.seg.number,
                 offset: pw.offset,
             }
