@@ -46,6 +46,8 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         data_block: cap(d.data_block),
         data_final: cap(d.data_final).max(q.command_timeout),
         tls_handshake: cap(d.tls_handshake),
+        // Replies must keep up this rate once they start (no configuration key yet).
+        min_data_rate: d.min_data_rate,
     };
     // One resolver thread for the process: every shard gets a handle to the same one.
     let dns = DnsConfig::parse(&q.resolver)

@@ -23,9 +23,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::client::{connect, ClientError, ClientOptions, Connection, Reply, Stage};
+use crate::config::RunnerConfig;
 use crate::dsn::{DsnKind, DsnStatus};
+use crate::outcome::{NextHop, Outcome};
 use crate::route::Destination;
-use crate::runner::{NextHop, Outcome, RunnerConfig};
 use crate::Envelope;
 
 /// Delivers recipients `idx` of `env` to `dest`.
@@ -104,7 +105,9 @@ async fn via_mx(
         Err(e) => {
             let text = e.to_string();
             let outcome = match e.permanent() {
-                Some((code, enhanced)) => Outcome::Failed(Reply::local(code, enhanced, text), None),
+                Some((code, enhanced)) => {
+                    Outcome::failed_locally(Reply::local(code, enhanced, text))
+                }
                 None => Outcome::Deferred(format!("451 4.4.3 {text}")),
             };
             idx.iter().map(|&i| (i, outcome.clone())).collect()
@@ -240,7 +243,11 @@ async fn to_smtp(
                                     hop: Some(hop.clone()),
                                 }
                             } else if r.is_permanent() {
-                                Outcome::Failed(r, Some(host.clone()))
+                                Outcome::Failed {
+                                    line,
+                                    reply: r,
+                                    mta: Some(host.clone()),
+                                }
                             } else {
                                 Outcome::Deferred(line)
                             };

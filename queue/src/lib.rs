@@ -27,7 +27,9 @@
 //! `commit_batch` alongside new messages, and calls `finished` once a message has no
 //! pending recipient; segments whose contents are all finished are deleted.
 //! - `runner` — the shard's queue runner; `deliver`, `client/`, `route`, `maildir`,
-//!   `dsn` and `ratelimit` (per-destination token buckets) serve it.
+//!   `dsn` and `ratelimit` (per-destination token buckets) serve it. `config`
+//!   (`RunnerConfig`) and `outcome` (`Outcome`, `NextHop`) sit below both `runner` and
+//!   `deliver`, so `deliver` never imports `runner`.
 //! - `commit` — `GroupCommit`: the shard's committer task (group commit on glommio's
 //!   blocking thread) shared by accepting sessions and the queue runner.
 //!
@@ -67,6 +69,7 @@
 
 pub mod client;
 pub mod commit;
+pub mod config;
 mod deliver;
 pub mod dsn;
 pub mod envelope;
@@ -74,6 +77,7 @@ pub mod error;
 pub mod id;
 pub mod index;
 pub mod maildir;
+mod outcome;
 pub mod ratelimit;
 pub mod record;
 pub mod recovery;

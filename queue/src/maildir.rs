@@ -8,8 +8,11 @@
 //! (the rename is the commit point), or run on a shard thread (these are blocking
 //! syscalls: the runner calls [`deliver`] through `spawn_blocking`).
 //!
-//! The message is stored with the CRLF line endings it arrived with; the two added header
-//! lines use CRLF too, so the file is consistent (Dovecot and mutt read either).
+//! The message is stored with LF line endings, as maildir(5) files are (Postfix's
+//! `virtual`, Dovecot's LDA and qmail all write them so; a reader that sees CRLF may keep
+//! the CR in every line). Every CRLF of the body becomes LF while it is written, a slice at
+//! a time through a small buffer (no copy of the whole body); a lone CR is data and stays.
+//! The two added header lines end in LF too.
 
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Write};
@@ -94,10 +97,7 @@ pub fn deliver(
     let name = unique_name(hostname);
     let tmp = maildir.join("tmp").join(&name);
     let new = maildir.join("new").join(&name);
-    let header = format!(
-        "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
-        env.sender, r.addr
-    );
+    let header = format!("Return-Path: <{}>\nDelivered-To: {}\n", env.sender, r.addr);
 
     let result = write_file(&tmp, header.as_bytes(), body).and_then(|()| {
         // maildir(5): the rename is the moment of delivery. The name is unique, so
@@ -122,18 +122,36 @@ fn write_file(path: &Path, header: &[u8], body: &[u8]) -> Result<(), MaildirErro
         path: path.to_path_buf(),
         source,
     };
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .map_err(werr)?;
-    f.write_all(header).map_err(werr)?;
-    f.write_all(body).map_err(werr)?;
+    // A 64 KiB buffer: the body goes out in pieces between CRLFs, gathered into few
+    // write(2)s.
+    let mut w = io::BufWriter::with_capacity(64 * 1024, f);
+    w.write_all(header).map_err(werr)?;
+    write_lf(&mut w, body).map_err(werr)?;
+    let f = w.into_inner().map_err(|e| werr(e.into_error()))?;
     f.sync_all().map_err(|source| MaildirError::Sync {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Writes `bytes` with every CRLF as LF; a CR not followed by LF is kept.
+pub fn write_lf(w: &mut impl Write, bytes: &[u8]) -> io::Result<()> {
+    let mut start = 0;
+    for lf in memchr::memchr_iter(b'\n', bytes) {
+        // `start` is 0 or the position of the previous LF, so `lf - 1 >= start` here.
+        if lf > start && bytes[lf - 1] == b'\r' {
+            w.write_all(&bytes[start..lf - 1])?;
+            // The LF goes out with the next piece.
+            start = lf;
+        }
+    }
+    w.write_all(&bytes[start..])
 }
 
 fn ensure_dirs(maildir: &Path) -> Result<(), MaildirError> {
@@ -195,4 +213,40 @@ fn unique_name(hostname: &str) -> String {
         seq,
         host
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::write_lf;
+
+    fn lf(b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_lf(&mut out, b).unwrap();
+        out
+    }
+
+    #[test]
+    fn crlf_becomes_lf_and_a_lone_cr_stays() {
+        assert_eq!(lf(b""), b"");
+        assert_eq!(lf(b"\r\n"), b"\n");
+        assert_eq!(lf(b"a\r\nb\r\n\r\nc"), b"a\nb\n\nc");
+        assert_eq!(lf(b"a\rb\n\r\r\n"), b"a\rb\n\r\n");
+        assert_eq!(lf(b"\n\n\r"), b"\n\n\r");
+        assert_eq!(lf(b"\r\r\n\r\n"), b"\r\n\n");
+        // Against a plain replace, on every short string over {a, CR, LF}.
+        for n in 0..6u32 {
+            for code in 0..3u32.pow(n) {
+                let mut c = code;
+                let s: Vec<u8> = (0..n)
+                    .map(|_| {
+                        let b = b"a\r\n"[(c % 3) as usize];
+                        c /= 3;
+                        b
+                    })
+                    .collect();
+                let want = String::from_utf8(s.clone()).unwrap().replace("\r\n", "\n");
+                assert_eq!(lf(&s), want.as_bytes(), "{s:?}");
+            }
+        }
+    }
 }

@@ -234,10 +234,25 @@ pub fn header_crc(first40: &[u8], salt: u64, offset: u64) -> u32 {
 /// Encodes a state change's payload (layout above). The reply is cut to
 /// `MAX_REPLY_LEN` bytes at a character boundary.
 pub fn encode_state(c: &StateChange) -> Vec<u8> {
+    let mut b = Vec::with_capacity(state_len(c));
+    encode_state_into(c, &mut b);
+    b
+}
+
+/// The length of `c`'s encoded payload.
+pub fn state_len(c: &StateChange) -> usize {
+    STATE_FIXED_LEN
+        + 8 * c.updates.len()
+        + c.id.as_str().len()
+        + truncate_utf8(&c.last_reply, MAX_REPLY_LEN).len()
+}
+
+/// [`encode_state`], appended to `b` (the write path encodes after the record header, in
+/// the buffer it writes from).
+pub fn encode_state_into(c: &StateChange, b: &mut Vec<u8>) {
     let id = c.id.as_str().as_bytes();
     let reply = truncate_utf8(&c.last_reply, MAX_REPLY_LEN).as_bytes();
     let n = c.updates.len();
-    let mut b = Vec::with_capacity(STATE_FIXED_LEN + 8 * n + id.len() + reply.len() + 8);
     b.extend_from_slice(&c.msg.shard.to_le_bytes());
     b.push(u8::from(c.warned) | (u8::from(c.held) << 1));
     b.push(id.len() as u8);
@@ -254,7 +269,6 @@ pub fn encode_state(c: &StateChange) -> Vec<u8> {
     }
     b.extend_from_slice(id);
     b.extend_from_slice(reply);
-    b
 }
 
 /// Decodes and validates a state payload from untrusted bytes (its CRC was checked by
@@ -318,6 +332,43 @@ pub fn serialize_envelope(env: &Envelope) -> Result<AlignedVec, String> {
     rkyv::to_bytes::<BoxedError>(env).map_err(|e| format!("rkyv serialisation failed: {e}"))
 }
 
+/// Serialises an envelope with rkyv straight after the bytes already in `buf` (the record
+/// header), so the write path builds a record in the one buffer it is written from.
+///
+/// The archive bytes are identical to [`serialize_envelope`]'s: rkyv pads for alignment
+/// relative to the start of its writer, and `buf.len()` must be a multiple of 16 (the
+/// largest alignment an archived envelope needs; checked), so every padding decision falls
+/// the same way. Pointers in the archive are relative, so its position does not matter.
+pub fn serialize_envelope_after(env: &Envelope, buf: Vec<u8>) -> Result<Vec<u8>, String> {
+    if buf.len() % 16 != 0 {
+        return Err(format!(
+            "envelope would start at {}, not 16-byte aligned",
+            buf.len()
+        ));
+    }
+    rkyv::api::high::to_bytes_in::<_, BoxedError>(env, buf)
+        .map_err(|e| format!("rkyv serialisation failed: {e}"))
+}
+
+/// A capacity that holds `env`'s archive without growing: the strings' bytes plus a
+/// generous allowance for rkyv's fixed parts (its per-field and per-recipient overhead
+/// is well under the allowances). A wrong guess costs a reallocation, never correctness.
+pub fn envelope_capacity_hint(env: &Envelope) -> usize {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    let strings = env.id.len()
+        + env.sender.len()
+        + opt(&env.envid)
+        + opt(&env.auth)
+        + env.client_helo.len()
+        + env.client_addr.len();
+    let rcpts: usize = env
+        .recipients
+        .iter()
+        .map(|r| r.addr.len() + opt(&r.orcpt) + 48)
+        .sum();
+    256 + strings + rcpts
+}
+
 /// Validates (bytecheck) and deserialises an envelope from untrusted bytes.
 /// The bytes are copied into an aligned buffer first, so the result never depends on
 /// where the caller's slice happens to sit in memory.
@@ -333,6 +384,51 @@ pub fn deserialize_envelope(bytes: &[u8]) -> Result<Envelope, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn envelope_after_a_header_is_the_same_archive() {
+        let env = Envelope {
+            id: "0123456789ABCDEF".into(),
+            sender: "a@example.org".into(),
+            recipients: (0..5)
+                .map(|i| crate::Recipient {
+                    addr: format!("r{i}@example.net"),
+                    notify: i,
+                    orcpt: (i % 2 == 0).then(|| format!("rfc822;o{i}@example.net")),
+                })
+                .collect(),
+            arrival_unix_micros: 7,
+            size: 3,
+            body_type: crate::BodyType::EightBitMime,
+            smtputf8: true,
+            ret: Some(crate::Ret::Hdrs),
+            envid: Some("e".into()),
+            deliver_by: Some(crate::DeliverBy {
+                seconds: -5,
+                mode: crate::DeliverByMode::Notify,
+                trace: true,
+            }),
+            auth: None,
+            client_helo: "h".into(),
+            client_addr: "192.0.2.1:1".into(),
+        };
+        let alone = serialize_envelope(&env).unwrap();
+        let mut head = Vec::with_capacity(RECORD_HEADER_SIZE + envelope_capacity_hint(&env));
+        head.resize(RECORD_HEADER_SIZE, 0xAA);
+        let cap = head.capacity();
+        let after = serialize_envelope_after(&env, head).unwrap();
+        assert_eq!(
+            &after[..RECORD_HEADER_SIZE],
+            &[0xAA; RECORD_HEADER_SIZE][..]
+        );
+        assert_eq!(&after[RECORD_HEADER_SIZE..], &alone[..]);
+        assert_eq!(
+            after.capacity(),
+            cap,
+            "the hint was too small: the buffer grew"
+        );
+        assert!(serialize_envelope_after(&env, vec![0; 8]).is_err());
+    }
 
     #[test]
     fn header_round_trip_and_salt_matters() {

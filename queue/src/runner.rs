@@ -35,80 +35,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::client::{ClientOptions, Reply};
+use crate::client::Reply;
 use crate::commit::GroupCommit;
 use crate::dsn::DsnKind;
 use crate::index::QueueIndex;
+use crate::outcome::Outcome;
 use crate::ratelimit::{RateLimit, TokenBucket};
-use crate::route::{Destination, Dns, Router};
+use crate::route::Destination;
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
+// Re-exported where the engine has always found it; defined below `deliver`, which reads it too.
+pub use crate::config::RunnerConfig;
 use crate::{BodyType, DeliverByMode, Envelope, NOTIFY_DELAY, NOTIFY_NEVER, NOTIFY_SUCCESS};
-
-/// Settings of the runner (from the `[queue]` configuration).
-#[derive(Debug, Clone)]
-pub struct RunnerConfig {
-    pub hostname: String,
-    pub retry_interval: Duration,
-    pub max_retry_interval: Duration,
-    pub max_age: Duration,
-    /// Send a delay DSN (to NOTIFY=DELAY recipients' sender) after this long; None = never.
-    pub delay_warning: Option<Duration>,
-    /// Deliveries in flight at once on this shard.
-    pub concurrency: usize,
-    /// Above this many queued messages on the shard, new mail gets 452 4.3.1.
-    pub high_water_messages: usize,
-    /// Above this many bytes of spool segments on the shard, likewise; 0 = no limit.
-    pub high_water_bytes: u64,
-    pub router: Router,
-    pub client: ClientOptions,
-    /// The resolver for MX and host lookups (`queue.resolver`; shared by the shards).
-    pub dns: Dns,
-    /// SMTP port for MX deliveries: 25 (RFC 5321 §5.1). A test seam, not a configuration
-    /// key: tests point MX records at 127.0.0.1 and a scripted server on another port.
-    pub mx_port: u16,
-    /// Deliveries in flight at once to one destination (one route / MX domain) per shard,
-    /// so a slow or small next hop is not hammered.
-    pub destination_concurrency: usize,
-    /// Deliveries started per second to one destination by this shard (its share of
-    /// `queue.destination_rate`); `None` = no limit. A route's own `rate=` wins. Local
-    /// (maildir) deliveries are never limited.
-    pub destination_rate: Option<RateLimit>,
-    /// The relayhost (as routed) and the credentials to AUTH to it with, if any.
-    pub relayhost: Option<(String, u16)>,
-    pub relayhost_auth: Option<(String, String)>,
-}
-
-/// Outcome of one recipient in one attempt.
-#[derive(Debug, Clone)]
-pub(crate) enum Outcome {
-    /// 2xx. `line` is for the log; `reply` for a success DSN; `hop` is the next hop that
-    /// took it (`None`: delivered here, into a maildir).
-    Delivered {
-        line: String,
-        reply: Reply,
-        /// Shared by the recipients of one transaction.
-        hop: Option<Rc<NextHop>>,
-    },
-    /// Permanent failure: status code, enhanced code, text, remote MTA.
-    Failed(Reply, Option<String>),
-    /// Try again later.
-    Deferred(String),
-    /// Not tried: the destination's rate limit has no token for this long. Neither an
-    /// attempt nor a failure.
-    Throttled(Duration),
-}
-
-/// What the SMTP server that took a recipient offered: decides whether tern owes the
-/// sender a "relayed" DSN.
-#[derive(Debug, Clone)]
-pub(crate) struct NextHop {
-    /// The host name (MX or route host) as tern looked it up.
-    pub mta: String,
-    /// It offered DSN (RFC 3461): NOTIFY/ORCPT went on, it reports from now on.
-    pub dsn: bool,
-    /// It offered DELIVERBY (RFC 2852): BY= went on.
-    pub deliverby: bool,
-}
 
 /// Longest a delivery waits in place for its destination's rate token; beyond that its
 /// recipients are throttled and the message is due again later (a waiting delivery holds
@@ -405,7 +342,10 @@ impl Runner {
                 "delivery time expired"
             };
             for &i in &pending {
-                outcomes.push((i, Outcome::Failed(Reply::local(554, (5, 4, 7), why), None)));
+                outcomes.push((
+                    i,
+                    Outcome::failed_locally(Reply::local(554, (5, 4, 7), why)),
+                ));
             }
         } else {
             outcomes = self.deliver(&env, &body, &pending).await;
@@ -438,7 +378,7 @@ impl Runner {
         let failed: Vec<(usize, Reply, Option<String>)> = outcomes
             .iter()
             .filter_map(|(i, o)| match o {
-                Outcome::Failed(rep, mta) => Some((*i, rep.clone(), mta.clone())),
+                Outcome::Failed { reply, mta, .. } => Some((*i, reply.clone(), mta.clone())),
                 _ => None,
             })
             .collect();
@@ -460,11 +400,11 @@ impl Runner {
                         change.updates.push((*i as u32, RcptState::Delivered));
                         counts.sent += 1;
                     }
-                    Outcome::Failed(rep, _) => {
-                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %rep, "delivery");
+                    Outcome::Failed { line, .. } => {
+                        tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %line, "delivery");
                         change.updates.push((*i as u32, RcptState::Failed));
                         counts.bounced += 1;
-                        counts.failure(format!("{} to {to}: bounced: {rep}", q.id));
+                        counts.failure(format!("{} to {to}: bounced: {line}", q.id));
                     }
                     Outcome::Deferred(why) => {
                         tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "deferred", reply = %why, "delivery");

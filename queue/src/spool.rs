@@ -28,9 +28,11 @@
 //! its body zero-copy from a cached read-only mapping.
 //!
 //! # Recovery
-//! See `recovery.rs`. `open` additionally zeroes torn tails (so the next append at the
-//! cut point cannot be confused with old bytes) and continues appending in the last
-//! segment after its last good record.
+//! See `recovery.rs` for one segment's bytes. A shard's log is replayed by ONE function,
+//! `replay`, used by `open` and by the offline `scan_spool_with_state`, so the tools list
+//! exactly what the server delivers. `open` additionally zeroes torn tails (so the next
+//! append at the cut point cannot be confused with old bytes) and continues appending in
+//! the last segment after its last good record.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
@@ -46,8 +48,9 @@ use crate::envelope::Envelope;
 use crate::error::{clone_io_error, is_no_space, SpoolError};
 use crate::id::{parse_queue_id, QueueIdGen};
 use crate::record::{
-    align_up, deserialize_envelope, encode_state, serialize_envelope, RecordHeader, SegmentHeader,
-    KIND_MESSAGE, KIND_STATE, RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
+    align_up, deserialize_envelope, encode_state_into, envelope_capacity_hint,
+    serialize_envelope_after, state_len, RecordHeader, SegmentHeader, KIND_MESSAGE, KIND_STATE,
+    RECORD_ALIGN, RECORD_HEADER_SIZE, SEGMENT_HEADER_SIZE,
 };
 use crate::recovery::{scan_segment, Payload, SegmentScan};
 use crate::segment::{
@@ -191,10 +194,10 @@ impl SegTrack {
         self.live -= 1;
         true
     }
-    fn add_pin_to(&mut self, later: u64) {
+    fn add_pin_to(&mut self, later: u64, count: u32) {
         match self.pinned.iter_mut().find(|(s, _)| *s == later) {
-            Some((_, c)) => *c += 1,
-            None => self.pinned.push((later, 1)),
+            Some((_, c)) => *c += count,
+            None => self.pinned.push((later, count)),
         }
     }
     fn deletable(&self) -> bool {
@@ -284,12 +287,13 @@ pub struct PendingWrite {
     body: Vec<Bytes>,
     /// Zero padding after the body up to the record's 8-byte aligned end.
     pad: usize,
-    id: String,
+    /// Inline: a pending write costs no allocation for its id.
+    id: MsgId,
 }
 
 impl PendingWrite {
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
     pub fn segment(&self) -> u64 {
         self.seg.number
@@ -342,147 +346,55 @@ impl ShardSpool {
         let lock = lock_shard_dir(&sdir)?;
         remove_stale_temporaries(&sdir)?;
 
-        let mut rec = Recovered::default();
+        let ShardReplay {
+            mut rec,
+            segments,
+            last_number,
+            entries,
+            pins,
+            floor,
+        } = replay(&sdir, shard, ReplayMode::Recover, listing)?;
+        let next_segment = last_number.map_or(1, |n| n.saturating_add(1).max(1));
         let mut segs: BTreeMap<u64, SegTrack> = BTreeMap::new();
-        // Every message record seen, finished or not, until all state is applied.
-        let mut entries: Vec<QueuedMessage> = Vec::new();
-        let mut index: HashMap<MsgRef, usize> = HashMap::new();
-        let mut floor = 0u64;
-        let mut next_segment = 1u64;
         let mut active = None;
-        let segments = list_segments(&sdir)?;
-        let last_number = segments.last().map(|(n, _)| *n);
-        for (number, path) in segments {
-            next_segment = next_segment.max(number.saturating_add(1));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| SpoolError::io(format!("opening segment {}", path.display()), e))?;
-            let scan = {
-                let map = map_readonly(&file, &path)?;
-                scan_segment(&map)
-            };
-            let scan = match scan {
-                Ok(s) if s.header.shard == shard && s.header.number == number => s,
-                Ok(s) => {
-                    tracing::warn!(path = %path.display(), header_shard = s.header.shard, header_number = s.header.number,
-                        "segment header names another shard/segment; left untouched and not recovered");
-                    rec.unreadable_segments += 1;
-                    continue;
-                }
-                Err(reason) => {
-                    tracing::warn!(path = %path.display(), %reason, "unreadable segment; left untouched");
-                    rec.unreadable_segments += 1;
-                    continue;
-                }
-            };
-            rec.segments += 1;
-            report_corruption(&path, &scan);
-            rec.corrupt_skipped += scan.corrupt.len();
-            if let Some(torn) = &scan.torn {
-                tracing::warn!(path = %path.display(), offset = torn.start, end = torn.end, reason = %torn.reason,
-                    "cutting torn tail (interrupted write)");
-                // Zero the torn bytes: a later scan must not find pieces of the torn record
-                // once new records have been appended in front of them.
-                zero_range(&file, torn.start, torn.end).map_err(|e| {
-                    SpoolError::io(format!("zeroing torn tail of {}", path.display()), e)
-                })?;
-                rec.torn_tails_cut += 1;
-            }
-            if Some(number) == last_number && !scan.truncated {
+        for s in segments {
+            if Some(s.number) == last_number && !s.truncated {
                 active = Some(Active {
                     seg: Arc::new(SegmentHandle::new(
-                        number,
-                        file,
-                        scan.header.salt,
-                        scan.header.size,
-                        path.clone(),
+                        s.number,
+                        s.file,
+                        s.header.salt,
+                        s.header.size,
+                        s.path,
                     )),
-                    write_off: scan.data_end,
+                    write_off: s.data_end,
                 });
             }
             segs.insert(
-                number,
+                s.number,
                 SegTrack {
                     // Corrupt records are evidence (and may be messages we could not
                     // read): such a segment is never deleted automatically.
-                    stuck: !scan.corrupt.is_empty(),
-                    bytes: scan.header.size,
+                    stuck: s.corrupt,
+                    bytes: s.header.size,
                     ..SegTrack::default()
                 },
             );
-            for r in scan.records {
-                match r.payload {
-                    Payload::Message(envelope) => {
-                        if let Some((micros, id_shard)) = parse_queue_id(&envelope.id) {
-                            if id_shard == shard {
-                                floor = floor.max(micros);
-                            }
-                        }
-                        let msg = MsgRef {
-                            shard,
-                            segment: number,
-                            offset: r.offset,
-                        };
-                        if let Some(t) = segs.get_mut(&number) {
-                            t.add_msg(r.offset);
-                        }
-                        // `prepare` never writes a longer id; a record from elsewhere is
-                        // indexed under its cut id (its state records will not match).
-                        let id = MsgId::new(truncate_utf8(&envelope.id, MAX_ID_LEN))
-                            .unwrap_or_else(|| MsgId::new("").expect("empty id fits"));
-                        index.insert(msg, entries.len());
-                        entries.push(QueuedMessage::new(
-                            msg,
-                            id,
-                            envelope.arrival_unix_micros,
-                            envelope.recipients.len(),
-                        ));
-                        if listing == Listing::All {
-                            rec.messages.push(RecoveredMessage {
-                                body_len: r.header.body_len,
-                                envelope,
-                                segment: number,
-                                offset: r.offset,
-                                shard,
-                            });
-                        }
-                    }
-                    Payload::State(change) => {
-                        rec.state_records += 1;
-                        let Some(&k) = index.get(&change.msg) else {
-                            rec.state_records_ignored += 1;
-                            if segs.contains_key(&change.msg.segment) {
-                                tracing::warn!(path = %path.display(), offset = r.offset, msg = ?change.msg, id = %change.id,
-                                    "state record for no known message; ignored");
-                            } else {
-                                // The normal case after recycling: the message's segment
-                                // was deleted when all its messages were finished.
-                                tracing::debug!(path = %path.display(), offset = r.offset, msg = ?change.msg,
-                                    "state record for a recycled segment; ignored");
-                            }
-                            continue;
-                        };
-                        if let Err(reason) = entries[k].apply(&change) {
-                            rec.state_records_ignored += 1;
-                            tracing::warn!(path = %path.display(), offset = r.offset, %reason,
-                                "state record does not match its message; ignored");
-                            continue;
-                        }
-                        if change.msg.segment != number {
-                            if let Some(t) = segs.get_mut(&change.msg.segment) {
-                                t.add_pin_to(number);
-                            }
-                            if let Some(t) = segs.get_mut(&number) {
-                                t.pins += 1;
-                            }
-                        }
-                    }
-                }
+        }
+        // Entries are in (segment, offset) order, as `add_msg` wants them.
+        for q in &entries {
+            if let Some(t) = segs.get_mut(&q.msg.segment) {
+                t.add_msg(q.msg.offset);
             }
         }
-        drop(index);
+        for (&(msg_segment, in_segment), &count) in &pins {
+            if let Some(t) = segs.get_mut(&msg_segment) {
+                t.add_pin_to(in_segment, count);
+            }
+            if let Some(t) = segs.get_mut(&in_segment) {
+                t.pins += count;
+            }
+        }
         for q in entries {
             if q.is_finished() {
                 rec.finished += 1;
@@ -546,20 +458,27 @@ impl ShardSpool {
                 env.id, env.size, body_len
             )));
         }
-        if env.id.len() > MAX_ID_LEN {
+        let Some(id) = MsgId::new(&env.id) else {
             return Err(SpoolError::Invalid(format!(
                 "queue id {:?} is longer than {MAX_ID_LEN} bytes",
                 env.id
             )));
-        }
-        let env_bytes = serialize_envelope(env).map_err(SpoolError::Invalid)?;
+        };
+        // The envelope is serialised once, straight after room for the record header, into
+        // the buffer `commit_batch` writes from (no second copy of it).
+        let mut head = Vec::with_capacity(
+            RECORD_HEADER_SIZE + envelope_capacity_hint(env) + RECORD_ALIGN as usize,
+        );
+        head.resize(RECORD_HEADER_SIZE, 0);
+        let mut head = serialize_envelope_after(env, head).map_err(SpoolError::Invalid)?;
+        let env_bytes = &head[RECORD_HEADER_SIZE..];
         let env_len = u32::try_from(env_bytes.len()).map_err(|_| {
             SpoolError::Invalid(format!("envelope {} is {} bytes", env.id, env_bytes.len()))
         })?;
         let header = RecordHeader {
             kind: KIND_MESSAGE,
             env_len,
-            env_crc: crc32c::crc32c(&env_bytes),
+            env_crc: crc32c::crc32c(env_bytes),
             body_len,
             // Filled in by commit_batch on the blocking thread: checksumming a large body is
             // the one CPU-heavy step, and it does not belong on the shard's executor.
@@ -574,9 +493,6 @@ impl ShardSpool {
         // Counted live from the reservation on: if the write fails the segment is kept
         // until the next restart recounts it (never deleted too early).
         self.segs.entry(seg.number).or_default().add_msg(offset);
-        let mut head = Vec::with_capacity(head_len);
-        head.resize(RECORD_HEADER_SIZE, 0);
-        head.extend_from_slice(&env_bytes);
         head.resize(head_len, 0);
         Ok(PendingWrite {
             seg,
@@ -585,7 +501,7 @@ impl ShardSpool {
             header,
             body: body.to_vec(),
             pad,
-            id: env.id.clone(),
+            id,
         })
     }
 
@@ -610,14 +526,19 @@ impl ShardSpool {
                 change.id, self.shard
             )));
         }
-        let payload = encode_state(change);
+        // Encoded once, after room for the record header, in the buffer that is written.
+        let mut head =
+            Vec::with_capacity(RECORD_HEADER_SIZE + state_len(change) + RECORD_ALIGN as usize);
+        head.resize(RECORD_HEADER_SIZE, 0);
+        encode_state_into(change, &mut head);
+        let payload = &head[RECORD_HEADER_SIZE..];
         let env_len = u32::try_from(payload.len()).map_err(|_| {
             SpoolError::Invalid(format!("state change for {} is too large", change.id))
         })?;
         let header = RecordHeader {
             kind: KIND_STATE,
             env_len,
-            env_crc: crc32c::crc32c(&payload),
+            env_crc: crc32c::crc32c(payload),
             body_len: 0,
             body_crc: 0,
         };
@@ -629,13 +550,10 @@ impl ShardSpool {
             // This segment now holds state of a message in an older one: it must outlive
             // that segment (see `SegTrack`).
             if let Some(t) = self.segs.get_mut(&m.segment) {
-                t.add_pin_to(seg.number);
+                t.add_pin_to(seg.number, 1);
             }
             self.segs.entry(seg.number).or_default().pins += 1;
         }
-        let mut head = Vec::with_capacity(total as usize);
-        head.resize(RECORD_HEADER_SIZE, 0);
-        head.extend_from_slice(&payload);
         head.resize(total as usize, 0);
         Ok(PendingWrite {
             seg,
@@ -644,7 +562,7 @@ impl ShardSpool {
             header,
             body: Vec::new(),
             pad: 0,
-            id: change.id.to_string(),
+            id: change.id,
         })
     }
 
@@ -1028,7 +946,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
                 touched.push(pw.seg.clone());
             }
             Committed {
-                id: pw.id.clone(),
+                id: pw.id.as_str().to_string(),
                 segment: pw.seg.number,
                 offset: pw.offset,
             }
@@ -1126,7 +1044,7 @@ pub fn scan_spool(dir: &Path) -> Result<Vec<RecoveredMessage>, SpoolError> {
 /// are all final is finished: `tern queue list` leaves it out unless asked for everything.
 pub fn scan_spool_with_state(
     dir: &Path,
-) -> Result<Vec<(RecoveredMessage, crate::state::QueuedMessage)>, SpoolError> {
+) -> Result<Vec<(RecoveredMessage, QueuedMessage)>, SpoolError> {
     let rd = std::fs::read_dir(dir)
         .map_err(|e| SpoolError::io(format!("listing {}", dir.display()), e))?;
     let mut shards = Vec::new();
@@ -1137,65 +1055,201 @@ pub fn scan_spool_with_state(
         }
     }
     shards.sort_by_key(|(s, _)| *s);
-    let mut out: Vec<(RecoveredMessage, crate::state::QueuedMessage)> = Vec::new();
-    let mut at: std::collections::HashMap<crate::state::MsgRef, usize> =
-        std::collections::HashMap::new();
+    let mut out: Vec<(RecoveredMessage, QueuedMessage)> = Vec::new();
     for (shard, sdir) in shards {
-        for (number, path) in list_segments(&sdir)? {
-            let file = std::fs::File::open(&path)
-                .map_err(|e| SpoolError::io(format!("opening segment {}", path.display()), e))?;
+        let r = replay(&sdir, shard, ReplayMode::ReadOnly, Listing::All)?;
+        out.extend(r.rec.messages.into_iter().zip(r.entries));
+    }
+    Ok(out)
+}
+
+/// How [`replay`] may treat the files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplayMode {
+    /// The owning shard at start-up, holding the directory's lock: torn tails are zeroed
+    /// (a later append at the cut point must not be confused with the old bytes).
+    Recover,
+    /// Offline tools: opens read-only, changes nothing (torn tails are only logged).
+    ReadOnly,
+}
+
+/// One readable segment of the shard, as [`replay`] found it.
+#[derive(Debug)]
+struct ReplayedSegment {
+    number: u64,
+    path: PathBuf,
+    /// Read-write with [`ReplayMode::Recover`] (the last one may take appends).
+    file: std::fs::File,
+    header: SegmentHeader,
+    /// End of the last good record: where appends would continue.
+    data_end: u64,
+    /// The scan stopped before the end of the segment (never appended to again).
+    truncated: bool,
+    /// Corrupt records were skipped in it.
+    corrupt: bool,
+}
+
+/// One shard's log replayed.
+#[derive(Debug)]
+struct ShardReplay {
+    /// The counters, and with [`Listing::All`] every message record (`messages`, parallel
+    /// to `entries`); `queue`, `finished` and `segments_deleted` are left to the caller.
+    rec: Recovered,
+    segments: Vec<ReplayedSegment>,
+    /// The highest segment number on disk, readable or not: appends continue only there.
+    last_number: Option<u64>,
+    /// Every message record, finished or not, in (segment, offset) order, with its state
+    /// after every state record that applies to it, in log order.
+    entries: Vec<QueuedMessage>,
+    /// (message's segment, state record's segment) → applied state records kept in a
+    /// segment other than their message's (what `SegTrack` pins).
+    pins: BTreeMap<(u64, u64), u32>,
+    /// Largest queue-id timestamp of this shard found (see `QueueIdGen`).
+    floor: u64,
+}
+
+/// Replays one shard's segments in log order: the ONE reading of a spool, used by the
+/// server at start-up ([`ShardSpool::open_with`]) and by the offline tools
+/// ([`scan_spool_with_state`]), so `tern queue list --spool` shows exactly the messages
+/// and states the server would deliver.
+///
+/// Rules (not from an RFC, our own): a segment whose header names another shard or
+/// number is skipped (left untouched, never recovered); corrupt records are skipped and
+/// logged; a message record with an id longer than [`MAX_ID_LEN`] (never written by
+/// `prepare`, but a spool may come from elsewhere) is kept under its id cut at a
+/// character boundary, so it is delivered and listed (its state records, written
+/// with the full id, will not match it); a state record applies only to a known message
+/// with the same id, and is otherwise counted as ignored.
+fn replay(
+    sdir: &Path,
+    shard: u16,
+    mode: ReplayMode,
+    listing: Listing,
+) -> Result<ShardReplay, SpoolError> {
+    let list = list_segments(sdir)?;
+    let mut out = ShardReplay {
+        rec: Recovered::default(),
+        segments: Vec::new(),
+        last_number: list.last().map(|(n, _)| *n),
+        entries: Vec::new(),
+        pins: BTreeMap::new(),
+        floor: 0,
+    };
+    let mut at: HashMap<MsgRef, usize> = HashMap::new();
+    let mut seen: std::collections::BTreeSet<u64> = std::collections::BTreeSet::new();
+    for (number, path) in list {
+        let opened = match mode {
+            ReplayMode::Recover => OpenOptions::new().read(true).write(true).open(&path),
+            ReplayMode::ReadOnly => std::fs::File::open(&path),
+        };
+        let file =
+            opened.map_err(|e| SpoolError::io(format!("opening segment {}", path.display()), e))?;
+        let scan = {
             let map = map_readonly(&file, &path)?;
-            let scan = match scan_segment(&map) {
-                Ok(s) => s,
-                Err(reason) => {
-                    tracing::warn!(path = %path.display(), %reason, "unreadable segment; skipped");
-                    continue;
-                }
-            };
-            report_corruption(&path, &scan);
-            if let Some(t) = &scan.torn {
-                tracing::warn!(path = %path.display(), offset = t.start, reason = %t.reason,
+            scan_segment(&map)
+        };
+        let scan = match scan {
+            Ok(s) if s.header.shard == shard && s.header.number == number => s,
+            Ok(s) => {
+                tracing::warn!(path = %path.display(), header_shard = s.header.shard, header_number = s.header.number,
+                    "segment header names another shard/segment; left untouched and not recovered");
+                out.rec.unreadable_segments += 1;
+                continue;
+            }
+            Err(reason) => {
+                tracing::warn!(path = %path.display(), %reason, "unreadable segment; left untouched");
+                out.rec.unreadable_segments += 1;
+                continue;
+            }
+        };
+        out.rec.segments += 1;
+        seen.insert(number);
+        report_corruption(&path, &scan);
+        out.rec.corrupt_skipped += scan.corrupt.len();
+        if let Some(torn) = &scan.torn {
+            if mode == ReplayMode::Recover {
+                tracing::warn!(path = %path.display(), offset = torn.start, end = torn.end, reason = %torn.reason,
+                    "cutting torn tail (interrupted write)");
+                // Zero the torn bytes: a later scan must not find pieces of the torn
+                // record once new records have been appended in front of them.
+                zero_range(&file, torn.start, torn.end).map_err(|e| {
+                    SpoolError::io(format!("zeroing torn tail of {}", path.display()), e)
+                })?;
+                out.rec.torn_tails_cut += 1;
+            } else {
+                tracing::warn!(path = %path.display(), offset = torn.start, reason = %torn.reason,
                     "torn tail (left in place; the owning shard cuts it when it opens)");
             }
-            for r in scan.records {
-                match r.payload {
-                    Payload::Message(envelope) => {
-                        let msg = crate::state::MsgRef {
-                            shard,
+        }
+        for r in scan.records {
+            match r.payload {
+                Payload::Message(envelope) => {
+                    if let Some((micros, id_shard)) = parse_queue_id(&envelope.id) {
+                        if id_shard == shard {
+                            out.floor = out.floor.max(micros);
+                        }
+                    }
+                    let msg = MsgRef {
+                        shard,
+                        segment: number,
+                        offset: r.offset,
+                    };
+                    // `truncate_utf8` cuts to at most MAX_ID_LEN bytes, which always fits.
+                    let id =
+                        MsgId::new(truncate_utf8(&envelope.id, MAX_ID_LEN)).unwrap_or_default();
+                    at.insert(msg, out.entries.len());
+                    out.entries.push(QueuedMessage::new(
+                        msg,
+                        id,
+                        envelope.arrival_unix_micros,
+                        envelope.recipients.len(),
+                    ));
+                    if listing == Listing::All {
+                        out.rec.messages.push(RecoveredMessage {
+                            body_len: r.header.body_len,
+                            envelope,
                             segment: number,
                             offset: r.offset,
-                        };
-                        // `prepare` refuses ids that do not fit a MsgId, so none is lost here.
-                        let Some(id) = crate::state::MsgId::new(&envelope.id) else {
-                            continue;
-                        };
-                        let q = crate::state::QueuedMessage::new(
-                            msg,
-                            id,
-                            envelope.arrival_unix_micros,
-                            envelope.recipients.len(),
-                        );
-                        at.insert(msg, out.len());
-                        out.push((
-                            RecoveredMessage {
-                                body_len: r.header.body_len,
-                                envelope,
-                                segment: number,
-                                offset: r.offset,
-                                shard,
-                            },
-                            q,
-                        ));
+                            shard,
+                        });
                     }
-                    Payload::State(change) => {
-                        if let Some(&i) = at.get(&change.msg) {
-                            // Checks message and id; a mismatch is ignored, as in recovery.
-                            let _ = out[i].1.apply(&change);
+                }
+                Payload::State(change) => {
+                    out.rec.state_records += 1;
+                    let Some(&k) = at.get(&change.msg) else {
+                        out.rec.state_records_ignored += 1;
+                        if seen.contains(&change.msg.segment) {
+                            tracing::warn!(path = %path.display(), offset = r.offset, msg = ?change.msg, id = %change.id,
+                                "state record for no known message; ignored");
+                        } else {
+                            // The normal case after recycling: the message's segment was
+                            // deleted when all its messages were finished.
+                            tracing::debug!(path = %path.display(), offset = r.offset, msg = ?change.msg,
+                                "state record for a recycled segment; ignored");
                         }
+                        continue;
+                    };
+                    if let Err(reason) = out.entries[k].apply(&change) {
+                        out.rec.state_records_ignored += 1;
+                        tracing::warn!(path = %path.display(), offset = r.offset, %reason,
+                            "state record does not match its message; ignored");
+                        continue;
+                    }
+                    if change.msg.segment != number {
+                        *out.pins.entry((change.msg.segment, number)).or_default() += 1;
                     }
                 }
             }
         }
+        out.segments.push(ReplayedSegment {
+            number,
+            path,
+            file,
+            header: scan.header,
+            data_end: scan.data_end,
+            truncated: scan.truncated,
+            corrupt: !scan.corrupt.is_empty(),
+        });
     }
     Ok(out)
 }

@@ -731,6 +731,47 @@ fn timeout_on_a_silent_server() {
     srv.finish();
 }
 
+/// A next hop that trickles its reply (every byte well within the wait, but the reply
+/// far slower than `min_data_rate`) is cut off at the reply's deadline: the wait plus
+/// bytes / rate, not a fresh wait per read. The server sees the client go away (its
+/// writes fail) long before it would have finished the reply.
+#[test]
+fn a_trickled_reply_times_out_at_its_deadline_not_per_read() {
+    const LINES: usize = 40;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hop = std::thread::spawn(move || {
+        let (mut tcp, _) = listener.accept().unwrap();
+        // 40 lines of 30 bytes, one byte per 20 ms (50 B/s): 24 s in all.
+        let line = b"220-trickle trickle trickle..\r\n";
+        let mut sent = 0usize;
+        for _ in 0..LINES {
+            for &b in line.iter() {
+                if tcp.write_all(&[b]).and_then(|()| tcp.flush()).is_err() {
+                    return sent;
+                }
+                sent += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = tcp.write_all(b"220 done\r\n");
+        sent
+    });
+    let mut o = opts();
+    // Each read comes 20 ms after the last, far within 600 ms; at 100 B/s the 50 B/s
+    // reply falls behind: deadline ≈ 0.6 s + 0.5 × elapsed, reached at ≈ 1.2 s.
+    o.timeouts = Timeouts::uniform(Duration::from_millis(600));
+    o.timeouts.min_data_rate = 100;
+    let started = std::time::Instant::now();
+    let e = run(async move { connect(addr, &o).await.err().unwrap() });
+    let took = started.elapsed();
+    assert!(matches!(e, ClientError::Timeout(Stage::Greeting)), "{e}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // The event on the other side: the server's writes failed once the client left.
+    let sent = hop.join().expect("next hop");
+    assert!(sent < LINES * 30, "the whole reply went out: {sent} bytes");
+}
+
 #[test]
 fn timeout_waiting_for_the_final_reply_breaks_the_connection() {
     let srv = server(|p| {

@@ -411,10 +411,26 @@ fn relay_router(sink: &Sink, mbox: &std::path::Path, local: Option<&std::path::P
 fn only_dsn(mbox: &std::path::Path) -> Parsed {
     let got = maildir(mbox);
     assert_eq!(got.len(), 1, "expected one DSN, got {}", got.len());
-    let (h, _) = split_headers(&got[0]);
+    // A maildir file ends its lines in LF (maildir(5)); the DSN as it was queued is the
+    // same with CRLF (the report has no lone CR or LF of its own).
+    assert!(
+        !got[0].windows(2).any(|w| w == b"\r\n"),
+        "CRLF in a maildir file"
+    );
+    let wire: Vec<u8> = got[0]
+        .iter()
+        .flat_map(|&b| {
+            if b == b'\n' {
+                vec![b'\r', b'\n']
+            } else {
+                vec![b]
+            }
+        })
+        .collect();
+    let (h, _) = split_headers(&wire);
     assert_eq!(get(&h, "return-path"), Some("<>"));
     assert_eq!(get(&h, "delivered-to"), Some("s@sender.test"));
-    parse(&got[0])
+    parse(&wire)
 }
 
 /// RFC 3461 §5.2.2: NOTIFY=SUCCESS relayed to a hop without DSN gets a "relayed" DSN;

@@ -51,8 +51,9 @@ fn creates_the_maildir_and_delivers_into_new() {
     assert_eq!(std::fs::read_dir(md.join("tmp")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(md.join("new")).unwrap().count(), 2);
     let content = std::fs::read(&p1).unwrap();
-    let mut expected = b"Return-Path: <from@example.org>\r\nDelivered-To: b@x.test\r\n".to_vec();
-    expected.extend_from_slice(body);
+    // maildir(5) files end lines in LF: every CRLF of the message became LF.
+    let expected =
+        b"Return-Path: <from@example.org>\nDelivered-To: b@x.test\nReceived: by tern\nSubject: hi\n\nbody\n";
     assert_eq!(content, expected);
     assert_eq!(
         std::fs::metadata(&p1).unwrap().permissions().mode() & 0o777,
@@ -65,9 +66,7 @@ fn null_sender_and_bad_input() {
     let dir = tempfile::tempdir().unwrap();
     let e = env("", &["a@x.test"]);
     let p = deliver(dir.path(), &e, 0, b"x\r\n", "h").unwrap();
-    assert!(std::fs::read(p)
-        .unwrap()
-        .starts_with(b"Return-Path: <>\r\n"));
+    assert!(std::fs::read(p).unwrap().starts_with(b"Return-Path: <>\n"));
     assert!(matches!(
         deliver(dir.path(), &e, 5, b"", "h"),
         Err(MaildirError::BadRecipient(5))

@@ -91,6 +91,34 @@ fn route_rate_overrides_and_applies_per_destination() {
     assert_eq!(fast.txns().len(), 6);
 }
 
+// ------------------------------------------------------------------ log lines
+
+/// Sent, deferred and bounced recipients are logged in one form, `host[addr] said: reply`,
+/// so a bounce can be traced to the next hop that refused it like any other outcome.
+#[test]
+fn a_bounce_names_the_next_hop_that_refused_it_like_a_delivery() {
+    let mut opts = SinkOpts::plain(&["PIPELINING"]);
+    opts.refuse = vec!["nobody@".into()];
+    let sink = Sink::start(opts);
+    let cfg = config(router(&[("*", &sink.route(""))]));
+    let msg = envelope(
+        "s@sender.test",
+        &[("a@far.test", 0, None), ("nobody@far.test", 0, None)],
+    );
+    let r = run(cfg, vec![(msg, body("b"))], empty, Duration::from_secs(20));
+    assert_eq!(r.left, 0, "{r:?}");
+    // The recipient that was taken, and the bounce to the sender.
+    assert_eq!((r.counts.sent, r.counts.bounced), (2, 1), "{r:?}");
+    let hop = format!("127.0.0.1[{}] said: ", sink.addr);
+    let (_, bounced) = r.counts.recent.back().unwrap();
+    assert!(
+        bounced.contains(&format!(
+            "nobody@far.test: bounced: {hop}550 5.1.1 no such user"
+        )),
+        "{bounced}"
+    );
+}
+
 // ------------------------------------------------------------------ TLS policies
 
 /// Waits until the first attempt was deferred.

@@ -11,9 +11,9 @@ use tern_queue::record::{
 };
 use tern_queue::segment::segment_file_name;
 use tern_queue::{
-    commit_batch, parse_queue_id, read_body, scan_spool, BodyType, Committed, DeliverBy,
-    DeliverByMode, Envelope, Recipient, Ret, ShardSpool, SpoolError, SpoolOptions, NOTIFY_DELAY,
-    NOTIFY_FAILURE,
+    commit_batch, parse_queue_id, read_body, scan_spool, scan_spool_with_state, BodyType,
+    Committed, DeliverBy, DeliverByMode, Envelope, Recipient, Ret, ShardSpool, SpoolError,
+    SpoolOptions, NOTIFY_DELAY, NOTIFY_FAILURE,
 };
 
 fn opts(segment_size: u64) -> SpoolOptions {
@@ -526,4 +526,73 @@ fn prepare_rejects_a_size_that_disagrees_with_the_body() {
 fn pending_write_is_send_and_static() {
     fn check<T: Send + 'static>() {}
     check::<tern_queue::PendingWrite>();
+}
+
+/// A sealed message record for file offset `at` of a segment with `salt`.
+fn sealed_record(env: &Envelope, body: &[u8], at: u64, salt: u64) -> Vec<u8> {
+    let env_bytes = serialize_envelope(env).unwrap();
+    let h = RecordHeader {
+        kind: KIND_MESSAGE,
+        env_len: env_bytes.len() as u32,
+        env_crc: crc32c::crc32c(&env_bytes),
+        body_len: body.len() as u64,
+        body_crc: crc32c::crc32c(body),
+    };
+    let mut rec = vec![0u8; RECORD_HEADER_SIZE];
+    h.encode_into(&mut rec, salt, at);
+    rec.extend_from_slice(&env_bytes);
+    rec.resize(h.envelope_end() as usize, 0);
+    rec.extend_from_slice(body);
+    rec.resize(h.total_len().unwrap() as usize, 0);
+    rec
+}
+
+/// The server's recovery and the offline listing (`tern queue list --spool`) are one
+/// replay: they see the same messages with the same states, even for records `prepare`
+/// never writes (an id longer than MAX_ID_LEN: recovery kept it under its cut id and
+/// delivered it while the listing silently dropped it) and for a segment whose header
+/// names another shard (recovery leaves it alone; the listing used to show its mail).
+#[test]
+fn recovery_and_offline_listing_replay_the_same_log() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut spool, _) = ShardSpool::open(d.path(), 0, opts(1 << 20)).unwrap();
+    let a = write_batch(&mut spool, 0, &[100]);
+    let seg = a[0].at.segment;
+    drop(spool);
+    // A record with a 40-byte id, sealed like a real one, right after A.
+    let path = seg_path(d.path(), 0, seg);
+    let salt = u64::from_le_bytes(read_at(&path, 32, 8).try_into().unwrap());
+    let long_id = "L".repeat(tern_queue::MAX_ID_LEN + 17);
+    let long = envelope(long_id.clone(), 5, 1);
+    patch(
+        &path,
+        a[0].at.offset + a[0].record_len,
+        &sealed_record(&long, b"hello", a[0].at.offset + a[0].record_len, salt),
+    );
+    // Shard 1 holds a copy of shard 0's segment under another number: not its own.
+    let (spool1, _) = ShardSpool::open(d.path(), 1, opts(1 << 20)).unwrap();
+    drop(spool1);
+    std::fs::copy(&path, seg_path(d.path(), 1, 7)).unwrap();
+
+    let (_s0, rec0) = ShardSpool::open(d.path(), 0, opts(1 << 20)).unwrap();
+    let (_s1, rec1) = ShardSpool::open(d.path(), 1, opts(1 << 20)).unwrap();
+    drop((_s0, _s1));
+    let listed = scan_spool_with_state(d.path()).unwrap();
+
+    // What the server recovered: A and the long-id message (cut id), nothing on shard 1.
+    assert_eq!(rec0.messages.len(), 2, "{rec0:?}");
+    assert_eq!(rec0.messages[1].envelope.id, long_id);
+    assert_eq!(rec0.queue.len(), 2);
+    assert!(rec1.messages.is_empty() && rec1.queue.is_empty());
+    assert_eq!(rec1.unreadable_segments, 1);
+    // What the listing shows: the same, message for message and state for state.
+    let server: Vec<_> = rec0
+        .messages
+        .iter()
+        .cloned()
+        .zip(rec0.queue.clone())
+        .collect();
+    assert_eq!(listed, server);
+    assert_eq!(listed[1].1.id.as_str(), &long_id[..tern_queue::MAX_ID_LEN]);
+    assert_eq!(scan_spool(d.path()).unwrap(), rec0.messages);
 }

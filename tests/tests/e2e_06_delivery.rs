@@ -51,7 +51,7 @@ fn relays_to_next_hop_per_recipient_and_bounces_the_refused_one() {
     assert!(
         delivered
             .iter()
-            .any(|c| c.contains("Delivered-To: a@demo.test") && c.contains("\r\n.dotted\r\n")),
+            .any(|c| c.contains("Delivered-To: a@demo.test") && c.contains("\n.dotted\n")),
         "{got:?}"
     );
     assert!(delivered
@@ -169,7 +169,7 @@ fn queued_mail_survives_restart_and_is_delivered() {
     for i in 0..5 {
         assert!(got
             .iter()
-            .any(|(_, c)| c.contains(&format!("Subject: n{i}\r\n"))));
+            .any(|(_, c)| c.contains(&format!("Subject: n{i}\n"))));
     }
 }
 

@@ -71,11 +71,11 @@ fn refs(v: &[String]) -> Vec<&str> {
 }
 
 /// Every message in `dir`'s next-hop Maildir contains exactly one of `bodies`, and each
-/// of `bodies` is in one.
+/// of `bodies` is in one (with LF line ends, as maildir(5) files have them).
 fn all_delivered(hop_dir: &Path, bodies: &[Vec<u8>]) -> bool {
     let got = maildir(hop_dir);
     bodies.iter().all(|b| {
-        let b = String::from_utf8_lossy(b);
+        let b = String::from_utf8_lossy(b).replace("\r\n", "\n");
         got.iter().any(|(_, m)| m.ends_with(&*b))
     })
 }

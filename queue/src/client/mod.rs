@@ -33,7 +33,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -42,7 +42,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 use rustls::pki_types::ServerName;
 
-pub use reply::{parse_reply, Reply, ReplyError};
+pub use reply::{parse_reply, Reply, ReplyError, ReplyParser};
 pub use tls::TlsConfigError;
 pub use transaction::{DataPieces, Extensions};
 
@@ -161,6 +161,13 @@ pub struct Timeouts {
     pub data_final: Duration,
     /// The TLS handshake (not in the RFC; 5 min like Postfix's smtp_starttls_timeout).
     pub tls_handshake: Duration,
+    /// Octets per second a reply must keep up once it has started arriving (Postfix's
+    /// `smtp_min_data_rate` idea, as the inbound side's `limits.min_data_rate`): each wait
+    /// above is the deadline of a whole reply, and bytes that arrive without completing
+    /// it extend that deadline by bytes / this rate, never past the wait from now. So a
+    /// next hop trickling a 64 KiB reply holds a delivery slot for at most the wait plus
+    /// 64 KiB / rate, not for hours. 0 = every read restarts the wait (the old way).
+    pub min_data_rate: u64,
 }
 
 impl Default for Timeouts {
@@ -176,9 +183,13 @@ impl Default for Timeouts {
             data_block: Duration::from_secs(3 * MIN),
             data_final: Duration::from_secs(10 * MIN),
             tls_handshake: Duration::from_secs(5 * MIN),
+            min_data_rate: DEFAULT_MIN_DATA_RATE,
         }
     }
 }
+
+/// The default [`Timeouts::min_data_rate`]: the inbound side's default too.
+pub const DEFAULT_MIN_DATA_RATE: u64 = 500;
 
 impl Timeouts {
     /// The same timeout everywhere (tests).
@@ -193,6 +204,7 @@ impl Timeouts {
             data_block: d,
             data_final: d,
             tls_handshake: d,
+            min_data_rate: DEFAULT_MIN_DATA_RATE,
         }
     }
 }
@@ -429,6 +441,8 @@ pub struct Connection {
     io: Io,
     /// Received bytes not yet parsed (bounded by the reply parser's limits).
     rbuf: Vec<u8>,
+    /// Where parsing of the reply at the front of `rbuf` got to.
+    parser: ReplyParser,
     /// Staging for small data pieces, flushed at [`BLOCK`].
     wbuf: Vec<u8>,
     ext: Extensions,
@@ -478,6 +492,7 @@ pub async fn connect(addr: SocketAddr, opts: &ClientOptions) -> Result<Connectio
     let mut conn = Connection {
         io: Io::Plain(stream),
         rbuf: Vec::with_capacity(READ_CHUNK),
+        parser: ReplyParser::default(),
         wbuf: Vec::new(),
         ext: Extensions::default(),
         timeouts: t,
@@ -918,10 +933,13 @@ impl Connection {
         flush_timed(&mut self.io, stage, d).await
     }
 
-    /// Reads one complete reply. A 421 is always an error (RFC 5321 §3.8).
+    /// Reads one complete reply within `d` (extended by the bytes that arrive, at
+    /// [`Timeouts::min_data_rate`], never past `d` from now). A 421 is always an error
+    /// (RFC 5321 §3.8).
     async fn read_reply(&mut self, stage: Stage, d: Duration) -> Result<Reply, ClientError> {
+        let mut deadline = Instant::now() + d;
         loop {
-            match parse_reply(&self.rbuf) {
+            match self.parser.parse(&self.rbuf) {
                 Ok(Some((reply, n))) => {
                     self.rbuf.drain(..n);
                     if reply.code == 421 {
@@ -933,15 +951,22 @@ impl Connection {
                 Ok(None) => {}
                 Err(source) => return Err(ClientError::BadReply { stage, source }),
             }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ClientError::Timeout(stage));
+            }
             let old = self.rbuf.len();
             self.rbuf.resize(old + READ_CHUNK, 0);
-            let r = timed(d, self.io.read(&mut self.rbuf[old..])).await;
+            let r = timed(left, self.io.read(&mut self.rbuf[old..])).await;
             match r {
                 Some(Ok(0)) => {
                     self.rbuf.truncate(old);
                     return Err(ClientError::Closed(stage));
                 }
-                Some(Ok(n)) => self.rbuf.truncate(old + n),
+                Some(Ok(n)) => {
+                    self.rbuf.truncate(old + n);
+                    deadline = extend_deadline(deadline, n, d, self.timeouts.min_data_rate);
+                }
                 Some(Err(source)) => {
                     self.rbuf.truncate(old);
                     return Err(ClientError::Io { stage, source });
@@ -953,6 +978,23 @@ impl Connection {
             }
         }
     }
+}
+
+/// A reply's deadline after `n` more bytes arrived: `n / rate` seconds later, but never
+/// more than `wait` from now (a rate of 0: `wait` from now, every read restarts it). The
+/// same rule as the inbound side's request deadline (engine `conn.rs`).
+fn extend_deadline(deadline: Instant, n: usize, wait: Duration, rate: u64) -> Instant {
+    let now = Instant::now();
+    let cap = now + wait;
+    if rate == 0 {
+        return cap;
+    }
+    let earned = Duration::from_secs_f64(n as f64 / rate as f64);
+    deadline
+        .max(now)
+        .checked_add(earned)
+        .unwrap_or(cap)
+        .min(cap)
 }
 
 async fn write_timed(

@@ -101,59 +101,88 @@ pub enum ReplyError {
 /// Returns `Ok(None)` when more input is needed, `Ok(Some((reply, n)))` when the reply
 /// occupies `buf[..n]`. Lines end in LF with an optional CR before it (servers that send
 /// bare LF exist; accepting it costs nothing and cannot smuggle anything, since replies
-/// are never relayed).
+/// are never relayed). Stateless: a driver that reads a reply in pieces should keep a
+/// [`ReplyParser`] instead, which does not look at the same bytes twice.
 pub fn parse_reply(buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
-    let mut pos = 0;
-    let mut code: Option<u16> = None;
-    let mut enhanced = None;
-    let mut text = String::new();
-    loop {
-        let rest = &buf[pos..];
-        let Some(lf) = memchr::memchr(b'\n', rest) else {
-            if rest.len() >= MAX_LINE {
+    ReplyParser::default().parse(buf)
+}
+
+/// An incremental [`parse_reply`]: it remembers the complete lines of the reply in
+/// progress and how far it searched the incomplete one, so a reply that arrives a few
+/// bytes at a time costs O(length) in all, not O(length²) (a server trickling a 64 KiB
+/// reply would otherwise have every read re-parse everything from byte 0).
+///
+/// Contract: between calls the caller only appends to `buf` (never removes or changes
+/// what it passed before) until a reply is returned; then it removes the `n` bytes of
+/// that reply from the front and the parser starts afresh (it resets itself). After an
+/// error the connection is unusable and so is the parser.
+#[derive(Debug, Default, Clone)]
+pub struct ReplyParser {
+    /// Bytes of the reply in progress taken up by its complete lines.
+    pos: usize,
+    /// Bytes after `pos` already searched for LF without finding one.
+    scanned: usize,
+    code: Option<u16>,
+    enhanced: Option<(u8, u16, u16)>,
+    text: String,
+}
+
+impl ReplyParser {
+    /// Continues parsing `buf` (see the type's contract); results as [`parse_reply`].
+    pub fn parse(&mut self, buf: &[u8]) -> Result<Option<(Reply, usize)>, ReplyError> {
+        if buf.len() < self.pos + self.scanned {
+            // The contract was broken (the buffer shrank): start over rather than panic.
+            *self = ReplyParser::default();
+        }
+        loop {
+            let rest = &buf[self.pos..];
+            let Some(lf) = memchr::memchr(b'\n', &rest[self.scanned..]).map(|i| i + self.scanned)
+            else {
+                self.scanned = rest.len();
+                if rest.len() >= MAX_LINE {
+                    return Err(ReplyError::LineTooLong);
+                }
+                if buf.len() >= MAX_REPLY {
+                    return Err(ReplyError::ReplyTooLong);
+                }
+                return Ok(None);
+            };
+            self.scanned = 0;
+            if lf + 1 > MAX_LINE {
                 return Err(ReplyError::LineTooLong);
             }
-            if pos + rest.len() >= MAX_REPLY {
+            let end = self.pos + lf + 1;
+            if end > MAX_REPLY {
                 return Err(ReplyError::ReplyTooLong);
             }
-            return Ok(None);
-        };
-        if lf + 1 > MAX_LINE {
-            return Err(ReplyError::LineTooLong);
-        }
-        let end = pos + lf + 1;
-        if end > MAX_REPLY {
-            return Err(ReplyError::ReplyTooLong);
-        }
-        let mut line = &rest[..lf];
-        if let [head @ .., b'\r'] = line {
-            line = head;
-        }
-        let (this_code, last, body) = split_line(line)?;
-        match code {
-            None => code = Some(this_code),
-            Some(c) if c != this_code => return Err(ReplyError::CodeMismatch(c, this_code)),
-            Some(_) => {}
-        }
-        let body = String::from_utf8_lossy(body);
-        let (enh, body) = strip_enhanced(this_code, &body);
-        if pos == 0 {
-            enhanced = enh;
-        }
-        if pos != 0 {
-            text.push('\n');
-        }
-        text.push_str(body);
-        pos = end;
-        if last {
-            return Ok(Some((
-                Reply {
+            let mut line = &rest[..lf];
+            if let [head @ .., b'\r'] = line {
+                line = head;
+            }
+            let (this_code, last, body) = split_line(line)?;
+            match self.code {
+                None => self.code = Some(this_code),
+                Some(c) if c != this_code => return Err(ReplyError::CodeMismatch(c, this_code)),
+                Some(_) => {}
+            }
+            let body = String::from_utf8_lossy(body);
+            let (enh, body) = strip_enhanced(this_code, &body);
+            if self.pos == 0 {
+                self.enhanced = enh;
+            } else {
+                self.text.push('\n');
+            }
+            self.text.push_str(body);
+            self.pos = end;
+            if last {
+                let reply = Reply {
                     code: this_code,
-                    enhanced,
-                    text,
-                },
-                pos,
-            )));
+                    enhanced: self.enhanced,
+                    text: std::mem::take(&mut self.text),
+                };
+                *self = ReplyParser::default();
+                return Ok(Some((reply, end)));
+            }
         }
     }
 }
@@ -237,6 +266,62 @@ mod tests {
         let (r, _) = parse_reply(b"354\r\n").unwrap().unwrap();
         assert_eq!((r.code, r.text.as_str()), (354, ""));
         assert_eq!(r.to_string(), "354");
+    }
+
+    /// Fed a byte at a time, the incremental parser finds the same replies as a whole
+    /// parse, and the same errors.
+    #[test]
+    fn incremental_equals_whole() {
+        let inputs: [&[u8]; 6] = [
+            b"250 2.1.0 Ok\r\n",
+            b"250-mx.example\r\n250-PIPELINING\r\n250 SIZE 10\r\n354 go\n",
+            b"220-a\n220-\xff\r\n220 5.0.0 c\r\n",
+            b"250-a\r\n251 b\r\n",
+            b"250-a\r\nhello\r\n",
+            b"421 4.3.2 bye\r\n",
+        ];
+        for input in inputs {
+            let mut want = Vec::new();
+            let mut rest = input;
+            loop {
+                match parse_reply(rest) {
+                    Ok(Some((r, n))) => {
+                        want.push(Ok(r));
+                        rest = &rest[n..];
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        want.push(Err(e));
+                        break;
+                    }
+                }
+            }
+            let mut got = Vec::new();
+            let mut p = ReplyParser::default();
+            let mut buf = Vec::new();
+            'feed: for &b in input {
+                buf.push(b);
+                loop {
+                    match p.parse(&buf) {
+                        Ok(Some((r, n))) => {
+                            got.push(Ok(r));
+                            buf.drain(..n);
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            got.push(Err(e));
+                            break 'feed;
+                        }
+                    }
+                }
+            }
+            assert_eq!(got, want, "{input:?}");
+        }
+        // The longest line is refused as soon as it is too long, fed in pieces too.
+        let mut p = ReplyParser::default();
+        let long = vec![b'2'; MAX_LINE];
+        assert_eq!(p.parse(&long[..MAX_LINE / 2]), Ok(None));
+        assert_eq!(p.parse(&long), Err(ReplyError::LineTooLong));
     }
 
     #[test]

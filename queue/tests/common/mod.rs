@@ -37,6 +37,8 @@ pub struct SinkOpts {
     /// EHLO keywords besides STARTTLS (offered when `tls` is set, before TLS only).
     pub keywords: Vec<String>,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// RCPT TO lines containing one of these get `550 5.1.1 no such user`.
+    pub refuse: Vec<String>,
 }
 
 impl SinkOpts {
@@ -44,6 +46,7 @@ impl SinkOpts {
         SinkOpts {
             keywords: keywords.iter().map(|k| k.to_string()).collect(),
             tls: None,
+            refuse: Vec::new(),
         }
     }
     pub fn starttls(keywords: &[&str], tls: Arc<rustls::ServerConfig>) -> SinkOpts {
@@ -201,6 +204,8 @@ fn serve(tcp: TcpStream, opts: &SinkOpts, log: &Mutex<Vec<Txn>>) {
             mail = line.clone();
             rcpts.clear();
             say(&mut s, "250 2.1.0 ok\r\n")
+        } else if up.starts_with("RCPT") && opts.refuse.iter().any(|r| line.contains(r.as_str())) {
+            say(&mut s, "550 5.1.1 no such user\r\n")
         } else if up.starts_with("RCPT") {
             rcpts.push(line.clone());
             say(&mut s, "250 2.1.5 ok\r\n")
