@@ -14,6 +14,8 @@
 //!   formatting).
 //! - [`hooks`]: the one seam to the host: [`hooks::SessionHooks`] (AUTH blocks, refusals,
 //!   AUTH results) and [`hooks::Now`] (the time the host read).
+//! - [`proxy`]: the PROXY protocol v1/v2 header a load balancer sends before SMTP or TLS
+//!   (parsed before the session exists; it only says who the client really is).
 //! - [`policy`]: may this client relay to this domain?
 //! - [`sasl`]: the AUTH mechanisms as sans-I/O exchanges, the nonce cache, the client side
 //!   (for the load generator and tests).
@@ -31,6 +33,7 @@ pub mod date;
 pub mod envelope;
 pub mod hooks;
 pub mod policy;
+pub mod proxy;
 pub mod sasl;
 pub mod session;
 pub mod users;
