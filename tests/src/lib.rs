@@ -390,6 +390,57 @@ impl Server {
     }
 }
 
+/// Runs `tern demo --dir DIR` with the harness defaults plus `sets` where it must be
+/// refused (another server holds its spool or ports): waits for the process to exit
+/// (at most the start-up timeout; a server that prints `ready:` instead fails the test
+/// at once) and returns its stderr. Panics unless it exited with a failure status.
+#[track_caller]
+pub fn start_refused(dir: &Path, sets: &[&str]) -> String {
+    let mut cmd = Command::new(tern_bin());
+    cmd.arg("demo").arg("--dir").arg(dir);
+    for s in DEFAULT_SETS.iter().chain(sets) {
+        cmd.arg("--set").arg(s);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", tern_bin().display()));
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    });
+    // stdout closes when the process exits; a `ready:` line before that is the failure.
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        let ready = BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("ready:"));
+        let _ = tx.send(ready);
+    });
+    let ready = rx.recv_timeout(START_TIMEOUT);
+    if ready != Ok(false) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "a second server was not refused ({ready:?}); stderr:\n{}",
+            stderr.join().unwrap_or_default()
+        );
+    }
+    let status = child.wait().expect("waiting for the refused server");
+    let log = stderr.join().unwrap_or_default();
+    assert!(
+        !status.success(),
+        "a second server exited with {status} instead of failing; stderr:\n{log}"
+    );
+    log
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
