@@ -25,6 +25,10 @@
 //!   would (`tern queue list --json`) and byte-exactly (`tern_queue::scan_spool` and
 //!   `tern_queue::read_body`).
 //!
+//! A test that needs something of the machine (a tool, root, an IPv6 loopback) asks
+//! [`require`] / [`require_tool`]: skipped with a message on a developer's machine, a
+//! failure when `CI` is set.
+//!
 //! The binary under test is `target/<profile>/tern`, next to the test executable's parent
 //! directory; `TERN_BIN` overrides it. If it is missing it is built once with
 //! `cargo build -p tern-engine --bin tern`.
@@ -84,9 +88,43 @@ pub fn tern_bin() -> &'static Path {
     })
 }
 
-/// True when running in CI (`CI=true`): there, missing interop tools fail the tests.
+/// True when running in CI (the `CI` environment variable set, other than empty, `0` or
+/// `false`): there, whatever a test needs from the machine must be present (see [`require`]).
 pub fn in_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The one rule for a test that needs something of the machine (a tool, root, an IPv6
+/// loopback, ...): true when it is `available` (go on); otherwise the test fails under CI,
+/// where `.ci/run` provides everything, and on a developer's machine it is skipped with a
+/// message (false: the test returns at once).
+#[track_caller]
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{what}: required under CI (.ci/run installs or provides it)"
+    );
+    eprintln!("skipped: {what}: not available on this machine");
+    false
+}
+
+/// Whether an executable `name` is on `PATH` (what `command -v` says).
+pub fn tool_found(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| {
+        std::fs::metadata(d.join(name))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// [`require`] for an executable on `PATH`.
+#[track_caller]
+pub fn require_tool(name: &str) -> bool {
+    require(tool_found(name), &format!("{name} (not installed)"))
 }
 
 /// One running (or stopped) `tern demo` process and its directory.

@@ -291,12 +291,8 @@ fn retries_after_4xx_and_reuses_connections() {
     use std::io::{BufRead, BufReader};
     use std::process::{Command, Stdio};
     let sink_bin = tern_tests::tern_bin().with_file_name("tern-loadgen");
-    if !sink_bin.exists() {
-        assert!(!tern_tests::in_ci(), "tern-loadgen must be built in CI");
-        eprintln!(
-            "skipped: {} not built (cargo build -p tern-loadgen)",
-            sink_bin.display()
-        );
+    let what = format!("{} (cargo build -p tern-loadgen)", sink_bin.display());
+    if !tern_tests::require(sink_bin.exists(), &what) {
         return;
     }
     let mut sink = Command::new(&sink_bin)
