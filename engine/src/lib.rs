@@ -4,6 +4,7 @@
 //!
 //! - `config`: the TOML file and `--set` overrides, parsed once into an immutable `Config`.
 //! - `server`: starts one glommio executor per core (a *shard*) and stops them on a signal.
+//! - `bind`: the spool lock and the listening sockets, made before any shard starts.
 //! - `listener`: each shard binds its own SO_REUSEPORT socket per configured address and
 //!   accepts connections; `conn` drives one connection (plain, STARTTLS or implicit TLS).
 //! - `session`: the I/O-free SMTP state machine: commands, DATA/BDAT, replies.
@@ -26,6 +27,7 @@
 
 pub mod admin;
 pub mod anvil;
+pub mod bind;
 pub mod clock;
 pub mod config;
 pub mod conn;

@@ -1,7 +1,7 @@
 //! The server: binds the listeners, starts one glommio executor (shard) per core, and
 //! stops them gracefully on SIGTERM/SIGINT.
 //!
-//! All sockets are created here, on the main thread, before any shard starts: one
+//! All sockets are created on the main thread (`bind.rs`) before any shard starts: one
 //! SO_REUSEPORT socket per configured address per shard, so the kernel spreads connections
 //! over shards, a port 0 resolves to one real port for all of them, and binding errors are
 //! reported before anything runs (and, later, before privileges are dropped). Each shard
@@ -26,7 +26,6 @@ use futures::StreamExt;
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpListener;
 use glommio::{LocalExecutorBuilder, Placement};
-use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
@@ -63,87 +62,13 @@ pub enum ServerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Admin(String),
-}
-
-/// One configured address, bound once per shard.
-pub struct BoundListener {
-    pub kind: ListenerKind,
-    pub addr: SocketAddr,
-    sockets: Vec<StdListener>,
-}
-
-/// Creates `shards` SO_REUSEPORT listening sockets for every configured address.
-pub fn bind_all(cfg: &Config, shards: usize) -> Result<Vec<BoundListener>, ServerError> {
-    let mut out = Vec::new();
-    let kinds = [
-        (ListenerKind::Smtp, &cfg.listeners.smtp),
-        (ListenerKind::Submission, &cfg.listeners.submission),
-        (ListenerKind::Smtps, &cfg.listeners.smtps),
-    ];
-    for (kind, addrs) in kinds {
-        for &addr in addrs.iter() {
-            let err = |source| ServerError::Bind {
-                kind: kind.name(),
-                addr,
-                source,
-            };
-            // SO_REUSEPORT would let us silently share a port with another process (a
-            // second tern, say), which would then steal connections. Probe first with a
-            // plain bind, which fails if anyone else listens there.
-            if addr.port() != 0 {
-                std::net::TcpListener::bind(addr).map_err(|e| ServerError::Bind {
-                    kind: kind.name(),
-                    addr,
-                    source: if e.kind() == std::io::ErrorKind::AddrInUse {
-                        std::io::Error::new(
-                            e.kind(),
-                            "address already in use (is another server running?)",
-                        )
-                    } else {
-                        e
-                    },
-                })?;
-            }
-            let mut sockets = Vec::with_capacity(shards);
-            let mut actual = addr;
-            for _ in 0..shards {
-                let s = reuseport_socket(actual).map_err(err)?;
-                if actual.port() == 0 {
-                    actual = s.local_addr().map_err(err)?;
-                }
-                sockets.push(s);
-            }
-            out.push(BoundListener {
-                kind,
-                addr: actual,
-                sockets,
-            });
-        }
-    }
-    Ok(out)
+    #[error("{0}")]
+    Spool(String),
 }
 
 /// The delivery task queue's share of a shard against the default queue's 1000 (sessions,
 /// the committer): a quarter, used in full whenever sessions leave the CPU idle.
 const DELIVERY_SHARES: usize = 250;
-
-fn reuseport_socket(addr: SocketAddr) -> std::io::Result<StdListener> {
-    let domain = if addr.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        // Keep [::] from also claiming the IPv4 port, so both can be configured.
-        s.set_only_v6(true)?;
-    }
-    s.set_reuse_address(true)?;
-    s.set_reuse_port(true)?;
-    s.bind(&addr.into())?;
-    s.listen(1024)?;
-    Ok(s.into())
-}
 
 /// Shard-local state shared by the shard's tasks (Rc: it never leaves its thread).
 pub struct Shard {
@@ -351,7 +276,8 @@ pub fn run_with(
         crate::admin::AdminSocket::bind(&cfg.admin_socket()).map_err(ServerError::Admin)?;
     let started = std::time::Instant::now();
     let shards = cfg.shard_count();
-    let listeners = bind_all(&cfg, shards)?;
+    // Held until the server returns: see `bind.rs`.
+    let (_spool_lock, listeners) = crate::bind::bind_all(&cfg, shards)?;
     // Bound before the privilege drop, like the SMTP ports.
     // (The address was checked when the configuration was loaded.)
     let metrics_listener = match cfg.metrics.addr().ok().flatten() {

@@ -25,6 +25,10 @@
 //!   would (`tern queue list --json`) and byte-exactly (`tern_queue::scan_spool` and
 //!   `tern_queue::read_body`).
 //!
+//! A test that needs something of the machine (a tool, root, an IPv6 loopback) asks
+//! [`require`] / [`require_tool`]: skipped with a message on a developer's machine, a
+//! failure when `CI` is set.
+//!
 //! The binary under test is `target/<profile>/tern`, next to the test executable's parent
 //! directory; `TERN_BIN` overrides it. If it is missing it is built once with
 //! `cargo build -p tern-engine --bin tern`.
@@ -84,9 +88,43 @@ pub fn tern_bin() -> &'static Path {
     })
 }
 
-/// True when running in CI (`CI=true`): there, missing interop tools fail the tests.
+/// True when running in CI (the `CI` environment variable set, other than empty, `0` or
+/// `false`): there, whatever a test needs from the machine must be present (see [`require`]).
 pub fn in_ci() -> bool {
-    matches!(std::env::var("CI").as_deref(), Ok("true") | Ok("1"))
+    std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "0" && v != "false")
+}
+
+/// The one rule for a test that needs something of the machine (a tool, root, an IPv6
+/// loopback, ...): true when it is `available` (go on); otherwise the test fails under CI,
+/// where `.ci/run` provides everything, and on a developer's machine it is skipped with a
+/// message (false: the test returns at once).
+#[track_caller]
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    assert!(
+        !in_ci(),
+        "{what}: required under CI (.ci/run installs or provides it)"
+    );
+    eprintln!("skipped: {what}: not available on this machine");
+    false
+}
+
+/// Whether an executable `name` is on `PATH` (what `command -v` says).
+pub fn tool_found(name: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).any(|d| {
+        std::fs::metadata(d.join(name))
+            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// [`require`] for an executable on `PATH`.
+#[track_caller]
+pub fn require_tool(name: &str) -> bool {
+    require(tool_found(name), &format!("{name} (not installed)"))
 }
 
 /// One running (or stopped) `tern demo` process and its directory.
@@ -388,6 +426,57 @@ impl Server {
             .find(|s| s.id == id)
             .unwrap_or_else(|| panic!("message {id} not in the spool (spool has {ids:?})"))
     }
+}
+
+/// Runs `tern demo --dir DIR` with the harness defaults plus `sets` where it must be
+/// refused (another server holds its spool or ports): waits for the process to exit
+/// (at most the start-up timeout; a server that prints `ready:` instead fails the test
+/// at once) and returns its stderr. Panics unless it exited with a failure status.
+#[track_caller]
+pub fn start_refused(dir: &Path, sets: &[&str]) -> String {
+    let mut cmd = Command::new(tern_bin());
+    cmd.arg("demo").arg("--dir").arg(dir);
+    for s in DEFAULT_SETS.iter().chain(sets) {
+        cmd.arg("--set").arg(s);
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawning {}: {e}", tern_bin().display()));
+    let mut err = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        String::from_utf8_lossy(&v).into_owned()
+    });
+    // stdout closes when the process exits; a `ready:` line before that is the failure.
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        let ready = BufReader::new(out)
+            .lines()
+            .map_while(Result::ok)
+            .any(|l| l.starts_with("ready:"));
+        let _ = tx.send(ready);
+    });
+    let ready = rx.recv_timeout(START_TIMEOUT);
+    if ready != Ok(false) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "a second server was not refused ({ready:?}); stderr:\n{}",
+            stderr.join().unwrap_or_default()
+        );
+    }
+    let status = child.wait().expect("waiting for the refused server");
+    let log = stderr.join().unwrap_or_default();
+    assert!(
+        !status.success(),
+        "a second server exited with {status} instead of failing; stderr:\n{log}"
+    );
+    log
 }
 
 impl Drop for Server {

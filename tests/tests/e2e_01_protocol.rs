@@ -726,8 +726,8 @@ fn limit_connections_per_shard() {
 /// Listeners take IPv6 addresses too (dual configuration: [::1] and 127.0.0.1 at once).
 #[test]
 fn ipv6_and_ipv4_listeners_side_by_side() {
-    if std::net::TcpListener::bind("[::1]:0").is_err() {
-        eprintln!("skipped: no IPv6 loopback on this machine");
+    let v6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    if !tern_tests::require(v6, "an IPv6 loopback address (::1)") {
         return;
     }
     let s = Server::with(&[

@@ -176,15 +176,19 @@ fn sigterm_idle_session_gets_421() {
 
 #[test]
 fn sigterm_mid_data_may_finish() {
-    let mut s = Server::with(&["shutdown.grace=10s"]);
+    // One shard, so that the idle session's 421 below proves the only shard is stopping.
+    let mut s = Server::with(&["shutdown.grace=10s", "shards=1"]);
     let mut c = ehlo_client(&s);
+    let mut idle = ehlo_client(&s);
     c.expect("MAIL FROM:<late@example.com>", 250, "2.1.0");
     c.expect("RCPT TO:<b@demo.test>", 250, "2.1.5");
     c.expect("DATA", 354, "End data");
     c.send(b"Subject: late\r\n\r\nfirst half\r\n");
     s.sigterm();
-    // Give the signal time to arrive; then a new client must not be served.
-    std::thread::sleep(Duration::from_millis(300));
+    // The shard has stopped accepting once it told its idle session; then a new client
+    // must not be served.
+    idle.read_reply().check(421, "4.3.2");
+    assert!(idle.closed(), "still open after 421");
     if let Ok(mut t) = std::net::TcpStream::connect(s.smtp) {
         use std::io::Read;
         t.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

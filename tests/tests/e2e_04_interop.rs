@@ -8,26 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use tern_tests::{in_ci, Server};
-
-/// Whether `tool` can be run (`tool <probe>` starts at all).
-fn have(tool: &str, probe: &str) -> bool {
-    Command::new(tool)
-        .arg(probe)
-        .output()
-        .map(|_| true)
-        .unwrap_or(false)
-}
-
-/// Skips (or, in CI, fails) when `tool` is missing. Returns true to go on.
-fn require(tool: &str, probe: &str) -> bool {
-    if have(tool, probe) {
-        return true;
-    }
-    assert!(!in_ci(), "{tool} not installed (CI=true requires it)");
-    eprintln!("skipped: {tool} not installed");
-    false
-}
+use tern_tests::{require_tool, Server};
 
 #[track_caller]
 fn run_ok(what: &str, out: Output) -> String {
@@ -54,7 +35,7 @@ fn senders(s: &Server) -> Vec<String> {
 
 #[test]
 fn python_smtplib() {
-    if !require("python3", "--version") {
+    if !require_tool("python3") {
         return;
     }
     let s = Server::with(&[]);
@@ -109,7 +90,7 @@ fn curl(args: &[&str]) -> Output {
 
 #[test]
 fn curl_smtp_smtps_starttls() {
-    if !require("curl", "--version") {
+    if !require_tool("curl") {
         return;
     }
     let s = Server::with(&[r#"auth.require_on=["submission"]"#]);
@@ -195,7 +176,7 @@ fn curl_smtp_smtps_starttls() {
 
 #[test]
 fn swaks() {
-    if !require("swaks", "--version") {
+    if !require_tool("swaks") {
         return;
     }
     let s = Server::with(&[r#"auth.require_on=["submission"]"#]);

@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use tern_smtp::sasl::client;
-use tern_tests::{in_ci, Client, Server, TlsVersion};
+use tern_tests::{Client, Server, TlsVersion};
 
 fn b64(s: &[u8]) -> String {
     B64.encode(s)
@@ -306,26 +306,9 @@ fn user_store_cli_and_reload() {
 
 // ---- independent client implementations ----
 
-fn have(tool: &str) -> bool {
-    let found = Command::new("sh")
-        .arg("-c")
-        .arg(format!("command -v {tool}"))
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            !in_ci(),
-            "{tool} must be installed in CI (.ci/run installs it)"
-        );
-        eprintln!("skipped: {tool} not installed");
-    }
-    found
-}
-
 #[test]
 fn gsasl_digest_md5_scram_cram_and_plain() {
-    if !have("gsasl") {
+    if !tern_tests::require_tool("gsasl") {
         return;
     }
     let s = Server::with(&[]);
@@ -383,7 +366,7 @@ fn swaks(s: &Server, extra: &[&str]) -> String {
 
 #[test]
 fn swaks_every_mechanism_it_knows() {
-    if !have("swaks") {
+    if !tern_tests::require_tool("swaks") {
         return;
     }
     let s = Server::with(&[]);
@@ -410,7 +393,7 @@ fn swaks_every_mechanism_it_knows() {
 
 #[test]
 fn curl_login_options() {
-    if !have("curl") {
+    if !tern_tests::require_tool("curl") {
         return;
     }
     let s = Server::with(&[]);
@@ -459,7 +442,7 @@ fn curl_login_options() {
 
 #[test]
 fn python_smtplib_cram_plain_login() {
-    if !have("python3") {
+    if !tern_tests::require_tool("python3") {
         return;
     }
     let s = Server::with(&[]);

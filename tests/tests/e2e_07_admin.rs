@@ -189,7 +189,21 @@ fn live_queue_tools() {
     ]);
     assert_eq!(ids(&list(&live, &[])), vec![a.clone()]);
     ok(&["queue", "delete", &a, "--socket", p]);
-    std::thread::sleep(Duration::from_millis(300));
+    // The answer comes after the shards recorded (and logged) the deletions: a DSN for
+    // them would have been queued by then.
+    // (The log reaches us through a pipe: wait for those lines.)
+    wait_for("both deletions in the log", || {
+        let log = s.stderr_log();
+        [&a, &b].iter().all(|id| {
+            log.lines().any(|l| {
+                l.contains("changed by the administrator")
+                    && l.contains("Delete")
+                    && l.contains(id.as_str())
+            })
+        })
+    });
+    let log = s.stderr_log();
+    assert!(!log.contains("DSN queued"), "{log}");
     assert!(list(&live, &[]).is_empty(), "deleted without bounces");
     assert!(list(&["--spool", s.spool().to_str().unwrap()], &[]).is_empty());
 

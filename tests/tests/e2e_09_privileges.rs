@@ -9,7 +9,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::{in_ci, tern_bin, Client};
+use tern_tests::{tern_bin, Client};
 
 const USER: &str = "tern-e2e";
 
@@ -63,9 +63,7 @@ fn config(dir: &std::path::Path, user: &str) -> std::path::PathBuf {
 
 #[test]
 fn drops_to_the_configured_user_on_every_thread() {
-    if !is_root() {
-        assert!(!in_ci(), "CI runs as root");
-        eprintln!("skipped: not root");
+    if !tern_tests::require(is_root(), "root") {
         return;
     }
     let (uid, gid) = ensure_user();
@@ -148,8 +146,7 @@ fn drops_to_the_configured_user_on_every_thread() {
 
 #[test]
 fn refuses_root_without_a_user() {
-    if !is_root() {
-        eprintln!("skipped: not root");
+    if !tern_tests::require(is_root(), "root") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

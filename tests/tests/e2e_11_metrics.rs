@@ -12,7 +12,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use tern_smtp::sasl::client;
-use tern_tests::{ehlo_client, in_ci, wait_for, Client, Server};
+use tern_tests::{ehlo_client, wait_for, Client, Server};
 
 /// One raw HTTP/1.1 GET: (status code, body).
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -56,14 +56,7 @@ fn have_parser() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            !in_ci(),
-            "python3 with prometheus_client must be installed in CI (.ci/run installs it)"
-        );
-        eprintln!("skipped: python3 prometheus_client not installed");
-    }
-    ok
+    tern_tests::require(ok, "python3 with prometheus_client")
 }
 
 /// Samples keyed by (name, "k=v,k=v" sorted labels), parsed by prometheus_client.
@@ -309,17 +302,14 @@ fn off_by_default_in_config() {
 /// The status page in a real browser (headless Chromium): after its script has polled
 /// `/metrics`, the numbers it shows match `/metrics`; a screenshot is kept as a test
 /// artifact (`target/tmp/status-page.png`). Skipped, with a message, where Chromium is not
-/// installed (`.ci/run` tries to install it).
+/// installed, except under CI (`.ci/run` installs it).
 #[test]
 fn status_page_in_headless_chromium() {
-    let Some(browser) = ["chromium", "chromium-browser"].into_iter().find(|b| {
-        std::process::Command::new(b)
-            .arg("--version")
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
-    }) else {
-        eprintln!("skipped: chromium not installed (apt-get install chromium)");
+    let browser = ["chromium", "chromium-browser"]
+        .into_iter()
+        .find(|b| tern_tests::tool_found(b));
+    let Some(browser) = browser else {
+        tern_tests::require(false, "chromium (apt-get install chromium)");
         return;
     };
     let s = Server::with(&[]);
