@@ -30,8 +30,20 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::config::Config;
-use crate::server::ServerError;
 use tern_smtp::session::ListenerKind;
+
+/// Why the listeners or the spool lock could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr} ({kind}): {source}")]
+    Bind {
+        kind: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Spool(String),
+}
 
 /// How long a port still in use is probed again, the spool being ours, before start-up
 /// fails: a dead predecessor's sockets are gone well within it (measured: milliseconds to
@@ -52,15 +64,15 @@ pub struct SpoolLock {
 }
 
 /// Locks the spool directory `dir` (creating it), or says that another server holds it.
-pub fn lock_spool(dir: &Path) -> Result<SpoolLock, ServerError> {
+pub fn lock_spool(dir: &Path) -> Result<SpoolLock, BindError> {
     let shown = dir.display();
     std::fs::create_dir_all(dir)
-        .map_err(|e| ServerError::Spool(format!("cannot create {shown}: {e}")))?;
-    let f = File::open(dir).map_err(|e| ServerError::Spool(format!("cannot open {shown}: {e}")))?;
+        .map_err(|e| BindError::Spool(format!("cannot create {shown}: {e}")))?;
+    let f = File::open(dir).map_err(|e| BindError::Spool(format!("cannot open {shown}: {e}")))?;
     // SAFETY: flock on a valid, owned file descriptor; no memory is passed.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(ServerError::Spool(
+        return Err(BindError::Spool(
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 format!("spool {shown} is in use by another server (is tern already running?)")
             } else {
@@ -73,10 +85,7 @@ pub fn lock_spool(dir: &Path) -> Result<SpoolLock, ServerError> {
 
 /// Locks the spool, then creates `shards` SO_REUSEPORT listening sockets for every
 /// configured address (see the module docs). Keep the lock as long as the server runs.
-pub fn bind_all(
-    cfg: &Config,
-    shards: usize,
-) -> Result<(SpoolLock, Vec<BoundListener>), ServerError> {
+pub fn bind_all(cfg: &Config, shards: usize) -> Result<(SpoolLock, Vec<BoundListener>), BindError> {
     let lock = lock_spool(&cfg.spool.dir)?;
     let mut out = Vec::new();
     let kinds = [
@@ -86,13 +95,13 @@ pub fn bind_all(
     ];
     for (kind, addrs) in kinds {
         for &addr in addrs.iter() {
-            let err = |source| ServerError::Bind {
+            let err = |source| BindError::Bind {
                 kind: kind.name(),
                 addr,
                 source,
             };
             if addr.port() != 0 {
-                probe(addr).map_err(|e| ServerError::Bind {
+                probe(addr).map_err(|e| BindError::Bind {
                     kind: kind.name(),
                     addr,
                     source: if e.kind() == std::io::ErrorKind::AddrInUse {

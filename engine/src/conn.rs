@@ -33,7 +33,7 @@ use futures_rustls::TlsAcceptor;
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
-use crate::server::Shard;
+use crate::shard::Shard;
 use tern_smtp::session::{reply, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.

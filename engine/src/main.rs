@@ -4,17 +4,18 @@
 //! Parses the command line, sets up logging, and hands over to the library. This file must
 //! stay thin: anything with logic lives in a module of its own.
 
+mod cli;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use tern_engine::admin::LogLevelFn;
+use tern_engine::admin::server::LogLevelFn;
 use tern_engine::config::Config;
 use tern_engine::server::{self, Ready};
 use tern_engine::tls::Identity;
-use tern_engine::{demo, queue_cli};
 
 #[derive(Parser)]
 #[command(
@@ -56,15 +57,15 @@ enum Cmd {
     /// Inspect and manage the queue (live over the admin socket, or offline on a spool).
     Queue {
         #[command(subcommand)]
-        command: queue_cli::QueueCmd,
+        command: cli::queue::QueueCmd,
     },
     /// Control a running server over its admin socket: status, reload, stop, log-level.
     Ctl {
         #[command(subcommand)]
-        command: tern_engine::admin::CtlCmd,
+        command: cli::ctl::CtlCmd,
     },
     /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
-    Passwd(tern_engine::passwd_cli::PasswdArgs),
+    Passwd(crate::cli::passwd::PasswdArgs),
     /// Print version, compiled-in features, mechanisms, TLS provider, shards and limits
     /// (like sendmail -d0).
     Features {
@@ -113,7 +114,7 @@ struct ConfigArgs {
 impl ConfigArgs {
     fn load(&self) -> Result<Config, String> {
         match &self.demo_dir {
-            Some(d) => demo::prepare(d, &self.set)
+            Some(d) => cli::demo::prepare(d, &self.set)
                 .map(|p| p.config)
                 .map_err(|e| e.to_string()),
             None => Config::load(self.config.as_deref(), &self.set).map_err(|e| e.to_string()),
@@ -137,7 +138,7 @@ fn init_quiet_logging() {
 fn sendmail(config: &ConfigArgs, args: &[String]) -> ExitCode {
     init_quiet_logging();
     match config.load() {
-        Ok(cfg) => tern_engine::sendmail::run(&cfg, args),
+        Ok(cfg) => crate::cli::sendmail::run(&cfg, args),
         Err(e) => {
             eprintln!("sendmail: {e}");
             ExitCode::from(78)
@@ -272,7 +273,7 @@ fn main() -> ExitCode {
             log_format,
         } => {
             set.extend(log_format.map(|f| format!("log.format={f}")));
-            let prepared = match demo::prepare(&dir, &set) {
+            let prepared = match cli::demo::prepare(&dir, &set) {
                 Ok(p) => p,
                 Err(e) => {
                     eprintln!("tern demo: {e}");
@@ -282,7 +283,7 @@ fn main() -> ExitCode {
             let log_level = init_logging(&prepared.config.log);
             let dir2 = dir.clone();
             let loader: server::ConfigLoader = std::sync::Arc::new(move || {
-                demo::prepare(&dir, &set)
+                cli::demo::prepare(&dir, &set)
                     .map(|p| p.config)
                     .map_err(|e| e.to_string())
             });
@@ -291,13 +292,13 @@ fn main() -> ExitCode {
                 prepared.identity,
                 log_level,
                 loader,
-                move |r| demo::print_banner(&dir2, r),
+                move |r| cli::demo::print_banner(&dir2, r),
             )
         }
         Cmd::Stdio { config } => {
             init_quiet_logging();
             match config.load() {
-                Ok(cfg) => tern_engine::stdio::run(&cfg),
+                Ok(cfg) => crate::cli::stdio::run(&cfg),
                 Err(e) => {
                     eprintln!("tern stdio: {e}");
                     ExitCode::from(78)
@@ -305,12 +306,12 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Sendmail { config, args } => sendmail(&config, &args),
-        Cmd::Queue { command } => queue_cli::run(command),
-        Cmd::Ctl { command } => tern_engine::admin::ctl(command),
-        Cmd::Passwd(args) => tern_engine::passwd_cli::run(args),
+        Cmd::Queue { command } => cli::queue::run(command),
+        Cmd::Ctl { command } => cli::ctl::run(command),
+        Cmd::Passwd(args) => crate::cli::passwd::run(args),
         Cmd::Features { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => {
-                print!("{}", tern_engine::features::report(&cfg));
+                print!("{}", crate::cli::features::report(&cfg));
                 ExitCode::SUCCESS
             }
             Err(e) => {

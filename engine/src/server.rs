@@ -14,7 +14,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr, TcpListener as StdListener};
+use std::net::{SocketAddr, TcpListener as StdListener};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -31,6 +31,7 @@ use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
+pub use crate::shard::{Control, Shard};
 use crate::shard_hooks::ShardHooks;
 use crate::spool::ShardStore;
 use crate::tls::{self, Identity};
@@ -44,12 +45,8 @@ use tern_smtp::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, Ses
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr} ({kind}): {source}")]
-    Bind {
-        kind: &'static str,
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] crate::bind::BindError),
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
     #[error("shard {shard}: {message}")]
@@ -62,77 +59,11 @@ pub enum ServerError {
     Signals(std::io::Error),
     #[error("{0}")]
     Admin(String),
-    #[error("{0}")]
-    Spool(String),
 }
 
 /// The delivery task queue's share of a shard against the default queue's 1000 (sessions,
 /// the committer): a quarter, used in full whenever sessions leave the CPU idle.
 const DELIVERY_SHARES: usize = 250;
-
-/// Shard-local state shared by the shard's tasks (Rc: it never leaves its thread).
-pub struct Shard {
-    pub id: usize,
-    pub store: ShardStore,
-    pub stopping: LocalNotify,
-    /// The shard-to-shard mesh (failed-AUTH counting, ETRN broadcast).
-    pub peers: Rc<Anvil>,
-    pub idle_timeout: Duration,
-    /// Octets per second that earn a client more time to finish a request (`conn`).
-    pub min_data_rate: u64,
-    pub grace: Duration,
-    /// Receive scratch shared by the shard's idle connections (see conn::read_via_scratch).
-    pub scratch: RefCell<Box<[u8]>>,
-    /// The shard's counters (`metrics.rs`), read only through `Control::Metrics`.
-    pub metrics: Rc<crate::metrics::ShardMetrics>,
-    /// The shard's TLS acceptor (its own rustls config); replaced whole on reload, so a
-    /// handshake in progress keeps the configuration it started with.
-    pub tls: RefCell<TlsAcceptor>,
-    connections: Cell<usize>,
-    per_ip: RefCell<HashMap<IpAddr, usize>>,
-    max_connections: usize,
-    max_per_ip: usize,
-}
-
-impl Shard {
-    /// Counts a new connection, or says why it is refused.
-    pub fn admit_connection(&self, ip: IpAddr) -> Result<(), &'static str> {
-        if self.stopping.fired() {
-            return Err("server shutting down");
-        }
-        if self.connections.get() >= self.max_connections {
-            return Err("too many connections");
-        }
-        let mut per_ip = self.per_ip.borrow_mut();
-        let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
-            if *n == 0 {
-                per_ip.remove(&ip);
-            }
-            return Err("too many connections from your address");
-        }
-        *n += 1;
-        self.connections.set(self.connections.get() + 1);
-        Ok(())
-    }
-
-    /// Connections being served now.
-    pub fn connections(&self) -> usize {
-        self.connections.get()
-    }
-
-    pub fn release_connection(&self, ip: IpAddr) {
-        self.connections
-            .set(self.connections.get().saturating_sub(1));
-        let mut per_ip = self.per_ip.borrow_mut();
-        if let Some(n) = per_ip.get_mut(&ip) {
-            *n -= 1;
-            if *n == 0 {
-                per_ip.remove(&ip);
-            }
-        }
-    }
-}
 
 /// What `run` reports once every shard is up.
 pub struct Ready {
@@ -146,7 +77,7 @@ pub struct Ready {
 #[derive(Default)]
 pub struct Hooks {
     /// Changes the log filter at run time (`tern ctl log-level`).
-    pub log_level: Option<crate::admin::LogLevelFn>,
+    pub log_level: Option<crate::admin::server::LogLevelFn>,
     /// Reads the configuration again (from the file and `--set`s the server started
     /// with), for SIGHUP and `tern ctl reload`. None: only the user store and certificate
     /// are reloaded.
@@ -273,7 +204,7 @@ pub fn run_with(
     // First, so that a second server on the same configuration is told so before it
     // binds anything (SO_REUSEPORT would let it share the ports). Removed on every return.
     let mut admin_socket =
-        crate::admin::AdminSocket::bind(&cfg.admin_socket()).map_err(ServerError::Admin)?;
+        crate::admin::server::AdminSocket::bind(&cfg.admin_socket()).map_err(ServerError::Admin)?;
     let started = std::time::Instant::now();
     let shards = cfg.shard_count();
     // Held until the server returns: see `bind.rs`.
@@ -282,10 +213,12 @@ pub fn run_with(
     // (The address was checked when the configuration was loaded.)
     let metrics_listener = match cfg.metrics.addr().ok().flatten() {
         Some(addr) => {
-            let err = |source| ServerError::Bind {
-                kind: "metrics",
-                addr,
-                source,
+            let err = |source| {
+                ServerError::Bind(crate::bind::BindError::Bind {
+                    kind: "metrics",
+                    addr,
+                    source,
+                })
             };
             let l = std::net::TcpListener::bind(addr).map_err(err)?;
             let bound = l.local_addr().map_err(err)?;
@@ -422,9 +355,9 @@ pub fn run_with(
         let reload_controls = controls.clone();
         let admin_stopper = stopper.clone();
         let admin_loader = hooks.reload_config.clone();
-        crate::admin::spawn(
+        crate::admin::server::spawn(
             &mut admin_socket,
-            crate::admin::AdminCtx {
+            crate::admin::server::AdminCtx {
                 controls: controls.clone(),
                 stop: Box::new(move || admin_stopper.stop()),
                 reload: Box::new(move || {
@@ -437,7 +370,7 @@ pub fn run_with(
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
     }
     if let Some((l, _)) = metrics_listener {
-        crate::metrics::spawn_http(l, controls.clone())
+        crate::metrics::http::spawn_http(l, controls.clone())
             .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
     }
     spawn_users_watcher(cfg.clone(), controls);
@@ -453,23 +386,6 @@ pub fn run_with(
     drop(admin_socket);
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Messages from the main side to a shard.
-pub enum Control {
-    /// A new user-store snapshot.
-    Users(Arc<UserDb>),
-    /// A new certificate and key (SIGHUP).
-    Tls(Identity),
-    /// A reloaded configuration: new sessions use its limits, policy and AUTH settings.
-    Config(Arc<Config>),
-    /// A request from the admin socket; the shard answers on the channel.
-    Admin(
-        Arc<crate::admin::Request>,
-        std::sync::mpsc::Sender<crate::admin::ShardAnswer>,
-    ),
-    /// A metrics scrape: the shard answers with a copy of its counters.
-    Metrics(std::sync::mpsc::Sender<crate::metrics::Snapshot>),
 }
 
 /// Loads the user store again and hands the new snapshot to every shard. A store that
@@ -636,7 +552,7 @@ async fn shard_main(
                 r.flush();
             });
         }
-        let metrics = Rc::new(crate::metrics::ShardMetrics::default());
+        let metrics = Rc::new(crate::metrics::counters::ShardMetrics::default());
         let tls_cfg = tls::server_config(&identity, ticketer.clone()).map_err(|e| e.to_string())?;
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
@@ -730,12 +646,12 @@ async fn shard_main(
                     Err(e) => tracing::error!(shard = id, error = %e, "TLS not reloaded"),
                 },
                 Control::Metrics(reply) => {
-                    let _ = reply.send(crate::metrics::snapshot(&control_shard));
+                    let _ = reply.send(control_shard.metrics_snapshot());
                 }
                 Control::Admin(req, reply) => {
                     let shard = control_shard.clone();
                     glommio::spawn_local(async move {
-                        let answer = crate::admin::on_shard(&shard, &req).await;
+                        let answer = crate::admin::server::on_shard(&shard, &req).await;
                         let _ = reply.send((shard.id, answer));
                     })
                     .detach();

@@ -15,7 +15,7 @@ use std::rc::Rc;
 use tern_smtp::hooks::{AuthAttempt, Rejection, SessionHooks};
 
 use crate::anvil::Anvil;
-use crate::metrics::ShardMetrics;
+use crate::metrics::counters::ShardMetrics;
 
 pub struct ShardHooks {
     pub shard: usize,

@@ -8,9 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, ConfigError};
-use crate::server::Ready;
-use crate::tls::{Identity, TlsError};
+use tern_engine::config::{Config, ConfigError};
+use tern_engine::server::Ready;
+use tern_engine::tls::{Identity, TlsError};
 use tern_smtp::session::ListenerKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +105,7 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
     if config.auth.users.exists() {
         return Ok(());
     }
-    let args = crate::passwd_cli::PasswdArgs {
+    let args = crate::cli::passwd::PasswdArgs {
         file: config.auth.users.clone(),
         realm: Some(config.auth.realm_or(&config.hostname).to_string()),
         create: true,
@@ -116,7 +116,7 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
         user: Some(DEMO_USER.to_string()),
     };
     let mut err = Vec::new();
-    let code = crate::passwd_cli::run_with(
+    let code = crate::cli::passwd::run_with(
         &args,
         || Ok(DEMO_PASSWORD.to_string()),
         &mut std::io::sink(),

@@ -1,8 +1,7 @@
-//! Metrics: per-shard counters, and the HTTP endpoint that shows them.
+//! The metrics HTTP endpoint: gathers the shards' `Snapshot`s and shows them.
 //!
-//! Owns: `ShardMetrics` (one per shard, `Cell`s and small `RefCell`s: shard-local, no locks,
-//! nothing shared between shards), the `Snapshot` a shard copies them into when asked over
-//! its control channel (`Control::Metrics`), and the `[metrics] listen` HTTP endpoint:
+//! Owns: the `[metrics] listen` HTTP endpoint (one std thread, outside every shard), which
+//! asks each shard for its counters over its control channel (`Control::Metrics`):
 //!
 //! - `/metrics`: Prometheus text exposition format 0.0.4, every series per shard
 //!   (`shard="0"`, ...) and summed (`shard="total"`): sum over `shard!="total"` to avoid
@@ -14,194 +13,16 @@
 //! connection, requests bounded to 8 KiB, 5 s read/write timeouts; nothing the client sends
 //! is echoed back. Bind it to loopback or a management network.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
 use tern_queue::commit::{Histogram, LATENCY_BUCKETS};
 
-use crate::server::{Control, Shard};
-
-pub use tern_smtp::hooks::Reject;
-use tern_smtp::hooks::Rejection;
-
-/// How many recent rejections a shard keeps for the status page.
-const RECENT: usize = 20;
-
-/// One shard's counters. Updated on the shard's thread only; read by `snapshot`.
-#[derive(Debug, Default)]
-pub struct ShardMetrics {
-    connections: Cell<u64>,
-    tls_ok: Cell<u64>,
-    tls_failed: Cell<u64>,
-    accepted: Cell<u64>,
-    rejected: [Cell<u64>; Reject::ALL.len()],
-    /// Per mechanism: (successes, failures).
-    auth: RefCell<BTreeMap<&'static str, (u64, u64)>>,
-    accept_latency: RefCell<Histogram>,
-    recent: RefCell<VecDeque<(u64, String)>>,
-}
-
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-impl ShardMetrics {
-    pub fn connection(&self) {
-        self.connections.set(self.connections.get() + 1);
-    }
-
-    pub fn tls(&self, ok: bool) {
-        let c = if ok { &self.tls_ok } else { &self.tls_failed };
-        c.set(c.get() + 1);
-    }
-
-    pub fn auth(&self, mechanism: &'static str, ok: bool) {
-        let mut a = self.auth.borrow_mut();
-        let e = a.entry(mechanism).or_default();
-        if ok {
-            e.0 += 1;
-        } else {
-            e.1 += 1;
-        }
-    }
-
-    /// A message made durable; `took` is DATA end to the 250 (the spool commit).
-    pub fn accepted(&self, took: Duration) {
-        self.accepted.set(self.accepted.get() + 1);
-        self.accept_latency.borrow_mut().observe(took);
-    }
-
-    /// A refusal: counted by reason, and kept (peer, command, reply) in the recent list.
-    pub fn rejected(&self, rej: &Rejection<'_>) {
-        let i = rej.why.index();
-        self.rejected[i].set(self.rejected[i].get() + 1);
-        let mut r = self.recent.borrow_mut();
-        if r.len() == RECENT {
-            r.pop_front();
-        }
-        r.push_back((
-            now_unix(),
-            format!(
-                "{}: {}: {} {} {} {}",
-                rej.why.label(),
-                rej.peer,
-                rej.stage,
-                rej.code,
-                rej.enhanced,
-                rej.text
-            ),
-        ));
-    }
-}
-
-/// What one shard reports when scraped (plain data: crosses to the HTTP thread).
-#[derive(Debug, Clone, Default)]
-pub struct Snapshot {
-    pub shard: usize,
-    pub connections: u64,
-    pub sessions: u64,
-    pub tls_ok: u64,
-    pub tls_failed: u64,
-    pub auth: BTreeMap<&'static str, (u64, u64)>,
-    pub accepted: u64,
-    pub rejected: [u64; Reject::ALL.len()],
-    pub sent: u64,
-    pub deferred: u64,
-    pub bounced: u64,
-    pub queue: u64,
-    /// Bytes of the shard's spool segment files.
-    pub spool_bytes: u64,
-    pub oldest_arrival_unix_micros: Option<u64>,
-    pub accept_latency: Histogram,
-    pub sync_latency: Histogram,
-    /// (unix seconds, "shard N: text"), rejections and delivery failures.
-    pub recent: Vec<(u64, String)>,
-}
-
-/// Copies the shard's counters (on the shard's thread).
-pub fn snapshot(shard: &Shard) -> Snapshot {
-    let m = &shard.metrics;
-    let runner = shard.store.runner();
-    let d = runner.delivery_counts();
-    let mut recent: Vec<(u64, String)> = m
-        .recent
-        .borrow()
-        .iter()
-        .chain(d.recent.iter())
-        .map(|(t, s)| (*t, format!("shard {}: {s}", shard.id)))
-        .collect();
-    recent.sort_by_key(|(t, _)| *t);
-    Snapshot {
-        shard: shard.id,
-        connections: m.connections.get(),
-        sessions: shard.connections() as u64,
-        tls_ok: m.tls_ok.get(),
-        tls_failed: m.tls_failed.get(),
-        auth: m.auth.borrow().clone(),
-        accepted: m.accepted.get(),
-        rejected: std::array::from_fn(|i| m.rejected[i].get()),
-        sent: d.sent,
-        deferred: d.deferred,
-        bounced: d.bounced,
-        queue: runner.len() as u64,
-        spool_bytes: shard.store.group_commit().with_spool(|s| s.disk_bytes()),
-        oldest_arrival_unix_micros: runner.oldest_arrival_unix_micros(),
-        accept_latency: m.accept_latency.borrow().clone(),
-        sync_latency: shard.store.group_commit().sync_times(),
-        recent,
-    }
-}
-
-impl Snapshot {
-    fn oldest_age_secs(&self) -> f64 {
-        self.oldest_arrival_unix_micros.map_or(0.0, |a| {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64);
-            now.saturating_sub(a) as f64 / 1e6
-        })
-    }
-
-    /// The sum of all shards (`shard="total"`); the oldest age is the maximum.
-    fn total(all: &[Snapshot]) -> Snapshot {
-        let mut t = Snapshot::default();
-        for s in all {
-            t.connections += s.connections;
-            t.sessions += s.sessions;
-            t.tls_ok += s.tls_ok;
-            t.tls_failed += s.tls_failed;
-            for (k, (ok, bad)) in &s.auth {
-                let e = t.auth.entry(k).or_default();
-                e.0 += ok;
-                e.1 += bad;
-            }
-            t.accepted += s.accepted;
-            for (a, b) in t.rejected.iter_mut().zip(s.rejected) {
-                *a += b;
-            }
-            t.sent += s.sent;
-            t.deferred += s.deferred;
-            t.bounced += s.bounced;
-            t.queue += s.queue;
-            t.spool_bytes += s.spool_bytes;
-            t.oldest_arrival_unix_micros =
-                match (t.oldest_arrival_unix_micros, s.oldest_arrival_unix_micros) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-            t.accept_latency.merge(&s.accept_latency);
-            t.sync_latency.merge(&s.sync_latency);
-        }
-        t
-    }
-}
+use super::counters::{Reject, Snapshot, RECENT};
+use crate::shard::Control;
 
 /// Asks every shard for a snapshot; None if one did not answer within a second.
 pub fn gather(controls: &[UnboundedSender<Control>]) -> Option<Vec<Snapshot>> {

@@ -1,7 +1,8 @@
-//! The admin socket: `tern queue ...` and `tern ctl ...` against a running server.
+//! The admin socket's server side: `tern queue ...` and `tern ctl ...` against a running server.
 //!
 //! NAME
-//!   admin — a local control socket, its server thread and its client.
+//!   admin — a local control socket and its server thread (the wire format and the
+//!   client are `admin::proto`).
 //!
 //! DESCRIPTION
 //!   The server listens on a Unix stream socket (`admin.socket`, by default `admin.sock`
@@ -16,7 +17,7 @@
 //!   Operations: `list`, `show`, `flush`, `delete`, `hold`, `release`, `stats` (queue,
 //!   answered by every shard and merged here), `status`, `reload`, `stop`, `log-level`
 //!   (server), `submit` (store one message; shard 0 only). Failures are `{"ok":false,"error":"..."}`. Queue operations travel to the
-//!   shards through their control channels (`server::Control::Admin`); each shard's
+//!   shards through their control channels (`shard::Control::Admin`); each shard's
 //!   control task runs them on its own thread against its own `Runner`, and answers on a
 //!   std channel with a JSON value. No shard state is ever touched from this thread.
 //!
@@ -41,110 +42,21 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::channel::mpsc;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
-use tern_queue::runner::{MsgState, QueueItem, Select};
-use tern_queue::RcptState;
 
-use crate::server::{Control, Shard};
+use super::proto::{
+    decode_submit, item_json, show_json, Request, ShardAnswer, WireEnvelope, BODY_CAP,
+    ID_PLACEHOLDER, SHARD_TIMEOUT,
+};
+use crate::shard::{Control, Shard};
 
 /// Longest request line.
 const MAX_REQUEST: u64 = 64 * 1024;
 /// Longest `submit` request line: base64 of a message of up to 64 MiB, plus the envelope.
 const MAX_SUBMIT: u64 = 90 << 20;
-/// `show --body` returns at most this much of the body.
-pub const BODY_CAP: usize = 1 << 20;
-/// How long the admin thread waits for all shards to answer one request.
-const SHARD_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Which messages a queue operation applies to (the wire form of `runner::Select`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Filter {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    /// Sender contains this ("<>": the null sender).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub from: Option<String>,
-    /// A pending recipient is in this domain.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub to_domain: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub older_than_secs: Option<u64>,
-    /// "active", "deferred", "held" or "all" (absent: all).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub state: Option<String>,
-}
-
-impl Filter {
-    pub fn is_empty(&self) -> bool {
-        self.id.is_none()
-            && self.from.is_none()
-            && self.to_domain.is_none()
-            && self.older_than_secs.is_none()
-            && self.state.as_deref().is_none_or(|s| s == "all")
-    }
-
-    pub fn to_select(&self) -> Result<Select, String> {
-        let state = match self.state.as_deref() {
-            None | Some("all") => None,
-            Some("active") => Some(MsgState::Active),
-            Some("deferred") => Some(MsgState::Deferred),
-            Some("held") => Some(MsgState::Held),
-            Some(s) => {
-                return Err(format!(
-                    "unknown state {s:?} (expected active, deferred, held or all)"
-                ))
-            }
-        };
-        Ok(Select {
-            id: self.id.clone(),
-            sender_contains: self.from.clone(),
-            rcpt_domain: self.to_domain.clone(),
-            min_age: self.older_than_secs.map(Duration::from_secs),
-            state,
-        })
-    }
-}
-
-/// One request on the admin socket.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "kebab-case")]
-pub enum Request {
-    List(Filter),
-    Show {
-        id: String,
-        #[serde(default)]
-        body: bool,
-    },
-    Flush(Filter),
-    Delete(Filter),
-    Hold(Filter),
-    Release(Filter),
-    Stats,
-    Status,
-    Reload,
-    Stop,
-    LogLevel {
-        level: String,
-    },
-    /// Store one message (`tern stdio`, `tern sendmail`): answered by shard 0 with the
-    /// queue id once the record is durable and handed to that shard's runner.
-    Submit {
-        envelope: crate::stdio::WireEnvelope,
-        /// The Received: header, with `stdio::ID_PLACEHOLDER` where the queue id goes.
-        received: String,
-        /// The message, base64.
-        body: String,
-    },
-}
-
-/// A shard's answer to one request: its id and a JSON value (or an error).
-pub type ShardAnswer = (usize, Result<Value, String>);
-
 /// Changes the tracing filter at run time (`tern ctl log-level`); set up by main.rs.
 pub type LogLevelFn = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
@@ -546,18 +458,18 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
 /// id, the Received: header, the spool record, its commit, then the runner.
 async fn submit(
     shard: &Shard,
-    envelope: &crate::stdio::WireEnvelope,
+    envelope: &WireEnvelope,
     received: &str,
     body: &str,
 ) -> Result<Value, String> {
-    let (mut env, body) = crate::stdio::decode_submit(envelope, body)?;
+    let (mut env, body) = decode_submit(envelope, body)?;
     let store = &shard.store;
     if !store.accepting() {
         return Err("queue full: above its high-water mark".into());
     }
     let prepared = store.group_commit().with_spool(|spool| {
         let id = spool.id_gen().next();
-        let hdr = bytes::Bytes::from(received.replacen(crate::stdio::ID_PLACEHOLDER, &id, 1));
+        let hdr = bytes::Bytes::from(received.replacen(ID_PLACEHOLDER, &id, 1));
         env.id = id;
         env.size = (hdr.len() + body.len()) as u64;
         spool.prepare(&env, &[hdr, body])
@@ -579,289 +491,4 @@ async fn submit(
 
 fn changed_json(c: tern_queue::runner::Changed) -> Value {
     json!({"matched": c.matched, "changed": c.changed, "busy": c.busy, "failed": c.failed})
-}
-
-fn now_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}
-
-/// One message as `tern queue list --json` prints it (live and offline alike).
-/// `all`: list every recipient, final ones marked "(delivered)"/"(failed)".
-pub fn item_json(it: &QueueItem, all: bool) -> Value {
-    let e = &it.envelope;
-    let q = &it.q;
-    let recipients: Vec<String> = e
-        .recipients
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| match (q.rcpt_states.get(i), all) {
-            (Some(RcptState::Pending), _) => Some(r.addr.clone()),
-            (Some(RcptState::Delivered), true) => Some(format!("{} (delivered)", r.addr)),
-            (Some(RcptState::Failed), true) => Some(format!("{} (failed)", r.addr)),
-            _ => None,
-        })
-        .collect();
-    json!({
-        "id": q.id.as_str(),
-        "shard": q.msg.shard,
-        "size": e.size,
-        "arrival_unix_micros": q.arrival_unix_micros,
-        "age_secs": now_micros().saturating_sub(q.arrival_unix_micros) / 1_000_000,
-        "sender": if e.sender.is_empty() { "<>" } else { e.sender.as_str() },
-        "recipients": recipients,
-        "state": it.state().name(),
-        "held": q.held,
-        "in_flight": it.in_flight,
-        "attempts": q.attempts,
-        "next_attempt_unix": q.next_attempt_unix,
-        "last_reply": q.last_reply.as_deref(),
-    })
-}
-
-/// One message as `tern queue show --json` prints it: the list fields, every recipient
-/// with its state and DSN parameters, the rest of the envelope, and the body if asked.
-pub fn show_json(it: &QueueItem, body: Option<&[u8]>) -> Value {
-    let e = &it.envelope;
-    let mut v = item_json(it, false);
-    let rcpts: Vec<Value> = e
-        .recipients
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let st = match it.q.rcpt_states.get(i) {
-                Some(RcptState::Pending) => "pending",
-                Some(RcptState::Delivered) => "delivered",
-                Some(RcptState::Failed) => "failed",
-                None => "unknown",
-            };
-            json!({"addr": r.addr, "state": st, "notify": r.notify, "orcpt": r.orcpt})
-        })
-        .collect();
-    if let Value::Object(m) = &mut v {
-        m.insert("segment".into(), json!(it.q.msg.segment));
-        m.insert("offset".into(), json!(it.q.msg.offset));
-        m.insert("all_recipients".into(), Value::Array(rcpts));
-        m.insert("body_type".into(), json!(format!("{:?}", e.body_type)));
-        m.insert("smtputf8".into(), json!(e.smtputf8));
-        m.insert("ret".into(), json!(e.ret.map(|r| format!("{r:?}"))));
-        m.insert("envid".into(), json!(e.envid));
-        m.insert("auth".into(), json!(e.auth));
-        m.insert("client_helo".into(), json!(e.client_helo));
-        m.insert("client_addr".into(), json!(e.client_addr));
-        m.insert("warned".into(), json!(it.q.warned));
-        if let Some(b) = body {
-            // XXX: a body that is not UTF-8 (8BITMIME in another charset, BINARYMIME) is
-            // shown with replacement characters; `body_bytes` is the exact length.
-            m.insert("body".into(), json!(String::from_utf8_lossy(b)));
-            m.insert("body_truncated".into(), json!((b.len() as u64) < e.size));
-        }
-    }
-    v
-}
-
-// ---------------------------------------------------------------------------------------
-// Client side
-// ---------------------------------------------------------------------------------------
-
-/// Why a request on the admin socket did not get an answer.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nobody listens there (no socket file, or a stale one).
-    #[error("no server answers on {path}: {source}")]
-    NoServer {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("permission denied on {path} (the admin socket is for the server's owner and root)")]
-    Denied { path: PathBuf },
-    #[error("admin socket {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("admin socket {path}: bad answer: {message}")]
-    Protocol { path: PathBuf, message: String },
-    /// The server answered `ok: false`.
-    #[error("{0}")]
-    Server(String),
-}
-
-impl ClientError {
-    /// sysexits.h code for this error.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            ClientError::NoServer { .. } => 69, // EX_UNAVAILABLE
-            ClientError::Denied { .. } => 77,   // EX_NOPERM
-            ClientError::Io { .. } => 74,       // EX_IOERR
-            ClientError::Protocol { .. } => 76, // EX_PROTOCOL
-            ClientError::Server(_) => 70,       // EX_SOFTWARE
-        }
-    }
-}
-
-/// Connects to the admin socket (`NoServer` when nobody answers).
-pub fn connect(path: &Path) -> Result<UnixStream, ClientError> {
-    UnixStream::connect(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::PermissionDenied => ClientError::Denied {
-            path: path.to_path_buf(),
-        },
-        _ => ClientError::NoServer {
-            path: path.to_path_buf(),
-            source,
-        },
-    })
-}
-
-/// Sends one request on a connected socket and returns the answer (without `ok`).
-pub fn call_on(path: &Path, conn: UnixStream, req: &Request) -> Result<Value, ClientError> {
-    let io = |source| ClientError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    conn.set_write_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    conn.set_read_timeout(Some(SHARD_TIMEOUT + Duration::from_secs(10)))
-        .map_err(io)?;
-    let line = serde_json::to_string(req).map_err(|e| ClientError::Protocol {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let mut w = &conn;
-    writeln!(w, "{line}").map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(&conn)
-        .take(256 << 20)
-        .read_to_string(&mut answer)
-        .map_err(io)?;
-    let mut v: Value = serde_json::from_str(answer.trim()).map_err(|e| ClientError::Protocol {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    match v.get("ok").and_then(Value::as_bool) {
-        Some(true) => {
-            if let Value::Object(m) = &mut v {
-                m.remove("ok");
-            }
-            Ok(v)
-        }
-        _ => Err(ClientError::Server(
-            v.get("error")
-                .and_then(Value::as_str)
-                .unwrap_or("request failed")
-                .to_string(),
-        )),
-    }
-}
-
-/// Connects and sends one request.
-pub fn call(path: &Path, req: &Request) -> Result<Value, ClientError> {
-    let conn = connect(path)?;
-    call_on(path, conn, req)
-}
-
-// ---------------------------------------------------------------------------------------
-// `tern ctl`
-// ---------------------------------------------------------------------------------------
-
-/// Where `tern ctl` goes: `--socket`, or the admin socket of `--config` (or defaults).
-#[derive(clap::Args, Clone, Debug)]
-pub struct CtlTarget {
-    /// The server's admin socket.
-    #[arg(long, value_name = "PATH")]
-    pub socket: Option<PathBuf>,
-    /// Configuration file naming admin.socket (default: built-in defaults).
-    #[arg(long, short = 'c', value_name = "FILE")]
-    pub config: Option<PathBuf>,
-}
-
-#[derive(clap::Subcommand)]
-pub enum CtlCmd {
-    /// Shards, connections and queue sizes per shard.
-    Status {
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        target: CtlTarget,
-    },
-    /// Reload the user store (what SIGHUP does).
-    Reload {
-        #[command(flatten)]
-        target: CtlTarget,
-    },
-    /// Stop gracefully (what SIGTERM does): no new connections, sessions drain.
-    Stop {
-        #[command(flatten)]
-        target: CtlTarget,
-    },
-    /// Change the log filter at run time, e.g. debug, info, "info,tern_queue=debug".
-    LogLevel {
-        level: String,
-        #[command(flatten)]
-        target: CtlTarget,
-    },
-}
-
-/// `tern ctl ...`.
-pub fn ctl(cmd: CtlCmd) -> std::process::ExitCode {
-    let (target, req, json) = match cmd {
-        CtlCmd::Status { json, target } => (target, Request::Status, json),
-        CtlCmd::Reload { target } => (target, Request::Reload, false),
-        CtlCmd::Stop { target } => (target, Request::Stop, false),
-        CtlCmd::LogLevel { level, target } => (target, Request::LogLevel { level }, false),
-    };
-    let path = match target.socket {
-        Some(p) => p,
-        None => match crate::config::Config::load(target.config.as_deref(), &[]) {
-            Ok(c) => c.admin_socket(),
-            Err(e) => {
-                eprintln!("tern ctl: {e}");
-                return std::process::ExitCode::from(78); // EX_CONFIG
-            }
-        },
-    };
-    let v = match call(&path, &req) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("tern ctl: {e}");
-            return std::process::ExitCode::from(e.exit_code());
-        }
-    };
-    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    match req {
-        _ if json => println!("{v}"),
-        Request::Status => {
-            let shards = v["shards"].as_array().cloned().unwrap_or_default();
-            println!(
-                "tern {} pid {} up {}s, {} shards, log level {}",
-                v["version"].as_str().unwrap_or("?"),
-                n(&v, "pid"),
-                n(&v, "uptime_secs"),
-                shards.len(),
-                v["log_level"].as_str().unwrap_or("(as configured)")
-            );
-            println!(
-                "{:>5} {:>11} {:>9} {:>9}",
-                "SHARD", "CONNECTIONS", "QUEUED", "SENDING"
-            );
-            for s in &shards {
-                println!(
-                    "{:>5} {:>11} {:>9} {:>9}",
-                    n(s, "shard"),
-                    n(s, "connections"),
-                    n(s, "queued"),
-                    n(s, "in_flight")
-                );
-            }
-        }
-        Request::Reload => println!("user store reloaded: {} user(s)", n(&v, "users")),
-        Request::Stop => println!("stopping: no new connections, sessions draining"),
-        Request::LogLevel { .. } => {
-            println!("log level: {}", v["level"].as_str().unwrap_or("?"))
-        }
-        _ => println!("{v}"),
-    }
-    std::process::ExitCode::SUCCESS
 }

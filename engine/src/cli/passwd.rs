@@ -17,7 +17,7 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::userstore::{self, UserDb, UserDbError};
+use tern_engine::userstore::{self, UserDb, UserDbError};
 use tern_smtp::sasl::saslprep::saslprep;
 use tern_smtp::users::secrets::{
     Secrets, DEFAULT_SCRAM_ITERATIONS, MAX_SCRAM_ITERATIONS, SCRAM_SALT_LEN,
@@ -31,7 +31,6 @@ pub mod exit {
     pub const DATAERR: u8 = 65;
     pub const NOINPUT: u8 = 66;
     pub const NOUSER: u8 = 67;
-    pub const SOFTWARE: u8 = 70;
     pub const IOERR: u8 = 74;
     pub const CANTCREAT: u8 = 73;
     pub const NOPERM: u8 = 77;

@@ -32,7 +32,7 @@ use std::rc::Rc;
 
 use bytes::BytesMut;
 
-use crate::config::Config;
+use tern_engine::config::Config;
 use tern_smtp::session::{Event, Session};
 
 const EX_USAGE: u8 = 64;
@@ -324,9 +324,9 @@ fn submit(
     let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8"
         .parse()
         .map_err(|_| (EX_SOFTWARE, "ipnet".into()))?];
-    let scfg = Rc::new(crate::stdio::session_config(cfg, &loopback));
+    let scfg = Rc::new(crate::cli::stdio::session_config(cfg, &loopback));
     let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-    let mut s = Session::new(scfg, peer, false, crate::clock::now());
+    let mut s = Session::new(scfg, peer, false, tern_engine::clock::now());
     let mut out = BytesMut::new();
     s.greeting(&mut out);
     let eight_bit = message.iter().any(|b| *b >= 0x80);
@@ -345,7 +345,7 @@ fn submit(
     for (cmd, code) in steps {
         out.clear();
         let mut input = BytesMut::from(cmd.as_bytes());
-        if let Event::Close = s.process(&mut input, &mut out, crate::clock::now()) {
+        if let Event::Close = s.process(&mut input, &mut out, tern_engine::clock::now()) {
             return Err((EX_TEMPFAIL, reply_text(&out)));
         }
         check(&out, code, &cmd)?;
@@ -360,8 +360,8 @@ fn submit(
     }
     input.extend_from_slice(b".\r\n");
     out.clear();
-    while let Event::Message(mut msg) = s.process(&mut input, &mut out, crate::clock::now()) {
-        let r = crate::stdio::make_durable(cfg, &mut msg);
+    while let Event::Message(mut msg) = s.process(&mut input, &mut out, tern_engine::clock::now()) {
+        let r = crate::cli::stdio::make_durable(cfg, &mut msg);
         id = r.as_ref().ok().cloned();
         s.stored(r.as_deref().map_err(|e| *e), &mut out);
     }

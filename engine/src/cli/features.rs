@@ -5,7 +5,7 @@
 
 use std::fmt::Write;
 
-use crate::config::Config;
+use tern_engine::config::Config;
 use tern_smtp::sasl::Mechanism;
 
 /// The feature report for `cfg`.
@@ -79,7 +79,7 @@ pub fn report(cfg: &Config) -> String {
 mod tests {
     #[test]
     fn mentions_the_essentials() {
-        let cfg = crate::config::Config::from_toml_str("", "t", &[]).unwrap();
+        let cfg = tern_engine::config::Config::from_toml_str("", "t", &[]).unwrap();
         let r = super::report(&cfg);
         for needle in [
             "Version: tern",

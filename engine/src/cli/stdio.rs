@@ -40,21 +40,16 @@ use std::process::ExitCode;
 use std::rc::Rc;
 
 use base64::Engine as _;
-use bytes::{Bytes, BytesMut};
-use serde::{Deserialize, Serialize};
-use tern_queue::{BodyType, DeliverBy, DeliverByMode, Envelope, Recipient, Ret};
+use bytes::BytesMut;
 
-use crate::admin::{self, ClientError, Request};
-use crate::config::Config;
+use tern_engine::admin::proto::{
+    self as admin, ClientError, Request, WireEnvelope, ID_PLACEHOLDER,
+};
+use tern_engine::config::Config;
 use tern_smtp::policy::RelayPolicy;
 use tern_smtp::session::{
     Event, ListenerKind, Message, Session, SessionConfig, SessionLimits, StoreError,
 };
-
-/// Stands for the queue id in the Received: header sent with a `submit` request. The
-/// session's header sanitises client text to printable ASCII, so this byte cannot come
-/// from the client.
-pub const ID_PLACEHOLDER: &str = "\u{1}";
 
 /// The `SessionConfig` of an `smtp` listener, without TLS and without AUTH.
 pub fn session_config(cfg: &Config, extra_trusted: &[ipnet::IpNet]) -> SessionConfig {
@@ -101,7 +96,7 @@ fn peer_from_env() -> SocketAddr {
 /// Runs one session on stdin/stdout; exits 0 on QUIT or EOF.
 pub fn run(cfg: &Config) -> ExitCode {
     let scfg = Rc::new(session_config(cfg, &[]));
-    let mut session = Session::new(scfg, peer_from_env(), false, crate::clock::now());
+    let mut session = Session::new(scfg, peer_from_env(), false, tern_engine::clock::now());
     let mut stdin = std::io::stdin().lock();
     let mut stdout = std::io::stdout().lock();
     let mut input = BytesMut::with_capacity(16 * 1024);
@@ -109,7 +104,7 @@ pub fn run(cfg: &Config) -> ExitCode {
     let mut buf = vec![0u8; 64 * 1024];
     session.greeting(&mut out);
     loop {
-        match session.process(&mut input, &mut out, crate::clock::now()) {
+        match session.process(&mut input, &mut out, tern_engine::clock::now()) {
             Event::NeedInput => {
                 if let Some(d) = session.take_delay() {
                     std::thread::sleep(d);
@@ -245,140 +240,4 @@ fn store_direct(cfg: &Config, msg: &mut Message) -> Result<String, StoreError> {
         tracing::error!(error = %e, "no shard spool could be opened");
     }
     Err(StoreError::Local)
-}
-
-// ---------------------------------------------------------------------------------------
-// The envelope on the admin socket
-// ---------------------------------------------------------------------------------------
-
-/// An envelope as JSON (the spool's `Envelope` is rkyv-only). `id` and `size` are set by
-/// the shard that stores it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireEnvelope {
-    pub sender: String,
-    pub recipients: Vec<WireRecipient>,
-    pub arrival_unix_micros: u64,
-    /// "7bit", "8bitmime" or "binarymime".
-    pub body_type: String,
-    pub smtputf8: bool,
-    /// "full" or "hdrs".
-    pub ret: Option<String>,
-    pub envid: Option<String>,
-    /// (seconds, "R" or "N", trace).
-    pub deliver_by: Option<(i64, String, bool)>,
-    pub auth: Option<String>,
-    pub client_helo: String,
-    pub client_addr: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct WireRecipient {
-    pub addr: String,
-    pub notify: u8,
-    pub orcpt: Option<String>,
-}
-
-impl From<&Envelope> for WireEnvelope {
-    fn from(e: &Envelope) -> Self {
-        WireEnvelope {
-            sender: e.sender.clone(),
-            recipients: e
-                .recipients
-                .iter()
-                .map(|r| WireRecipient {
-                    addr: r.addr.clone(),
-                    notify: r.notify,
-                    orcpt: r.orcpt.clone(),
-                })
-                .collect(),
-            arrival_unix_micros: e.arrival_unix_micros,
-            body_type: match e.body_type {
-                BodyType::SevenBit => "7bit",
-                BodyType::EightBitMime => "8bitmime",
-                BodyType::BinaryMime => "binarymime",
-            }
-            .into(),
-            smtputf8: e.smtputf8,
-            ret: e.ret.map(|r| {
-                match r {
-                    Ret::Full => "full",
-                    Ret::Hdrs => "hdrs",
-                }
-                .into()
-            }),
-            envid: e.envid.clone(),
-            deliver_by: e.deliver_by.map(|b| {
-                let m = match b.mode {
-                    DeliverByMode::Return => "R",
-                    DeliverByMode::Notify => "N",
-                };
-                (b.seconds, m.to_string(), b.trace)
-            }),
-            auth: e.auth.clone(),
-            client_helo: e.client_helo.clone(),
-            client_addr: e.client_addr.clone(),
-        }
-    }
-}
-
-impl WireEnvelope {
-    /// The spool envelope (id empty, size 0: the storing shard fills them in).
-    pub fn to_envelope(&self) -> Result<Envelope, String> {
-        Ok(Envelope {
-            id: String::new(),
-            sender: self.sender.clone(),
-            recipients: self
-                .recipients
-                .iter()
-                .map(|r| Recipient {
-                    addr: r.addr.clone(),
-                    notify: r.notify,
-                    orcpt: r.orcpt.clone(),
-                })
-                .collect(),
-            arrival_unix_micros: self.arrival_unix_micros,
-            size: 0,
-            body_type: match self.body_type.as_str() {
-                "7bit" => BodyType::SevenBit,
-                "8bitmime" => BodyType::EightBitMime,
-                "binarymime" => BodyType::BinaryMime,
-                o => return Err(format!("bad body_type {o:?}")),
-            },
-            smtputf8: self.smtputf8,
-            ret: match self.ret.as_deref() {
-                None => None,
-                Some("full") => Some(Ret::Full),
-                Some("hdrs") => Some(Ret::Hdrs),
-                Some(o) => return Err(format!("bad ret {o:?}")),
-            },
-            envid: self.envid.clone(),
-            deliver_by: self
-                .deliver_by
-                .as_ref()
-                .map(|(seconds, m, trace)| DeliverBy {
-                    seconds: *seconds,
-                    mode: if m == "R" {
-                        DeliverByMode::Return
-                    } else {
-                        DeliverByMode::Notify
-                    },
-                    trace: *trace,
-                }),
-            auth: self.auth.clone(),
-            client_helo: self.client_helo.clone(),
-            client_addr: self.client_addr.clone(),
-        })
-    }
-}
-
-/// Decodes a `submit` request's envelope and body (id and size are set when stored).
-pub fn decode_submit(envelope: &WireEnvelope, body: &str) -> Result<(Envelope, Bytes), String> {
-    let env = envelope.to_envelope()?;
-    if env.recipients.is_empty() {
-        return Err("no recipients".into());
-    }
-    let body = base64::engine::general_purpose::STANDARD
-        .decode(body)
-        .map_err(|e| format!("bad body: {e}"))?;
-    Ok((env, Bytes::from(body)))
 }

@@ -29,8 +29,8 @@ use serde_json::{json, Value};
 use tern_queue::runner::{AdminChange, MsgState, QueueItem, Select};
 use tern_queue::{SpoolError, SpoolOptions};
 
-use crate::admin::{self, ClientError, Filter, Request};
-use crate::config::Config;
+use tern_engine::admin::proto::{self as admin, ClientError, Filter, Request};
+use tern_engine::config::Config;
 
 /// Where a queue command goes (see the module docs).
 #[derive(Args, Clone, Debug)]
@@ -205,13 +205,12 @@ pub fn run(cmd: QueueCmd) -> ExitCode {
             };
             ("delete", change(&target, f, AdminChange::Delete))
         }
-        QueueCmd::Hold { id, target } => (
-            "hold",
-            change(&target, Filter::with_id(id), AdminChange::Hold),
-        ),
+        QueueCmd::Hold { id, target } => {
+            ("hold", change(&target, id_filter(id), AdminChange::Hold))
+        }
         QueueCmd::Release { id, target } => (
             "release",
-            change(&target, Filter::with_id(id), AdminChange::Release),
+            change(&target, id_filter(id), AdminChange::Release),
         ),
         QueueCmd::Stats { json, target } => ("stats", stats(&target, json)),
     };
@@ -224,12 +223,11 @@ pub fn run(cmd: QueueCmd) -> ExitCode {
     }
 }
 
-impl Filter {
-    fn with_id(id: String) -> Filter {
-        Filter {
-            id: Some(id),
-            ..Filter::default()
-        }
+/// A filter that selects one message by id.
+fn id_filter(id: String) -> Filter {
+    Filter {
+        id: Some(id),
+        ..Filter::default()
     }
 }
 

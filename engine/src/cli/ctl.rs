@@ -1,0 +1,110 @@
+//! `tern ctl`: status, reload, stop, log level (and, later, drain) against a running server.
+//!
+//! Owns: the `ctl` command line and printing its answers. Must never: reach into the
+//! server: it speaks the admin protocol (`tern_engine::admin::proto`) like any client.
+
+use std::path::PathBuf;
+
+use serde_json::Value;
+use tern_engine::admin::proto::{call, Request};
+use tern_engine::config::Config;
+
+/// Where `tern ctl` goes: `--socket`, or the admin socket of `--config` (or defaults).
+#[derive(clap::Args, Clone, Debug)]
+pub struct CtlTarget {
+    /// The server's admin socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Configuration file naming admin.socket (default: built-in defaults).
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(clap::Subcommand)]
+pub enum CtlCmd {
+    /// Shards, connections and queue sizes per shard.
+    Status {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Reload the user store (what SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Stop gracefully (what SIGTERM does): no new connections, sessions drain.
+    Stop {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Change the log filter at run time, e.g. debug, info, "info,tern_queue=debug".
+    LogLevel {
+        level: String,
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+}
+
+/// `tern ctl ...`.
+pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
+    let (target, req, json) = match cmd {
+        CtlCmd::Status { json, target } => (target, Request::Status, json),
+        CtlCmd::Reload { target } => (target, Request::Reload, false),
+        CtlCmd::Stop { target } => (target, Request::Stop, false),
+        CtlCmd::LogLevel { level, target } => (target, Request::LogLevel { level }, false),
+    };
+    let path = match target.socket {
+        Some(p) => p,
+        None => match Config::load(target.config.as_deref(), &[]) {
+            Ok(c) => c.admin_socket(),
+            Err(e) => {
+                eprintln!("tern ctl: {e}");
+                return std::process::ExitCode::from(78); // EX_CONFIG
+            }
+        },
+    };
+    let v = match call(&path, &req) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("tern ctl: {e}");
+            return std::process::ExitCode::from(e.exit_code());
+        }
+    };
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    match req {
+        _ if json => println!("{v}"),
+        Request::Status => {
+            let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            println!(
+                "tern {} pid {} up {}s, {} shards, log level {}",
+                v["version"].as_str().unwrap_or("?"),
+                n(&v, "pid"),
+                n(&v, "uptime_secs"),
+                shards.len(),
+                v["log_level"].as_str().unwrap_or("(as configured)")
+            );
+            println!(
+                "{:>5} {:>11} {:>9} {:>9}",
+                "SHARD", "CONNECTIONS", "QUEUED", "SENDING"
+            );
+            for s in &shards {
+                println!(
+                    "{:>5} {:>11} {:>9} {:>9}",
+                    n(s, "shard"),
+                    n(s, "connections"),
+                    n(s, "queued"),
+                    n(s, "in_flight")
+                );
+            }
+        }
+        Request::Reload => println!("user store reloaded: {} user(s)", n(&v, "users")),
+        Request::Stop => println!("stopping: no new connections, sessions draining"),
+        Request::LogLevel { .. } => {
+            println!("log level: {}", v["level"].as_str().unwrap_or("?"))
+        }
+        _ => println!("{v}"),
+    }
+    std::process::ExitCode::SUCCESS
+}
