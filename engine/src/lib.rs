@@ -1,29 +1,32 @@
-//! tern-engine: the SMTP side of tern.
+//! tern-engine: the server. It runs the protocol core (`tern_smtp`) on one glommio
+//! executor per core and hands accepted mail to the queue (`tern_queue`). The `tern`
+//! binary's command-line modules (`engine/src/cli/`) sit above this library and are not
+//! part of it.
 //!
-//! A map of the crate, in the order a connection meets it:
+//! A map, by layer (arrows point down only; `tests/tests/layers.rs` fails on a cycle):
 //!
-//! - `config`: the TOML file and `--set` overrides, parsed once into an immutable `Config`.
-//! - `server`: starts one glommio executor per core (a *shard*) and stops them on a signal.
-//! - `bind`: the spool lock and the listening sockets, made before any shard starts.
-//! - `listener`: each shard binds its own SO_REUSEPORT socket per configured address and
-//!   accepts connections; `conn` drives one connection (plain, STARTTLS or implicit TLS).
-//! - `session`: the I/O-free SMTP state machine: commands, DATA/BDAT, replies.
-//! - `policy`: relay decisions per recipient.
-//! - `anvil`: failed-AUTH counters per client IP, owned by hash(ip) shard, blocks broadcast.
-//! - `sasl`: the AUTH mechanisms (sans-I/O server steps) and the per-shard nonce cache;
-//!   `users`: the sasldb-style store of derived secrets and `tern passwd`.
-//! - `tls`: rustls server configuration, PEM loading, generated self-signed certificates.
-//! - `delivery`: `[queue]` settings for the shard's queue runner (`tern_queue::runner`).
-//! - `admin`: the admin socket (`tern queue`, `tern ctl` against a running server): one
-//!   std thread in the main process, requests forwarded to the shards' control tasks.
-//! - `spool`: the shard's group-commit writer in front of `tern_queue`'s segment files; a
-//!   message gets its 250 only after its record is fdatasync'ed.
-//! - `stdio`, `sendmail`: local submission without a socket (`tern stdio`, `tern
-//!   sendmail`): a `Session` driven in-process, the message handed to a running server's
-//!   shard 0 (admin `submit`) or written straight into a free shard spool.
+//! Process level (L2: the main thread and its helper threads)
+//! - `server`: starts one shard per core, waits for them, reloads (SIGHUP), stops (SIGTERM).
+//! - `bind`: the spool lock and the SO_REUSEPORT sockets, made before any shard starts.
+//! - `admin::server`: the admin socket's thread; `metrics::http`: `/metrics`, `/healthz`,
+//!   the status page. Both talk to shards only through `shard::Control` messages.
 //!
-//! Data flows one way: listener → conn → session → spool. Nothing on the per-command path
-//! is shared between shards.
+//! Shard level (L1: one per core, never crossing threads)
+//! - `shard`: `Shard` (what a shard's tasks share) and `Control` (what others ask of it).
+//! - `conn`: one connection's socket I/O and TLS, driving a `tern_smtp::session::Session`.
+//! - `shard_hooks`: the session's `SessionHooks`: counters, `NOQUEUE` and AUTH log lines,
+//!   AUTH-failure blocks through `anvil` (the shard-to-shard mesh).
+//! - `spool`: the shard's group-commit writer in front of `tern_queue`; a message gets its
+//!   250 only after its record is fdatasync'ed.
+//! - `metrics::counters`: per-shard counters (a leaf).
+//!
+//! Shared leaves: `config` (TOML + `--set`, immutable `Config`), `tls` (rustls server
+//! configuration, certificates), `userstore` (the user file: load with mode check, atomic
+//! save), `delivery` (`[queue]` → runner settings), `admin::proto` (the admin wire format
+//! and client, also used by the CLI), `clock` (the time handed to the protocol core),
+//! `notify`, `sdnotify`, `privileges`.
+//!
+//! Data flows one way: listener → conn → session → spool → runner → client.
 
 pub mod admin;
 pub mod anvil;

@@ -282,6 +282,7 @@ fn main() -> ExitCode {
             };
             let log_level = init_logging(&prepared.config.log);
             let dir2 = dir.clone();
+            let queue = prepared.config.queue.clone();
             let loader: server::ConfigLoader = std::sync::Arc::new(move || {
                 cli::demo::prepare(&dir, &set)
                     .map(|p| p.config)
@@ -292,7 +293,7 @@ fn main() -> ExitCode {
                 prepared.identity,
                 log_level,
                 loader,
-                move |r| cli::demo::print_banner(&dir2, r),
+                move |r| cli::demo::print_banner(&dir2, &queue, r),
             )
         }
         Cmd::Stdio { config } => {

@@ -164,7 +164,11 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()
         .with_single_cert(identity.chain.clone(), identity.key.clone_key())?;
-    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
+    // No session-ID cache: a shard's cache would resume only clients that land on the same
+    // shard again (SO_REUSEPORT spreads them), and one shared across shards is a lock on
+    // every handshake. Tickets, sealed with the ticketer every shard shares, resume on any
+    // shard; every client measured (OpenSSL, curl, swaks, Python) offers them.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     cfg.ticketer = ticketer;
     Ok(Arc::new(cfg))
 }

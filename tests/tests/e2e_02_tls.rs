@@ -257,3 +257,34 @@ fn sighup_reloads_the_certificate() {
     assert!(reloaded, "the new certificate was never presented");
     before.expect("NOOP", 250, "2.0.0");
 }
+
+/// TLS 1.2 resumption works whichever shard a reconnect lands on: tickets are sealed with
+/// a key every shard shares, and no shard keeps a session-ID cache of its own (which would
+/// resume only clients that happen to come back to the same shard). openssl's `-reconnect`
+/// opens the connection six times with one session; with 2 shards, the five reconnects
+/// spread over both.
+#[test]
+fn tls12_tickets_resume_on_every_shard() {
+    if !tern_tests::require_tool("openssl") {
+        return;
+    }
+    let s = Server::with(&[]);
+    assert_eq!(s.shards, 2);
+    let run = |extra: &[&str]| -> (usize, usize) {
+        let out = std::process::Command::new("openssl")
+            .args(["s_client", "-connect"])
+            .arg(s.smtps.to_string())
+            .args(["-tls1_2", "-reconnect"])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl s_client");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let count = |p: &str| text.lines().filter(|l| l.starts_with(p)).count();
+        (count("New, TLSv1.2"), count("Reused, TLSv1.2"))
+    };
+    assert_eq!(run(&[]), (1, 5), "every reconnect resumes with a ticket");
+    // Without tickets a client falls back to session IDs, which are not issued: every
+    // handshake is a full one (this is what makes the first assertion mean something).
+    assert_eq!(run(&["-no_ticket"]), (6, 0));
+}

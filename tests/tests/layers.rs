@@ -127,7 +127,11 @@ fn graph(src: &Path, skip: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
     let modules: BTreeMap<String, PathBuf> = files
         .iter()
         .map(|f| (module_of(src, f), f.clone()))
-        .filter(|(m, _)| !skip.iter().any(|s| m == s || m.starts_with(&format!("{s}::"))))
+        .filter(|(m, _)| {
+            !skip
+                .iter()
+                .any(|s| m == s || m.starts_with(&format!("{s}::")))
+        })
         .collect();
     // The longest module path that `segs` starts with.
     let resolve = |segs: &[String]| -> Option<String> {
@@ -259,9 +263,21 @@ fn protocol_core_depends_on_no_runtime() {
         .next()
         .unwrap_or("");
     let allowed = [
-        "bytes", "memchr", "base64", "md-5", "hmac", "sha2", "rand", "thiserror", "ipnet", "rkyv",
+        "bytes",
+        "memchr",
+        "base64",
+        "md-5",
+        "hmac",
+        "sha2",
+        "rand",
+        "thiserror",
+        "ipnet",
+        "rkyv",
     ];
-    for line in deps.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')) {
+    for line in deps
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
         let name = line.split(['=', '.', ' ']).next().unwrap_or("").trim();
         assert!(
             allowed.contains(&name),

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tern_engine::config::{Config, ConfigError};
+use tern_engine::config::{Config, ConfigError, QueueConfig};
 use tern_engine::server::Ready;
 use tern_engine::tls::{Identity, TlsError};
 use tern_smtp::session::ListenerKind;
@@ -131,7 +131,7 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
 }
 
 /// What a newcomer sees once the demo is up.
-pub fn print_banner(dir: &Path, ready: &Ready) {
+pub fn print_banner(dir: &Path, queue: &QueueConfig, ready: &Ready) {
     let find = |k: ListenerKind| {
         ready
             .listeners
@@ -162,10 +162,29 @@ pub fn print_banner(dir: &Path, ready: &Ready) {
     if let Some(a) = ready.metrics {
         println!("Status page: http://{a}/  (Prometheus metrics: http://{a}/metrics)");
     }
-    println!(
-        "Every message, local or relayed, is delivered into the Maildir {}/maildir/new/",
-        dir.display()
-    );
+    // Say where mail really goes: `--set queue.routes...` or a relayhost override the
+    // demo's Maildir route.
+    let maildir = format!("maildir:{}/maildir", dir.display());
+    let routes: Vec<String> = queue
+        .routes
+        .iter()
+        .map(|(k, v)| format!("{k} -> {v}"))
+        .collect();
+    if !queue.relayhost.is_empty() {
+        println!("Every message is relayed to {}", queue.relayhost);
+    } else if queue.routes.len() == 1 && queue.routes.get("*") == Some(&maildir) {
+        println!(
+            "Every message, local or relayed, is delivered into the Maildir {}/maildir/new/",
+            dir.display()
+        );
+    } else if routes.is_empty() {
+        println!("Mail is delivered to each domain's MX hosts (no static route).");
+    } else {
+        println!("Mail goes by these routes: {}", routes.join(", "));
+        if !queue.routes.contains_key("*") {
+            println!("Other domains: their MX hosts.");
+        }
+    }
     println!("Messages still waiting are listed with:");
     println!("  tern queue list --spool {}/spool", dir.display());
     println!("Stop with Ctrl-C.");

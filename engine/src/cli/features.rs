@@ -18,7 +18,8 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "ESMTP extensions: PIPELINING SIZE ENHANCEDSTATUSCODES 8BITMIME DSN DELIVERBY CHUNKING BINARYMIME SMTPUTF8 HELP STARTTLS AUTH"
+        "ESMTP extensions: {} STARTTLS AUTH",
+        tern_smtp::session::EHLO_EXTENSIONS.join(" ")
     );
     let all: Vec<&str> = Mechanism::ALL.iter().map(|m| m.name()).collect();
     let _ = writeln!(o, "SASL mechanisms compiled in: {}", all.join(" "));

@@ -62,6 +62,22 @@ impl ListenerKind {
 /// such loop) cannot hold a connection forever, while every accepted message resets it.
 pub const MAX_JUNK_COMMANDS: u32 = 100;
 
+/// The service extensions every EHLO reply lists, in order (`SIZE` with the limit after
+/// it); `AUTH` and `STARTTLS` follow when they apply. `tern features` prints the same list.
+pub const EHLO_EXTENSIONS: [&str; 11] = [
+    "PIPELINING",
+    "SIZE",
+    "ENHANCEDSTATUSCODES",
+    "8BITMIME",
+    "DSN",
+    "DELIVERBY",
+    "CHUNKING",
+    "BINARYMIME",
+    "SMTPUTF8",
+    "ETRN",
+    "HELP",
+];
+
 /// Limits a session enforces; copied from the configuration.
 #[derive(Debug, Clone)]
 pub struct SessionLimits {
@@ -766,20 +782,12 @@ impl Session {
 
     fn build_ehlo_reply(&self, out: &mut BytesMut) {
         let size = format!("SIZE {}", self.cfg.limits.message_size);
-        let mut lines: Vec<&str> = vec![
-            &self.cfg.hostname,
-            "PIPELINING",
-            &size,
-            "ENHANCEDSTATUSCODES",
-            "8BITMIME",
-            "DSN",
-            "DELIVERBY",
-            "CHUNKING",
-            "BINARYMIME",
-            "SMTPUTF8",
-            "ETRN",
-            "HELP",
-        ];
+        let mut lines: Vec<&str> = vec![&self.cfg.hostname];
+        lines.extend(
+            EHLO_EXTENSIONS
+                .iter()
+                .map(|&e| if e == "SIZE" { size.as_str() } else { e }),
+        );
         let auth_line;
         if let Some(a) = &self.cfg.auth {
             let offered: Vec<&str> = a

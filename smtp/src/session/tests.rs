@@ -411,6 +411,10 @@ fn junk_commands_are_limited_and_reset_by_an_accepted_message() {
 /// A session with AUTH (PLAIN, LOGIN, CRAM-MD5) for user `user` / `pencil`, allowed
 /// without TLS.
 fn auth_session() -> Session {
+    auth_session_with(Rc::new(NoHooks))
+}
+
+fn auth_session_with(hooks: Rc<dyn SessionHooks>) -> Session {
     let mut users = UserDb::empty();
     users
         .insert(
@@ -441,7 +445,7 @@ fn auth_session() -> Session {
             realm: "mx.test".into(),
             shared,
         }),
-        hooks: Rc::new(NoHooks),
+        hooks,
         ehlo_cache: Default::default(),
     });
     Session::new(cfg, "192.0.2.7:4000".parse().unwrap(), false, test_now())
@@ -535,4 +539,94 @@ fn nul_in_body_refused_unless_binarymime() {
     );
     assert_eq!(stored.len(), 1, "{out}");
     assert!(stored[0].ends_with(b"ab\r\n\x00.\r\n"));
+}
+
+/// Records what a session reports to its host, and blocks one address.
+#[derive(Default)]
+struct Recorder {
+    events: RefCell<Vec<String>>,
+    blocked: Option<std::net::IpAddr>,
+}
+
+impl SessionHooks for Recorder {
+    fn auth_blocked(&self, ip: std::net::IpAddr) -> bool {
+        self.blocked == Some(ip)
+    }
+    fn auth_attempt(&self, a: &AuthAttempt<'_>) {
+        self.events.borrow_mut().push(format!(
+            "auth {} {:?} {:?} {}",
+            a.mechanism.name(),
+            a.login,
+            a.outcome,
+            a.failures
+        ));
+    }
+    fn rejected(&self, r: &Rejection<'_>) {
+        self.events.borrow_mut().push(format!(
+            "reject {} {} {} {} {} from={:?} to={:?} helo={:?}",
+            r.why.label(),
+            r.stage,
+            r.code,
+            r.enhanced,
+            r.text,
+            r.sender,
+            r.recipient,
+            r.helo
+        ));
+    }
+}
+
+#[test]
+fn refusals_and_auth_results_reach_the_hooks() {
+    use base64::Engine as _;
+    let rec = Rc::new(Recorder::default());
+    let mut s = auth_session_with(rec.clone());
+    let bad = base64::engine::general_purpose::STANDARD.encode(b"\0user\0wrong");
+    let good = base64::engine::general_purpose::STANDARD.encode(b"\0user\0pencil");
+    let (out, _) = drive(
+        &mut s,
+        format!(
+            "EHLO c.test\r\nAUTH PLAIN {bad}\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\nRSET\r\nAUTH PLAIN {good}\r\nQUIT\r\n"
+        )
+        .as_bytes(),
+    );
+    assert!(out.contains("535 5.7.8"), "{out}");
+    assert!(out.contains("554 5.7.1"), "{out}");
+    assert!(out.contains("235 2.7.0"), "{out}");
+    let ev = rec.events.borrow();
+    assert_eq!(
+        *ev,
+        vec![
+            "auth PLAIN Some(\"user\") Err(BadCredentials) 1".to_string(),
+            "reject relay RCPT 554 5.7.1 <x@elsewhere.test>: Relay access denied from=Some(\"a@b.test\") to=Some(\"x@elsewhere.test\") helo=Some(\"c.test\")".to_string(),
+            "auth PLAIN Some(\"user\") Ok(()) 1".to_string(),
+        ]
+    );
+}
+
+#[test]
+fn a_blocked_address_is_refused_and_reported() {
+    let rec = Rc::new(Recorder {
+        blocked: Some("192.0.2.7".parse().unwrap()),
+        ..Recorder::default()
+    });
+    let mut s = auth_session_with(rec.clone());
+    let (out, _) = drive(&mut s, b"EHLO c.test\r\nAUTH PLAIN\r\n");
+    assert!(out.contains("454 4.7.0"), "{out}");
+    assert_eq!(rec.events.borrow().len(), 1);
+    assert!(rec.events.borrow()[0].starts_with("reject auth_blocked AUTH 454 4.7.0"));
+}
+
+#[test]
+fn received_header_uses_the_time_passed_in() {
+    let mut s = session();
+    let (_, stored) = drive(
+        &mut s,
+        b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@local.test>\r\nDATA\r\nhi\r\n.\r\n",
+    );
+    let body = String::from_utf8(stored[0].clone()).unwrap();
+    assert!(
+        body.starts_with("Received: from c.test ([192.0.2.7])\r\n\tby mx.test (tern) with ESMTP id ID\r\n\tfor <u@local.test>;\r\n\tThu, 03 Dec 2026 07:06:00 +0000\r\n"),
+        "{body}"
+    );
 }
