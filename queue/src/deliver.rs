@@ -9,8 +9,10 @@
 //! options per next hop: the route's or the MX domain's TLS policy over the global one,
 //! AUTH only to the relay host. Keeps idle connections per address *and* per security
 //! settings, so a connection opened under a weaker TLS policy is never reused for a
-//! stricter one. Must never turn a connection problem into a bounce, or block the shard
-//! (maildir writes run on the blocking thread, DNS on the resolver thread, `route::Dns`).
+//! stricter one. Hands every connection the shard's prebuilt TLS configuration for its
+//! trust policy (`tls_configs`), so connections to a hop resume TLS sessions. Must never
+//! turn a connection problem into a bounce, or block the shard (maildir writes and CA
+//! file reads run on the blocking thread, DNS on the resolver thread, `route::Dns`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -22,11 +24,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use crate::client::{connect, ClientError, ClientOptions, Connection, Reply, Stage};
+use crate::client::{
+    connect, ClientError, ClientOptions, Connection, Reply, Stage, StarttlsPolicy,
+};
 use crate::config::RunnerConfig;
 use crate::dsn::{DsnKind, DsnStatus};
 use crate::outcome::{NextHop, Outcome};
 use crate::route::Destination;
+use crate::tls_configs::{TlsConfigs, TrustKey};
 use crate::Envelope;
 
 /// Delivers recipients `idx` of `env` to `dest`.
@@ -188,6 +193,24 @@ async fn to_smtp(
     body: &Bytes,
     idx: &[usize],
 ) -> Vec<(usize, Outcome)> {
+    // The shard's configuration for this trust policy, built before any connection: a
+    // local fault (an unreadable CA file) defers at once with its own error, whatever
+    // the next hop offers, and never looks like a server problem.
+    let tls_config = if base.starttls == StarttlsPolicy::Never {
+        None
+    } else {
+        match pool.tls.get(&TrustKey::of(base)).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                let why = format!("451 4.7.5 {}", ClientError::TlsConfig(e));
+                tracing::warn!(ca_file = ?base.ca_file, "{why}");
+                return idx
+                    .iter()
+                    .map(|&i| (i, Outcome::Deferred(why.clone())))
+                    .collect();
+            }
+        }
+    };
     let mut last_err = String::from("no address to connect to");
     for host in hosts {
         let addrs = match cfg.dns.resolve(host, port).await {
@@ -199,6 +222,7 @@ async fn to_smtp(
         };
         for addr in addrs {
             let mut opts = base.clone();
+            opts.tls_config = tls_config.clone();
             if opts.server_name.is_none() && host.parse::<std::net::IpAddr>().is_err() {
                 opts.server_name = Some(host.clone());
             }
@@ -335,10 +359,12 @@ fn security_key(o: &ClientOptions) -> u64 {
 
 /// One shard's cache of idle outbound connections (Postfix's connection cache): a message
 /// to an address that was just delivered to reuses the open, already-EHLO'd (and TLS'd)
-/// connection, with RSET between transactions. Shard-local, never shared.
+/// connection, with RSET between transactions. With it, the TLS configurations new
+/// connections are opened with. Shard-local, never shared.
 #[derive(Default)]
 pub(crate) struct ConnPool {
     idle: RefCell<HashMap<PoolKey, Vec<(Connection, Instant)>>>,
+    pub(crate) tls: TlsConfigs,
 }
 
 impl ConnPool {
@@ -362,6 +388,12 @@ impl ConnPool {
         if list.len() < POOL_PER_ADDR {
             list.push((c, Instant::now()));
         }
+    }
+
+    /// Closes every idle connection (their TLS was set up under trust settings a reload
+    /// replaced).
+    pub(crate) fn clear(&self) {
+        self.idle.borrow_mut().clear();
     }
 
     /// Closes connections idle for too long (dropping one closes its socket).

@@ -86,6 +86,7 @@ pub mod runner;
 pub mod segment;
 pub mod spool;
 pub mod state;
+pub mod tls_configs;
 
 pub use commit::GroupCommit;
 pub use envelope::{

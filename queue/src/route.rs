@@ -378,6 +378,22 @@ impl Router {
         lookup(&self.mx_tls, &normalise(rcpt_domain))
     }
 
+    /// Every TLS policy configured: the relay host's, the routes' and the MX table's
+    /// (with repeats), so the runner can build their TLS configurations at start.
+    pub fn tls_policies(&self) -> impl Iterator<Item = &TlsPolicy> + '_ {
+        fn dest_tls(d: &Destination) -> Option<&TlsPolicy> {
+            match d {
+                Destination::Smtp { tls: Some(t), .. } => Some(t),
+                _ => None,
+            }
+        }
+        self.relayhost
+            .iter()
+            .filter_map(dest_tls)
+            .chain(self.routes.values().filter_map(dest_tls))
+            .chain(self.mx_tls.values())
+    }
+
     /// Every `rate=` of the routes and the relay host divided among `shards` shards
     /// ([`RateLimit::share`]): route rates are configured for the whole server.
     pub fn share_rates(mut self, shards: usize) -> Router {

@@ -23,6 +23,11 @@
 //! nor DELIVERBY, RFC 2852 §4.1.4.2); a hop with DSN was handed NOTIFY/ORCPT and reports
 //! itself, so nothing is sent.
 //!
+//! Outbound TLS: the shard builds one rustls client configuration per trust policy
+//! (`tls_configs`) when `run` starts, from the policies configured, off the shard thread; every
+//! connection under that policy shares it, and so resumes TLS sessions to next hops.
+//! [`Runner::reload_client_tls`] rebuilds them (SIGHUP: CA files may have changed).
+//!
 //! Owns: the shard's delivery schedule and in-flight count. Must never: deliver a message
 //! of another shard, change the index before the state record is durable, send any DSN to
 //! a null sender, or hold more than `concurrency` deliveries in flight.
@@ -35,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::client::Reply;
+use crate::client::{Reply, StarttlsPolicy};
 use crate::commit::GroupCommit;
 use crate::dsn::DsnKind;
 use crate::index::QueueIndex;
@@ -43,6 +48,7 @@ use crate::outcome::Outcome;
 use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::route::Destination;
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
+use crate::tls_configs::TrustKey;
 // Re-exported where the engine has always found it; defined below `deliver`, which reads it too.
 pub use crate::config::RunnerConfig;
 use crate::{BodyType, DeliverByMode, Envelope, NOTIFY_DELAY, NOTIFY_NEVER, NOTIFY_SUCCESS};
@@ -239,8 +245,65 @@ impl Runner {
         }
     }
 
+    /// The trust policies the configuration names (the global one, the relay host's, the
+    /// routes' and the MX table's), for the TLS configurations built at start.
+    fn configured_trust(&self) -> Vec<TrustKey> {
+        let mut keys: Vec<TrustKey> = Vec::new();
+        let global = &self.cfg.client;
+        let mut add = |o: &crate::client::ClientOptions| {
+            let k = TrustKey::of(o);
+            if o.starttls != StarttlsPolicy::Never && !keys.contains(&k) {
+                keys.push(k);
+            }
+        };
+        add(global);
+        for p in self.cfg.router.tls_policies() {
+            let mut o = global.clone();
+            p.apply(&mut o);
+            add(&o);
+        }
+        keys
+    }
+
+    /// Rebuilds the outbound TLS client configurations (SIGHUP / `tern ctl reload`): a
+    /// changed CA file takes effect for the next connection. Idle connections are closed
+    /// (they were verified under the old trust anchors), and sessions are not resumed
+    /// across the change. A policy whose CA file can no longer be used defers its
+    /// deliveries with that error until it is fixed (fail closed). Returns the errors,
+    /// already logged.
+    pub async fn reload_client_tls(&self) -> Vec<String> {
+        let r = self.pool.tls.rebuild().await;
+        self.pool.clear();
+        let errors: Vec<String> = r
+            .failed
+            .iter()
+            .map(|(k, e)| {
+                tracing::error!(shard = self.shard, ca_file = ?k.ca_file, error = %e, "outbound TLS configuration not rebuilt; its deliveries defer");
+                e.to_string()
+            })
+            .collect();
+        tracing::info!(
+            shard = self.shard,
+            rebuilt = r.rebuilt,
+            "outbound TLS configurations rebuilt"
+        );
+        errors
+    }
+
+    /// Outbound TLS configurations built on this shard (one per trust policy in use).
+    pub fn client_tls_configs(&self) -> usize {
+        self.pool.tls.len()
+    }
+
     /// The scheduling loop. Runs until `stop`.
     pub async fn run(self: Rc<Self>) {
+        // The TLS configurations of the configured policies first, on the blocking
+        // thread (a few milliseconds for a system bundle): SMTP deliveries would wait for
+        // them anyway, and this way no blocking job is left behind by a task of its own.
+        for (k, e) in self.pool.tls.prepare(self.configured_trust()).await {
+            // Not fatal: deliveries under this policy defer with the same error.
+            tracing::error!(shard = self.shard, ca_file = ?k.ca_file, error = %e, "outbound TLS configuration");
+        }
         loop {
             if self.stopping.get() {
                 return;

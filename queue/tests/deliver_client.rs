@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use glommio::{LocalExecutorBuilder, Placement};
 use tern_queue::client::{
-    connect, ClientError, ClientOptions, Reply, Stage, StarttlsPolicy, Timeouts,
+    connect, ClientError, ClientOptions, Reply, Stage, StarttlsPolicy, Timeouts, TlsPolicy,
 };
 use tern_queue::{BodyType, Envelope, Recipient, Ret, NOTIFY_DELAY, NOTIFY_FAILURE};
 
@@ -579,6 +579,112 @@ fn starttls_required_verified_with_auth_plain() {
         assert!(c.is_tls() && c.is_authenticated());
         c.quit().await;
     });
+    srv.finish();
+}
+
+/// Accepts `n` connections one after another, each: greeting, EHLO, STARTTLS, EHLO, QUIT.
+/// Returns how each TLS handshake went, as the server saw it.
+fn tls_server_n(
+    n: usize,
+    config: Arc<rustls::ServerConfig>,
+) -> (SocketAddr, JoinHandle<Vec<Option<rustls::HandshakeKind>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let thread = std::thread::spawn(move || {
+        (0..n)
+            .map(|_| {
+                let (tcp, _) = listener.accept().unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut p = Peer {
+                    s: S::Plain(tcp),
+                    buf: Vec::new(),
+                };
+                p.say("220 mx.test\r\n");
+                p.ehlo(&["STARTTLS"]);
+                p.expect("STARTTLS");
+                p.say("220 go ahead\r\n");
+                p.starttls(config.clone());
+                p.ehlo(&["PIPELINING"]);
+                let kind = match &p.s {
+                    S::Tls(t) => t.conn.handshake_kind(),
+                    _ => None,
+                };
+                p.quit();
+                kind
+            })
+            .collect()
+    });
+    (addr, thread)
+}
+
+/// Two connections with one shared configuration (what the runner passes): the second
+/// resumes the first one's TLS session. Each with its own (`tls_config: None`, the old
+/// per-connection build): both full handshakes.
+#[test]
+fn a_shared_tls_config_resumes_sessions_a_fresh_one_does_not() {
+    use rustls::HandshakeKind::{Full, Resumed};
+    let (config, ca_pem) = tls_server_config();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let mut o = opts();
+    o.starttls = StarttlsPolicy::Required;
+    o.verify_certs = true;
+    o.ca_file = Some(ca.clone());
+    o.server_name = Some("localhost".into());
+    let twice = |o: ClientOptions, config: Arc<rustls::ServerConfig>| {
+        let (addr, srv) = tls_server_n(2, config);
+        let client = run(async move {
+            let mut resumed = Vec::new();
+            for _ in 0..2 {
+                let c = connect(addr, &o).await.unwrap();
+                assert!(c.is_tls());
+                resumed.push(c.is_tls_resumed());
+                c.quit().await;
+            }
+            resumed
+        });
+        (srv.join().expect("server script failed"), client)
+    };
+
+    let mut shared = o.clone();
+    shared.tls_config = Some(tern_queue::client::tls::client_config(true, Some(&ca)).unwrap());
+    let (server, client) = twice(shared, config.clone());
+    assert_eq!(server, [Some(Full), Some(Resumed)]);
+    assert_eq!(client, [false, true]);
+
+    let (server, client) = twice(o, config);
+    assert_eq!(server, [Some(Full), Some(Full)]);
+    assert_eq!(client, [false, false]);
+}
+
+/// A prebuilt no-verify configuration must not stand in for a `verify` policy applied
+/// later: `TlsPolicy::apply` drops it, and the wrong CA fails the handshake.
+#[test]
+fn applying_a_policy_drops_a_prebuilt_config() {
+    let (config, _) = tls_server_config();
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["STARTTLS"]);
+        p.expect("STARTTLS");
+        p.say("220 go ahead\r\n");
+        p.starttls(config);
+        let mut b = [0u8; 16];
+        let _ = p.io().read(&mut b);
+    });
+    let addr = srv.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, tls_server_config().1).unwrap();
+    let mut o = opts();
+    o.tls_config = Some(tern_queue::client::tls::client_config(false, None).unwrap());
+    TlsPolicy::parse(&format!("verify ca={}", other.display()))
+        .unwrap()
+        .apply(&mut o);
+    assert!(o.tls_config.is_none());
+    o.server_name = Some("localhost".into());
+    let e = run(async move { connect(addr, &o).await.err().unwrap() });
+    assert!(matches!(e, ClientError::Tls(_)), "{e}");
     srv.finish();
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{body, config, empty, envelope, maildir, run, tls_pair, Sink, SinkOpts};
+use common::{body, config, empty, envelope, maildir, run, run_script, tls_pair, Sink, SinkOpts};
 use tern_queue::client::StarttlsPolicy;
 use tern_queue::ratelimit::RateLimit;
 use tern_queue::route::Router;
@@ -176,6 +176,119 @@ fn verify_succeeds_with_the_ca_file() {
     let t = sink.txns();
     assert_eq!(t.len(), 1);
     assert!(t[0].tls, "delivered inside TLS");
+}
+
+/// Two messages to a `tls=verify` hop that closes each connection after its message: the
+/// second connection resumes the TLS session of the first, because the shard keeps one
+/// client configuration (and session store) per trust policy.
+#[test]
+fn the_second_connection_to_a_hop_resumes_the_tls_session() {
+    let (server, pem) = tls_pair(&["127.0.0.1", "localhost"]);
+    let mut opts = SinkOpts::starttls(&["PIPELINING"], server);
+    opts.close_after_message = true;
+    let sink = Sink::start(opts);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let route = sink.route(&format!("tls=verify ca={}", ca.display()));
+    let cfg = config(router(&[("*", &route)]));
+    let r = run_script(cfg, |h| async move {
+        for subject in ["one", "two"] {
+            h.queue(
+                envelope("s@sender.test", &[("a@far.test", 0, None)]),
+                body(subject),
+            )
+            .await;
+            assert!(h.until(empty, Duration::from_secs(20)).await);
+        }
+        // The global policy's (`may`: no verification) and the route's, built at start.
+        assert_eq!(h.runner.client_tls_configs(), 2);
+    });
+    assert_eq!((r.left, r.counts.sent), (0, 2), "{r:?}");
+    assert_eq!(sink.connections(), 2, "the hop closed the first connection");
+    let t = sink.txns();
+    assert!(t.iter().all(|t| t.tls));
+    let resumed: Vec<bool> = t.iter().map(|t| t.resumed).collect();
+    assert_eq!(resumed, [false, true], "full handshake, then resumed");
+}
+
+/// A reload rebuilds the configurations: a CA file changed on disk is not read per
+/// connection (the cached configuration still delivers), but after
+/// `reload_client_tls` the new trust anchors apply and the hop no longer verifies.
+#[test]
+fn a_changed_ca_file_takes_effect_on_reload() {
+    let (server, pem) = tls_pair(&["127.0.0.1", "localhost"]);
+    // A new connection per message: each one is set up with the configuration in use.
+    let mut opts = SinkOpts::starttls(&["PIPELINING"], server);
+    opts.close_after_message = true;
+    let sink = Sink::start(opts);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let route = sink.route(&format!("tls=verify ca={}", ca.display()));
+    let cfg = config(router(&[("*", &route)]));
+    let ca2 = ca.clone();
+    let r = run_script(cfg, move |h| async move {
+        let msg = |s| {
+            (
+                envelope("s@sender.test", &[("a@far.test", 0, None)]),
+                body(s),
+            )
+        };
+        let (e, b) = msg("before");
+        h.queue(e, b).await;
+        assert!(h.until(empty, Duration::from_secs(20)).await);
+        // Another CA in the file: nothing changes until the reload.
+        std::fs::write(&ca2, tls_pair(&["127.0.0.1"]).1).unwrap();
+        let (e, b) = msg("changed, not reloaded");
+        h.queue(e, b).await;
+        assert!(h.until(empty, Duration::from_secs(20)).await);
+        assert!(h.runner.reload_client_tls().await.is_empty());
+        let (e, b) = msg("reloaded");
+        h.queue(e, b).await;
+        assert!(h.until(deferred, Duration::from_secs(20)).await);
+    });
+    assert_eq!(
+        (r.left, r.counts.sent, r.counts.deferred),
+        (1, 2, 1),
+        "{r:?}"
+    );
+    let why = &r.counts.recent.back().unwrap().1;
+    assert!(why.contains("TLS handshake failed"), "{why}");
+    assert_eq!(sink.txns().len(), 2, "nothing went out unverified");
+    assert_eq!(sink.connections(), 3);
+}
+
+/// A CA file that cannot be read defers the mail with that error before any connection.
+#[test]
+fn an_unreadable_ca_file_defers_without_connecting() {
+    let sink = Sink::start(SinkOpts::plain(&["PIPELINING"]));
+    let route = sink.route("tls=verify ca=/nonexistent/tern-test-ca.pem");
+    let cfg = config(router(&[("*", &route)]));
+    let r = run(
+        cfg,
+        vec![(
+            envelope("s@sender.test", &[("a@far.test", 0, None)]),
+            body("x"),
+        )],
+        deferred,
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        (r.left, r.counts.sent, r.counts.bounced),
+        (1, 0, 0),
+        "{r:?}"
+    );
+    let why = &r.counts.recent.back().unwrap().1;
+    assert!(
+        why.contains("cannot read CA file /nonexistent/tern-test-ca.pem"),
+        "{why}"
+    );
+    assert_eq!(
+        sink.connections(),
+        0,
+        "a local fault: the hop is not bothered"
+    );
 }
 
 /// The global default is "STARTTLS required"; the route says `may`, and its hop has no

@@ -32,6 +32,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,9 @@ impl TlsPolicy {
         if let Some(ca) = &self.ca_file {
             o.ca_file = Some(ca.clone());
         }
+        // A prebuilt configuration was built for the old trust settings: never let it
+        // stand in for the new ones (a no-verify one for a `verify` hop).
+        o.tls_config = None;
     }
 }
 
@@ -225,6 +229,12 @@ pub struct ClientOptions {
     /// (user, password) for AUTH.
     pub auth: Option<(String, String)>,
     pub timeouts: Timeouts,
+    /// A prebuilt rustls configuration for STARTTLS; it must have been built from
+    /// `verify_certs` and `ca_file` (`tls::client_config`). The runner passes the shard's
+    /// cached one: no file is read on the shard thread, and connections sharing it resume
+    /// TLS sessions. `None`: `connect` builds one itself, reading the CA file on the
+    /// calling thread (tools and tests), and nothing is resumed.
+    pub tls_config: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientOptions {
@@ -238,6 +248,7 @@ impl ClientOptions {
             server_name: None,
             auth: None,
             timeouts: Timeouts::default(),
+            tls_config: None,
         }
     }
 }
@@ -253,6 +264,7 @@ impl fmt::Debug for ClientOptions {
             .field("server_name", &self.server_name)
             .field("auth_user", &self.auth.as_ref().map(|(u, _)| u))
             .field("timeouts", &self.timeouts)
+            .field("tls_config", &self.tls_config.as_ref().map(|_| "prebuilt"))
             .finish()
     }
 }
@@ -450,6 +462,8 @@ pub struct Connection {
     peer: SocketAddr,
     remote_name: String,
     tls: bool,
+    /// The TLS handshake resumed an earlier session (no certificate exchange).
+    tls_resumed: bool,
     authenticated: bool,
     /// A transaction was attempted: RSET before the next one.
     used: bool,
@@ -499,6 +513,7 @@ pub async fn connect(addr: SocketAddr, opts: &ClientOptions) -> Result<Connectio
         peer: addr,
         remote_name: String::new(),
         tls: false,
+        tls_resumed: false,
         authenticated: false,
         used: false,
         broken: false,
@@ -526,6 +541,10 @@ impl Connection {
     }
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+    /// Whether the TLS handshake resumed an earlier session of the same configuration.
+    pub fn is_tls_resumed(&self) -> bool {
+        self.tls_resumed
     }
     pub fn is_authenticated(&self) -> bool {
         self.authenticated
@@ -555,9 +574,12 @@ impl Connection {
             StarttlsPolicy::Required => true,
         };
         if want_tls {
-            // Build the configuration first: a local mistake (unreadable CA file) must not
-            // look like a server problem halfway through STARTTLS.
-            let config = tls::client_config(opts.verify_certs, opts.ca_file.as_deref())?;
+            // The configuration first: a local mistake (unreadable CA file) must not look
+            // like a server problem halfway through STARTTLS.
+            let config = match &opts.tls_config {
+                Some(c) => c.clone(),
+                None => tls::client_config(opts.verify_certs, opts.ca_file.as_deref())?,
+            };
             let name = match &opts.server_name {
                 Some(n) => ServerName::try_from(n.clone())
                     .map_err(|_| ClientError::ServerName(n.clone()))?,
@@ -581,6 +603,11 @@ impl Connection {
                     Some(Err(e)) => return Err(ClientError::Tls(e)),
                     Some(Ok(s)) => s,
                 };
+                self.tls_resumed =
+                    stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+                if self.tls_resumed {
+                    tracing::debug!(peer = %self.peer, "TLS session resumed");
+                }
                 self.io = Io::Tls(Box::new(stream));
                 self.tls = true;
                 // RFC 3207 §4.2: forget everything learnt before TLS.

@@ -1,7 +1,10 @@
 //! The rustls client configuration for outbound STARTTLS (RFC 3207).
 //!
 //! Owns: choosing trust anchors (a configured CA file, else the system bundle), the ring
-//! provider, and the no-verification verifier used when `verify_certs` is off.
+//! provider, the no-verification verifier used when `verify_certs` is off, and the size
+//! of each configuration's TLS session cache (resumption to next hops).
+//! Reading the CA file is blocking file I/O: the runner builds configurations on glommio's
+//! blocking thread and caches them per shard (`crate::tls_configs`).
 //! Must never: skip the handshake signature checks (even the no-verify verifier proves the
 //! peer holds the key of the certificate it sent; it only skips trusting that
 //! certificate), or silently run with an empty trust store when verification is on.
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -26,7 +30,16 @@ pub enum TlsConfigError {
     NoCa(String),
     #[error("rustls: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The build panicked on the blocking thread (a bug; the panic is not propagated to
+    /// the shard).
+    #[error("building the TLS client configuration panicked")]
+    Panicked,
 }
+
+/// TLS sessions remembered per configuration (rustls' in-memory store, keyed by server
+/// name). A shard talks to a few hundred next hops at most at a time; each entry is a few
+/// hundred bytes, so this bounds the store at well under a megabyte per configuration.
+pub const SESSION_CACHE: usize = 256;
 
 /// Well-known system CA bundles (the list Go's crypto/x509 uses on Linux).
 const SYSTEM_BUNDLES: &[&str] = &[
@@ -42,8 +55,10 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Builds the client configuration. Done once per `connect`; callers that connect often
-/// may cache it (XXX: the runner should build it once per shard and pass it in).
+/// Builds the client configuration. Reads `ca_file` (or the system bundle) when `verify`
+/// is on: blocking I/O, so never on a shard thread. A configuration carries its own
+/// session store: reusing one configuration for successive connections is what lets
+/// them resume TLS sessions (the runner keeps one per shard and trust policy).
 pub fn client_config(
     verify: bool,
     ca_file: Option<&Path>,
@@ -51,7 +66,7 @@ pub fn client_config(
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let config = if verify {
+    let mut config = if verify {
         let roots = load_roots(ca_file)?;
         builder.with_root_certificates(roots).with_no_client_auth()
     } else {
@@ -60,6 +75,10 @@ pub fn client_config(
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth()
     };
+    // The rustls default today, stated so that the size is ours: resumption (TLS 1.3
+    // tickets, TLS 1.2 ids and tickets) saves the next hop and us a full handshake per
+    // connection.
+    config.resumption = Resumption::in_memory_sessions(SESSION_CACHE);
     Ok(Arc::new(config))
 }
 

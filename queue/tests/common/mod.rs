@@ -31,6 +31,8 @@ pub struct Txn {
     /// When the final dot arrived.
     pub at: Instant,
     pub tls: bool,
+    /// The TLS handshake resumed an earlier session (server side).
+    pub resumed: bool,
 }
 
 pub struct SinkOpts {
@@ -39,6 +41,8 @@ pub struct SinkOpts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// RCPT TO lines containing one of these get `550 5.1.1 no such user`.
     pub refuse: Vec<String>,
+    /// Close the connection after each message's 250 (so the next one needs a new one).
+    pub close_after_message: bool,
 }
 
 impl SinkOpts {
@@ -47,6 +51,7 @@ impl SinkOpts {
             keywords: keywords.iter().map(|k| k.to_string()).collect(),
             tls: None,
             refuse: Vec::new(),
+            close_after_message: false,
         }
     }
     pub fn starttls(keywords: &[&str], tls: Arc<rustls::ServerConfig>) -> SinkOpts {
@@ -233,10 +238,20 @@ fn serve(tcp: TcpStream, opts: &SinkOpts, log: &Mutex<Vec<Txn>>) {
                     data,
                     at: Instant::now(),
                     tls,
+                    resumed: match &s {
+                        Stream::Tls(t) => {
+                            t.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+                        }
+                        _ => false,
+                    },
                 });
                 l.len()
             };
-            say(&mut s, &format!("250 2.0.0 queued as {n}\r\n"))
+            let ok = say(&mut s, &format!("250 2.0.0 queued as {n}\r\n"));
+            if opts.close_after_message {
+                return;
+            }
+            ok
         } else if up == "RSET" || up == "NOOP" {
             say(&mut s, "250 2.0.0 ok\r\n")
         } else if up == "QUIT" {
@@ -346,6 +361,69 @@ pub fn run(
     done: impl Fn(&Runner) -> bool + 'static,
     limit: Duration,
 ) -> Run {
+    run_script(cfg, move |h| async move {
+        h.queue_all(msgs).await;
+        h.until(done, limit).await;
+    })
+}
+
+/// A running runner on a fresh spool, for a test script.
+pub struct Harness {
+    pub runner: std::rc::Rc<Runner>,
+    commit: GroupCommit,
+}
+
+impl Harness {
+    /// Stores a message durably and hands it to the runner (as the server does).
+    pub async fn queue(&self, env: Envelope, body: Bytes) {
+        self.queue_all(vec![(env, body)]).await;
+    }
+
+    /// Stores every message, then hands them all to the runner at once.
+    pub async fn queue_all(&self, msgs: Vec<(Envelope, Bytes)>) {
+        let mut queued = Vec::new();
+        for (mut env, body) in msgs {
+            env.size = body.len() as u64;
+            let w = self.commit.with_spool(|s| {
+                env.id = s.id_gen().next();
+                s.prepare(&env, std::slice::from_ref(&body)).unwrap()
+            });
+            let c = self.commit.commit(w).await.unwrap();
+            queued.push((c, env));
+        }
+        for (c, env) in &queued {
+            self.runner.enqueue(
+                MsgRef {
+                    shard: 0,
+                    segment: c.segment,
+                    offset: c.offset,
+                },
+                &env.id,
+                env.arrival_unix_micros,
+                env.recipients.len(),
+            );
+        }
+    }
+
+    /// Waits until `done` holds (checked every 20 ms) or `limit` passes; whether it held.
+    pub async fn until(&self, done: impl Fn(&Runner) -> bool, limit: Duration) -> bool {
+        let t = Instant::now();
+        while !done(&self.runner) {
+            if t.elapsed() >= limit {
+                return false;
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+}
+
+/// Runs a runner with `cfg` on a fresh spool while `script` drives it, then stops it.
+pub fn run_script<F, Fut>(cfg: RunnerConfig, script: F) -> Run
+where
+    F: FnOnce(std::rc::Rc<Harness>) -> Fut + 'static,
+    Fut: std::future::Future<Output = ()> + 'static,
+{
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     LocalExecutorBuilder::new(Placement::Unbound)
@@ -363,34 +441,13 @@ pub fn run(
             )
             .unwrap();
             let commit = GroupCommit::new(spool);
-            let mut queued = Vec::new();
-            for (mut env, body) in msgs {
-                env.size = body.len() as u64;
-                let w = commit.with_spool(|s| {
-                    env.id = s.id_gen().next();
-                    s.prepare(&env, std::slice::from_ref(&body)).unwrap()
-                });
-                let c = commit.commit(w).await.unwrap();
-                queued.push((c, env));
-            }
-            let runner = Runner::new(0, cfg, commit, Vec::new());
+            let runner = Runner::new(0, cfg, commit.clone(), Vec::new());
             glommio::spawn_local(runner.clone().run()).detach();
-            for (c, env) in &queued {
-                runner.enqueue(
-                    MsgRef {
-                        shard: 0,
-                        segment: c.segment,
-                        offset: c.offset,
-                    },
-                    &env.id,
-                    env.arrival_unix_micros,
-                    env.recipients.len(),
-                );
-            }
-            let t = Instant::now();
-            while !done(&runner) && t.elapsed() < limit {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
+            let h = std::rc::Rc::new(Harness {
+                runner: runner.clone(),
+                commit,
+            });
+            script(h).await;
             runner.stop();
             // Let deliveries and state writes in flight finish before the executor goes
             // (a blocking-thread job outliving it panics in glommio's thread).
