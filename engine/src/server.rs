@@ -640,6 +640,15 @@ async fn shard_main(
                         let fresh = session_config(&new, kind, &auth_shared, hooks);
                         *ctx.session.borrow_mut() = Rc::new(fresh);
                     }
+                    // Outbound TLS: re-read the CA files (a changed bundle takes effect,
+                    // and sessions verified under the old one are not resumed).
+                    let runner = control_shard.store.runner().clone();
+                    glommio::spawn_local(async move {
+                        for e in runner.reload_client_tls().await {
+                            tracing::error!(shard = id, error = %e, "outbound TLS configuration not reloaded");
+                        }
+                    })
+                    .detach();
                 }
                 Control::Tls(identity) => match tls::server_config(&identity, ticketer.clone()) {
                     Ok(c) => *control_shard.tls.borrow_mut() = TlsAcceptor::from(c),
