@@ -689,6 +689,10 @@ pub struct Client {
 
 fn tcp(addr: SocketAddr) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    timeouts(s)
+}
+
+fn timeouts(s: TcpStream) -> TcpStream {
     s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
     s.set_nodelay(true).unwrap();
@@ -700,6 +704,24 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         Client {
             conn: Conn::Plain(tcp(addr)),
+            buf: Vec::new(),
+            reads: 0,
+        }
+    }
+
+    /// Plain TCP from the local address `src` (any port): e.g. 127.0.0.2, so that tests
+    /// can tell clients apart by address (every 127.0.0.0/8 address is loopback on Linux,
+    /// no setup needed). The greeting is not read.
+    pub fn connect_from(src: std::net::IpAddr, addr: SocketAddr) -> Client {
+        let domain = socket2::Domain::for_address(addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::STREAM, None)
+            .unwrap_or_else(|e| panic!("socket: {e}"));
+        sock.bind(&SocketAddr::new(src, 0).into())
+            .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+        sock.connect(&addr.into())
+            .unwrap_or_else(|e| panic!("connect {addr} from {src}: {e}"));
+        Client {
+            conn: Conn::Plain(timeouts(sock.into())),
             buf: Vec::new(),
             reads: 0,
         }
