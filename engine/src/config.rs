@@ -68,6 +68,10 @@ pub struct Listeners {
     pub submission: Vec<SocketAddr>,
     /// Port-465 role (RFC 8314): implicit TLS from the first byte.
     pub smtps: Vec<SocketAddr>,
+    /// Load balancers (HAProxy's proxy-protocol.txt, v1 or v2): a connection *from* one of
+    /// these networks must begin with a PROXY header, whose client address then counts as
+    /// the client's. Connections from anywhere else are never parsed for one.
+    pub proxy_from: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -103,6 +107,10 @@ pub struct Limits {
     pub connections_per_shard: usize,
     /// Concurrent connections from one client IP on one shard; more get 421 4.7.0.
     pub connections_per_ip: usize,
+    /// Time a balancer (`listeners.proxy_from`) has to send the whole PROXY header; no
+    /// banner is sent before it arrives.
+    #[serde(with = "humantime_serde")]
+    pub proxy_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -375,6 +383,7 @@ impl Default for Listeners {
             smtp: vec![SocketAddr::from(([0, 0, 0, 0], 25))],
             submission: vec![SocketAddr::from(([0, 0, 0, 0], 587))],
             smtps: vec![SocketAddr::from(([0, 0, 0, 0], 465))],
+            proxy_from: Vec::new(),
         }
     }
 }
@@ -391,6 +400,7 @@ impl Default for Limits {
             min_data_rate: 500,
             connections_per_shard: 10_000,
             connections_per_ip: 100,
+            proxy_timeout: Duration::from_secs(5),
         }
     }
 }

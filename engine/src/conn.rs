@@ -18,22 +18,29 @@
 //! session's line limits; body reads fill the room left in the current allocation before
 //! asking for a new one, since body slices keep their allocation alive).
 //!
+//! Behind a load balancer (`listeners.proxy_from`), a connection from the balancer begins
+//! with a PROXY protocol header (v1 or v2, `tern_smtp::proxy`), read here before anything
+//! else (before the banner, before a TLS handshake on 465) within `limits.proxy_timeout`;
+//! its client address is from then on *the* client address. Bytes that arrived with the
+//! header (a ClientHello, pipelined commands) are kept and read first (`Prefixed`).
+//!
 //! Must never: act on input received before a TLS handshake after it, let a slow or
-//! silent client hold the shard (every wait is bounded by a timer), or grow the receive
-//! buffer past what the session's limits allow.
+//! silent client hold the shard (every wait is bounded by a timer), grow the receive
+//! buffer past what the session's limits allow, parse a PROXY header from anyone but a
+//! configured balancer, or send a banner before the whole header has arrived.
 
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use futures_rustls::TlsAcceptor;
 use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
-use crate::shard::Shard;
+use crate::shard::{Shard, DRAINING};
 use tern_smtp::session::{reply, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.
@@ -67,24 +74,55 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Serves one accepted connection to completion.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, shard: Rc<Shard>) {
+/// Serves one accepted connection to completion. `sock_peer` is the socket's peer: the
+/// client, or a load balancer that says who the client is in a PROXY header.
+pub async fn serve(
+    mut stream: TcpStream,
+    sock_peer: SocketAddr,
+    lst: Rc<ListenerCtx>,
+    shard: Rc<Shard>,
+) {
     // Without TCP_NODELAY, small replies wait for delayed ACKs (~40 ms per round trip).
     let _ = stream.set_nodelay(true);
     let session_cfg = lst.session.borrow().clone();
     let kind = session_cfg.kind;
+    let (stream, peer) = if shard.from_balancer(sock_peer.ip()) {
+        match proxy_header(&mut stream, sock_peer, &shard, kind).await {
+            Some((client, rest)) => (Prefixed::new(stream, rest), client),
+            None => return, // logged; no banner
+        }
+    } else {
+        (Prefixed::new(stream, Vec::new()), sock_peer)
+    };
     if let Err(why) = shard.admit_connection(peer.ip()) {
         tracing::info!(shard = shard.id, %peer, listener = kind.name(), "refused: {why}");
+        // A draining or stopping node is a temporary condition of this node (4.3.2: the
+        // client tries another); too many connections is a policy limit (4.7.0).
+        let enhanced = if why == DRAINING || shard.stopping.fired() {
+            "4.3.2"
+        } else {
+            "4.7.0"
+        };
+        let mut out = BytesMut::new();
+        reply::line(
+            &mut out,
+            421,
+            enhanced,
+            &format!("{} Error: {why}, try again later", session_cfg.hostname),
+        );
         if kind != ListenerKind::Smtps {
-            let mut out = BytesMut::new();
-            reply::line(
-                &mut out,
-                421,
-                "4.7.0",
-                &format!("{} Error: {why}, try again later", session_cfg.hostname),
-            );
             let mut s = stream;
             let _ = timed(shard.idle_timeout, s.write_all(&out)).await;
+        } else if why == DRAINING {
+            // On 465 the 421 can only be read inside TLS; a drain is rare and short, so
+            // the handshake is worth it (a client sees a clear answer, not a reset).
+            if let Some(mut tls) = Box::pin(handshake(&lst, stream, &shard)).await {
+                let _ = timed(shard.idle_timeout, async {
+                    tls.write_all(&out).await?;
+                    tls.close().await
+                })
+                .await;
+            }
         }
         return;
     }
@@ -93,7 +131,11 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, lst: Rc<ListenerCtx>, sh
         ip: peer.ip(),
     };
     shard.metrics.connection();
-    tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
+    if peer == sock_peer {
+        tracing::info!(shard = shard.id, %peer, listener = kind.name(), "connect");
+    } else {
+        tracing::info!(shard = shard.id, %peer, balancer = %sock_peer, listener = kind.name(), "connect");
+    }
     let started = Instant::now();
     let mut session = Session::new(
         session_cfg,
@@ -346,6 +388,130 @@ where
                 }
             }
         }
+    }
+}
+
+/// Reads the PROXY header a balancer sends first (`sock_peer` is the balancer), within
+/// `limits.proxy_timeout`, however it is split over TCP segments. Returns the client's
+/// address (the balancer's own for v2 LOCAL health checks and v1 UNKNOWN) and the bytes
+/// that arrived after the header; None (logged with the balancer's address) closes the
+/// connection without a banner.
+async fn proxy_header(
+    stream: &mut TcpStream,
+    sock_peer: SocketAddr,
+    shard: &Shard,
+    kind: ListenerKind,
+) -> Option<(SocketAddr, Vec<u8>)> {
+    use tern_smtp::proxy::{parse, Parse, Version};
+    let mut buf: Vec<u8> = Vec::with_capacity(256);
+    let mut chunk = [0u8; 1024];
+    let read = async {
+        loop {
+            match parse(&buf) {
+                Ok(Parse::Incomplete) => {}
+                Ok(Parse::Done { header, len }) => {
+                    let client = header.source().unwrap_or(sock_peer);
+                    let version = match header.version {
+                        Version::V1 => "v1",
+                        Version::V2 => "v2",
+                    };
+                    let alpn = header.tlvs.alpn.map(String::from_utf8_lossy);
+                    tracing::info!(
+                        shard = shard.id,
+                        client = %client,
+                        balancer = %sock_peer,
+                        listener = kind.name(),
+                        proxy = version,
+                        local = header.source().is_none(),
+                        alpn = alpn.as_deref().unwrap_or(""),
+                        "proxied connection"
+                    );
+                    return Ok((client, buf[len..].to_vec()));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Err("connection closed before the end of the header".into()),
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let why = match timed(shard.proxy_timeout, read).await {
+        Some(Ok(v)) => return Some(v),
+        Some(Err(why)) => why,
+        None => format!(
+            "no complete header within {}",
+            humantime::format_duration(shard.proxy_timeout)
+        ),
+    };
+    tracing::info!(
+        shard = shard.id,
+        balancer = %sock_peer,
+        listener = kind.name(),
+        "PROXY header refused, connection closed: {why}"
+    );
+    None
+}
+
+/// A stream whose first bytes were already read (what followed a PROXY header): they are
+/// read again first, then the stream itself. Writes go straight through.
+pub struct Prefixed<S> {
+    prefix: bytes::Bytes,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(inner: S, prefix: Vec<u8>) -> Self {
+        Prefixed {
+            prefix: prefix.into(),
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.len());
+            buf[..n].copy_from_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return std::task::Poll::Ready(Ok(n));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_close(cx)
     }
 }
 

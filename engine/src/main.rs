@@ -146,6 +146,19 @@ fn sendmail(config: &ConfigArgs, args: &[String]) -> ExitCode {
     }
 }
 
+/// Many clients (and balancers' health checks) send an IP address as TLS SNI, which rustls
+/// ignores with a WARN on every connection. That is debug-level news: below `debug` the
+/// filter drops rustls' handshake-message warnings (a filter that names `rustls` itself,
+/// or a debug/trace level, keeps them).
+fn quiet_sni(level: &str) -> String {
+    let verbose = level.contains("rustls") || level.contains("debug") || level.contains("trace");
+    if verbose {
+        level.to_string()
+    } else {
+        format!("{level},rustls::msgs::handshake=error")
+    }
+}
+
 /// Installs the log subscriber; returns the handle `tern ctl log-level` uses to swap
 /// its filter at run time (a `reload` layer around the `EnvFilter`).
 fn init_logging(log: &tern_engine::config::LogConfig) -> Option<LogLevelFn> {
@@ -153,8 +166,8 @@ fn init_logging(log: &tern_engine::config::LogConfig) -> Option<LogLevelFn> {
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("TERN_LOG")
-        .or_else(|_| EnvFilter::try_new(&log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .or_else(|_| EnvFilter::try_new(quiet_sni(&log.level)))
+        .unwrap_or_else(|_| EnvFilter::new(quiet_sni("info")));
     let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let json = log.format == "json";
     let json_layer = json.then(|| {
@@ -176,7 +189,8 @@ fn init_logging(log: &tern_engine::config::LogConfig) -> Option<LogLevelFn> {
         .try_init()
         .ok()?;
     Some(Arc::new(move |level: &str| {
-        let f = EnvFilter::try_new(level).map_err(|e| format!("bad log level {level:?}: {e}"))?;
+        let f = EnvFilter::try_new(quiet_sni(level))
+            .map_err(|e| format!("bad log level {level:?}: {e}"))?;
         handle.reload(f).map_err(|e| e.to_string())
     }))
 }

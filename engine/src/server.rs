@@ -570,6 +570,9 @@ async fn shard_main(
             per_ip: RefCell::new(HashMap::new()),
             max_connections: cfg.limits.connections_per_shard,
             max_per_ip: cfg.limits.connections_per_ip,
+            proxy_from: cfg.listeners.proxy_from.clone(),
+            proxy_timeout: cfg.limits.proxy_timeout,
+            draining: Cell::new(false),
         });
         // One SASL state per shard: its own nonces, its own snapshot handle.
         let auth_shared = Rc::new(AuthShared {

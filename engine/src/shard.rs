@@ -47,13 +47,28 @@ pub struct Shard {
     pub(crate) per_ip: RefCell<HashMap<IpAddr, usize>>,
     pub(crate) max_connections: usize,
     pub(crate) max_per_ip: usize,
+    /// Load balancers whose connections begin with a PROXY header (`conn::proxy_header`).
+    pub proxy_from: Vec<ipnet::IpNet>,
+    pub proxy_timeout: Duration,
+    /// `tern ctl drain`: new connections get `421 4.3.2`, open sessions finish, the runner
+    /// keeps delivering, `/healthz` answers 503. Set only by the admin `drain`/`undrain`
+    /// requests (`admin::server::on_shard`).
+    pub draining: Cell<bool>,
 }
 
 impl Shard {
+    /// Does a connection from `ip` come through a load balancer (PROXY header first)?
+    pub fn from_balancer(&self, ip: IpAddr) -> bool {
+        !self.proxy_from.is_empty() && self.proxy_from.iter().any(|n| n.contains(&ip))
+    }
+
     /// Counts a new connection, or says why it is refused.
     pub fn admit_connection(&self, ip: IpAddr) -> Result<(), &'static str> {
         if self.stopping.fired() {
             return Err("server shutting down");
+        }
+        if self.draining.get() {
+            return Err(DRAINING);
         }
         if self.connections.get() >= self.max_connections {
             return Err("too many connections");
@@ -101,9 +116,15 @@ impl Shard {
         snap.spool_bytes = self.store.group_commit().with_spool(|s| s.disk_bytes());
         snap.oldest_arrival_unix_micros = runner.oldest_arrival_unix_micros();
         snap.sync_latency = self.store.group_commit().sync_times();
+        snap.draining = self.draining.get();
+        snap.accepting = !self.store.runner().over_high_water();
         snap
     }
 }
+
+/// Why a draining node refuses a connection (`421 4.3.2`, a temporary condition of this
+/// node: the client tries another one).
+pub const DRAINING: &str = "draining";
 
 /// Messages from the main side to a shard.
 pub enum Control {

@@ -95,6 +95,11 @@ pub enum Request {
     Release(Filter),
     Stats,
     Status,
+    /// Stop taking new connections (`421 4.3.2`, `/healthz` 503); open sessions finish and
+    /// the queue keeps delivering. For rolling restarts behind a balancer.
+    Drain,
+    /// Take new connections again.
+    Undrain,
     Reload,
     Stop,
     LogLevel {

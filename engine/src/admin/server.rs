@@ -390,6 +390,14 @@ fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
             Value::Object(m)
         }
         Request::Status => json!({ "shards": answers }),
+        Request::Drain | Request::Undrain => {
+            let draining = matches!(req, Request::Drain);
+            let sessions: u64 = answers
+                .iter()
+                .filter_map(|a| a.get("connections").and_then(Value::as_u64))
+                .sum();
+            json!({ "draining": draining, "shards": answers.len(), "sessions": sessions })
+        }
         Request::Reload | Request::Stop | Request::LogLevel { .. } | Request::Submit { .. } => {
             return Err("not a shard request".into())
         }
@@ -437,8 +445,25 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
                 "domains": s.domains,
             })
         }
+        Request::Drain | Request::Undrain => {
+            let on = matches!(req, Request::Drain);
+            if shard.draining.replace(on) != on {
+                tracing::info!(
+                    shard = shard.id,
+                    sessions = shard.connections(),
+                    "{}",
+                    if on {
+                        "draining: new connections refused (421 4.3.2), open sessions finish"
+                    } else {
+                        "undrained: taking new connections"
+                    }
+                );
+            }
+            json!({ "shard": shard.id, "connections": shard.connections() })
+        }
         Request::Status => json!({
             "shard": shard.id,
+            "draining": shard.draining.get(),
             "connections": shard.connections(),
             "queued": runner.len(),
             "in_flight": runner.in_flight(),

@@ -39,6 +39,17 @@ pub enum CtlCmd {
         #[command(flatten)]
         target: CtlTarget,
     },
+    /// Stop taking new connections (421 4.3.2, /healthz 503) while open sessions finish
+    /// and the queue keeps delivering: before a rolling restart behind a balancer.
+    Drain {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
+    /// Take new connections again after `drain`.
+    Undrain {
+        #[command(flatten)]
+        target: CtlTarget,
+    },
     /// Change the log filter at run time, e.g. debug, info, "info,tern_queue=debug".
     LogLevel {
         level: String,
@@ -53,6 +64,8 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
         CtlCmd::Status { json, target } => (target, Request::Status, json),
         CtlCmd::Reload { target } => (target, Request::Reload, false),
         CtlCmd::Stop { target } => (target, Request::Stop, false),
+        CtlCmd::Drain { target } => (target, Request::Drain, false),
+        CtlCmd::Undrain { target } => (target, Request::Undrain, false),
         CtlCmd::LogLevel { level, target } => (target, Request::LogLevel { level }, false),
     };
     let path = match target.socket {
@@ -77,13 +90,15 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
         _ if json => println!("{v}"),
         Request::Status => {
             let shards = v["shards"].as_array().cloned().unwrap_or_default();
+            let draining = shards.iter().any(|s| s["draining"].as_bool() == Some(true));
             println!(
-                "tern {} pid {} up {}s, {} shards, log level {}",
+                "tern {} pid {} up {}s, {} shards, log level {}{}",
                 v["version"].as_str().unwrap_or("?"),
                 n(&v, "pid"),
                 n(&v, "uptime_secs"),
                 shards.len(),
-                v["log_level"].as_str().unwrap_or("(as configured)")
+                v["log_level"].as_str().unwrap_or("(as configured)"),
+                if draining { ", DRAINING" } else { "" }
             );
             println!(
                 "{:>5} {:>11} {:>9} {:>9}",
@@ -101,6 +116,11 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
         }
         Request::Reload => println!("user store reloaded: {} user(s)", n(&v, "users")),
         Request::Stop => println!("stopping: no new connections, sessions draining"),
+        Request::Drain => println!(
+            "draining: new connections refused, {} open session(s) finishing, delivery goes on",
+            n(&v, "sessions")
+        ),
+        Request::Undrain => println!("undrained: taking new connections"),
         Request::LogLevel { .. } => {
             println!("log level: {}", v["level"].as_str().unwrap_or("?"))
         }

@@ -116,6 +116,10 @@ impl ShardMetrics {
 /// What one shard reports when scraped (plain data: crosses to the HTTP thread).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// The shard refuses new connections (`tern ctl drain`).
+    pub draining: bool,
+    /// The shard's spool takes new mail (under its high-water marks, not failed).
+    pub accepting: bool,
     pub shard: usize,
     pub connections: u64,
     pub sessions: u64,
@@ -177,7 +181,9 @@ impl Snapshot {
                 };
             t.accept_latency.merge(&s.accept_latency);
             t.sync_latency.merge(&s.sync_latency);
+            t.draining |= s.draining;
         }
+        t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);
         t
     }
 }

@@ -6,7 +6,9 @@
 //! - `/metrics`: Prometheus text exposition format 0.0.4, every series per shard
 //!   (`shard="0"`, ...) and summed (`shard="total"`): sum over `shard!="total"` to avoid
 //!   counting twice.
-//! - `/healthz`: 200 "ok" when every shard answered within a second, else 503.
+//! - `/healthz`: 200 "ok" while the node takes mail: every shard answered within a second,
+//!   none is draining (`tern ctl drain`) and every spool is under its high-water marks;
+//!   else 503 with the reason (a balancer's health check).
 //! - `/`: a status page (HTML + a little inline JS polling `/metrics` every second).
 //!
 //! SECURITY: no authentication, read-only. One std thread serves one request per
@@ -73,6 +75,12 @@ pub fn render(shards: &[Snapshot]) -> String {
         "gauge",
         "SMTP sessions being served now.",
         &simple("tern_sessions_active", |s| s.sessions as f64),
+    );
+    family(
+        "tern_draining",
+        "gauge",
+        "1 while the node is draining (tern ctl drain): new connections refused, open sessions finish.",
+        &simple("tern_draining", |s| f64::from(u8::from(s.draining))),
     );
     family(
         "tern_tls_handshakes_total",
@@ -399,7 +407,27 @@ fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std:
             "text/plain; version=0.0.4; charset=utf-8",
             &render(&snaps),
         ),
-        "/healthz" => respond(&mut conn, "200 OK", "text/plain", "ok\n"),
+        "/healthz" => {
+            // A balancer sends new connections here only while this answers 200.
+            let t = Snapshot::total(&snaps);
+            if t.draining {
+                respond(
+                    &mut conn,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "draining\n",
+                )
+            } else if !t.accepting {
+                respond(
+                    &mut conn,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not accepting mail (queue above its high-water mark)\n",
+                )
+            } else {
+                respond(&mut conn, "200 OK", "text/plain", "ok\n")
+            }
+        }
         _ => respond(
             &mut conn,
             "200 OK",
