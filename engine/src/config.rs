@@ -57,6 +57,10 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    /// `auth.sender_map`, read and parsed when the configuration is loaded (so a map that
+    /// does not parse fails `check-config`, the start and a reload alike).
+    #[serde(skip)]
+    pub senders: std::sync::Arc<tern_smtp::sender::SenderMap>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,6 +169,15 @@ pub struct AuthConfig {
     pub ip_failure_window: Duration,
     #[serde(with = "humantime_serde")]
     pub ip_block: Duration,
+    /// "any" (default): an authenticated session may use any MAIL FROM. "own": only
+    /// addresses its login owns (the login itself when it is an address, login@realm
+    /// otherwise, plus `sender_map`); others get 553 5.7.1. `<>` is always allowed.
+    pub sender_policy: String,
+    /// Extra grants, one per line: `address-or-@domain  login[, login...]`. Reloaded on
+    /// SIGHUP and when the file changes. Empty: none.
+    pub sender_map: PathBuf,
+    /// Apply the ownership rule to the From: addresses at the end of DATA too (550 5.7.1).
+    pub check_header_from: bool,
 }
 
 impl Default for AuthConfig {
@@ -186,6 +199,9 @@ impl Default for AuthConfig {
             ip_failure_limit: 10,
             ip_failure_window: Duration::from_secs(600),
             ip_block: Duration::from_secs(900),
+            sender_policy: "any".into(),
+            sender_map: PathBuf::new(),
+            check_header_from: false,
         }
     }
 }
@@ -373,6 +389,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
+            senders: Default::default(),
         }
     }
 }
@@ -489,7 +506,23 @@ impl Config {
             message: e.to_string(),
         })?;
         cfg.validate()?;
+        let mut cfg = cfg;
+        cfg.senders = std::sync::Arc::new(cfg.load_sender_map()?);
         Ok(cfg)
+    }
+
+    /// Reads and parses `auth.sender_map` (an empty path: no grants).
+    pub fn load_sender_map(&self) -> Result<tern_smtp::sender::SenderMap, ConfigError> {
+        let path = &self.auth.sender_map;
+        if path.as_os_str().is_empty() {
+            return Ok(Default::default());
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        tern_smtp::sender::SenderMap::parse(&text)
+            .map_err(|e| ConfigError::Invalid(format!("auth.sender_map: {}: {e}", path.display())))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -539,6 +572,12 @@ impl Config {
                     "auth.mechanisms: unknown mechanism {m:?} (expected CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN, LOGIN)"
                 )));
             }
+        }
+        if !matches!(self.auth.sender_policy.as_str(), "any" | "own") {
+            return Err(ConfigError::Invalid(format!(
+                "auth.sender_policy: expected \"any\" or \"own\", got {:?}",
+                self.auth.sender_policy
+            )));
         }
         for r in &self.auth.require_on {
             if !matches!(r.as_str(), "smtp" | "submission" | "smtps") {

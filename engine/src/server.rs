@@ -438,6 +438,10 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
             .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
     };
     let mut last = stamp(&cfg.auth.users);
+    // The sender map is watched the same way (a path set at start; a reload that names
+    // another file takes it over at that reload).
+    let watch_map = !cfg.auth.sender_map.as_os_str().is_empty();
+    let mut last_map = watch_map.then(|| stamp(&cfg.auth.sender_map)).flatten();
     let _ = std::thread::Builder::new()
         .name("tern-users-watch".into())
         .spawn(move || loop {
@@ -450,6 +454,22 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
                 last = now;
                 tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
                 let _ = reload_users(&cfg, &controls);
+            }
+            if watch_map {
+                let now = stamp(&cfg.auth.sender_map);
+                if now != last_map {
+                    last_map = now;
+                    match cfg.load_sender_map() {
+                        Ok(map) => {
+                            tracing::info!(file = %cfg.auth.sender_map.display(), entries = map.len(), "sender map changed: reloaded");
+                            let map = Arc::new(map);
+                            for c in &controls {
+                                let _ = c.unbounded_send(Control::Senders(map.clone()));
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "sender map changed but does not load; keeping the previous one"),
+                    }
+                }
             }
         });
 }
@@ -578,6 +598,7 @@ async fn shard_main(
         let auth_shared = Rc::new(AuthShared {
             users: RefCell::new(users.clone()),
             nonces: RefCell::new(NonceCache::new(16_384, Duration::from_secs(300))),
+            senders: RefCell::new(cfg.senders.clone()),
         });
         let hooks = |kind: ListenerKind| -> Rc<dyn SessionHooks> {
             Rc::new(ShardHooks {
@@ -634,7 +655,11 @@ async fn shard_main(
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
                 }
+                Control::Senders(map) => {
+                    *auth_shared.senders.borrow_mut() = map;
+                }
                 Control::Config(new) => {
+                    *auth_shared.senders.borrow_mut() = new.senders.clone();
                     for ctx in &ctx_list {
                         let (kind, hooks) = {
                             let old = ctx.session.borrow();
@@ -706,6 +731,8 @@ fn session_config(
         max_failures: cfg.auth.max_failures,
         tarpit: cfg.auth.tarpit,
         required: cfg.auth.require_on.iter().any(|r| r == kind.name()),
+        sender_own: cfg.auth.sender_policy == "own",
+        check_header_from: cfg.auth.check_header_from,
         realm: cfg.auth.realm_or(&cfg.hostname).to_string(),
         shared: auth_shared.clone(),
     });

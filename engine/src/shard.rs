@@ -130,6 +130,8 @@ pub const DRAINING: &str = "draining";
 pub enum Control {
     /// A new user-store snapshot.
     Users(Arc<UserDb>),
+    /// A new `auth.sender_map` snapshot (the file changed).
+    Senders(Arc<tern_smtp::sender::SenderMap>),
     /// A new certificate and key (SIGHUP).
     Tls(Identity),
     /// A reloaded configuration: new sessions use its limits, policy and AUTH settings.

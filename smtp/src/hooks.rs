@@ -55,10 +55,12 @@ pub enum Reject {
     EncryptionRequired,
     /// AUTH from an address blocked after too many failures (454).
     AuthBlocked,
+    /// An authenticated sender (MAIL FROM or From:) the login does not own (553/550 5.7.1).
+    SenderNotOwned,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 10] = [
+    pub const ALL: [Reject; 11] = [
         Reject::Size,
         Reject::BareNewline,
         Reject::LongLine,
@@ -69,6 +71,7 @@ impl Reject {
         Reject::AuthRequired,
         Reject::EncryptionRequired,
         Reject::AuthBlocked,
+        Reject::SenderNotOwned,
     ];
 
     pub fn label(self) -> &'static str {
@@ -83,6 +86,7 @@ impl Reject {
             Reject::AuthRequired => "auth_required",
             Reject::EncryptionRequired => "encryption_required",
             Reject::AuthBlocked => "auth_blocked",
+            Reject::SenderNotOwned => "sender_not_owned",
         }
     }
 

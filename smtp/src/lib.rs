@@ -19,6 +19,7 @@
 //! - [`policy`]: may this client relay to this domain?
 //! - [`sasl`]: the AUTH mechanisms as sans-I/O exchanges, the nonce cache, the client side
 //!   (for the load generator and tests).
+//! - [`sender`]: which senders an authenticated login may use (`auth.sender_policy`).
 //! - [`users`]: the user store's format and its immutable snapshot ([`users::UserDb`]);
 //!   reading and writing the file is the engine's.
 //! - [`envelope`]: what is stored about an accepted message besides its body (the spool's
@@ -35,5 +36,6 @@ pub mod hooks;
 pub mod policy;
 pub mod proxy;
 pub mod sasl;
+pub mod sender;
 pub mod session;
 pub mod users;

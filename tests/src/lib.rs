@@ -288,6 +288,13 @@ impl Server {
         self.dir.join("cert.pem")
     }
 
+    /// Sends SIGHUP (reload) to the server.
+    pub fn sighup(&self) {
+        // SAFETY: plain kill(2) on our own running child's pid.
+        let r = unsafe { libc::kill(self.pid() as i32, libc::SIGHUP) };
+        assert_eq!(r, 0, "kill(SIGHUP) failed");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("server not running").id()
     }

@@ -35,6 +35,22 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
+        "Sender policy: {}{} (sender map: {} entries; From: header check {})",
+        cfg.auth.sender_policy,
+        if cfg.auth.sender_policy == "own" {
+            " (MAIL FROM must be owned by the login)"
+        } else {
+            ""
+        },
+        cfg.senders.len(),
+        if cfg.auth.check_header_from {
+            "on"
+        } else {
+            "off"
+        }
+    );
+    let _ = writeln!(
+        o,
         "TLS: rustls, TLS 1.2 and TLS 1.3, STARTTLS (RFC 3207) and implicit TLS (RFC 8314)"
     );
     let _ = writeln!(o, "Host name: {}", cfg.hostname);

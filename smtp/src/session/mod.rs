@@ -137,6 +137,12 @@ pub struct AuthSetup {
     pub tarpit: Duration,
     /// AUTH required before MAIL on this listener (530 5.7.0).
     pub required: bool,
+    /// `auth.sender_policy = "own"`: an authenticated MAIL FROM must be owned by the login
+    /// (`crate::sender`), else 553 5.7.1.
+    pub sender_own: bool,
+    /// `auth.check_header_from`: the ownership rule for the From: addresses of messages
+    /// from authenticated sessions (550 5.7.1), whatever `sender_own` says.
+    pub check_header_from: bool,
     pub realm: String,
     pub shared: Rc<AuthShared>,
 }
@@ -146,6 +152,8 @@ pub struct AuthSetup {
 pub struct AuthShared {
     pub users: RefCell<Arc<UserDb>>,
     pub nonces: RefCell<NonceCache>,
+    /// `auth.sender_map` snapshot (swapped whole on reload).
+    pub senders: RefCell<Arc<crate::sender::SenderMap>>,
 }
 
 impl std::fmt::Debug for AuthShared {
@@ -847,6 +855,18 @@ impl Session {
                 "Error: message size exceeds fixed limit",
             );
         }
+        if let Some(login) = self.sender_not_owned(m.path) {
+            let text = format!("<{}>: sender address not owned by user {login}", m.path);
+            return self.refuse(
+                out,
+                Reject::SenderNotOwned,
+                "MAIL",
+                None,
+                553,
+                "5.7.1",
+                &text,
+            );
+        }
         // RFC 4954 §5: AUTH= is honoured only from an authenticated client; otherwise it is
         // accepted and ignored (the identity becomes <>).
         let auth = match (&self.authenticated, m.auth) {
@@ -1031,7 +1051,7 @@ impl Session {
             return self.closed_event();
         }
         let size = self.txn.as_ref().map_or(0, |t| t.bdat_size);
-        self.finish_message(size)
+        self.finish_message(size, out)
     }
 
     fn end_of_data(&mut self, flaws: BodyFlaws, size: u64, out: &mut BytesMut) -> Option<Event> {
@@ -1073,12 +1093,37 @@ impl Session {
             self.reset_transaction();
             return self.closed_event();
         }
-        self.finish_message(size)
+        self.finish_message(size, out)
     }
 
-    fn finish_message(&mut self, size: u64) -> Option<Event> {
-        let mut txn = self.txn.take()?;
-        txn.coalesce.finish(&mut txn.body);
+    fn finish_message(&mut self, size: u64, out: &mut BytesMut) -> Option<Event> {
+        if let Some(t) = self.txn.as_mut() {
+            t.coalesce.finish(&mut t.body);
+        }
+        let not_owned = self
+            .txn
+            .as_ref()
+            .and_then(|t| self.header_from_not_owned(&t.body));
+        if let Some((addr, login)) = not_owned {
+            let text = format!("<{addr}>: sender address not owned by user {login}");
+            let stage = if self.txn.as_ref().is_some_and(|t| t.bdat_used) {
+                "BDAT"
+            } else {
+                "DATA"
+            };
+            self.refuse(
+                out,
+                Reject::SenderNotOwned,
+                stage,
+                None,
+                550,
+                "5.7.1",
+                &text,
+            );
+            self.reset_transaction();
+            return self.closed_event();
+        }
+        let txn = self.txn.take()?;
         let protocol = match (txn.smtputf8, self.tls, self.authenticated.is_some()) {
             (false, false, false) if self.esmtp => "ESMTP",
             (false, false, false) => "SMTP",
@@ -1344,6 +1389,40 @@ impl Session {
             );
             self.state = State::Closed;
         }
+    }
+
+    /// With `auth.sender_policy = "own"`: the login of an authenticated session that may
+    /// not use `addr` as a sender (None: allowed, or no policy, or not authenticated).
+    fn sender_not_owned(&self, addr: &str) -> Option<String> {
+        let a = self.cfg.auth.as_ref().filter(|a| a.sender_own)?;
+        let login = self.authenticated.as_deref()?;
+        let map = a.shared.senders.borrow();
+        (!crate::sender::owns(login, &a.realm, addr, &map)).then(|| login.to_string())
+    }
+
+    /// With `auth.check_header_from`: the first From: address of the message that the
+    /// authenticated login does not own, and the login.
+    fn header_from_not_owned(&self, body: &[Bytes]) -> Option<(String, String)> {
+        let a = self.cfg.auth.as_ref().filter(|a| a.check_header_from)?;
+        let login = self.authenticated.as_deref()?;
+        // The header section: the body's first bytes up to the empty line, bounded (a
+        // From: field past 64 KiB of headers is not looked for).
+        let mut header = Vec::new();
+        for piece in body {
+            header.extend_from_slice(piece);
+            if memchr::memmem::find(&header, b"\r\n\r\n").is_some() || header.len() > 65_536 {
+                break;
+            }
+        }
+        if let Some(end) = memchr::memmem::find(&header, b"\r\n\r\n") {
+            header.truncate(end + 2);
+        }
+        let map = a.shared.senders.borrow();
+        let addrs = crate::sender::header_from_addresses(&header).unwrap_or_default();
+        addrs
+            .into_iter()
+            .find(|addr| !crate::sender::owns(login, &a.realm, addr, &map))
+            .map(|addr| (addr, login.to_string()))
     }
 
     /// A policy or limit refusal: tells the hooks (one `NOQUEUE: reject:` line, the

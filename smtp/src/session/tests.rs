@@ -415,6 +415,12 @@ fn auth_session() -> Session {
 }
 
 fn auth_session_with(hooks: Rc<dyn SessionHooks>) -> Session {
+    auth_session_full(hooks, false, false, "")
+}
+
+/// As `auth_session_with`, with `auth.sender_policy = own` (`own`), the From: check
+/// (`header`) and a sender map text.
+fn auth_session_full(hooks: Rc<dyn SessionHooks>, own: bool, header: bool, map: &str) -> Session {
     let mut users = UserDb::empty();
     users
         .insert(
@@ -426,6 +432,7 @@ fn auth_session_with(hooks: Rc<dyn SessionHooks>) -> Session {
     let shared = Rc::new(AuthShared {
         users: RefCell::new(Arc::new(users)),
         nonces: RefCell::new(NonceCache::new(64, Duration::from_secs(60))),
+        senders: RefCell::new(Arc::new(crate::sender::SenderMap::parse(map).unwrap())),
     });
     let base = cfg();
     let cfg = Rc::new(SessionConfig {
@@ -442,6 +449,8 @@ fn auth_session_with(hooks: Rc<dyn SessionHooks>) -> Session {
             max_failures: 10,
             tarpit: Duration::ZERO,
             required: false,
+            sender_own: own,
+            check_header_from: header,
             realm: "mx.test".into(),
             shared,
         }),
@@ -629,4 +638,78 @@ fn received_header_uses_the_time_passed_in() {
         body.starts_with("Received: from c.test ([192.0.2.7])\r\n\tby mx.test (tern) with ESMTP id ID\r\n\tfor <u@local.test>;\r\n\tThu, 03 Dec 2026 07:06:00 +0000\r\n"),
         "{body}"
     );
+}
+
+/// `auth.sender_policy = own` (Postfix's reject_sender_login_mismatch), for user `user`
+/// of realm mx.test, with a map granting one address and one domain.
+#[test]
+fn sender_policy_own() {
+    use base64::Engine as _;
+    let login = base64::engine::general_purpose::STANDARD.encode(b"\0user\0pencil");
+    let map = "shared@Example.ORG user, other\n@team.test user\n@nobody.test other\n";
+    let try_from = |own: bool, auth: bool, from: &str| -> String {
+        let mut s = auth_session_full(Rc::new(NoHooks), own, false, map);
+        let a = if auth {
+            format!("AUTH PLAIN {login}\r\n")
+        } else {
+            String::new()
+        };
+        let (out, _) = drive(
+            &mut s,
+            format!("EHLO c.test\r\n{a}MAIL FROM:<{from}>\r\n").as_bytes(),
+        );
+        out.lines().last().unwrap_or("").to_string()
+    };
+    // Owned: login@realm (any case), map entries by address and by domain, and <>.
+    for from in [
+        "user@mx.test",
+        "USER@MX.TEST",
+        "shared@example.org",
+        "x@team.test",
+        "",
+    ] {
+        assert_eq!(try_from(true, true, from), "250 2.1.0 Ok", "{from:?}");
+    }
+    // Not owned: another user's address, another domain, a domain granted to someone else.
+    for from in ["other@mx.test", "user@elsewhere.test", "x@nobody.test"] {
+        assert_eq!(
+            try_from(true, true, from),
+            format!("553 5.7.1 <{from}>: sender address not owned by user user"),
+            "{from:?}"
+        );
+    }
+    // Unauthenticated sessions and the default policy are unaffected.
+    assert_eq!(try_from(true, false, "other@mx.test"), "250 2.1.0 Ok");
+    assert_eq!(try_from(false, true, "other@mx.test"), "250 2.1.0 Ok");
+}
+
+#[test]
+fn header_from_check() {
+    use base64::Engine as _;
+    let login = base64::engine::general_purpose::STANDARD.encode(b"\0user\0pencil");
+    let send = |from_header: &str| -> (String, usize) {
+        let rec = Rc::new(Recorder::default());
+        let mut s = auth_session_full(rec.clone(), false, true, "");
+        let (out, stored) = drive(
+            &mut s,
+            format!(
+                "EHLO c.test\r\nAUTH PLAIN {login}\r\nMAIL FROM:<>\r\nRCPT TO:<u@local.test>\r\nDATA\r\n{from_header}Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n"
+            )
+            .as_bytes(),
+        );
+        (out, stored.len())
+    };
+    let (out, n) = send("From: User <user@mx.test>\r\n");
+    assert!(out.contains("250 2.0.0 Ok: queued as ID"), "{out}");
+    assert_eq!(n, 1);
+    let (out, n) = send("From: \"user@mx.test\" <boss@mx.test>\r\n");
+    assert!(
+        out.contains("550 5.7.1 <boss@mx.test>: sender address not owned by user user"),
+        "{out}"
+    );
+    assert_eq!(n, 0, "a refused message is not stored");
+    // A folded From: with a second mailbox that is not owned.
+    let (out, n) = send("From: user@mx.test,\r\n\tOther <other@mx.test>\r\n");
+    assert!(out.contains("550 5.7.1 <other@mx.test>"), "{out}");
+    assert_eq!(n, 0);
 }

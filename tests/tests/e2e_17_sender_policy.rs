@@ -1,0 +1,97 @@
+//! e2e 17: sender authorization (`auth.sender_policy = "own"`, `auth.sender_map`,
+//! `auth.check_header_from`) on a real server: what an authenticated login may use as
+//! MAIL FROM and From:, the sender map reloaded when its file changes (a broken map keeps
+//! the previous one), SIGHUP, and the refusal's log line and counter.
+
+use std::time::Duration;
+
+use tern_tests::{wait_for, Client, Server, TlsVersion};
+
+/// An authenticated submission session (demo/demo, PLAIN under STARTTLS), EHLO done.
+fn authed(s: &Server) -> Client {
+    let mut c = Client::connect(s.submission);
+    c.expect_greeting();
+    c.ehlo("client.test");
+    c.starttls(&s.cert(), TlsVersion::Any);
+    c.ehlo("client.test");
+    c.expect("AUTH PLAIN AGRlbW8AZGVtbw==", 235, "2.7.0");
+    c
+}
+
+/// The reply to `MAIL FROM:<from>` in a fresh authenticated session.
+fn mail_from(s: &Server, from: &str) -> String {
+    let mut c = authed(s);
+    c.send(format!("MAIL FROM:<{from}>\r\n").as_bytes());
+    let r = c.read_reply();
+    let line = format!("{} {}", r.code, r.text());
+    c.send(b"QUIT\r\n");
+    line
+}
+
+#[test]
+fn own_senders_map_reload_and_header_from() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map = dir.path().join("senders");
+    std::fs::write(&map, "shared@example.org demo\n@team.example demo\n").unwrap();
+    let s = Server::with(&[
+        r#"auth.sender_policy="own""#,
+        &format!("auth.sender_map={:?}", map.display().to_string()),
+        "auth.check_header_from=true",
+        r#"auth.realm="example.org""#,
+    ]);
+    // login@realm, map entries by address and by domain, and <>.
+    for from in [
+        "demo@example.org",
+        "shared@example.org",
+        "anyone@team.example",
+        "",
+    ] {
+        assert_eq!(mail_from(&s, from), "250 2.1.0 Ok", "{from:?}");
+    }
+    assert_eq!(
+        mail_from(&s, "ceo@example.org"),
+        "553 5.7.1 <ceo@example.org>: sender address not owned by user demo"
+    );
+    // Unauthenticated sessions are unaffected (port 25, not relaying).
+    let mut c = Client::connect(s.smtp);
+    c.expect_greeting();
+    c.ehlo("client.test");
+    c.expect("MAIL FROM:<ceo@example.org>", 250, "2.1.0");
+    c.send(b"QUIT\r\n");
+
+    // The From: header of an authenticated message follows the same rule.
+    let mut c = authed(&s);
+    c.expect("MAIL FROM:<demo@example.org>", 250, "2.1.0");
+    c.expect("RCPT TO:<postmaster@localhost>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.send(b"From: \"demo@example.org\" <ceo@example.org>\r\nSubject: x\r\n\r\nhi\r\n.\r\n");
+    c.read_reply().check(
+        550,
+        "5.7.1 <ceo@example.org>: sender address not owned by user demo",
+    );
+    c.send(b"QUIT\r\n");
+    wait_for("the NOQUEUE line", Duration::from_secs(5), || {
+        s.stderr_log()
+            .contains("NOQUEUE: reject: DATA from [127.0.0.1]")
+    });
+
+    // The map is reloaded when its file changes: the grant goes away...
+    std::fs::write(&map, "@team.example demo\n").unwrap();
+    wait_for("the map reload", Duration::from_secs(10), || {
+        mail_from(&s, "shared@example.org").starts_with("553 5.7.1")
+    });
+    assert_eq!(mail_from(&s, "anyone@team.example"), "250 2.1.0 Ok");
+    // ...a map that does not parse is refused and the previous one stays in force...
+    std::fs::write(&map, "this line has no login\n").unwrap();
+    wait_for("the refusal in the log", Duration::from_secs(10), || {
+        s.stderr_log()
+            .contains("sender map changed but does not load; keeping the previous one")
+    });
+    assert_eq!(mail_from(&s, "anyone@team.example"), "250 2.1.0 Ok");
+    // ...and a good one takes effect again, also through SIGHUP.
+    std::fs::write(&map, "shared@example.org demo\n").unwrap();
+    s.sighup();
+    wait_for("the new grant", Duration::from_secs(10), || {
+        mail_from(&s, "shared@example.org") == "250 2.1.0 Ok"
+    });
+}
