@@ -511,6 +511,18 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The limits a session enforces, from `[limits]`.
+    pub fn session_limits(&self) -> tern_smtp::session::SessionLimits {
+        let l = &self.limits;
+        tern_smtp::session::SessionLimits {
+            command_line: l.command_line,
+            text_line: l.text_line,
+            message_size: l.message_size,
+            recipients: l.recipients,
+            errors: l.errors,
+        }
+    }
+
     /// Reads and parses `auth.sender_map` (an empty path: no grants).
     pub fn load_sender_map(&self) -> Result<tern_smtp::sender::SenderMap, ConfigError> {
         let path = &self.auth.sender_map;

@@ -41,7 +41,7 @@ use tern_smtp::hooks::SessionHooks;
 use tern_smtp::policy::RelayPolicy;
 use tern_smtp::sasl::nonces::NonceCache;
 use tern_smtp::sasl::Mechanism;
-use tern_smtp::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig, SessionLimits};
+use tern_smtp::session::{AuthSetup, AuthShared, ListenerKind, SessionConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -739,13 +739,7 @@ fn session_config(
     SessionConfig {
         hostname: cfg.hostname.clone(),
         kind,
-        limits: SessionLimits {
-            command_line: cfg.limits.command_line,
-            text_line: cfg.limits.text_line,
-            message_size: cfg.limits.message_size,
-            recipients: cfg.limits.recipients,
-            errors: cfg.limits.errors,
-        },
+        limits: cfg.session_limits(),
         tls_available: true,
         policy: RelayPolicy::new(&cfg.relay.local_domains, &cfg.relay.trusted_networks),
         auth,

@@ -47,9 +47,7 @@ use tern_engine::admin::proto::{
 };
 use tern_engine::config::Config;
 use tern_smtp::policy::RelayPolicy;
-use tern_smtp::session::{
-    Event, ListenerKind, Message, Session, SessionConfig, SessionLimits, StoreError,
-};
+use tern_smtp::session::{Event, ListenerKind, Message, Session, SessionConfig, StoreError};
 
 /// The `SessionConfig` of an `smtp` listener, without TLS and without AUTH.
 pub fn session_config(cfg: &Config, extra_trusted: &[ipnet::IpNet]) -> SessionConfig {
@@ -58,13 +56,7 @@ pub fn session_config(cfg: &Config, extra_trusted: &[ipnet::IpNet]) -> SessionCo
     SessionConfig {
         hostname: cfg.hostname.clone(),
         kind: ListenerKind::Smtp,
-        limits: SessionLimits {
-            command_line: cfg.limits.command_line,
-            text_line: cfg.limits.text_line,
-            message_size: cfg.limits.message_size,
-            recipients: cfg.limits.recipients,
-            errors: cfg.limits.errors,
-        },
+        limits: cfg.session_limits(),
         tls_available: false,
         policy: RelayPolicy::new(&cfg.relay.local_domains, &trusted),
         auth: None,
