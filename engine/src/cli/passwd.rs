@@ -1,6 +1,6 @@
 //! `tern passwd`: manage the user store, like saslpasswd2 / sasldblistusers2.
 //!
-//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER`,
+//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER[@REALM]`,
 //! `tern passwd --list [-f FILE]`), reading the password (stdin with `-p`, or
 //! twice from the terminal with echo off), and exit codes from sysexits.h.
 //!
@@ -64,7 +64,8 @@ pub struct PasswdArgs {
     /// List users as `user@realm: userPassword` (never the secrets).
     #[arg(long = "list", conflicts_with_all = ["create", "delete", "pipe", "user"])]
     pub list: bool,
-    /// The user name.
+    /// The user name; `user@realm` (split at the first '@', as saslpasswd2 does)
+    /// gives the realm instead of -u.
     #[arg(required_unless_present = "list")]
     pub user: Option<String>,
 }
@@ -142,17 +143,28 @@ pub fn run_with(
         }
         return exit::OK;
     }
-    let Some(user) = args.user.as_deref() else {
+    let Some(login) = args.user.as_deref() else {
         return fail(exit::USAGE, &"a user name is required");
     };
-    let realm = match args.realm.clone().or_else(default_realm) {
-        Some(r) => r,
-        None => {
+    // `user@realm` names the realm, split at the first '@' as saslpasswd2 (and
+    // every login) does; `-u` then must not name another one.
+    let (user, realm) = match (login.split_once('@'), &args.realm) {
+        (Some((_, r)), Some(u)) if r != u => {
             return fail(
                 exit::USAGE,
-                &"cannot determine the host name; give a realm with -u",
+                &format_args!("{login} names realm {r:?} but -u says {u:?}; give the realm once"),
             )
         }
+        (Some((user, r)), _) => (user, r.to_owned()),
+        (None, _) => match args.realm.clone().or_else(default_realm) {
+            Some(r) => (login, r),
+            None => {
+                return fail(
+                    exit::USAGE,
+                    &"cannot determine the host name; give a realm with -u",
+                )
+            }
+        },
     };
     if let Err(e) = check_user(user).and_then(|()| check_realm(&realm)) {
         return fail(exit::USAGE, &e);
@@ -328,8 +340,14 @@ mod tests {
         assert_eq!(run_ok(&create, "secret1").0, exit::OK);
         let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // `user@realm` names the realm; a different -u is a usage error.
         create.user = Some("bob@corp".into());
+        assert_eq!(run_ok(&create, "secret2").0, exit::USAGE);
+        create.realm = None;
         assert_eq!(run_ok(&create, "secret2").0, exit::OK);
+        create.user = Some("bob@example.org".into());
+        create.realm = Some("example.org".into());
+        assert_eq!(run_ok(&create, "secret4").0, exit::OK);
 
         // Update of an existing user without -c.
         assert_eq!(run_ok(&args(&file, Some("alice")), "secret3").0, exit::OK);
@@ -344,10 +362,10 @@ mod tests {
         assert_eq!(code, exit::OK);
         assert_eq!(
             out,
-            "alice@example.org: userPassword\nbob@corp@example.org: userPassword\n"
+            "bob@corp: userPassword\nalice@example.org: userPassword\nbob@example.org: userPassword\n"
         );
         let text = std::fs::read_to_string(&file).expect("read");
-        for pw in ["secret1", "secret2", "secret3"] {
+        for pw in ["secret1", "secret2", "secret3", "secret4"] {
             assert!(!text.contains(pw), "no password in the file");
         }
 
@@ -357,13 +375,22 @@ mod tests {
             s.digest_ha1,
             tern_smtp::users::secrets::digest_ha1("alice", "example.org", b"secret3")
         );
+        // `bob@corp` is user bob in realm corp: the hash covers that name and realm.
+        let s = db.lookup("bob", "corp").expect("bob@corp");
+        assert_eq!(
+            s.digest_ha1,
+            tern_smtp::users::secrets::digest_ha1("bob", "corp", b"secret2")
+        );
 
         let mut del = args(&file, Some("alice"));
         del.delete = true;
         assert_eq!(run_ok(&del, "").0, exit::OK);
         assert_eq!(run_ok(&del, "").0, exit::NOUSER);
         let (_, out, _) = run_ok(&list, "");
-        assert_eq!(out, "bob@corp@example.org: userPassword\n");
+        assert_eq!(
+            out,
+            "bob@corp: userPassword\nbob@example.org: userPassword\n"
+        );
     }
 
     #[test]
