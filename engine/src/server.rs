@@ -480,6 +480,14 @@ pub fn load_users(cfg: &Config) -> Result<UserDb, ServerError> {
     match userstore::load(&cfg.auth.users) {
         Ok(db) => {
             tracing::info!(users = db.len(), file = %cfg.auth.users.display(), "user store loaded");
+            for (user, realm) in db.unreachable() {
+                // A login splits at its first '@' (Cyrus): no login reaches this entry.
+                tracing::warn!(
+                    file = %cfg.auth.users.display(),
+                    entry = %format_args!("{user}@{realm}"),
+                    "user name contains '@': no login can reach it (logins split at the first '@'); recreate it as user@realm"
+                );
+            }
             Ok(db)
         }
         Err(UserDbError::NotFound { .. }) => {

@@ -113,6 +113,8 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
         pipe: true,
         iterations: tern_smtp::users::secrets::DEFAULT_SCRAM_ITERATIONS,
         list: false,
+        import_sasldb: None,
+        overwrite: false,
         user: Some(DEMO_USER.to_string()),
     };
     let mut err = Vec::new();

@@ -5,7 +5,8 @@
 //! - `ctl`: `tern ctl` (status, reload, stop, log-level) over the admin socket.
 //! - `queue`: `tern queue` (list, show, flush, delete, hold, release, stats), live over the
 //!   admin socket or offline on the spool directory.
-//! - `passwd`: `tern passwd` (the user store, like saslpasswd2/sasldblistusers2).
+//! - `passwd`: `tern passwd` (the user store, like saslpasswd2/sasldblistusers2), and
+//!   `sasldb`: reading a Cyrus sasldb2 for `tern passwd --import-sasldb`.
 //! - `stdio`: `tern stdio` (sendmail -bs): one session on stdin/stdout.
 //! - `sendmail`: `tern sendmail` (the sendmail command-line interface).
 //! - `demo`: `tern demo` (a working relay on embedded defaults).
@@ -16,5 +17,6 @@ pub mod demo;
 pub mod features;
 pub mod passwd;
 pub mod queue;
+pub mod sasldb;
 pub mod sendmail;
 pub mod stdio;

@@ -1,7 +1,8 @@
 //! `tern passwd`: manage the user store, like saslpasswd2 / sasldblistusers2.
 //!
-//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER`,
-//! `tern passwd --list [-f FILE]`), reading the password (stdin with `-p`, or
+//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER[@REALM]`,
+//! `tern passwd --list [-f FILE]`, `tern passwd --import-sasldb SASLDB [--overwrite]
+//! [-f FILE]`), reading the password (stdin with `-p`, or
 //! twice from the terminal with echo off), and exit codes from sysexits.h.
 //!
 //! Must never: print a secret or the password, write the store other than
@@ -31,6 +32,7 @@ pub mod exit {
     pub const DATAERR: u8 = 65;
     pub const NOINPUT: u8 = 66;
     pub const NOUSER: u8 = 67;
+    pub const UNAVAILABLE: u8 = 69;
     pub const IOERR: u8 = 74;
     pub const CANTCREAT: u8 = 73;
     pub const NOPERM: u8 = 77;
@@ -64,8 +66,20 @@ pub struct PasswdArgs {
     /// List users as `user@realm: userPassword` (never the secrets).
     #[arg(long = "list", conflicts_with_all = ["create", "delete", "pipe", "user"])]
     pub list: bool,
-    /// The user name.
-    #[arg(required_unless_present = "list")]
+    /// Import every user (its userPassword) of a Cyrus sasldb2 into the store, with the
+    /// realm each has there. Needs Berkeley DB's db_dump (Debian: db-util).
+    #[arg(
+        long = "import-sasldb",
+        value_name = "SASLDB",
+        conflicts_with_all = ["list", "create", "delete", "pipe", "user", "realm"]
+    )]
+    pub import_sasldb: Option<PathBuf>,
+    /// With --import-sasldb: replace users already in the store (default: keep them).
+    #[arg(long = "overwrite", requires = "import_sasldb")]
+    pub overwrite: bool,
+    /// The user name; `user@realm` (split at the first '@', as saslpasswd2 does)
+    /// gives the realm instead of -u.
+    #[arg(required_unless_present_any = ["list", "import_sasldb"])]
     pub user: Option<String>,
 }
 
@@ -142,17 +156,31 @@ pub fn run_with(
         }
         return exit::OK;
     }
-    let Some(user) = args.user.as_deref() else {
+    if let Some(sasldb) = &args.import_sasldb {
+        return import_sasldb(args, sasldb, out, err);
+    }
+    let Some(login) = args.user.as_deref() else {
         return fail(exit::USAGE, &"a user name is required");
     };
-    let realm = match args.realm.clone().or_else(default_realm) {
-        Some(r) => r,
-        None => {
+    // `user@realm` names the realm, split at the first '@' as saslpasswd2 (and
+    // every login) does; `-u` then must not name another one.
+    let (user, realm) = match (login.split_once('@'), &args.realm) {
+        (Some((_, r)), Some(u)) if r != u => {
             return fail(
                 exit::USAGE,
-                &"cannot determine the host name; give a realm with -u",
+                &format_args!("{login} names realm {r:?} but -u says {u:?}; give the realm once"),
             )
         }
+        (Some((user, r)), _) => (user, r.to_owned()),
+        (None, _) => match args.realm.clone().or_else(default_realm) {
+            Some(r) => (login, r),
+            None => {
+                return fail(
+                    exit::USAGE,
+                    &"cannot determine the host name; give a realm with -u",
+                )
+            }
+        },
     };
     if let Err(e) = check_user(user).and_then(|()| check_realm(&realm)) {
         return fail(exit::USAGE, &e);
@@ -186,21 +214,10 @@ pub fn run_with(
             Ok(p) => p,
             Err(msg) => return fail(exit::DATAERR, &msg),
         };
-        if password.is_empty() {
-            return fail(exit::DATAERR, &"empty password refused");
-        }
-        if password.len() > MAX_PASSWORD {
-            return fail(exit::DATAERR, &"password longer than 1024 octets");
-        }
-        let Ok(prepared) = saslprep(&password) else {
-            return fail(
-                exit::DATAERR,
-                &"password contains a character SASLprep prohibits (RFC 4013 §2.3)",
-            );
+        let secrets = match derive(user, &realm, &password, args.iterations) {
+            Ok(s) => s,
+            Err(why) => return fail(exit::DATAERR, &why),
         };
-        let mut salt = [0u8; SCRAM_SALT_LEN];
-        rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
-        let secrets = Secrets::derive(user, &realm, &password, &prepared, &salt, args.iterations);
         if let Err(e) = db.insert(user, &realm, secrets) {
             return fail(exit::USAGE, &e);
         }
@@ -209,6 +226,201 @@ pub fn run_with(
         Ok(()) => exit::OK,
         Err(e) => fail(save_code(&e), &e),
     }
+}
+
+/// Check a password as `tern passwd` does and derive its secrets (`None` and why
+/// not when it cannot be used).
+fn derive(
+    user: &str,
+    realm: &str,
+    password: &str,
+    iterations: u32,
+) -> Result<Secrets, &'static str> {
+    if password.is_empty() {
+        return Err("empty password refused");
+    }
+    if password.len() > MAX_PASSWORD {
+        return Err("password longer than 1024 octets");
+    }
+    let Ok(prepared) = saslprep(password) else {
+        return Err("password contains a character SASLprep prohibits (RFC 4013 §2.3)");
+    };
+    let mut salt = [0u8; SCRAM_SALT_LEN];
+    rand::Rng::fill(&mut rand::rng(), &mut salt[..]);
+    Ok(Secrets::derive(
+        user, realm, password, &prepared, &salt, iterations,
+    ))
+}
+
+/// `--import-sasldb`: every `userPassword` of a Cyrus sasldb2 becomes a user of the
+/// store, in the realm it has there. Notes per user go to `err` (names only, never a
+/// password), one summary line to `out`. Exit 0 when every user with a password is in
+/// the store afterwards; 65 when some could not be imported (the others are saved).
+fn import_sasldb(
+    args: &PasswdArgs,
+    sasldb: &std::path::Path,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+) -> u8 {
+    use super::sasldb::{self, DumpError, SecretBytes};
+    use std::collections::BTreeMap;
+
+    let mut note = |msg: &dyn std::fmt::Display| {
+        let _ = writeln!(err, "tern passwd: {msg}");
+    };
+    if !(1..=MAX_SCRAM_ITERATIONS).contains(&args.iterations) {
+        note(&format_args!(
+            "--iterations must be 1..={MAX_SCRAM_ITERATIONS}"
+        ));
+        return exit::USAGE;
+    }
+    match std::fs::metadata(sasldb) {
+        Ok(m) if m.is_file() => {}
+        Ok(_) => {
+            note(&format_args!("{}: not a regular file", sasldb.display()));
+            return exit::NOINPUT;
+        }
+        Err(e) => {
+            note(&format_args!("{}: {e}", sasldb.display()));
+            return if e.kind() == io::ErrorKind::PermissionDenied {
+                exit::NOPERM
+            } else {
+                exit::NOINPUT
+            };
+        }
+    }
+    let entries = match sasldb::read(sasldb) {
+        Ok(e) => e,
+        Err(e) => {
+            note(&format_args!("{}: {e}", sasldb.display()));
+            return match e {
+                DumpError::NoTool => exit::UNAVAILABLE,
+                DumpError::Spawn(_) => exit::IOERR,
+                DumpError::Failed(_) | DumpError::Format(_) => exit::DATAERR,
+            };
+        }
+    };
+    let mut db = match userstore::load(&args.file) {
+        Ok(db) => db,
+        Err(UserDbError::NotFound { .. }) => UserDb::empty(),
+        Err(e) => {
+            note(&e);
+            return load_code(&e);
+        }
+    };
+
+    // (user, realm) → (userPassword, other properties), in a stable order.
+    type Props = (Option<SecretBytes>, Vec<String>);
+    let mut users: BTreeMap<(Vec<u8>, Vec<u8>), Props> = BTreeMap::new();
+    for e in entries {
+        let slot = users.entry((e.user, e.realm)).or_default();
+        if e.property == b"userPassword" {
+            slot.0 = Some(e.value);
+        } else {
+            slot.1
+                .push(String::from_utf8_lossy(&e.property).into_owned());
+        }
+    }
+
+    let (mut imported, mut replaced, mut kept, mut skipped, mut ignored) = (0, 0, 0, 0, 0);
+    for ((user, realm), (password, others)) in users {
+        let name = format!(
+            "{}@{}",
+            String::from_utf8_lossy(&user),
+            String::from_utf8_lossy(&realm)
+        );
+        if password.is_some() && !others.is_empty() {
+            note(&format_args!(
+                "{name}: ignored {} (tern keeps only secrets derived from userPassword)",
+                others.join(", ")
+            ));
+            ignored += others.len();
+        }
+        match import_one(&mut db, &user, &realm, password, &others, args) {
+            Ok(Imported::New) => imported += 1,
+            Ok(Imported::Replaced) => {
+                imported += 1;
+                replaced += 1;
+            }
+            Ok(Imported::Kept) => kept += 1,
+            Err(why) => {
+                note(&format_args!("skipped {name}: {why}"));
+                skipped += 1;
+            }
+        }
+    }
+    if imported > 0 {
+        if let Err(e) = userstore::save(&db, &args.file) {
+            note(&e);
+            return save_code(&e);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "imported {imported} users from {} into {} ({replaced} replaced); \
+         {kept} already present and kept{}; {skipped} skipped; {ignored} other properties ignored",
+        sasldb.display(),
+        args.file.display(),
+        if kept > 0 && !args.overwrite {
+            " (--overwrite replaces them)"
+        } else {
+            ""
+        },
+    );
+    if skipped > 0 {
+        exit::DATAERR
+    } else {
+        exit::OK
+    }
+}
+
+enum Imported {
+    New,
+    Replaced,
+    Kept,
+}
+
+/// One sasldb user into `db`; `Err` says why it was skipped (never the password).
+fn import_one(
+    db: &mut UserDb,
+    user: &[u8],
+    realm: &[u8],
+    password: Option<super::sasldb::SecretBytes>,
+    others: &[String],
+    args: &PasswdArgs,
+) -> Result<Imported, String> {
+    let Some(password) = password else {
+        return Err(format!(
+            "no userPassword (only {}); nothing tern can derive secrets from",
+            others.join(", ")
+        ));
+    };
+    let (Ok(user), Ok(realm)) = (std::str::from_utf8(user), std::str::from_utf8(realm)) else {
+        return Err("user or realm is not UTF-8".into());
+    };
+    check_user(user)
+        .and_then(|()| check_realm(realm))
+        .map_err(|e| e.to_string())?;
+    if user.contains('@') {
+        return Err(
+            "the user name contains '@', which no login can reach (logins split at the first '@')"
+                .into(),
+        );
+    }
+    let Ok(password) = std::str::from_utf8(&password.0) else {
+        return Err("the password is not UTF-8".into());
+    };
+    let exists = db.lookup(user, realm).is_some();
+    if exists && !args.overwrite {
+        return Ok(Imported::Kept);
+    }
+    let secrets = derive(user, realm, password, args.iterations)?;
+    db.insert(user, realm, secrets).map_err(|e| e.to_string())?;
+    Ok(if exists {
+        Imported::Replaced
+    } else {
+        Imported::New
+    })
 }
 
 /// First line of `r`, without its line ending; bounded.
@@ -300,6 +512,8 @@ mod tests {
             pipe: true,
             iterations: 16,
             list: false,
+            import_sasldb: None,
+            overwrite: false,
             user: user.map(str::to_owned),
         }
     }
@@ -328,8 +542,14 @@ mod tests {
         assert_eq!(run_ok(&create, "secret1").0, exit::OK);
         let mode = std::fs::metadata(&file).expect("file").permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        // `user@realm` names the realm; a different -u is a usage error.
         create.user = Some("bob@corp".into());
+        assert_eq!(run_ok(&create, "secret2").0, exit::USAGE);
+        create.realm = None;
         assert_eq!(run_ok(&create, "secret2").0, exit::OK);
+        create.user = Some("bob@example.org".into());
+        create.realm = Some("example.org".into());
+        assert_eq!(run_ok(&create, "secret4").0, exit::OK);
 
         // Update of an existing user without -c.
         assert_eq!(run_ok(&args(&file, Some("alice")), "secret3").0, exit::OK);
@@ -344,10 +564,10 @@ mod tests {
         assert_eq!(code, exit::OK);
         assert_eq!(
             out,
-            "alice@example.org: userPassword\nbob@corp@example.org: userPassword\n"
+            "bob@corp: userPassword\nalice@example.org: userPassword\nbob@example.org: userPassword\n"
         );
         let text = std::fs::read_to_string(&file).expect("read");
-        for pw in ["secret1", "secret2", "secret3"] {
+        for pw in ["secret1", "secret2", "secret3", "secret4"] {
             assert!(!text.contains(pw), "no password in the file");
         }
 
@@ -357,13 +577,22 @@ mod tests {
             s.digest_ha1,
             tern_smtp::users::secrets::digest_ha1("alice", "example.org", b"secret3")
         );
+        // `bob@corp` is user bob in realm corp: the hash covers that name and realm.
+        let s = db.lookup("bob", "corp").expect("bob@corp");
+        assert_eq!(
+            s.digest_ha1,
+            tern_smtp::users::secrets::digest_ha1("bob", "corp", b"secret2")
+        );
 
         let mut del = args(&file, Some("alice"));
         del.delete = true;
         assert_eq!(run_ok(&del, "").0, exit::OK);
         assert_eq!(run_ok(&del, "").0, exit::NOUSER);
         let (_, out, _) = run_ok(&list, "");
-        assert_eq!(out, "bob@corp@example.org: userPassword\n");
+        assert_eq!(
+            out,
+            "bob@corp: userPassword\nbob@example.org: userPassword\n"
+        );
     }
 
     #[test]
@@ -389,6 +618,55 @@ mod tests {
         a.user = Some("ok".into());
         a.realm = Some("bad@realm".into());
         assert_eq!(run_ok(&a, "pw").0, exit::USAGE);
+    }
+
+    #[test]
+    fn import_one_rules() {
+        use super::super::sasldb::SecretBytes;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut a = args(&dir.path().join("u.db"), None);
+        let pw = |p: &[u8]| Some(SecretBytes(p.to_vec()));
+        let mut db = UserDb::empty();
+        let one = |db: &mut UserDb, u: &[u8], r: &[u8], p, a: &PasswdArgs| {
+            import_one(db, u, r, p, &["cmusaslsecretOTP".into()], a)
+        };
+        assert!(matches!(
+            one(&mut db, b"alice", b"example.org", pw(b"pw"), &a),
+            Ok(Imported::New)
+        ));
+        assert!(matches!(
+            one(&mut db, b"alice", b"example.org", pw(b"new"), &a),
+            Ok(Imported::Kept)
+        ));
+        let s = db.lookup("alice", "example.org").expect("alice");
+        assert_eq!(
+            s.digest_ha1,
+            tern_smtp::users::secrets::digest_ha1("alice", "example.org", b"pw")
+        );
+        a.overwrite = true;
+        assert!(matches!(
+            one(&mut db, b"alice", b"example.org", pw(b"new"), &a),
+            Ok(Imported::Replaced)
+        ));
+        let s = db.lookup("alice", "example.org").expect("alice");
+        assert_eq!(
+            s.digest_ha1,
+            tern_smtp::users::secrets::digest_ha1("alice", "example.org", b"new")
+        );
+        for (u, r, p, why) in [
+            (&b"otp"[..], &b"r"[..], None, "only cmusaslsecretOTP"),
+            (b"a@b", b"r", pw(b"x"), "contains '@'"),
+            (b"a", b"b@c", pw(b"x"), "realm cannot contain"),
+            (b"a", b"", pw(b"x"), "empty"),
+            (b"a b", b"r", pw(b"x"), "white space"),
+            (b"a", b"r", pw(b"\xff"), "not UTF-8"),
+            (b"\xff", b"r", pw(b"x"), "not UTF-8"),
+            (b"a", b"r", pw(b""), "empty password"),
+        ] {
+            let err = one(&mut db, u, r, p, &a).err().expect("skipped");
+            assert!(err.contains(why), "{err}");
+        }
+        assert_eq!(db.len(), 1);
     }
 
     #[test]

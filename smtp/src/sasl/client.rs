@@ -14,7 +14,7 @@ use md5::{Digest as _, Md5};
 use sha2::Sha256;
 
 use super::hex_lower;
-use crate::users::secrets::{cram_hmac, cram_midstates, hmac_once, scram_hi};
+use crate::users::secrets::{cram_hmac, cram_midstates, digest_ha1, hmac_once, scram_hi};
 
 /// `user SP hex(HMAC-MD5(password, challenge))`.
 pub fn cram_md5(user: &str, password: &str, challenge: &[u8]) -> Vec<u8> {
@@ -36,7 +36,9 @@ pub fn digest_md5(
     cnonce: &str,
     digest_uri: &str,
 ) -> (Vec<u8>, String) {
-    let mut a1 = Md5::digest(format!("{user}:{realm}:{password}")).to_vec();
+    // RFC 2831 §2.1.2.1: with charset=utf-8, names and password that fit ISO 8859-1
+    // are hashed in ISO 8859-1 (as Cyrus's and GNU SASL's clients do).
+    let mut a1 = digest_ha1(user, realm, password.as_bytes()).to_vec();
     a1.extend_from_slice(format!(":{nonce}:{cnonce}").as_bytes());
     let ha1 = hex_lower(&Md5::digest(&a1));
     let kd = |a2: &str| {

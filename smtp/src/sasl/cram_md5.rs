@@ -7,7 +7,7 @@
 //! Must never: compare the digest in variable time, or answer differently for
 //! an unknown user (the dummy midstates run the same HMAC).
 
-use super::{secrets_or_dummy, unhex16, verdict, AuthContext, AuthFailure, Step};
+use super::{login_secrets, unhex16, verdict, AuthContext, AuthFailure, Step};
 use crate::users::secrets::{cram_hmac, ct_eq16};
 
 /// Longest response: a 255-octet user, a space, 32 hex digits.
@@ -50,7 +50,8 @@ impl Cram {
         if user.is_empty() {
             return Step::Failure(AuthFailure::Malformed);
         }
-        let (secrets, found) = secrets_or_dummy(ctx.users, user, ctx.realm);
+        // `user@realm` selects the realm (the midstates do not depend on it).
+        let (secrets, found, _, _) = login_secrets(ctx.users, user, ctx.realm);
         let expected = cram_hmac(&secrets.cram_inner, &secrets.cram_outer, &self.challenge);
         let ok = ct_eq16(&expected, &digest);
         // CRAM-MD5 has no authzid.

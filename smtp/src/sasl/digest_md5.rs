@@ -14,8 +14,20 @@
 //!
 //! RFC 2831 is historic (RFC 6331); it is kept for clients that still
 //! prefer it over SCRAM.
+//!
+//! Realm selection follows Cyrus SASL 2.1's server (`digestmd5_server_mech_step2`):
+//! the account looked up is `username` when the response's `realm` equals the
+//! realm we offered, else `username@realm` (`username` alone for an absent or
+//! empty realm); that name is then split at its first `@` like every login
+//! ([`crate::users::split_login`]). So `username="alice",realm="example.org"`
+//! is user `alice` of realm `example.org` even though we offered another realm.
+//! The response hash covers the `username` and `realm` values as sent, and we
+//! keep only `H(user:realm:password)` of the stored user name and realm: a
+//! response verifies only when they are exactly those two (Cyrus, which keeps
+//! the password, also accepts `username="alice@example.org"` with the offered
+//! realm; we cannot, and answer 535 like a wrong password).
 
-use super::{secrets_or_dummy, unhex16, verdict, AuthContext, AuthFailure, Step};
+use super::{login_secrets, unhex16, verdict, AuthContext, AuthFailure, Step};
 use crate::users::secrets::ct_eq16;
 use md5::{Digest as _, Md5};
 
@@ -74,7 +86,8 @@ impl Digest {
         }
         // RFC 2831 §2.1.2: an absent realm means the empty realm in A1.
         let realm = fields.realm.as_deref().unwrap_or("");
-        let (secrets, found) = secrets_or_dummy(ctx.users, &fields.username, realm);
+        let login = account(&fields.username, realm, ctx.realm);
+        let (secrets, found, _, _) = login_secrets(ctx.users, &login, ctx.realm);
         let ha1 = a1_hash(&secrets.digest_ha1, &fields);
         let expected = kd_response(&ha1, &fields, "AUTHENTICATE:");
         let ok = ct_eq16(&expected, &fields.response);
@@ -83,11 +96,22 @@ impl Digest {
         verdict(
             ok,
             found,
-            &fields.username,
+            &login,
             fields.authzid.as_deref(),
             ctx,
             Some(server_final),
         )
+    }
+}
+
+/// The account a digest-response names, as Cyrus SASL 2.1 builds it: the
+/// `username` as sent when the client kept the realm we offered, else
+/// `username@realm` (no `@` for an empty realm). Also the identity reported.
+fn account(username: &str, realm: &str, offered: &str) -> String {
+    if realm == offered || realm.is_empty() {
+        username.to_owned()
+    } else {
+        format!("{username}@{realm}")
     }
 }
 

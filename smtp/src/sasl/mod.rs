@@ -18,6 +18,12 @@
 //! `Step::Success { server_final: Some(..) }` means: send it as a 334, read
 //! the client's (empty) line, then answer 235 2.7.0 (RFC 4954 §4).
 //!
+//! Logins (`user` or `user@realm`): every mechanism splits the login at the first
+//! `@` as Cyrus's sasldb lookup does ([`crate::users::split_login`]); a bare name is
+//! in [`AuthContext::realm`]. DIGEST-MD5 takes its realm from the `realm=`
+//! directive instead (see `digest_md5.rs`). The identity reported on success is
+//! the login as the client sent it (`alice@example.org`, or `alice`).
+//!
 //! Policy not from an RFC (ours): which mechanisms are offered without TLS
 //! ([`Mechanism::is_plaintext`] lets the session decide) and whether PLAIN may
 //! carry a foreign authzid ([`AuthContext::allow_authzid`]).
@@ -140,8 +146,8 @@ pub struct AuthContext<'a> {
     pub nonces: &'a mut NonceCache,
     /// Server host name: CRAM-MD5 challenge, DIGEST-MD5 `digest-uri` host.
     pub hostname: &'a str,
-    /// Default realm: DIGEST-MD5 realm, and the realm users of the other
-    /// mechanisms are looked up in.
+    /// Default realm: the realm DIGEST-MD5 offers, and the realm of a login
+    /// without `@` (a `user@realm` login names its own realm).
     pub realm: &'a str,
     /// May an authzid differ from the authcid? (PLAIN, DIGEST-MD5, SCRAM.)
     pub allow_authzid: bool,
@@ -312,6 +318,20 @@ impl Exchange {
     pub fn mechanism(&self) -> Mechanism {
         self.mech
     }
+}
+
+/// The secrets to verify a login (`user` or `user@realm`) against: the user's
+/// (with the user name and realm the login selects, which the DIGEST-MD5
+/// hash covers), or the dummy set with `found = false` so both cases run the
+/// same computation.
+fn login_secrets<'a, 'l>(
+    users: &'a UserDb,
+    login: &'l str,
+    default_realm: &'l str,
+) -> (&'a Secrets, bool, &'l str, &'l str) {
+    let (user, realm) = crate::users::split_login(login, default_realm);
+    let (secrets, found) = secrets_or_dummy(users, user, realm);
+    (secrets, found, user, realm)
 }
 
 /// The secrets to verify against: the user's, or the dummy set with

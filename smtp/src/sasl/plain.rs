@@ -8,18 +8,18 @@
 //! Must never: keep the password beyond the call, log it, or treat an
 //! unknown user differently from a wrong password.
 
-use super::{secrets_or_dummy, verdict, AuthContext, AuthFailure, Step};
+use super::{login_secrets, verdict, AuthContext, AuthFailure, Step};
 use crate::users::secrets::{ct_eq16, digest_ha1};
 
 /// RFC 4616 §2: servers MUST accept at least 255 octets for each field; we
 /// accept up to 1024 so long passphrases work, and refuse more.
 const MAX_FIELD: usize = 1024;
 
-/// Is `password` the password of `user` in the default realm? Returns
-/// `(matches, user_exists)`; both always computed.
-pub(super) fn check_password(user: &str, password: &[u8], ctx: &AuthContext) -> (bool, bool) {
-    let (secrets, found) = secrets_or_dummy(ctx.users, user, ctx.realm);
-    let candidate = digest_ha1(user, ctx.realm, password);
+/// Is `password` the password of `login` (`user` in the default realm, or
+/// `user@realm`)? Returns `(matches, user_exists)`; both always computed.
+pub(super) fn check_password(login: &str, password: &[u8], ctx: &AuthContext) -> (bool, bool) {
+    let (secrets, found, user, realm) = login_secrets(ctx.users, login, ctx.realm);
+    let candidate = digest_ha1(user, realm, password);
     (ct_eq16(&candidate, &secrets.digest_ha1), found)
 }
 

@@ -150,8 +150,10 @@ impl Scram {
             }
             None => ctx.nonces.issue(ctx.now),
         };
+        // `user@realm` selects the realm (Cyrus's first-`@` split).
+        let (lookup_user, lookup_realm) = crate::users::split_login(&user, ctx.realm);
         let (salt, stored_key, server_key, iterations, found) =
-            match ctx.users.lookup(&user, ctx.realm) {
+            match ctx.users.lookup(lookup_user, lookup_realm) {
                 Some(Secrets {
                     scram:
                         ScramSecrets {
@@ -165,7 +167,7 @@ impl Scram {
                 None => {
                     let d = &Secrets::dummy().scram;
                     (
-                        ctx.users.fake_salt(&user, ctx.realm).to_vec(),
+                        ctx.users.fake_salt(lookup_user, lookup_realm).to_vec(),
                         d.stored_key,
                         d.server_key,
                         DEFAULT_SCRAM_ITERATIONS,

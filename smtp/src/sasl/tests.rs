@@ -846,3 +846,210 @@ fn a_finished_exchange_kills_its_nonce_even_on_malformed_input() {
         Err(nonces::NonceError::Unknown)
     );
 }
+
+// ------------------------------------------------- user@realm logins (Cyrus)
+
+/// Default realm `mx.example.org` with `ann`; `alice` lives in `example.org`
+/// only, `bob` in both realms with different passwords.
+fn realms_harness() -> Harness {
+    let mut h = Harness::new("mx.example.org", "mx.example.org", &[("ann", "pw")]);
+    for (u, r, p) in [
+        ("alice", "example.org", "alicepw"),
+        ("bob", "example.org", "bob-eo"),
+        ("bob", "mx.example.org", "bob-mx"),
+    ] {
+        h.db.insert(u, r, Secrets::derive(u, r, p, p, b"salty salt", 16))
+            .expect("insert");
+    }
+    h
+}
+
+#[test]
+fn split_login_is_cyrus_first_at() {
+    use crate::users::split_login;
+    assert_eq!(split_login("alice", "d"), ("alice", "d"));
+    assert_eq!(
+        split_login("alice@example.org", "d"),
+        ("alice", "example.org")
+    );
+    assert_eq!(split_login("a@b@c", "d"), ("a", "b@c"));
+    assert_eq!(split_login("@r", "d"), ("", "r"));
+    assert_eq!(split_login("a@", "d"), ("a", ""));
+}
+
+#[test]
+fn plain_user_at_realm_selects_the_realm() {
+    let mut h = realms_harness();
+    let plain = |h: &mut Harness, u: &str, p: &str| {
+        h.start(Mechanism::Plain, Some(&client::plain("", u, p))).1
+    };
+    assert_eq!(
+        plain(&mut h, "alice@example.org", "alicepw"),
+        success("alice@example.org")
+    );
+    // Bare `alice` is looked up in the default realm, where she does not exist.
+    assert_eq!(plain(&mut h, "alice", "alicepw"), BAD);
+    assert_eq!(plain(&mut h, "alice@example.org", "wrong"), BAD);
+    // Same name, two realms, two passwords: the realm picks the secrets.
+    assert_eq!(plain(&mut h, "bob", "bob-mx"), success("bob"));
+    assert_eq!(
+        plain(&mut h, "bob@mx.example.org", "bob-mx"),
+        success("bob@mx.example.org")
+    );
+    assert_eq!(
+        plain(&mut h, "bob@example.org", "bob-eo"),
+        success("bob@example.org")
+    );
+    assert_eq!(plain(&mut h, "bob@example.org", "bob-mx"), BAD);
+    // First `@`: realm `example.org@x` cannot exist; empty parts are unknown users.
+    assert_eq!(plain(&mut h, "alice@example.org@x", "alicepw"), BAD);
+    assert_eq!(plain(&mut h, "@example.org", "alicepw"), BAD);
+    assert_eq!(plain(&mut h, "alice@", "alicepw"), BAD);
+    // The authzid rule compares with the full login.
+    assert_eq!(
+        h.start(
+            Mechanism::Plain,
+            Some(&client::plain(
+                "alice@example.org",
+                "alice@example.org",
+                "alicepw"
+            ))
+        )
+        .1,
+        success("alice@example.org")
+    );
+    assert_eq!(
+        h.start(
+            Mechanism::Plain,
+            Some(&client::plain("alice", "alice@example.org", "alicepw"))
+        )
+        .1,
+        DENIED
+    );
+}
+
+#[test]
+fn login_user_at_realm_selects_the_realm() {
+    let mut h = realms_harness();
+    for (user, pw, want) in [
+        ("alice@example.org", "alicepw", success("alice@example.org")),
+        ("alice", "alicepw", BAD),
+        ("bob@example.org", "bob-eo", success("bob@example.org")),
+    ] {
+        let (mut ex, _) = h.start(Mechanism::Login, Some(user.as_bytes()));
+        assert_eq!(h.step(&mut ex, pw.as_bytes()), want, "{user}");
+    }
+}
+
+#[test]
+fn cram_md5_user_at_realm_selects_the_realm() {
+    let mut h = realms_harness();
+    for (user, pw, want) in [
+        ("alice@example.org", "alicepw", success("alice@example.org")),
+        ("alice", "alicepw", BAD),
+        ("bob@example.org", "bob-eo", success("bob@example.org")),
+        ("bob@example.org", "bob-mx", BAD),
+        ("bob", "bob-mx", success("bob")),
+    ] {
+        let (mut ex, step) = h.start(Mechanism::CramMd5, None);
+        let resp = client::cram_md5(user, pw, &challenge(&step));
+        assert_eq!(h.step(&mut ex, &resp), want, "{user}");
+    }
+}
+
+#[test]
+fn scram_user_at_realm_selects_the_realm() {
+    let mut h = realms_harness();
+    for (user, pw, ok) in [
+        ("alice@example.org", "alicepw", true),
+        ("alice", "alicepw", false),
+        ("bob@example.org", "bob-eo", true),
+        ("bob@example.org", "bob-mx", false),
+    ] {
+        let first = format!("n,,n={user},r=cnonce");
+        let (mut ex, step) = h.start(Mechanism::ScramSha256, Some(first.as_bytes()));
+        let fin = client::scram_client_final(&first, &challenge(&step), pw).expect("final");
+        match h.step(&mut ex, &fin) {
+            Step::Success { authcid, .. } => assert!(ok && authcid == user, "{user}"),
+            other => assert!(!ok && other == BAD, "{user}: {other:?}"),
+        }
+    }
+    // The salt sent for `alice@example.org` is alice's real one (the realm was
+    // used for the lookup), and an unknown `x@example.org` gets a fake salt.
+    let first = "n,,n=alice@example.org,r=c";
+    let (_, step) = h.start(Mechanism::ScramSha256, Some(first.as_bytes()));
+    let sf = String::from_utf8(challenge(&step)).expect("utf8");
+    assert!(
+        sf.contains(&format!(",s={},", B64.encode(b"salty salt"))),
+        "{sf}"
+    );
+    let (_, step) = h.start(Mechanism::ScramSha256, Some(b"n,,n=x@example.org,r=c"));
+    let sf = String::from_utf8(challenge(&step)).expect("utf8");
+    assert!(!sf.contains(&B64.encode(b"salty salt")), "{sf}");
+}
+
+#[test]
+fn digest_md5_realm_directive_selects_the_realm() {
+    let mut h = realms_harness();
+    let uri = "smtp/mx.example.org";
+    // (username, realm sent, password, expected)
+    let cases = [
+        // The client kept the offered realm: bare user, default realm.
+        ("bob", "mx.example.org", "bob-mx", success("bob")),
+        // The client named another realm: Cyrus looks up username@realm, and
+        // H(user:realm:pw) is exactly what `tern passwd -u example.org` stored.
+        (
+            "alice",
+            "example.org",
+            "alicepw",
+            success("alice@example.org"),
+        ),
+        ("bob", "example.org", "bob-eo", success("bob@example.org")),
+        ("bob", "example.org", "bob-mx", BAD),
+        // A realm where the user does not exist.
+        ("alice", "mx.example.org", "alicepw", BAD),
+        // username="alice@example.org": Cyrus finds alice@example.org, but the
+        // client hashed "alice@example.org:<realm>:pw", which the stored
+        // H(alice:example.org:pw) cannot verify: refused like a wrong password.
+        ("alice@example.org", "mx.example.org", "alicepw", BAD),
+        ("alice@example.org", "example.org", "alicepw", BAD),
+        // Absent/empty realm: A1 has an empty realm; no stored hash has one.
+        ("bob", "", "bob-mx", BAD),
+    ];
+    for (user, realm, pw, want) in cases {
+        let (mut ex, nonce) = digest_start(&mut h);
+        let (resp, rspauth) = client::digest_md5(user, realm, pw, &nonce, "cn", uri);
+        let got = h.step(&mut ex, &resp);
+        match (&got, &want) {
+            (
+                Step::Success {
+                    authcid,
+                    server_final,
+                    ..
+                },
+                Step::Success { authcid: w, .. },
+            ) => {
+                assert_eq!(authcid, w, "{user} {realm}");
+                assert_eq!(server_final.as_deref(), Some(rspauth.as_bytes()));
+            }
+            _ => assert_eq!(got, want, "{user} {realm}"),
+        }
+    }
+    // No realm directive at all: same as empty.
+    let (mut ex, nonce) = digest_start(&mut h);
+    let (r, _) = digest_client("bob", "", "bob-mx", &nonce, "OA6MHXh6VqTrRk", uri, None);
+    let resp = format!(
+        "charset=utf-8,username=\"bob\",nonce=\"{nonce}\",nc=00000001,\
+         cnonce=\"OA6MHXh6VqTrRk\",digest-uri=\"{uri}\",response={r},qop=auth"
+    );
+    assert_eq!(h.step(&mut ex, resp.as_bytes()), BAD);
+}
+
+#[test]
+fn unreachable_lists_user_names_with_at() {
+    let mut db = UserDb::empty();
+    let s = || Secrets::derive("x", "r", "p", "p", b"s", 1);
+    db.insert("bob@corp", "example.org", s()).expect("insert");
+    db.insert("ann", "example.org", s()).expect("insert");
+    assert_eq!(db.unreachable(), vec![("bob@corp", "example.org")]);
+}

@@ -12,7 +12,14 @@
 //! ```text
 //! user@realm cram-md5=<inner hex32>:<outer hex32> digest-md5=<hex32> scram-sha-256=<iter>:<salt b64>:<StoredKey b64>:<ServerKey b64>
 //! ```
-//! The realm is everything after the LAST `@`, so user names may contain `@`.
+//! The realm is everything after the LAST `@` (realms cannot contain `@`).
+//!
+//! Logins are split the other way, at the FIRST `@` ([`split_login`], as Cyrus's
+//! sasldb lookup does): a stored user name that contains `@` (possible in files
+//! written before logins were split, and accepted here so such files still load) can
+//! never be reached by a login; [`UserDb::unreachable`] lists such entries so the
+//! engine can warn. `tern passwd` no longer creates them. See docs/decisions.md,
+//! "Logins `user@realm`".
 
 pub mod secrets;
 
@@ -100,6 +107,15 @@ fn check_name(name: &str, realm: bool) -> Result<(), UserDbError> {
     Ok(())
 }
 
+/// Split a SASL login into `(user, realm)` as Cyrus SASL's sasldb lookup does
+/// (`_plug_parseuser` in plugins/plugin_common.c): at the FIRST `@`; a login
+/// without `@` is in `default_realm`. `alice@example.org` is user `alice` in realm
+/// `example.org`; `a@b@c` is user `a` in realm `b@c` (which cannot exist here,
+/// so it fails like an unknown user).
+pub fn split_login<'a>(login: &'a str, default_realm: &'a str) -> (&'a str, &'a str) {
+    login.split_once('@').unwrap_or((login, default_realm))
+}
+
 impl UserDb {
     /// A store with no users: every authentication fails (with the same
     /// result as a wrong password).
@@ -181,6 +197,15 @@ impl UserDb {
             self.realms.remove(realm);
         }
         existed
+    }
+
+    /// Entries no login can reach: user names containing `@` (a login splits at
+    /// the first `@`, see [`split_login`]). Sorted like [`UserDb::entries`].
+    pub fn unreachable(&self) -> Vec<(&str, &str)> {
+        self.entries()
+            .into_iter()
+            .filter(|(user, _)| user.contains('@'))
+            .collect()
     }
 
     /// Number of users.
