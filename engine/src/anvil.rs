@@ -11,21 +11,32 @@
 //! Must never: wait on another shard while a client waits, or grow without bound (both maps
 //! are capped; when a cap is hit, expired entries go first, then the oldest half).
 //!
-//! The same mesh carries the one other shard-to-shard message there is: `FlushQueue`,
-//! sent by the shard that received an ETRN so that every shard's runner starts a run.
+//! The same mesh carries `FlushQueue`, sent by the shard that received an ETRN so that
+//! every shard's runner starts a run, and `UserSent`: per-login sending rates
+//! (`auth.user_message_rate`, `auth.user_recipient_rate`). Each shard keeps a token bucket
+//! per login and applies to it every message and recipient counted on *any* shard (its
+//! own at once, the others' when their `UserSent` arrives), so the check at MAIL/RCPT is a
+//! shard-local lookup and the count is the login's across all shards. A message accepted
+//! on two shards in the same microsecond may both pass: the overshoot is bounded by the
+//! shards' in-flight messages, then the buckets agree again.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
+pub use crate::config::{Rate, UserRates};
+
 /// Messages between shards.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum AnvilMsg {
+    /// A login sent one more message (`recipients == 0`) or this many more recipients.
+    UserSent(Arc<str>, UserCount),
     /// A failed AUTH from this IP, sent to its owner.
     Failure(IpAddr),
     /// The owner blocked this IP for this long (from receipt).
@@ -44,6 +55,22 @@ pub struct AnvilLimits {
     pub cooldown: Duration,
 }
 
+/// Which per-login rate a count is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserCount {
+    Message,
+    Recipient,
+}
+
+/// One login's two buckets: tokens left (may go below 0 when other shards' counts arrive)
+/// and when they were last refilled.
+#[derive(Debug, Clone, Copy)]
+struct Buckets {
+    messages: f64,
+    recipients: f64,
+    at: Instant,
+}
+
 const MAX_ENTRIES: usize = 100_000;
 
 /// One shard's anvil. Shard-local (Rc): never crosses threads; the mesh does.
@@ -56,6 +83,8 @@ pub struct Anvil {
     blocked: RefCell<HashMap<IpAddr, Instant>>,
     /// What a `FlushQueue` from a peer does on this shard (set once the runner exists).
     on_flush: RefCell<Option<Box<dyn Fn()>>>,
+    user_rates: Cell<UserRates>,
+    users: RefCell<HashMap<Arc<str>, Buckets>>,
 }
 
 impl std::fmt::Debug for Anvil {
@@ -75,6 +104,8 @@ impl Anvil {
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
             on_flush: RefCell::new(None),
+            user_rates: Cell::new(UserRates::default()),
+            users: RefCell::new(HashMap::new()),
         })
     }
 
@@ -96,6 +127,8 @@ impl Anvil {
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
             on_flush: RefCell::new(None),
+            user_rates: Cell::new(UserRates::default()),
+            users: RefCell::new(HashMap::new()),
         });
         for (_, rx) in receivers.streams() {
             let a = anvil.clone();
@@ -147,12 +180,123 @@ impl Anvil {
     fn handle(&self, msg: AnvilMsg) {
         match msg {
             AnvilMsg::Failure(ip) => self.count(ip),
+            AnvilMsg::UserSent(login, what) => {
+                self.take(&login, what, Instant::now());
+            }
             AnvilMsg::Block(ip, d) => self.block_locally(ip, d),
             AnvilMsg::FlushQueue => {
                 if let Some(f) = self.on_flush.borrow().as_ref() {
                     f();
                 }
             }
+        }
+    }
+
+    /// Sets the per-login rates (at start and on a configuration reload).
+    pub fn set_user_rates(&self, rates: UserRates) {
+        if self.user_rates.replace(rates) != rates {
+            self.users.borrow_mut().clear();
+        }
+    }
+
+    /// May `login` send one more message / recipient now? If so it is counted here and on
+    /// every other shard (one-way, never waits). Without a rate, always yes.
+    pub fn user_try(&self, login: &str, what: UserCount) -> bool {
+        let rates = self.user_rates.get();
+        let rate = match what {
+            UserCount::Message => rates.messages,
+            UserCount::Recipient => rates.recipients,
+        };
+        if rate.is_none() {
+            return true;
+        }
+        let now = Instant::now();
+        if self.tokens(login, what, now) < 1.0 {
+            return false;
+        }
+        let login: Arc<str> = Arc::from(login);
+        self.take(&login, what, now);
+        if let Some(s) = &self.senders {
+            for peer in 0..self.peers {
+                if peer != self.me {
+                    let _ = s.try_send_to(peer, AnvilMsg::UserSent(login.clone(), what));
+                }
+            }
+        }
+        true
+    }
+
+    /// Per login (all, or `only`): messages and recipients counted in the current rate
+    /// windows, as this shard sees them, and the limits.
+    pub fn user_counts(&self, only: Option<&str>) -> (UserRates, Vec<(String, f64, f64)>) {
+        let rates = self.user_rates.get();
+        let now = Instant::now();
+        let logins: Vec<Arc<str>> = self
+            .users
+            .borrow()
+            .keys()
+            .filter(|l| only.is_none_or(|o| &***l == o))
+            .cloned()
+            .collect();
+        let mut out: Vec<(String, f64, f64)> = logins
+            .iter()
+            .map(|l| {
+                let used = |what, rate: Option<Rate>| {
+                    rate.map_or(0.0, |r| {
+                        (f64::from(r.count) - self.tokens(l, what, now)).max(0.0)
+                    })
+                };
+                (
+                    l.to_string(),
+                    used(UserCount::Message, rates.messages),
+                    used(UserCount::Recipient, rates.recipients),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        (rates, out)
+    }
+
+    /// Refills `login`'s buckets to `now` and returns the tokens left for `what`.
+    fn tokens(&self, login: &str, what: UserCount, now: Instant) -> f64 {
+        let rates = self.user_rates.get();
+        let mut users = self.users.borrow_mut();
+        let Some(b) = users.get_mut(login) else {
+            return match what {
+                UserCount::Message => rates.messages.map_or(f64::MAX, |r| f64::from(r.count)),
+                UserCount::Recipient => rates.recipients.map_or(f64::MAX, |r| f64::from(r.count)),
+            };
+        };
+        refill(b, rates, now);
+        match what {
+            UserCount::Message => b.messages,
+            UserCount::Recipient => b.recipients,
+        }
+    }
+
+    /// Counts one message or recipient of `login` (ours or another shard's).
+    fn take(&self, login: &Arc<str>, what: UserCount, now: Instant) {
+        let rates = self.user_rates.get();
+        let mut users = self.users.borrow_mut();
+        if users.len() >= MAX_ENTRIES && !users.contains_key(login) {
+            // Forget the logins whose buckets are full again: they carry no information.
+            users.retain(|_, b| {
+                refill(b, rates, now);
+                !is_full(b, rates)
+            });
+            if users.len() >= MAX_ENTRIES {
+                users.clear();
+            }
+        }
+        let b = users.entry(login.clone()).or_insert(Buckets {
+            messages: rates.messages.map_or(0.0, |r| f64::from(r.count)),
+            recipients: rates.recipients.map_or(0.0, |r| f64::from(r.count)),
+            at: now,
+        });
+        refill(b, rates, now);
+        match what {
+            UserCount::Message => b.messages -= 1.0,
+            UserCount::Recipient => b.recipients -= 1.0,
         }
     }
 
@@ -219,6 +363,28 @@ impl Anvil {
         }
         blocked.insert(ip, now + d);
     }
+}
+
+fn refill(b: &mut Buckets, rates: UserRates, now: Instant) {
+    let secs = now.saturating_duration_since(b.at).as_secs_f64();
+    if let Some(r) = rates.messages {
+        let cap = f64::from(r.count);
+        b.messages = (b.messages + secs * cap / r.per.as_secs_f64()).min(cap);
+    }
+    if let Some(r) = rates.recipients {
+        let cap = f64::from(r.count);
+        b.recipients = (b.recipients + secs * cap / r.per.as_secs_f64()).min(cap);
+    }
+    b.at = now;
+}
+
+fn is_full(b: &Buckets, rates: UserRates) -> bool {
+    rates
+        .messages
+        .is_none_or(|r| b.messages >= f64::from(r.count))
+        && rates
+            .recipients
+            .is_none_or(|r| b.recipients >= f64::from(r.count))
 }
 
 /// Drops the older half of a map by the instant `key` returns.

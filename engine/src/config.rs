@@ -31,6 +31,44 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// `N/duration`: at most N in any such period (a token bucket of N refilled at N/duration).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// Parses `"100/1m"`, `"2000/1d"`; `""` is no limit.
+    pub fn parse(s: &str) -> Result<Option<Rate>, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        let (n, per) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?}: expected COUNT/DURATION, e.g. \"100/1m\""))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .ok()
+            .filter(|c| *c > 0)
+            .ok_or_else(|| format!("{s:?}: the count must be a whole number above 0"))?;
+        let per = humantime::parse_duration(per.trim())
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| format!("{s:?}: the period must be a duration such as 1m, 1h, 1d"))?;
+        Ok(Some(Rate { count, per }))
+    }
+}
+
+/// The per-login rates in force (`None`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct UserRates {
+    pub messages: Option<Rate>,
+    pub recipients: Option<Rate>,
+}
+
 /// The whole configuration. Field docs are the reference for docs/configuration.md.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -178,6 +216,11 @@ pub struct AuthConfig {
     pub sender_map: PathBuf,
     /// Apply the ownership rule to the From: addresses at the end of DATA too (550 5.7.1).
     pub check_header_from: bool,
+    /// Messages one login may start, e.g. "100/1m" (counted at MAIL across all shards;
+    /// over it: 450 4.7.1). Empty: no limit.
+    pub user_message_rate: String,
+    /// Recipients one login may add, e.g. "2000/1d" (at RCPT; over it: 452 4.5.3).
+    pub user_recipient_rate: String,
 }
 
 impl Default for AuthConfig {
@@ -202,6 +245,8 @@ impl Default for AuthConfig {
             sender_policy: "any".into(),
             sender_map: PathBuf::new(),
             check_header_from: false,
+            user_message_rate: String::new(),
+            user_recipient_rate: String::new(),
         }
     }
 }
@@ -511,6 +556,14 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The per-login sending rates (validated at load).
+    pub fn user_rates(&self) -> UserRates {
+        UserRates {
+            messages: Rate::parse(&self.auth.user_message_rate).ok().flatten(),
+            recipients: Rate::parse(&self.auth.user_recipient_rate).ok().flatten(),
+        }
+    }
+
     /// The limits a session enforces, from `[limits]`.
     pub fn session_limits(&self) -> tern_smtp::session::SessionLimits {
         let l = &self.limits;
@@ -584,6 +637,12 @@ impl Config {
                     "auth.mechanisms: unknown mechanism {m:?} (expected CRAM-MD5, DIGEST-MD5, SCRAM-SHA-256, PLAIN, LOGIN)"
                 )));
             }
+        }
+        for (key, v) in [
+            ("user_message_rate", &self.auth.user_message_rate),
+            ("user_recipient_rate", &self.auth.user_recipient_rate),
+        ] {
+            Rate::parse(v).map_err(|e| ConfigError::Invalid(format!("auth.{key}: {e}")))?;
         }
         if !matches!(self.auth.sender_policy.as_str(), "any" | "own") {
             return Err(ConfigError::Invalid(format!(

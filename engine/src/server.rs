@@ -529,6 +529,7 @@ async fn shard_main(
             return;
         }
     };
+    anvil.set_user_rates(cfg.user_rates());
     type ShardListeners = Vec<(Rc<ListenerCtx>, TcpListener)>;
     let setup = || -> Result<(Rc<Shard>, ShardListeners, Rc<AuthShared>), String> {
         // The queue index keeps envelopes on disk: recover only what is still to deliver.
@@ -668,6 +669,7 @@ async fn shard_main(
                 }
                 Control::Config(new) => {
                     *auth_shared.senders.borrow_mut() = new.senders.clone();
+                    control_shard.peers.set_user_rates(new.user_rates());
                     for ctx in &ctx_list {
                         let (kind, hooks) = {
                             let old = ctx.session.borrow();

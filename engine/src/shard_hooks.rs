@@ -14,7 +14,7 @@ use std::rc::Rc;
 
 use tern_smtp::hooks::{AuthAttempt, Rejection, SessionHooks};
 
-use crate::anvil::Anvil;
+use crate::anvil::{Anvil, UserCount};
 use crate::metrics::counters::ShardMetrics;
 
 pub struct ShardHooks {
@@ -74,6 +74,18 @@ impl SessionHooks for ShardHooks {
                 );
             }
         }
+    }
+
+    fn user_message(&self, login: &str) -> bool {
+        let ok = self.anvil.user_try(login, UserCount::Message);
+        self.metrics.user_rate(0, ok);
+        ok
+    }
+
+    fn user_recipient(&self, login: &str) -> bool {
+        let ok = self.anvil.user_try(login, UserCount::Recipient);
+        self.metrics.user_rate(1, ok);
+        ok
     }
 
     fn rejected(&self, r: &Rejection<'_>) {

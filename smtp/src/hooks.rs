@@ -57,10 +57,12 @@ pub enum Reject {
     AuthBlocked,
     /// An authenticated sender (MAIL FROM or From:) the login does not own (553/550 5.7.1).
     SenderNotOwned,
+    /// A login over its message or recipient rate (450 4.7.1 / 452 4.5.3).
+    UserRate,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 11] = [
+    pub const ALL: [Reject; 12] = [
         Reject::Size,
         Reject::BareNewline,
         Reject::LongLine,
@@ -72,6 +74,7 @@ impl Reject {
         Reject::EncryptionRequired,
         Reject::AuthBlocked,
         Reject::SenderNotOwned,
+        Reject::UserRate,
     ];
 
     pub fn label(self) -> &'static str {
@@ -87,6 +90,7 @@ impl Reject {
             Reject::EncryptionRequired => "encryption_required",
             Reject::AuthBlocked => "auth_blocked",
             Reject::SenderNotOwned => "sender_not_owned",
+            Reject::UserRate => "user_rate",
         }
     }
 
@@ -139,6 +143,16 @@ pub trait SessionHooks {
     fn auth_attempt(&self, _attempt: &AuthAttempt<'_>) {}
     /// A command or message was refused by policy or limits.
     fn rejected(&self, _rejection: &Rejection<'_>) {}
+    /// May authenticated `login` start another message now (`auth.user_message_rate`,
+    /// counted per login across shards)? A `true` counts it. Must not block.
+    fn user_message(&self, _login: &str) -> bool {
+        true
+    }
+    /// May authenticated `login` add another recipient now (`auth.user_recipient_rate`)?
+    /// A `true` counts it. Must not block.
+    fn user_recipient(&self, _login: &str) -> bool {
+        true
+    }
 }
 
 /// Hooks that count nothing and block nobody (tests, fuzzing, `tern stdio`).

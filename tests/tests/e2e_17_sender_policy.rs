@@ -95,3 +95,56 @@ fn own_senders_map_reload_and_header_from() {
         mail_from(&s, "shared@example.org") == "250 2.1.0 Ok"
     });
 }
+
+/// Per-login sending rates, counted across shards: connections that land on different
+/// shards (SO_REUSEPORT spreads them) share one count; over it MAIL gets 450 4.7.1 and RCPT
+/// 452 4.5.3 (never a 5xx); `tern ctl limits` shows the count.
+#[test]
+fn user_rates_are_shared_by_all_shards() {
+    let s = Server::with(&[
+        r#"auth.user_message_rate="4/1h""#,
+        r#"auth.user_recipient_rate="6/1h""#,
+    ]);
+    assert_eq!(s.shards, 2);
+    // Recipients: 6 in the window, the 7th is a temporary refusal.
+    let mut c = authed(&s);
+    c.expect("MAIL FROM:<demo@example.org>", 250, "2.1.0");
+    for i in 0..6 {
+        c.expect(&format!("RCPT TO:<r{i}@example.net>"), 250, "2.1.5");
+    }
+    c.expect(
+        "RCPT TO:<r6@example.net>",
+        452,
+        "4.5.3 Error: too many recipients from user demo",
+    );
+    c.send(b"QUIT\r\n");
+    // Messages: 4 in the window (one used above), whichever shard a session lands on.
+    let mut replies = Vec::new();
+    for _ in 0..12 {
+        replies.push(mail_from(&s, "demo@example.org"));
+    }
+    let ok = replies.iter().filter(|r| *r == "250 2.1.0 Ok").count();
+    let limited = replies
+        .iter()
+        .filter(|r| r.starts_with("450 4.7.1 Error: too many messages from user demo"))
+        .count();
+    assert_eq!((ok, limited), (3, 9), "{replies:?}");
+    // The sessions were served by both shards (else this proves nothing about sharing).
+    let log = s.stderr_log();
+    let shards: std::collections::BTreeSet<&str> = log
+        .lines()
+        .filter(|l| l.contains("auth ok:"))
+        .filter_map(|l| l.split("shard=").nth(1))
+        .map(|t| t.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert!(shards.len() == 2, "all sessions on one shard: {shards:?}");
+    let out = std::process::Command::new(tern_tests::tern_bin())
+        .args(["ctl", "limits", "demo", "--socket"])
+        .arg(s.spool().join("admin.sock"))
+        .output()
+        .expect("tern ctl limits");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("message rate 4/1h"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("demo")).unwrap_or("");
+    assert_eq!(row.split_whitespace().nth(1), Some("4"), "{text}");
+}

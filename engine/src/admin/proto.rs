@@ -100,6 +100,11 @@ pub enum Request {
     Drain,
     /// Take new connections again.
     Undrain,
+    /// Per-login sending counts in the current rate windows (`tern ctl limits [USER]`).
+    Limits {
+        #[serde(default)]
+        user: Option<String>,
+    },
     Reload,
     Stop,
     LogLevel {

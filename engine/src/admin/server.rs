@@ -390,6 +390,27 @@ fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
             Value::Object(m)
         }
         Request::Status => json!({ "shards": answers }),
+        Request::Limits { .. } => {
+            // Every shard counts every login's messages (anvil): their views agree up to
+            // messages in flight; show the highest.
+            let mut users: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+            for a in &answers {
+                for u in a["users"].as_array().into_iter().flatten() {
+                    let name = u["user"].as_str().unwrap_or("").to_string();
+                    let e = users.entry(name).or_default();
+                    e.0 = e.0.max(u["messages"].as_f64().unwrap_or(0.0));
+                    e.1 = e.1.max(u["recipients"].as_f64().unwrap_or(0.0));
+                }
+            }
+            let first = answers.first().cloned().unwrap_or(Value::Null);
+            json!({
+                "message_rate": first["message_rate"],
+                "recipient_rate": first["recipient_rate"],
+                "users": users.into_iter().map(|(u, (m, r))| json!({
+                    "user": u, "messages": m.round(), "recipients": r.round()
+                })).collect::<Vec<_>>(),
+            })
+        }
         Request::Drain | Request::Undrain => {
             let draining = matches!(req, Request::Drain);
             let sessions: u64 = answers
@@ -443,6 +464,19 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
                 "unreadable": s.unreadable,
                 "oldest_arrival_unix_micros": s.oldest_arrival_unix_micros,
                 "domains": s.domains,
+            })
+        }
+        Request::Limits { user } => {
+            let (rates, users) = shard.peers.user_counts(user.as_deref());
+            let show = |r: Option<crate::anvil::Rate>| {
+                r.map(|r| format!("{}/{}", r.count, humantime::format_duration(r.per)))
+            };
+            json!({
+                "message_rate": show(rates.messages),
+                "recipient_rate": show(rates.recipients),
+                "users": users.iter().map(|(u, m, r)| json!({
+                    "user": u, "messages": m, "recipients": r
+                })).collect::<Vec<_>>(),
             })
         }
         Request::Drain | Request::Undrain => {

@@ -50,6 +50,16 @@ pub enum CtlCmd {
         #[command(flatten)]
         target: CtlTarget,
     },
+    /// Per-login messages and recipients counted in the current rate windows
+    /// (auth.user_message_rate, auth.user_recipient_rate), across all shards.
+    Limits {
+        /// Only this login.
+        user: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        target: CtlTarget,
+    },
     /// Change the log filter at run time, e.g. debug, info, "info,tern_queue=debug".
     LogLevel {
         level: String,
@@ -66,6 +76,7 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
         CtlCmd::Stop { target } => (target, Request::Stop, false),
         CtlCmd::Drain { target } => (target, Request::Drain, false),
         CtlCmd::Undrain { target } => (target, Request::Undrain, false),
+        CtlCmd::Limits { user, json, target } => (target, Request::Limits { user }, json),
         CtlCmd::LogLevel { level, target } => (target, Request::LogLevel { level }, false),
     };
     let path = match target.socket {
@@ -121,6 +132,23 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
             n(&v, "sessions")
         ),
         Request::Undrain => println!("undrained: taking new connections"),
+        Request::Limits { .. } => {
+            let rate = |k: &str| v[k].as_str().unwrap_or("unlimited").to_string();
+            println!(
+                "message rate {}, recipient rate {}",
+                rate("message_rate"),
+                rate("recipient_rate")
+            );
+            println!("{:<40} {:>9} {:>11}", "USER", "MESSAGES", "RECIPIENTS");
+            for u in v["users"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:>9} {:>11}",
+                    u["user"].as_str().unwrap_or("?"),
+                    u["messages"].as_f64().unwrap_or(0.0),
+                    u["recipients"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
         Request::LogLevel { .. } => {
             println!("log level: {}", v["level"].as_str().unwrap_or("?"))
         }

@@ -30,6 +30,8 @@ pub struct ShardMetrics {
     auth: RefCell<BTreeMap<&'static str, (u64, u64)>>,
     accept_latency: RefCell<Histogram>,
     recent: RefCell<VecDeque<(u64, String)>>,
+    /// Per-login rate checks: [message, recipient] × [allowed, refused].
+    user_rate: [[Cell<u64>; 2]; 2],
 }
 
 fn now_unix() -> u64 {
@@ -59,6 +61,7 @@ impl ShardMetrics {
             auth: self.auth.borrow().clone(),
             accepted: self.accepted.get(),
             rejected: std::array::from_fn(|i| self.rejected[i].get()),
+            user_rate: std::array::from_fn(|k| std::array::from_fn(|o| self.user_rate[k][o].get())),
             accept_latency: self.accept_latency.borrow().clone(),
             recent,
             ..Snapshot::default()
@@ -90,6 +93,12 @@ impl ShardMetrics {
         self.accept_latency.borrow_mut().observe(took);
     }
 
+    /// A per-login rate check (`kind` 0 = message, 1 = recipient) and its outcome.
+    pub fn user_rate(&self, kind: usize, allowed: bool) {
+        let c = &self.user_rate[kind][usize::from(!allowed)];
+        c.set(c.get() + 1);
+    }
+
     /// A refusal: counted by reason, and kept (peer, command, reply) in the recent list.
     pub fn rejected(&self, rej: &Rejection<'_>) {
         let i = rej.why.index();
@@ -116,6 +125,8 @@ impl ShardMetrics {
 /// What one shard reports when scraped (plain data: crosses to the HTTP thread).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
+    /// Per-login rate checks: [message, recipient] × [allowed, refused].
+    pub user_rate: [[u64; 2]; 2],
     /// The shard refuses new connections (`tern ctl drain`).
     pub draining: bool,
     /// The shard's spool takes new mail (under its high-water marks, not failed).
@@ -182,6 +193,11 @@ impl Snapshot {
             t.accept_latency.merge(&s.accept_latency);
             t.sync_latency.merge(&s.sync_latency);
             t.draining |= s.draining;
+            for k in 0..2 {
+                for o in 0..2 {
+                    t.user_rate[k][o] += s.user_rate[k][o];
+                }
+            }
         }
         t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);
         t

@@ -77,6 +77,22 @@ pub fn render(shards: &[Snapshot]) -> String {
         &simple("tern_sessions_active", |s| s.sessions as f64),
     );
     family(
+        "tern_user_rate_checks_total",
+        "counter",
+        "Per-login sending-rate checks (auth.user_message_rate at MAIL, auth.user_recipient_rate at RCPT) by outcome.",
+        &|id, s, o| {
+            for (k, kind) in ["message", "recipient"].iter().enumerate() {
+                for (i, outcome) in ["allowed", "refused"].iter().enumerate() {
+                    let _ = writeln!(
+                        o,
+                        "tern_user_rate_checks_total{{shard=\"{id}\",kind=\"{kind}\",outcome=\"{outcome}\"}} {}",
+                        s.user_rate[k][i]
+                    );
+                }
+            }
+        },
+    );
+    family(
         "tern_draining",
         "gauge",
         "1 while the node is draining (tern ctl drain): new connections refused, open sessions finish.",

@@ -867,6 +867,13 @@ impl Session {
                 &text,
             );
         }
+        // Per-login sending rate (temporary: the client retries later, never a bounce).
+        if let Some(login) = self.authenticated.as_deref() {
+            if !self.cfg.hooks.user_message(login) {
+                let text = format!("Error: too many messages from user {login}, try again later");
+                return self.refuse(out, Reject::UserRate, "MAIL", None, 450, "4.7.1", &text);
+            }
+        }
         // RFC 4954 §5: AUTH= is honoured only from an authenticated client; otherwise it is
         // accepted and ignored (the identity becomes <>).
         let auth = match (&self.authenticated, m.auth) {
@@ -942,6 +949,20 @@ impl Session {
                 "5.7.1",
                 &text,
             );
+        }
+        if let Some(login) = self.authenticated.as_deref() {
+            if !self.cfg.hooks.user_recipient(login) {
+                let text = format!("Error: too many recipients from user {login}, try again later");
+                return self.refuse(
+                    out,
+                    Reject::UserRate,
+                    "RCPT",
+                    Some(r.path),
+                    452,
+                    "4.5.3",
+                    &text,
+                );
+            }
         }
         let Some(txn) = self.txn.as_mut() else {
             return;
