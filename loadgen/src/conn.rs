@@ -9,6 +9,7 @@
 //! functions refuse to upgrade while unread plaintext is buffered.
 
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -149,13 +150,65 @@ impl Reply {
 
 /// A TCP stream with TCP_NODELAY set. Without it a TLS handshake stalls on delayed ACKs
 /// (~20/s instead of ~3,000/s, see the stack notes).
-pub async fn connect(addr: std::net::SocketAddr) -> Result<TcpStream, OpError> {
+pub async fn connect(addr: SocketAddr) -> Result<TcpStream, OpError> {
     let s = TcpStream::connect(addr)
         .await
         .map_err(|e| OpError::Connect(e.to_string()))?;
     s.set_nodelay(true)
         .map_err(|e| OpError::Connect(e.to_string()))?;
     Ok(s)
+}
+
+/// Which PROXY protocol header a connection begins with (`--proxy-v1`/`--proxy-v2`), as
+/// a load balancer's `send-proxy`/`send-proxy-v2` would write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// The PROXY header claiming a TCP connection from `src` to `dst` (same address family):
+/// v1 `PROXY TCP4|TCP6 SRC DST SPORT DPORT\r\n`, or v2 PROXY command, STREAM over
+/// INET/INET6, no TLVs (what HAProxy 2.6 sends).
+pub fn proxy_header(v: ProxyVersion, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+    match v {
+        ProxyVersion::V1 => {
+            let fam = if src.is_ipv4() { "TCP4" } else { "TCP6" };
+            format!(
+                "PROXY {fam} {} {} {} {}\r\n",
+                src.ip(),
+                dst.ip(),
+                src.port(),
+                dst.port()
+            )
+            .into_bytes()
+        }
+        ProxyVersion::V2 => {
+            let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+            h.push(0x21); // version 2, PROXY
+            match (src.ip(), dst.ip()) {
+                (IpAddr::V4(s), IpAddr::V4(d)) => {
+                    h.push(0x11); // INET, STREAM
+                    h.extend_from_slice(&12u16.to_be_bytes());
+                    h.extend_from_slice(&s.octets());
+                    h.extend_from_slice(&d.octets());
+                }
+                (s, d) => {
+                    let v6 = |a: IpAddr| match a {
+                        IpAddr::V4(a) => a.to_ipv6_mapped(),
+                        IpAddr::V6(a) => a,
+                    };
+                    h.push(0x21); // INET6, STREAM
+                    h.extend_from_slice(&36u16.to_be_bytes());
+                    h.extend_from_slice(&v6(s).octets());
+                    h.extend_from_slice(&v6(d).octets());
+                }
+            }
+            h.extend_from_slice(&src.port().to_be_bytes());
+            h.extend_from_slice(&dst.port().to_be_bytes());
+            h
+        }
+    }
 }
 
 /// A buffered SMTP connection.

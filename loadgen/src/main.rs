@@ -5,6 +5,7 @@
 //!   tern-loadgen auth    --target 127.0.0.1:587 --mech CRAM-MD5 --user demo --password demo
 //!   tern-loadgen relay   --target 127.0.0.1:25 --size 4096 --rcpts 2 --pipeline
 //!   tern-loadgen connect --target 127.0.0.1:465 --tls --insecure
+//!   tern-loadgen auth    --target 127.0.0.1:587 --proxy-v2 198.51.100.7   (as if behind HAProxy)
 //!   tern-loadgen sink    --listen 127.0.0.1:2526 --delay 20
 //!
 //! DESCRIPTION
@@ -180,6 +181,14 @@ struct Common {
     /// Allow a target that is not a loopback address.
     #[arg(long)]
     allow_remote: bool,
+    /// Begin each connection with a PROXY protocol v1 header (HAProxy's `send-proxy`)
+    /// claiming this client address: the target must list us in `listeners.proxy_from`.
+    #[arg(long, value_name = "CLIENT_IP", conflicts_with = "proxy_v2")]
+    proxy_v1: Option<std::net::IpAddr>,
+    /// Begin each connection with a PROXY protocol v2 header (`send-proxy-v2`) claiming
+    /// this client address.
+    #[arg(long, value_name = "CLIENT_IP")]
+    proxy_v2: Option<std::net::IpAddr>,
 }
 
 /// The CPUs this process may run on (sched_getaffinity), in order.
@@ -253,6 +262,18 @@ fn generate(
     if kind == Kind::Relay && (relay.rcpts == 0 || relay.msgs_per_conn == 0) {
         return Err("--rcpts and --msgs-per-conn must be at least 1".into());
     }
+    let proxy = match (c.proxy_v1, c.proxy_v2) {
+        (Some(ip), _) => Some((conn::ProxyVersion::V1, ip)),
+        (None, Some(ip)) => Some((conn::ProxyVersion::V2, ip)),
+        (None, None) => None,
+    };
+    if let Some((v, ip)) = proxy {
+        if v == conn::ProxyVersion::V1 && ip.is_ipv4() != target.is_ipv4() {
+            return Err(
+                "--proxy-v1: the client and the target must be of one address family".into(),
+            );
+        }
+    }
     let cpus = allowed_cpus();
     let cores = c.cores.unwrap_or(cpus.len().max(1)).max(1);
     // Pin only when there is a distinct allowed CPU for every executor.
@@ -273,6 +294,7 @@ fn generate(
         },
         relay,
         open_loop: c.rate.is_some(),
+        proxy,
     });
     let plan = runner::Plan {
         cfg,

@@ -17,6 +17,7 @@
 //! SECURITY: a test tool; it accepts any sender and recipient and keeps nothing. With
 //! `--starttls` and no `--cert` it uses a freshly generated self-signed certificate.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,6 +69,10 @@ pub struct SinkArgs {
     /// No progress line on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Count distinct Message-IDs: the report gains `unique_messages` and `duplicates`
+    /// (a message delivered twice, e.g. across a restart, is counted, never hidden).
+    #[arg(long)]
+    pub dedup: bool,
     /// Refuse to listen on a non-loopback address unless given.
     #[arg(long)]
     pub allow_remote: bool,
@@ -91,6 +96,13 @@ pub struct SinkReport {
     pub without_sent_header: u64,
     pub messages_per_s: f64,
     pub relay_latency_ms: Option<Percentiles>,
+    /// With `--dedup`: distinct Message-IDs among the accepted messages (a message
+    /// without one counts as distinct).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unique_messages: Option<u64>,
+    /// With `--dedup`: accepted messages whose Message-ID was seen before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duplicates: Option<u64>,
 }
 
 #[derive(Default)]
@@ -129,7 +141,12 @@ struct Ctx {
     tls: Option<Arc<rustls::ServerConfig>>,
     stats: std::cell::RefCell<CoreStats>,
     messages: Arc<AtomicU64>,
+    /// `--dedup`: Message-IDs seen (all cores) and how many repeated one.
+    seen: Option<Arc<std::sync::Mutex<Seen>>>,
 }
+
+/// `--dedup`: the Message-IDs seen so far and how many arrived again.
+type Seen = (HashSet<Vec<u8>>, u64);
 
 pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if !args.allow_remote && !args.listen.ip().is_loopback() {
@@ -151,11 +168,13 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     };
     let cores = args.cores.max(1);
     let messages = Arc::new(AtomicU64::new(0));
+    let seen = args.dedup.then(Default::default);
     let core_stop = Arc::new(AtomicBool::new(false));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let mut handles = Vec::new();
     let mut addr = args.listen;
     for i in 0..cores {
+        let seen = seen.clone();
         let (args2, tls, messages, core_stop2, addr_tx) = (
             args.clone(),
             tls.clone(),
@@ -182,6 +201,7 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
                     tls,
                     stats: Default::default(),
                     messages,
+                    seen,
                 });
                 let c2 = ctx.clone();
                 // The accept loop is a task of its own, dropped with the executor at stop.
@@ -248,7 +268,7 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     for h in handles {
         total.merge(h.join().map_err(|e| format!("sink executor failed: {e}"))?);
     }
-    let report = SinkReport {
+    let mut report = SinkReport {
         tool: "tern-loadgen sink".into(),
         listen: addr.to_string(),
         elapsed_s: elapsed.as_secs_f64(),
@@ -262,7 +282,14 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         without_sent_header: total.without_sent_header,
         messages_per_s: total.messages as f64 / elapsed.as_secs_f64().max(1e-9),
         relay_latency_ms: total.latency.as_ref().map(Percentiles::of),
+        unique_messages: None,
+        duplicates: None,
     };
+    if let Some(seen) = &seen {
+        let dups = seen.lock().map(|g| g.1).unwrap_or(0);
+        report.duplicates = Some(dups);
+        report.unique_messages = Some(total.messages - dups);
+    }
     if args.json {
         println!(
             "{}",
@@ -363,8 +390,8 @@ async fn session(ctx: &Ctx, mut c: SmtpConn) -> Result<(), OpError> {
                 out.extend_from_slice(b"354 end with <CRLF>.<CRLF>\r\n");
                 c.write_all(&out).await?;
                 out.clear();
-                let (bytes, sent) = read_data(&mut c).await?;
-                let reply = finish(ctx, &tx, bytes, sent).await;
+                let (bytes, sent, id) = read_data(&mut c).await?;
+                let reply = finish(ctx, &tx, bytes, sent, id).await;
                 out.extend_from_slice(reply);
                 tx = Tx::default();
             }
@@ -395,8 +422,8 @@ async fn session(ctx: &Ctx, mut c: SmtpConn) -> Result<(), OpError> {
                     out.extend_from_slice(b"554 5.5.1 no valid transaction\r\n");
                     tx = Tx::default();
                 } else {
-                    let sent = find_sent(&tx.data);
-                    let reply = finish(ctx, &tx, tx.data.len() as u64, sent).await;
+                    let (sent, id) = find_sent(&tx.data);
+                    let reply = finish(ctx, &tx, tx.data.len() as u64, sent, id).await;
                     out.extend_from_slice(reply);
                     tx = Tx::default();
                 }
@@ -417,15 +444,17 @@ async fn session(ctx: &Ctx, mut c: SmtpConn) -> Result<(), OpError> {
     }
 }
 
-/// Reads DATA content to the final dot. Returns (unstuffed bytes, sent header value).
-async fn read_data(c: &mut SmtpConn) -> Result<(u64, Option<u128>), OpError> {
+/// Reads DATA content to the final dot. Returns (unstuffed bytes, sent header value,
+/// Message-ID).
+async fn read_data(c: &mut SmtpConn) -> Result<(u64, Option<u128>, Option<Vec<u8>>), OpError> {
     let mut bytes = 0u64;
     let mut sent = None;
+    let mut id = None;
     let mut in_header = true;
     loop {
         let line = c.read_line().await?;
         if line == b".\r\n" || line == b".\n" {
-            return Ok((bytes, sent));
+            return Ok((bytes, sent, id));
         }
         let line = line.strip_prefix(b".").unwrap_or(line);
         bytes += line.len() as u64;
@@ -433,8 +462,13 @@ async fn read_data(c: &mut SmtpConn) -> Result<(u64, Option<u128>), OpError> {
             let t = trim_eol(line);
             if t.is_empty() {
                 in_header = false;
-            } else if sent.is_none() {
-                sent = parse_sent(t);
+            } else {
+                if sent.is_none() {
+                    sent = parse_sent(t);
+                }
+                if id.is_none() {
+                    id = parse_message_id(t);
+                }
             }
         }
     }
@@ -456,22 +490,41 @@ fn parse_sent(line: &[u8]) -> Option<u128> {
     }
 }
 
-/// The sent header in a complete message (BDAT): scans the header section.
-fn find_sent(msg: &[u8]) -> Option<u128> {
+/// The value of a `Message-ID:` header line (unfolded lines only, as the generator
+/// writes them).
+fn parse_message_id(line: &[u8]) -> Option<Vec<u8>> {
+    const H: &[u8] = b"Message-ID:";
+    (line.len() > H.len() && line[..H.len()].eq_ignore_ascii_case(H))
+        .then(|| line[H.len()..].trim_ascii().to_vec())
+}
+
+/// The sent header and the Message-ID in a complete message (BDAT): scans the header
+/// section.
+fn find_sent(msg: &[u8]) -> (Option<u128>, Option<Vec<u8>>) {
+    let (mut sent, mut id) = (None, None);
     for line in msg.split(|b| *b == b'\n') {
         let t = trim_eol(line);
         if t.is_empty() {
-            return None;
+            break;
         }
-        if let Some(v) = parse_sent(t) {
-            return Some(v);
+        if sent.is_none() {
+            sent = parse_sent(t);
+        }
+        if id.is_none() {
+            id = parse_message_id(t);
         }
     }
-    None
+    (sent, id)
 }
 
 /// Decides the transaction's fate and counts it. Returns the final reply.
-async fn finish(ctx: &Ctx, tx: &Tx, bytes: u64, sent: Option<u128>) -> &'static [u8] {
+async fn finish(
+    ctx: &Ctx,
+    tx: &Tx,
+    bytes: u64,
+    sent: Option<u128>,
+    id: Option<Vec<u8>>,
+) -> &'static [u8] {
     let arrived = unix_nanos();
     let r: f64 = rand::rng().random();
     let a = &ctx.args;
@@ -496,6 +549,12 @@ async fn finish(ctx: &Ctx, tx: &Tx, bytes: u64, sent: Option<u128>) -> &'static 
             s.latency.get_or_insert_with(new_hist).saturating_record(us);
         }
         None => s.without_sent_header += 1,
+    }
+    if let (Some(seen), Some(id)) = (&ctx.seen, id) {
+        let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if !g.0.insert(id) {
+            g.1 += 1;
+        }
     }
     ctx.messages.fetch_add(1, Ordering::Relaxed);
     b"250 2.0.0 ok: queued by tern-loadgen sink\r\n"

@@ -138,6 +138,11 @@ struct Demo {
 
 impl Demo {
     fn start() -> Demo {
+        Demo::start_with(&[])
+    }
+
+    /// [`Demo::start`] with extra `--set key=value` settings.
+    fn start_with(sets: &[&str]) -> Demo {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(tern_bin())
             .arg("demo")
@@ -153,6 +158,7 @@ impl Demo {
                 "--set",
                 "shards=1",
             ])
+            .args(sets.iter().flat_map(|s| ["--set", s]))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -591,4 +597,139 @@ fn tern_demo_relay_and_connect() {
         "3",
     ]);
     assert_eq!(u(&r, &["ok"]), 30, "{r:#}");
+}
+
+#[test]
+fn proxy_v1_and_v2_headers_name_the_claimed_client() {
+    // tern takes a PROXY header only from its balancers: here the generator itself.
+    let d = Demo::start_with(&[r#"listeners.proxy_from=["127.0.0.1/32"]"#]);
+    // Without the header the connection is closed before the banner: every op fails.
+    let r = lg(&[
+        "connect",
+        "-t",
+        &d.smtp,
+        "--cores",
+        "1",
+        "-c",
+        "1",
+        "-n",
+        "2",
+        "-d",
+        "3",
+        "--timeout",
+        "2",
+    ]);
+    assert_eq!(u(&r, &["ok"]), 0, "{r:#}");
+    assert_eq!(u(&r, &["failed"]), 2, "{r:#}");
+    for (flag, client) in [
+        ("--proxy-v1", "198.51.100.7"),
+        ("--proxy-v2", "203.0.113.9"),
+    ] {
+        // AUTH on 587 and implicit TLS on 465 (the header comes before the ClientHello).
+        let r = lg(&[
+            "auth",
+            "-t",
+            &d.submission,
+            "--cores",
+            "1",
+            "-c",
+            "2",
+            "-n",
+            "10",
+            "-d",
+            "3",
+            "--mech",
+            "CRAM-MD5",
+            flag,
+            client,
+        ]);
+        assert_eq!(u(&r, &["ok"]), 10, "{flag}: {r:#}");
+        let r = lg(&[
+            "connect",
+            "-t",
+            &d.smtps,
+            "--tls",
+            "--insecure",
+            "--cores",
+            "1",
+            "-c",
+            "1",
+            "-n",
+            "3",
+            "-d",
+            "3",
+            flag,
+            client,
+        ]);
+        assert_eq!(u(&r, &["ok"]), 3, "{flag} 465: {r:#}");
+        // Mail for a local domain lands in the demo's maildir; its Received: header
+        // names the claimed client, not the generator's 127.0.0.1.
+        let r = lg(&[
+            "relay",
+            "-t",
+            &d.smtp,
+            "--cores",
+            "1",
+            "-c",
+            "1",
+            "-n",
+            "1",
+            "-d",
+            "3",
+            "--msgs-per-conn",
+            "1",
+            flag,
+            client,
+            "--to",
+            "proxied@demo.test",
+        ]);
+        assert_eq!(u(&r, &["ok"]), 1, "{flag} relay: {r:#}");
+        let new = d.dir.path().join("maildir/new");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let needle = format!("[{client}]");
+        loop {
+            let found = std::fs::read_dir(&new)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    std::fs::read_to_string(e.path()).is_ok_and(|m| {
+                        m.lines()
+                            .any(|l| l.starts_with("Received: ") && l.contains(&needle))
+                    })
+                });
+            if found {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no delivered message with Received: from ... {needle}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn sink_dedup_counts_repeated_message_ids() {
+    // The same message (one Message-ID) sent three times over one session, plus one other.
+    let sink = Sink::start(&["--dedup"]);
+    let mut s = std::net::TcpStream::connect(&sink.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut script = String::from("EHLO t\r\n");
+    for id in ["<a@x>", "<a@x>", "<b@x>", "<a@x>"] {
+        script.push_str(&format!(
+            "MAIL FROM:<f@x>\r\nRCPT TO:<t@x>\r\nDATA\r\nMessage-ID: {id}\r\n\r\nhi\r\n.\r\n"
+        ));
+    }
+    script.push_str("QUIT\r\n");
+    use std::io::Write;
+    s.write_all(script.as_bytes()).unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.contains("221"), "{out}");
+    let r = sink.stop();
+    assert_eq!(u(&r, &["messages"]), 4, "{r:#}");
+    assert_eq!(u(&r, &["unique_messages"]), 2, "{r:#}");
+    assert_eq!(u(&r, &["duplicates"]), 2, "{r:#}");
 }

@@ -8,6 +8,7 @@
 //! - `tests/e2e_04_interop.rs`    Python smtplib, curl, swaks against a live server
 //! - `tests/e2e_13_floods.rs`     idle floods, never-reading pipeliners, slowloris: memory and cut-offs
 //! - `tests/e2e_14_faults.rs`     disk full (tmpfs), fdatasync EIO (LD_PRELOAD shim), bad next hops, TLS leaks
+//! - `tests/e2e_16_haproxy.rs`    two nodes behind a real HAProxy: PROXY v1/v2, real client addresses, rolling restart under load
 //! - `tests/security.rs`          the security regression suite in one place: smuggling,
 //!   STARTTLS injection, AUTH/NUL/length abuse, header injection
 //!

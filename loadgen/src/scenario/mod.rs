@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 
-use crate::conn::{OpError, SmtpConn, Stream};
+use crate::conn::{OpError, ProxyVersion, SmtpConn, Stream};
 use crate::sasl::{Creds, Mech, SaslCache};
 use crate::stats::{Progress, Stats};
 use crate::tls::Trust;
@@ -84,6 +84,9 @@ pub struct ScenarioCfg {
     pub creds: Creds,
     pub relay: RelayCfg,
     pub open_loop: bool,
+    /// Begin every connection with a PROXY header claiming this client address (the
+    /// connection's own source port), as a balancer in front of the target would.
+    pub proxy: Option<(ProxyVersion, std::net::IpAddr)>,
 }
 
 /// One core's state: configuration, TLS client config, caches and its measurements.
@@ -163,7 +166,15 @@ pub struct Session {
 /// the instant the greeting (after TLS, if any) arrived.
 pub async fn open(core: &Core, w: &Worker, measured: bool) -> Result<Session, OpError> {
     let cfg = &core.cfg;
-    let tcp = crate::conn::connect(cfg.target).await?;
+    let mut tcp = crate::conn::connect(cfg.target).await?;
+    if let Some((v, ip)) = cfg.proxy {
+        use futures_lite::AsyncWriteExt;
+        let sport = tcp.local_addr().map(|a| a.port()).unwrap_or(0);
+        let hdr = crate::conn::proxy_header(v, std::net::SocketAddr::new(ip, sport), cfg.target);
+        tcp.write_all(&hdr)
+            .await
+            .map_err(|e| OpError::Io(e.to_string()))?;
+    }
     if measured {
         core.stats.borrow_mut().connections += 1;
     }
