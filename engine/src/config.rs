@@ -356,6 +356,11 @@ pub struct ShutdownConfig {
     /// How long sessions in the middle of a transaction may go on after SIGTERM/SIGINT.
     #[serde(with = "humantime_serde")]
     pub grace: Duration,
+    /// After `tern ctl drain`, how long new connections are still served while `/healthz`
+    /// already answers 503: time for a balancer's health check to take the node out before
+    /// it refuses anyone (2-3 times the check interval). 0: refuse at once.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -489,6 +494,7 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
             grace: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
         }
     }
 }

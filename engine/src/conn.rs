@@ -415,8 +415,10 @@ async fn proxy_header(
                         Version::V1 => "v1",
                         Version::V2 => "v2",
                     };
+                    // The `connect` line names client and balancer; the header's details
+                    // are for debugging only (one log line per connection, not two).
                     let alpn = header.tlvs.alpn.map(String::from_utf8_lossy);
-                    tracing::info!(
+                    tracing::debug!(
                         shard = shard.id,
                         client = %client,
                         balancer = %sock_peer,
@@ -426,7 +428,8 @@ async fn proxy_header(
                         alpn = alpn.as_deref().unwrap_or(""),
                         "proxied connection"
                     );
-                    return Ok((client, buf[len..].to_vec()));
+                    buf.drain(..len);
+                    return Ok((client, buf));
                 }
                 Err(e) => return Err(e.to_string()),
             }

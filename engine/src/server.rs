@@ -602,6 +602,8 @@ async fn shard_main(
             proxy_from: cfg.listeners.proxy_from.clone(),
             proxy_timeout: cfg.limits.proxy_timeout,
             draining: Cell::new(false),
+            drain_started: Cell::new(None),
+            drain_delay: cfg.shutdown.drain_delay,
         });
         // One SASL state per shard: its own nonces, its own snapshot handle.
         let auth_shared = Rc::new(AuthShared {

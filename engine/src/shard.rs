@@ -54,6 +54,10 @@ pub struct Shard {
     /// keeps delivering, `/healthz` answers 503. Set only by the admin `drain`/`undrain`
     /// requests (`admin::server::on_shard`).
     pub draining: Cell<bool>,
+    /// When the drain started, and how long new connections are still served after it
+    /// (`shutdown.drain_delay`: the balancer's health check sees 503 first).
+    pub drain_started: Cell<Option<std::time::Instant>>,
+    pub drain_delay: Duration,
 }
 
 impl Shard {
@@ -67,7 +71,12 @@ impl Shard {
         if self.stopping.fired() {
             return Err("server shutting down");
         }
-        if self.draining.get() {
+        if self.draining.get()
+            && self
+                .drain_started
+                .get()
+                .is_none_or(|t| t.elapsed() >= self.drain_delay)
+        {
             return Err(DRAINING);
         }
         if self.connections.get() >= self.max_connections {

@@ -15,19 +15,18 @@
 //! - (d) failed AUTHs from 127.0.0.20 block 127.0.0.20 on both nodes (`454 4.7.0`) while
 //!   127.0.0.21, through the same balancer, still authenticates;
 //! - (e) a rolling restart under `tern-loadgen` relay load (to a `tern-loadgen sink`):
-//!   each node in turn is taken out of HAProxy (`set server ... state drain` on its
-//!   runtime socket), drained (`tern ctl drain`), seen DOWN by HAProxy's health check,
-//!   left by its last session, stopped with SIGTERM, started again on its spool,
-//!   undrained and put back; the generator reports no error and every message that got
-//!   a 250 reaches the sink (duplicates counted and printed, not treated as loss).
+//!   each node in turn is drained with `tern ctl drain` alone (nothing is said to
+//!   HAProxy), seen DOWN by HAProxy's health check, left by its last session, stopped
+//!   with SIGTERM, started again on its spool; the generator reports no error and every
+//!   message that got a 250 reaches the sink (duplicates counted and printed, not treated
+//!   as loss).
 //!
-//! Why HAProxy is told first: `tern ctl drain` answers new connections `421 4.3.2` at
-//! once, while HAProxy notices the 503 of /healthz only at its next check (up to `inter`
-//! x `fall` later); a connection it routes to the node in between gets the 421. A
-//! client MTA retries that, but the generator counts it as an error; so the procedure
-//! is the one HAProxy documents for planned maintenance (drain the server in the
-//! balancer, then the node), and the health check still has to see the node go DOWN
-//! before it is stopped.
+//! Why no connection is refused: `/healthz` answers 503 from the moment of the drain, but
+//! HAProxy notices only at its next check (up to `inter` x `fall` later), so a node that
+//! refused at once would answer `421 4.3.2` to what HAProxy routes to it in between. The
+//! nodes run with `shutdown.drain_delay = "1s"` (a few check intervals): they keep
+//! serving new connections that long, and refuse only after the balancer has taken them
+//! out.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -93,6 +92,8 @@ impl Node {
             format!(r#"metrics.listen="127.0.0.1:{metrics}""#),
             // HAProxy connects from 127.0.0.1; clients use other 127.0.0.x addresses.
             r#"listeners.proxy_from=["127.0.0.1/32"]"#.to_string(),
+            // Longer than HAProxy needs to see the 503 (inter 200ms x fall 2, see below).
+            r#"shutdown.drain_delay="1s""#.to_string(),
             r#"relay.trusted_networks=["127.0.0.10/32"]"#.to_string(),
             "auth.ip_failure_limit=3".to_string(),
             "auth.tarpit=10ms".to_string(),
@@ -641,9 +642,8 @@ fn two_nodes_behind_haproxy() {
     std::thread::sleep(Duration::from_secs(2));
     for n in [&mut a, &mut b] {
         let name = n.name;
-        // Out of the balancer first, then drain the node: /healthz answers 503 and the
-        // health check must see it.
-        hap.set_state(name, "drain");
+        // Drain the node: /healthz answers 503 at once, the health check takes it out,
+        // and only after shutdown.drain_delay does it refuse new connections.
         let said = n.ctl(&["drain"]);
         assert!(said.contains("draining"), "{said}");
         hap.wait_status(name, "DOWN", |s| s.starts_with("DOWN"));
@@ -659,7 +659,6 @@ fn two_nodes_behind_haproxy() {
         assert!(st.success(), "node {name} exited with {st}");
         n.server.restart();
         n.ctl(&["undrain"]);
-        hap.set_state(name, "ready");
         hap.wait_status(name, "UP", |s| s == "UP");
         eprintln!(
             "node {name} restarted at {:.1} s",

@@ -482,12 +482,13 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
         Request::Drain | Request::Undrain => {
             let on = matches!(req, Request::Drain);
             if shard.draining.replace(on) != on {
+                shard.drain_started.set(on.then(std::time::Instant::now));
                 tracing::info!(
                     shard = shard.id,
                     sessions = shard.connections(),
                     "{}",
                     if on {
-                        "draining: new connections refused (421 4.3.2), open sessions finish"
+                        "draining: /healthz 503; new connections refused (421 4.3.2) after shutdown.drain_delay; open sessions finish"
                     } else {
                         "undrained: taking new connections"
                     }

@@ -1,4 +1,4 @@
-//! 16: migration from sendmail + Cyrus SASL: `user@realm` logins (Cyrus's first-`@`
+//! e2e 18: migration from sendmail + Cyrus SASL: `user@realm` logins (Cyrus's first-`@`
 //! rule) with real clients (swaks, gsasl), and `tern passwd --import-sasldb` on a
 //! sasldb2 made by Debian's `saslpasswd2`, read with `db_dump` (sasl2-bin, db-util),
 //! after which every imported user logs in with every mechanism.
