@@ -299,10 +299,38 @@ fn off_by_default_in_config() {
     assert!(c.metrics.listen.is_empty());
 }
 
+/// The `<svg id=ID>` element of a dumped DOM (up to its `</svg>`).
+fn svg<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("<svg id=\"{id}\""))
+        .unwrap_or_else(|| panic!("chart {id} in the page:\n{dom}"));
+    let rest = &dom[start..];
+    &rest[..rest.find("</svg>").expect("</svg>")]
+}
+
+/// The number of points of each `<polyline>` in `svg`.
+fn polylines(svg: &str) -> Vec<usize> {
+    svg.split("<polyline")
+        .skip(1)
+        .map(|p| {
+            let pts = p.split("points=\"").nth(1).expect("points");
+            pts[..pts.find('"').unwrap()].split_whitespace().count()
+        })
+        .collect()
+}
+
+/// The chart's y-axis maximum label (`<text class="max" ...>N</text>`).
+fn max_label(svg: &str) -> f64 {
+    let t = svg.split("class=\"max\"").nth(1).expect("a max label");
+    let t = &t[t.find('>').unwrap() + 1..];
+    t[..t.find('<').unwrap()].parse().expect("a number")
+}
+
 /// The status page in a real browser (headless Chromium): after its script has polled
-/// `/metrics`, the numbers it shows match `/metrics`; a screenshot is kept as a test
-/// artifact (`target/tmp/status-page.png`). Skipped, with a message, where Chromium is not
-/// installed, except under CI (`.ci/run` installs it).
+/// `/metrics`, the numbers it shows match `/metrics`; with mail flowing while it polls,
+/// it draws the four charts (accepted/s, sent/s, queue depth, latency p50/p99). A
+/// screenshot is kept as a test artifact (`target/tmp/status-page.png`). Skipped, with a
+/// message, where Chromium is not installed, except under CI (`.ci/run` installs it).
 #[test]
 fn status_page_in_headless_chromium() {
     let browser = ["chromium", "chromium-browser"]
@@ -312,7 +340,13 @@ fn status_page_in_headless_chromium() {
         tern_tests::require(false, "chromium (apt-get install chromium)");
         return;
     };
-    let s = Server::with(&[]);
+    // Mail is delivered (into a Maildir) so that the deliveries chart moves too.
+    let dir = tempfile::tempdir().unwrap();
+    let route = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir.path().display()
+    );
+    let s = Server::with(&[&route]);
     let metrics = s.metrics.expect("the demo serves metrics");
     let mut c = s.smtp();
     c.ehlo("client.test");
@@ -331,6 +365,19 @@ fn status_page_in_headless_chromium() {
         .map(str::to_string)
         .expect("accepted total in /metrics");
     assert_eq!(accepted, "2");
+    // The page may load nothing that is not inline or from the endpoint itself (the browser
+    // runs below prove the page's script works under that policy).
+    let mut raw = TcpStream::connect(metrics).unwrap();
+    raw.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let mut head = String::new();
+    raw.read_to_string(&mut head).unwrap();
+    let head = head.split("\r\n\r\n").next().unwrap();
+    assert!(
+        head.contains(
+            "\r\nContent-Security-Policy: default-src 'none'; script-src 'unsafe-inline'"
+        ),
+        "{head}"
+    );
     let profile = tempfile::tempdir().unwrap();
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page.png");
     let url = format!("http://{metrics}/");
@@ -343,16 +390,26 @@ fn status_page_in_headless_chromium() {
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
-        "--virtual-time-budget=3000",
     ];
-    let dom = std::process::Command::new(browser)
-        .args(common)
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--dump-dom")
-        .arg(&url)
-        .output()
-        .expect("run chromium");
-    let dom = String::from_utf8_lossy(&dom.stdout).to_string();
+    // Virtual time: the page's 1 s timer fires as soon as the browser is idle, so a budget
+    // of N ms is N/1000 polls, each taking only as long as its real request.
+    let chromium = |budget: u32, args: &[String]| {
+        let out = std::process::Command::new(browser)
+            .args(common)
+            .arg(format!("--virtual-time-budget={budget}"))
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(args)
+            .arg(&url)
+            .output()
+            .expect("run chromium");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let dom = chromium(3000, &["--dump-dom".into()]);
     assert!(
         dom.contains("tern status") || dom.contains("<h1>tern</h1>"),
         "{dom}"
@@ -369,20 +426,70 @@ fn status_page_in_headless_chromium() {
         cell, accepted,
         "page shows {cell}, /metrics says {accepted}"
     );
-    let out = std::process::Command::new(browser)
-        .args(common)
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("--window-size=1200,900")
-        .arg(format!("--screenshot={}", shot.display()))
-        .arg(&url)
-        .output()
-        .expect("run chromium");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+
+    // Mail flowing while the page polls 60 times: every chart has a line.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.send_mail(
+                    "a@example.com",
+                    &["x@localhost"],
+                    format!("Subject: flow {n}\r\n\r\nx\r\n").as_bytes(),
+                );
+                n += 1;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            c.quit();
+            n
+        })
+    };
+    tern_tests::wait_for("deliveries", Duration::from_secs(30), || {
+        let sent = "tern_deliveries_total{shard=\"total\",status=\"sent\"} ";
+        get(metrics, "/metrics")
+            .1
+            .lines()
+            .find_map(|l| l.strip_prefix(sent))
+            .is_some_and(|v| v != "0")
+    });
+    let dom = chromium(60_000, &["--dump-dom".into()]);
+    for (id, lines) in [("ch-a", 1), ("ch-s", 1), ("ch-q", 1), ("ch-l", 2)] {
+        let chart = svg(&dom, id);
+        let points = polylines(chart);
+        assert!(
+            points.len() >= lines && points.iter().sum::<usize>() >= 30 * lines,
+            "{id}: {lines} line(s) of 30 points or more expected, got {points:?}:\n{chart}"
+        );
+        assert!(
+            chart.contains(">now</text>") && chart.contains(">-5 min</text>"),
+            "{chart}"
+        );
+    }
+    assert!(max_label(svg(&dom, "ch-a")) > 0.0, "{}", svg(&dom, "ch-a"));
+    assert!(max_label(svg(&dom, "ch-s")) > 0.0, "{}", svg(&dom, "ch-s"));
+    assert!(max_label(svg(&dom, "ch-l")) > 0.0, "{}", svg(&dom, "ch-l"));
+    let p50_p99 = svg(&dom, "ch-l");
+    assert!(p50_p99.contains(">p50</text>") && p50_p99.contains(">p99</text>"));
+
+    chromium(
+        60_000,
+        &[
+            "--window-size=1200,900".into(),
+            format!("--screenshot={}", shot.display()),
+        ],
     );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().expect("the sender");
+    assert!(sent > 0);
     let png = std::fs::read(&shot).expect("screenshot written");
-    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG");
+    // IHDR: width and height (big-endian) right after the signature and chunk header.
+    let be = |i: usize| u32::from_be_bytes(png[i..i + 4].try_into().unwrap());
+    assert_eq!(&png[12..16], b"IHDR");
+    assert_eq!((be(16), be(20)), (1200, 900), "the window size");
+    // A blank page compresses to a few KB; tables, text and four charts do not.
+    assert!(png.len() > 20_000, "screenshot only {} bytes", png.len());
     eprintln!("status page screenshot: {}", shot.display());
 }

@@ -9,7 +9,9 @@
 //! - `/healthz`: 200 "ok" while the node takes mail: every shard answered within a second,
 //!   none is draining (`tern ctl drain`) and every spool is under its high-water marks;
 //!   else 503 with the reason (a balancer's health check).
-//! - `/`: a status page (HTML + a little inline JS polling `/metrics` every second).
+//! - `/`: a status page (HTML + a little inline JS polling `/metrics` every second and
+//!   drawing the last 5 minutes as inline SVG charts; a Content-Security-Policy header
+//!   forbids anything not inline or from this endpoint).
 //!
 //! SECURITY: no authentication, read-only. One std thread serves one request per
 //! connection, requests bounded to 8 KiB, 5 s read/write timeouts; nothing the client sends
@@ -227,7 +229,8 @@ pub fn status_page(shards: &[Snapshot]) -> String {
         o,
         r#"<!doctype html><html><head><meta charset="utf-8"><title>tern status</title>
 <style>body{{font:14px sans-serif;margin:1em 2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:left}}</style></head>
+td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:left}}
+.charts svg{{border:1px solid #ddd;margin:0 8px 8px 0}}.charts text{{font:10px sans-serif;fill:#555}}</style></head>
 <body><h1>tern</h1>
 <table><tr><th class=l>what</th><th>total</th><th>per second</th></tr>
 <tr><td class=l>connections accepted</td><td id=c>{}</td><td id=cr>-</td></tr>
@@ -239,6 +242,7 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:le
 <tr><td class=l>queue depth (messages)</td><td id=q>{}</td><td></td></tr>
 <tr><td class=l>oldest queued (s)</td><td id=o>{:.0}</td><td></td></tr>
 </table>
+<h2>Last 5 minutes</h2><div class=charts>{CHARTS}</div>
 <h2>Shards</h2><table id=sh><tr><th>shard</th><th>sessions</th><th>messages accepted</th><th>queue</th></tr>
 "#,
         t.connections,
@@ -248,7 +252,8 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:le
         t.deferred,
         t.bounced,
         t.queue,
-        t.oldest_age_secs()
+        t.oldest_age_secs(),
+        CHARTS = CHARTS,
     );
     for s in shards {
         let _ = writeln!(
@@ -293,10 +298,97 @@ fn httpdate(t: u64) -> String {
     )
 }
 
-const STATUS_JS: &str = r#"</table>
+/// The four charts the page's script draws into (empty until it has polled).
+const CHARTS: &str = r#"<svg id=ch-a width=270 height=130 viewBox="0 0 270 130"></svg>
+<svg id=ch-s width=270 height=130 viewBox="0 0 270 130"></svg>
+<svg id=ch-q width=270 height=130 viewBox="0 0 270 130"></svg>
+<svg id=ch-l width=270 height=130 viewBox="0 0 270 130"></svg>"#;
+
+/// The page's script: every second, `/metrics` into the table and the shard rows, and one
+/// sample into a 5-minute ring (rates from counter deltas, the queue gauge, latency
+/// quantiles from the histogram buckets' delta) that the charts are redrawn from. A failed
+/// scrape is a gap in the charts.
+const STATUS_JS: &str = r##"</table>
 <p><small>live: <span id=live>-</span></small></p>
 <script>
-let prev = null, tick = 0;
+let prev = null, tick = 0, prevB = null, ring = [];
+const SPAN = 300e3, X0 = 44, X1 = 264, Y0 = 20, Y1 = 110;
+const CHARTS = [
+  ['ch-a', 'messages accepted / s', [['a', '#07c']], x => x.toFixed(1)],
+  ['ch-s', 'deliveries sent / s', [['s', '#090']], x => x.toFixed(1)],
+  ['ch-q', 'queue depth (messages)', [['q', '#c60']], x => x.toFixed(0)],
+  ['ch-l', 'acceptance latency (ms)', [['p50', '#07c'], ['p99', '#c00']], x => x.toPrecision(3)],
+];
+// The acceptance latency histogram of shard="total": [[le, cumulative count], ...].
+function buckets(m) {
+  const re = /^tern_acceptance_latency_seconds_bucket\{shard="total",le="([^"]+)"\} (\S+)/;
+  let b = [];
+  for (const l of m) {
+    const x = l.match(re);
+    if (x) b.push([x[1] == '+Inf' ? Infinity : parseFloat(x[1]), parseFloat(x[2])]);
+  }
+  return b;
+}
+// Quantile q of cumulative buckets b, interpolated within its bucket (as Prometheus'
+// histogram_quantile does); null without observations.
+function quantile(q, b) {
+  const n = b.length ? b[b.length - 1][1] : 0;
+  if (!(n > 0)) return null;
+  const rank = q * n;
+  for (let i = 0; i < b.length; i++) {
+    if (b[i][1] < rank) continue;
+    const [lo, c] = i ? b[i - 1] : [0, 0];
+    if (b[i][0] == Infinity) return lo;
+    return lo + (b[i][0] - lo) * (rank - c) / (b[i][1] - c);
+  }
+  return null;
+}
+// p50 and p99 (ms) of the acceptances since the last poll, or of all when none came.
+function latency(m) {
+  const b = buckets(m);
+  let d = b;
+  if (prevB && prevB.length == b.length) {
+    const dd = b.map((x, i) => [x[0], x[1] - prevB[i][1]]);
+    if (dd.length && dd[dd.length - 1][1] > 0) d = dd;
+  }
+  prevB = b;
+  return [0.5, 0.99].map(q => { const v = quantile(q, d); return v == null ? null : v * 1000; });
+}
+// One sample (null: the scrape failed) into the ring, and redraw.
+function record(t, v) {
+  ring.push({ t, v });
+  while (ring[0].t < t - SPAN) ring.shift();
+  for (const c of CHARTS) draw(t, c);
+}
+function draw(now, [id, title, series, fmt]) {
+  let max = 0;
+  for (const r of ring) for (const [k] of series) if (r.v && r.v[k] != null) max = Math.max(max, r.v[k]);
+  const top = max || 1;
+  const x = t => (X1 - (X1 - X0) * (now - t) / SPAN).toFixed(1);
+  const y = v => (Y1 - (Y1 - Y0) * v / top).toFixed(1);
+  let s = `<text x=4 y=12 style="font-weight:bold">${title}</text>` +
+    `<rect x=${X0} y=${Y0} width=${X1 - X0} height=${Y1 - Y0} fill=none stroke="#eee"/>` +
+    `<text class=max x=${X0 - 3} y=${Y0 + 4} text-anchor=end>${fmt(max)}</text>` +
+    `<text x=${X0 - 3} y=${Y1} text-anchor=end>0</text>` +
+    `<text x=${X0} y=${Y1 + 13}>-5 min</text><text x=${X1} y=${Y1 + 13} text-anchor=end>now</text>`;
+  series.forEach(([k, color], i) => {
+    if (series.length > 1) s += `<text x=${X1 - 30 * (series.length - 1 - i)} y=12 text-anchor=end style="fill:${color}">${k}</text>`;
+    let pts = [], last = -Infinity;
+    const flush = () => {
+      if (pts.length == 1) pts.push(pts[0]);
+      if (pts.length) s += `<polyline fill=none stroke="${color}" stroke-width=1.5 stroke-linecap=round points="${pts.join(' ')}"/>`;
+      pts = [];
+    };
+    for (const r of ring) {
+      const v = r.v && r.v[k];
+      if (v == null || r.t - last > 5000) flush();
+      if (v != null) pts.push(x(r.t) + ',' + y(v));
+      last = r.t;
+    }
+    flush();
+  });
+  document.getElementById(id).innerHTML = s;
+}
 function sum(m, name, lab) {
   let re = new RegExp('^' + name + '\\{shard="total"' + (lab ? ',' + lab : '') + '[,}]', '');
   let t = 0;
@@ -311,7 +403,9 @@ function per(m, name) {
 }
 async function poll() {
   try {
-    const m = (await (await fetch('/metrics')).text()).split('\n');
+    const res = await fetch('/metrics');
+    if (!res.ok) throw new Error('HTTP ' + res.status);
+    const m = (await res.text()).split('\n');
     const v = {
       c: sum(m, 'tern_connections_accepted_total'),
       a: sum(m, 'tern_messages_accepted_total'),
@@ -328,6 +422,9 @@ async function poll() {
       const r = document.getElementById(k + 'r');
       if (r && prev) r.textContent = ((v[k] - prev.v[k]) * 1000 / (now - prev.t)).toFixed(1);
     }
+    const rate = k => prev && v[k] >= prev.v[k] ? (v[k] - prev.v[k]) * 1000 / (now - prev.t) : null;
+    const [p50, p99] = latency(m);
+    record(now, { a: rate('a'), s: rate('s'), q: v.q, p50, p99 });
     prev = { v, t: now };
     const ses = per(m, 'tern_sessions_active'), acc = per(m, 'tern_messages_accepted_total'),
       q = per(m, 'tern_queue_messages');
@@ -341,11 +438,12 @@ async function poll() {
     document.getElementById('live').textContent = new Date().toISOString();
   } catch (e) {
     document.getElementById('live').textContent = 'unreachable: ' + e;
+    record(Date.now(), null);
   }
 }
 setInterval(poll, 1000); poll();
 </script></body></html>
-"#;
+"##;
 
 /// Largest request accepted (request line + headers).
 const MAX_REQUEST: usize = 8192;
@@ -453,9 +551,19 @@ fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std:
     }
 }
 
+/// The status page loads nothing from anywhere: its script and style are inline, and it
+/// fetches only from this endpoint.
+const CSP: &str = "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'\r\n";
+
 fn respond(conn: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+    let csp = if ctype.starts_with("text/html") {
+        CSP
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n{csp}Connection: close\r\n\r\n",
         body.len()
     );
     conn.write_all(head.as_bytes())?;
