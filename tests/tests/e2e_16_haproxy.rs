@@ -680,9 +680,35 @@ fn two_nodes_behind_haproxy() {
     );
     assert!(ok >= 100, "too little load: {ok} messages");
     // Everything accepted is delivered: both queues empty, then count at the sink.
-    wait_for("both queues to empty", Duration::from_secs(60), || {
-        a.status().1 == 0 && b.status().1 == 0
+    let emptied = (0..600).any(|_| {
+        let done = a.status().1 == 0 && b.status().1 == 0;
+        if !done {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        done
     });
+    if !emptied {
+        for n in [&a, &b] {
+            let log = n.server.stderr_log();
+            let tail: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("deliver") || l.contains("defer") || l.contains("recovered"))
+                .collect();
+            eprintln!(
+                "node {}: {}\n{}",
+                n.name,
+                n.ctl(&["status"]),
+                tail[tail.len().saturating_sub(15)..].join("\n")
+            );
+        }
+        let out = sink.stop();
+        panic!(
+            "timed out waiting for both queues to empty; the sink ({}) said: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let s = report(&sink.stop(), "sink");
     let (got, unique, dups) = (
         num(&s, "messages"),
