@@ -139,6 +139,8 @@ pub struct Snapshot {
     pub sync_latency: Histogram,
     /// (unix seconds, "shard N: text"), rejections and delivery failures.
     pub recent: Vec<(u64, String)>,
+    /// DKIM signatures made, per `dkim::Algorithm::index` (rsa, ed25519).
+    pub dkim_signed: [u64; 2],
 }
 
 /// Copies the shard's counters (on the shard's thread).
@@ -182,6 +184,9 @@ impl Snapshot {
             t.accept_latency.merge(&s.accept_latency);
             t.sync_latency.merge(&s.sync_latency);
             t.draining |= s.draining;
+            for (a, b) in t.dkim_signed.iter_mut().zip(s.dkim_signed) {
+                *a += b;
+            }
         }
         t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);
         t
