@@ -95,10 +95,16 @@ pub struct Config {
     pub log: LogConfig,
     pub admin: AdminConfig,
     pub metrics: MetricsConfig,
+    /// DKIM signing keys and what is signed.
+    pub dkim: crate::dkim::DkimConfig,
     /// `auth.sender_map`, read and parsed when the configuration is loaded (so a map that
     /// does not parse fails `check-config`, the start and a reload alike).
     #[serde(skip)]
     pub senders: std::sync::Arc<tern_smtp::sender::SenderMap>,
+    /// `[dkim]`'s keys, read, checked and parsed when the configuration is loaded (a bad
+    /// key fails `check-config`, the start and a reload alike; never read per message).
+    #[serde(skip)]
+    pub dkim_signer: std::sync::Arc<crate::dkim::Signer>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -439,7 +445,9 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
+            dkim: Default::default(),
             senders: Default::default(),
+            dkim_signer: Default::default(),
         }
     }
 }
@@ -559,6 +567,9 @@ impl Config {
         cfg.validate()?;
         let mut cfg = cfg;
         cfg.senders = std::sync::Arc::new(cfg.load_sender_map()?);
+        cfg.dkim_signer = std::sync::Arc::new(
+            crate::dkim::Signer::load(&cfg.dkim).map_err(ConfigError::Invalid)?,
+        );
         Ok(cfg)
     }
 

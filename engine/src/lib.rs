@@ -23,7 +23,7 @@
 //! Shared leaves: `config` (TOML + `--set`, immutable `Config`), `tls` (rustls server
 //! configuration, certificates), `userstore` (the user file: load with mode check, atomic
 //! save), `delivery` (`[queue]` → runner settings), `admin::proto` (the admin wire format
-//! and client, also used by the CLI), `clock` (the time handed to the protocol core),
+//! and client, also used by the CLI), `dkim` (keys and DKIM-Signature fields), `clock` (the time handed to the protocol core),
 //! `notify`, `sdnotify`, `privileges`.
 //!
 //! Data flows one way: listener → conn → session → spool → runner → client.
@@ -35,6 +35,7 @@ pub mod clock;
 pub mod config;
 pub mod conn;
 pub mod delivery;
+pub mod dkim;
 pub mod metrics;
 pub mod notify;
 pub mod privileges;

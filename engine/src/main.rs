@@ -1,4 +1,4 @@
-//! The `tern` command: `serve`, `demo`, `queue`, `ctl`, `check-config`, `stdio`,
+//! The `tern` command: `serve`, `demo`, `queue`, `ctl`, `check-config`, `stdio`, `dkim`,
 //! `sendmail` (also when invoked as `sendmail`).
 //!
 //! Parses the command line, sets up logging, and hands over to the library. This file must
@@ -66,6 +66,11 @@ enum Cmd {
     },
     /// Create, update, delete or list users of the AUTH user store (like saslpasswd2).
     Passwd(crate::cli::passwd::PasswdArgs),
+    /// DKIM keys: `tern dkim keygen --domain D --selector S [--algorithm rsa|ed25519]`.
+    Dkim {
+        #[command(subcommand)]
+        command: cli::dkim::DkimCmd,
+    },
     /// Print version, compiled-in features, mechanisms, TLS provider, shards and limits
     /// (like sendmail -d0).
     Features {
@@ -324,6 +329,7 @@ fn main() -> ExitCode {
         Cmd::Queue { command } => cli::queue::run(command),
         Cmd::Ctl { command } => cli::ctl::run(command),
         Cmd::Passwd(args) => crate::cli::passwd::run(args),
+        Cmd::Dkim { command } => cli::dkim::run(command),
         Cmd::Features { config, set } => match Config::load(config.as_deref(), &set) {
             Ok(cfg) => {
                 print!("{}", crate::cli::features::report(&cfg));

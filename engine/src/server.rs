@@ -586,7 +586,13 @@ async fn shard_main(
         let acceptor = TlsAcceptor::from(tls_cfg);
         let shard = Rc::new(Shard {
             id,
-            store: ShardStore::new(commit, &cfg.hostname, runner, id as u16),
+            store: ShardStore::new(
+                commit,
+                &cfg.hostname,
+                runner,
+                id as u16,
+                cfg.dkim_signer.clone(),
+            ),
             stopping: LocalNotify::new(),
             tls: RefCell::new(acceptor.clone()),
             peers: anvil.clone(),
@@ -672,6 +678,7 @@ async fn shard_main(
                 Control::Config(new) => {
                     *auth_shared.senders.borrow_mut() = new.senders.clone();
                     control_shard.peers.set_user_rates(new.user_rates());
+                    control_shard.store.set_dkim(new.dkim_signer.clone());
                     for ctx in &ctx_list {
                         let (kind, hooks) = {
                             let old = ctx.session.borrow();

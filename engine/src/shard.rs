@@ -126,6 +126,7 @@ impl Shard {
         snap.oldest_arrival_unix_micros = runner.oldest_arrival_unix_micros();
         snap.sync_latency = self.store.group_commit().sync_times();
         snap.draining = self.draining.get();
+        snap.dkim_signed = self.store.dkim_signed();
         snap.accepting = !self.store.runner().over_high_water();
         snap
     }

@@ -1,7 +1,9 @@
-//! The shard's durable-accept step: queue id, Received: header, spool record, 250.
+//! The shard's durable-accept step: DKIM signatures, queue id, Received: header, spool
+//! record, 250.
 //!
-//! Sessions hand finished messages to `ShardStore::store`, which assigns the queue id,
-//! prepends the trace header, has the spool reserve space for the record, and waits on the
+//! Sessions hand finished messages to `ShardStore::store`, which signs them (`dkim`: the
+//! `DKIM-Signature:` fields become body slices of their own, so they are in the record and
+//! a retry never signs again), assigns the queue id, prepends the trace header, has the spool reserve space for the record, and waits on the
 //! shard's `GroupCommit` until the record is fdatasync'ed. Only then does the session
 //! answer 250.
 //!
@@ -14,7 +16,12 @@
 use tern_queue::runner::Runner;
 use tern_queue::{GroupCommit, MsgId, MsgRef, RcptState, SpoolError, StateChange};
 
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+
 use tern_smtp::session::{Message, StoreError};
+
+use crate::dkim::{Algorithm, Signer};
 
 /// Cloneable, shard-local handle.
 #[derive(Clone)]
@@ -23,6 +30,13 @@ pub struct ShardStore {
     hostname: std::rc::Rc<str>,
     runner: std::rc::Rc<Runner>,
     shard: u16,
+    dkim: std::rc::Rc<DkimState>,
+}
+
+/// The shard's DKIM keys (swapped whole on reload) and its signature counts.
+struct DkimState {
+    signer: RefCell<Arc<Signer>>,
+    signed: [Cell<u64>; Algorithm::ALL.len()],
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
@@ -39,13 +53,46 @@ impl ShardStore {
         hostname: &str,
         runner: std::rc::Rc<Runner>,
         shard: u16,
+        dkim: Arc<Signer>,
     ) -> Self {
         ShardStore {
             commit,
             hostname: hostname.into(),
             runner,
             shard,
+            dkim: std::rc::Rc::new(DkimState {
+                signer: RefCell::new(dkim),
+                signed: Default::default(),
+            }),
         }
+    }
+
+    /// New DKIM keys (a reloaded configuration); messages being signed keep the old ones.
+    pub fn set_dkim(&self, signer: Arc<Signer>) {
+        *self.dkim.signer.borrow_mut() = signer;
+    }
+
+    /// Signatures made on this shard, per algorithm (`Algorithm::index`).
+    pub fn dkim_signed(&self) -> [u64; Algorithm::ALL.len()] {
+        std::array::from_fn(|i| self.dkim.signed[i].get())
+    }
+
+    /// Prepends the message's DKIM-Signature fields, if it is to be signed. Runs on the
+    /// shard's thread, before the message has an id (the Received: header that `finish`
+    /// prepends is not signed, RFC 6376 §5.4).
+    fn sign(&self, msg: &mut Message) -> Result<(), StoreError> {
+        let signer = self.dkim.signer.borrow().clone();
+        let fields = signer.sign(msg).map_err(|e| {
+            tracing::error!(error = %e, "message not accepted: DKIM signing failed");
+            StoreError::Local
+        })?;
+        // Prepended last-first, so they end up in key order.
+        for (alg, field) in fields.into_iter().rev() {
+            msg.prepend_header(field);
+            let c = &self.dkim.signed[alg.index()];
+            c.set(c.get() + 1);
+        }
+        Ok(())
     }
 
     /// The shard's queue runner.
@@ -63,6 +110,7 @@ impl ShardStore {
         if !self.accepting() {
             return Err(StoreError::Full);
         }
+        self.sign(msg)?;
         let prepared = self.commit.with_spool(|spool| {
             let id = spool.id_gen().next();
             msg.finish(&self.hostname, &id);

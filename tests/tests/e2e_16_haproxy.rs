@@ -336,14 +336,6 @@ defaults
         );
     }
 
-    /// Admin state of `node` in every backend: "drain" or "ready".
-    fn set_state(&self, node: &str, state: &str) {
-        for be in BACKENDS {
-            let out = self.cmd(&format!("set server {be}/{node} state {state}"));
-            assert!(out.trim().is_empty(), "set server {be}/{node}: {out}");
-        }
-    }
-
     /// utime + stime of the HAProxy process, in clock ticks.
     fn cpu_ticks(&self) -> u64 {
         cpu_ticks(self.pid())

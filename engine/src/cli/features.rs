@@ -53,6 +53,39 @@ pub fn report(cfg: &Config) -> String {
         o,
         "TLS: rustls, TLS 1.2 and TLS 1.3, STARTTLS (RFC 3207) and implicit TLS (RFC 8314)"
     );
+    let signer = &cfg.dkim_signer;
+    if signer.is_empty() {
+        let _ = writeln!(o, "DKIM: off (no [[dkim.keys]])");
+    } else {
+        let when: Vec<&str> = cfg
+            .dkim
+            .sign
+            .iter()
+            .map(|w| match w {
+                tern_engine::dkim::SignWhen::Authenticated => "authenticated",
+                tern_engine::dkim::SignWhen::Trusted => "trusted",
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "DKIM: signing mail from {} clients (relaxed/relaxed, mail-auth + ring)",
+            if when.is_empty() {
+                "no".to_string()
+            } else {
+                when.join(" and ")
+            }
+        );
+        for k in signer.keys() {
+            let _ = writeln!(
+                o,
+                "DKIM key: domain {} selector {} algorithm {} ({} bits)",
+                k.domain,
+                k.selector,
+                k.key.algorithm().label(),
+                k.key.bits()
+            );
+        }
+    }
     let _ = writeln!(o, "Host name: {}", cfg.hostname);
     let _ = writeln!(
         o,

@@ -11,9 +11,11 @@
 //! - `sendmail`: `tern sendmail` (the sendmail command-line interface).
 //! - `demo`: `tern demo` (a working relay on embedded defaults).
 //! - `features`: `tern features` (what this build and configuration offer).
+//! - `dkim`: `tern dkim keygen` (a DKIM key and its DNS record).
 
 pub mod ctl;
 pub mod demo;
+pub mod dkim;
 pub mod features;
 pub mod passwd;
 pub mod queue;

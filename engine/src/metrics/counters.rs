@@ -150,6 +150,8 @@ pub struct Snapshot {
     pub sync_latency: Histogram,
     /// (unix seconds, "shard N: text"), rejections and delivery failures.
     pub recent: Vec<(u64, String)>,
+    /// DKIM signatures made, per `dkim::Algorithm::index` (rsa, ed25519).
+    pub dkim_signed: [u64; 2],
 }
 
 /// Copies the shard's counters (on the shard's thread).
@@ -197,6 +199,9 @@ impl Snapshot {
                 for o in 0..2 {
                     t.user_rate[k][o] += s.user_rate[k][o];
                 }
+            }
+            for (a, b) in t.dkim_signed.iter_mut().zip(s.dkim_signed) {
+                *a += b;
             }
         }
         t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);

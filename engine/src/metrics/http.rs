@@ -166,6 +166,21 @@ pub fn render(shards: &[Snapshot]) -> String {
         },
     );
     family(
+        "tern_dkim_signed_total",
+        "counter",
+        "DKIM-Signature fields added to accepted messages, by key algorithm.",
+        &|id, s, o| {
+            for a in crate::dkim::Algorithm::ALL {
+                let _ = writeln!(
+                    o,
+                    "tern_dkim_signed_total{{shard=\"{id}\",algorithm=\"{}\"}} {}",
+                    a.label(),
+                    s.dkim_signed[a.index()]
+                );
+            }
+        },
+    );
+    family(
         "tern_queue_messages",
         "gauge",
         "Messages in the queue.",

@@ -189,6 +189,10 @@ pub struct Message {
     /// RFC 3848 "with" keyword for the Received: header.
     protocol: &'static str,
     peer: SocketAddr,
+    /// The session had authenticated (AUTH) when the message was sent.
+    authenticated: bool,
+    /// The client is in `relay.trusted_networks`.
+    trusted: bool,
 }
 
 impl Message {
@@ -220,6 +224,24 @@ impl Message {
         crate::date::rfc5322(&mut h, e.arrival_unix_micros / 1_000_000);
         h.put_slice(b"\r\n");
         h.freeze()
+    }
+
+    /// Whether the session had authenticated when the message was sent (whatever MAIL
+    /// AUTH= said: `envelope.auth` may be `None` after `AUTH=<>`).
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    /// Whether the client is in the relay policy's trusted networks.
+    pub fn trusted(&self) -> bool {
+        self.trusted
+    }
+
+    /// Prepends a header field (complete, CRLF-terminated: a `DKIM-Signature:`) as one
+    /// more body slice, and counts it in the size. Copies nothing of the body.
+    pub fn prepend_header(&mut self, field: Bytes) {
+        self.envelope.size += field.len() as u64;
+        self.body.insert(0, field);
     }
 
     /// Prepends the Received: header to the body and records the final size and id.
@@ -1181,6 +1203,8 @@ impl Session {
             body: txn.body,
             protocol,
             peer: self.peer,
+            authenticated: self.authenticated.is_some(),
+            trusted: self.cfg.policy.trusted_client(self.peer.ip()),
         })))
     }
 
