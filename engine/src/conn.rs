@@ -232,7 +232,7 @@ where
                     }
                     Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
                 }
-                session.stored(id.as_deref().map_err(|e| *e), &mut out);
+                session.stored(id.as_ref().map(|i| i.as_str()).map_err(|e| *e), &mut out);
                 continue;
             }
             Event::Etrn(node) => {
