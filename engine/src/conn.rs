@@ -52,12 +52,15 @@ pub struct ListenerCtx {
 
 /// Read size while reading commands; small so idle sessions stay small.
 const READ_COMMANDS: usize = 4 * 1024;
-/// Read size while receiving a body.
-const READ_BODY: usize = 64 * 1024;
-/// A body read goes into the room left in the receive buffer's allocation while at least
-/// this much is left. Asking for a fresh `READ_BODY` every time would pin one 64 KiB
-/// allocation per read, since the body slices handed to the session share it: a client
-/// sending its body in tiny TCP segments made each byte cost ~6 KiB of memory.
+/// Read size of an idle session's first read (the size of the shard's scratch buffer
+/// before body reads went through it too).
+const READ_IDLE: usize = 16 * 1024;
+/// Read size while receiving a body; the shard's scratch buffer is this large.
+pub const READ_BODY: usize = 64 * 1024;
+/// A body read goes into the room left in the receive buffer's allocation; when there is
+/// none, at least this much is reserved. A fresh allocation per read would pin one
+/// allocation per TCP segment, since the body slices handed to the session share it (a
+/// client sending its body in tiny segments once made each byte cost ~6 KiB of memory).
 const MIN_BODY_ROOM: usize = 4 * 1024;
 /// Replies held before they are written even though pipelined input is left.
 const OUTPUT_LIMIT: usize = 8 * 1024;
@@ -271,7 +274,7 @@ where
                     }
                     Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
                 }
-                session.stored(id.as_deref().map_err(|e| *e), &mut out);
+                session.stored(id.as_ref().map(|i| i.as_str()).map_err(|e| *e), &mut out);
                 continue;
             }
             Event::Etrn(node) => {
@@ -314,35 +317,26 @@ where
             wait = wait.min(d.saturating_duration_since(Instant::now()));
         }
         let len = inbuf.len();
-        // Between commands with nothing buffered (the idle case), hold no receive or reply
-        // buffer while waiting: read through the shard's scratch buffer and copy the few
-        // command bytes out. Bodies are read straight into `inbuf` (no copy).
+        // Every read goes through the shard's scratch buffer (zeroed once, when the shard
+        // started) and only the bytes that arrived are copied into `inbuf`: growing
+        // `inbuf` by a zero-filled read window cost a memset of up to `READ_BODY` per read
+        // (and a fresh 64 KiB allocation per small message). Between commands with nothing
+        // buffered (the idle case), hold no receive or reply buffer while waiting.
         let idle = len == 0 && !session.in_transaction();
-        if idle {
+        let (want, min_room) = if idle {
             inbuf = BytesMut::new();
             out = BytesMut::new();
+            (READ_IDLE, 0)
+        } else if session.in_transaction() {
+            (READ_BODY, MIN_BODY_ROOM)
         } else {
-            let want = if session.in_transaction() {
-                let room = inbuf.capacity() - len;
-                if room >= MIN_BODY_ROOM {
-                    room.min(READ_BODY)
-                } else {
-                    READ_BODY
-                }
-            } else {
-                READ_COMMANDS
-            };
-            inbuf.resize(len + want, 0);
-        }
+            (READ_COMMANDS, 0)
+        };
         let stopping = grace_deadline.is_some();
         let scratch = &shard.scratch;
         let woke = future::or(
             async {
-                if idle {
-                    Wake::Read(read_via_scratch(&mut io, scratch, &mut inbuf).await)
-                } else {
-                    Wake::Read(io.read(&mut inbuf[len..]).await)
-                }
+                Wake::Read(read_via_scratch(&mut io, scratch, want, min_room, &mut inbuf).await)
             },
             future::or(
                 async {
@@ -364,14 +358,10 @@ where
                 return Ok(Outcome::Done);
             }
             Wake::Read(Ok(n)) => {
-                if !idle {
-                    inbuf.truncate(len + n)
-                }
                 deadline = extend_deadline(deadline, n, shard);
             }
             Wake::Read(Err(e)) => return Err(e),
             Wake::Timeout => {
-                inbuf.truncate(len);
                 let now = Instant::now();
                 if grace_deadline.is_some_and(|d| now >= d) {
                     session.shutdown(&mut out);
@@ -380,7 +370,6 @@ where
                 }
             }
             Wake::Stop => {
-                inbuf.truncate(len);
                 if session.in_transaction() {
                     grace_deadline = Some(Instant::now() + shard.grace);
                 } else {
@@ -518,18 +507,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// Reads once through the shard's scratch buffer and appends what arrived to `inbuf`. The
-/// scratch is borrowed only inside `poll_read` (glommio and rustls use the buffer only
-/// during the poll), never across an await, so every connection of the shard can share it.
+/// Reads at most `want` bytes once through the shard's scratch buffer and appends what
+/// arrived to `inbuf`; when `inbuf`'s allocation has no room for it, at least `min_room`
+/// bytes are reserved (never zeroed). The scratch is borrowed only inside `poll_read`
+/// (glommio and rustls use the buffer only during the poll), never across an await, so
+/// every connection of the shard can share it; a read cancelled by the timer leaves
+/// `inbuf` untouched.
 async fn read_via_scratch<S: AsyncRead + Unpin>(
     io: &mut S,
     scratch: &std::cell::RefCell<Box<[u8]>>,
+    want: usize,
+    min_room: usize,
     inbuf: &mut BytesMut,
 ) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| {
         let mut buf = scratch.borrow_mut();
-        match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf[..]) {
+        let want = want.min(buf.len());
+        match std::pin::Pin::new(&mut *io).poll_read(cx, &mut buf[..want]) {
             std::task::Poll::Ready(Ok(n)) => {
+                // Fill the room left in the current allocation first: body slices keep
+                // their allocation alive, so a fresh one per read would pin memory per
+                // tiny TCP segment.
+                if inbuf.capacity() - inbuf.len() < n {
+                    inbuf.reserve(n.max(min_room));
+                }
                 inbuf.extend_from_slice(&buf[..n]);
                 std::task::Poll::Ready(Ok(n))
             }

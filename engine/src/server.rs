@@ -599,7 +599,7 @@ async fn shard_main(
             idle_timeout: cfg.limits.idle_timeout,
             min_data_rate: cfg.limits.min_data_rate,
             grace: cfg.shutdown.grace,
-            scratch: RefCell::new(vec![0u8; 16 * 1024].into_boxed_slice()),
+            scratch: RefCell::new(vec![0u8; crate::conn::READ_BODY].into_boxed_slice()),
             metrics: metrics.clone(),
             connections: Cell::new(0),
             per_ip: RefCell::new(HashMap::new()),

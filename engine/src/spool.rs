@@ -105,15 +105,16 @@ impl ShardStore {
         &self.commit
     }
 
-    /// Makes `msg` durable and returns its queue id.
-    pub async fn store(&self, msg: &mut Message) -> Result<String, StoreError> {
+    /// Makes `msg` durable and returns its queue id (inline: the id is generated on the
+    /// stack and copied only into the Received: header, the envelope and the record).
+    pub async fn store(&self, msg: &mut Message) -> Result<MsgId, StoreError> {
         if !self.accepting() {
             return Err(StoreError::Full);
         }
         self.sign(msg)?;
         let prepared = self.commit.with_spool(|spool| {
-            let id = spool.id_gen().next();
-            msg.finish(&self.hostname, &id);
+            let id = spool.id_gen().next_id();
+            msg.finish(&self.hostname, id.as_str());
             spool.prepare(&msg.envelope, &msg.body).map_err(|e| (id, e))
         });
         let write = match prepared {
@@ -183,7 +184,7 @@ impl ShardStore {
             offset: write.offset(),
         };
         // Inline (no allocation); only needed if the commit fails.
-        let id = MsgId::new(write.id());
+        let id = Some(write.msg_id());
         let c = match self.commit.commit(write).await {
             Ok(c) => c,
             Err(e) => {
@@ -193,7 +194,7 @@ impl ShardStore {
         };
         // The record is where it was reserved (`msg`).
         self.runner
-            .enqueue(msg, &c.id, arrival_unix_micros, recipients);
+            .enqueue(msg, c.id.as_str(), arrival_unix_micros, recipients);
         Ok(c)
     }
 

@@ -1,7 +1,8 @@
 //! Group commit: the one place where a shard's spool records become durable.
 //!
 //! Sessions (accepted messages) and the queue runner (delivery state) hand a
-//! `PendingWrite` to `GroupCommit::commit` and wait. One committer task per shard takes
+//! `PendingWrite` to `GroupCommit::commit` and wait. One committer task per shard, started
+//! with the `GroupCommit` and woken whenever a write is queued while it is idle, takes
 //! every queued write at once, runs `commit_batch` (pwritev + one fdatasync per segment) on
 //! the shard's own syncer thread, and wakes each waiter with its own result. While a batch
 //! is being synced the next one accumulates, so concurrent writers share one fdatasync and
@@ -19,7 +20,8 @@
 //! disk I/O on the executor thread.
 
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
+use std::task::{Poll, Waker};
 
 use futures::channel::oneshot;
 
@@ -41,13 +43,10 @@ struct Inner {
     /// Joined when the `GroupCommit` goes, so the spool (and its flock) outlives any batch
     /// still being written.
     syncer_thread: Option<std::thread::JoinHandle<()>>,
-    /// The task queue the committer runs in: the one current when the `GroupCommit` was
-    /// made (the shard's default queue), whoever queues the first write of a batch. A
-    /// committer started from the runner's lower-share delivery queue would hold every
-    /// session's 250 at that lower share.
-    tq: glommio::TaskQueueHandle,
     queue: Vec<(PendingWrite, Waiter)>,
-    committing: bool,
+    /// The committer task's waker while it waits for writes (`None` while it is working
+    /// on a batch, or before it first ran: it then finds the queue on its own).
+    committer: Option<Waker>,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
     sync_times: Histogram,
 }
@@ -93,6 +92,10 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel ends the syncer after the batch it is writing, if any.
         self.syncer.take();
+        // The committer, waiting for writes, finds the GroupCommit gone and ends.
+        if let Some(w) = self.committer.take() {
+            w.wake();
+        }
         if let Some(t) = self.syncer_thread.take() {
             let _ = t.join();
         }
@@ -106,8 +109,10 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Must be called inside the shard's glommio executor: the committer will run in the
-    /// task queue current at this call.
+    /// Must be called inside the shard's glommio executor: the committer runs in the task
+    /// queue current at this call (the shard's default queue), whoever queues a write. A
+    /// committer running in the runner's lower-share delivery queue would hold every
+    /// session's 250 at that lower share.
     pub fn new(spool: ShardSpool) -> Self {
         let (tx, rx) = crossbeam::channel::unbounded::<SyncJob>();
         let name = format!("tern-sync-{}", spool.shard());
@@ -131,17 +136,18 @@ impl GroupCommit {
                 None
             }
         };
-        GroupCommit {
-            inner: Rc::new(RefCell::new(Inner {
-                spool,
-                syncer: Some(tx),
-                syncer_thread,
-                tq: glommio::executor().current_task_queue(),
-                queue: Vec::new(),
-                committing: false,
-                sync_times: Histogram::default(),
-            })),
-        }
+        let inner = Rc::new(RefCell::new(Inner {
+            spool,
+            syncer: Some(tx),
+            syncer_thread,
+            queue: Vec::new(),
+            committer: None,
+            sync_times: Histogram::default(),
+        }));
+        // One long-lived task (not one per batch). It holds the `Inner` only weakly while
+        // it waits, so dropping the last handle still closes the syncer and the spool.
+        glommio::spawn_local(committer(Rc::downgrade(&inner))).detach();
+        GroupCommit { inner }
     }
 
     /// Runs `f` with the shard's spool (id generation, `prepare`, `prepare_state`...).
@@ -174,28 +180,13 @@ impl GroupCommit {
     /// Must be called inside the shard's glommio executor.
     pub async fn commit(&self, write: PendingWrite) -> Result<Committed, SpoolError> {
         let (tx, rx) = oneshot::channel();
-        let start = {
+        let idle_committer = {
             let mut inner = self.inner.borrow_mut();
             inner.queue.push((write, tx));
-            let start = !inner.committing;
-            inner.committing = true;
-            start
+            inner.committer.take()
         };
-        if start {
-            // Spawned outside the borrow: glommio may poll the new task right away.
-            let me = self.clone();
-            let fallback = self.clone();
-            let tq = self.inner.borrow().tq;
-            // The default queue is never removed, so spawning into it cannot fail; were it
-            // to, the committer runs in the current queue rather than not at all.
-            match glommio::spawn_local_into(async move { me.commit_loop().await }, tq) {
-                Ok(t) => {
-                    t.detach();
-                }
-                Err(_) => {
-                    glommio::spawn_local(async move { fallback.commit_loop().await }).detach();
-                }
-            }
+        if let Some(w) = idle_committer {
+            w.wake();
         }
         match rx.await {
             Ok(r) => r,
@@ -204,43 +195,56 @@ impl GroupCommit {
             )),
         }
     }
+}
 
-    async fn commit_loop(self) {
-        loop {
-            let batch = {
-                let mut inner = self.inner.borrow_mut();
-                if inner.queue.is_empty() {
-                    inner.committing = false;
-                    return;
-                }
-                std::mem::take(&mut inner.queue)
+/// The shard's committer: waits for queued writes, has the syncer thread write and sync
+/// them as one batch, completes each waiter with its own result; the next batch gathers
+/// meanwhile. Ends when the `GroupCommit` is gone.
+async fn committer(inner: Weak<RefCell<Inner>>) {
+    loop {
+        let batch = std::future::poll_fn(|cx| {
+            let Some(inner) = inner.upgrade() else {
+                return Poll::Ready(None);
             };
-            let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-            let n = writes.len();
-            // Timed on the syncer thread, around the disk work only. The reply comes back
-            // over a oneshot whose waker glommio accepts from a foreign thread.
-            let (done_tx, done_rx) = oneshot::channel();
-            let sent = self
-                .inner
-                .borrow()
+            let mut inner = inner.borrow_mut();
+            if inner.queue.is_empty() {
+                inner.committer = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(Some(std::mem::take(&mut inner.queue)))
+            }
+        })
+        .await;
+        let Some(batch) = batch else {
+            return;
+        };
+        let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+        let n = writes.len();
+        // Timed on the syncer thread, around the disk work only. The reply comes back
+        // over a oneshot whose waker glommio accepts from a foreign thread.
+        let (done_tx, done_rx) = oneshot::channel();
+        let sent = inner.upgrade().is_some_and(|i| {
+            i.borrow()
                 .syncer
                 .as_ref()
-                .is_some_and(|s| s.send((writes, done_tx)).is_ok());
-            let (results, took) = match (sent, done_rx.await) {
-                (true, Ok(r)) => r,
-                _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below
-            };
-            self.inner.borrow_mut().sync_times.observe(took);
-            let mut results = results.into_iter();
-            for tx in waiters {
-                let r = results.next().unwrap_or_else(|| {
-                    Err(SpoolError::Invalid(
-                        "commit batch returned too few results".into(),
-                    ))
-                });
-                let _ = tx.send(r);
-            }
-            tracing::trace!(batch = n, "spool group commit");
+                .is_some_and(|s| s.send((writes, done_tx)).is_ok())
+        });
+        let (results, took) = match (sent, done_rx.await) {
+            (true, Ok(r)) => r,
+            _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below
+        };
+        if let Some(i) = inner.upgrade() {
+            i.borrow_mut().sync_times.observe(took);
         }
+        let mut results = results.into_iter();
+        for tx in waiters {
+            let r = results.next().unwrap_or_else(|| {
+                Err(SpoolError::Invalid(
+                    "commit batch returned too few results".into(),
+                ))
+            });
+            let _ = tx.send(r);
+        }
+        tracing::trace!(batch = n, "spool group commit");
     }
 }

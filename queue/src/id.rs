@@ -20,6 +20,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::state::MsgId;
+
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Length of every queue id.
 pub const QUEUE_ID_LEN: usize = 16;
@@ -65,12 +67,17 @@ impl QueueIdGen {
     // because it never ends.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> String {
+        self.next_id().as_str().to_owned()
+    }
+
+    /// The next id, inline (no allocation): what the accept path uses.
+    pub fn next_id(&mut self) -> MsgId {
         let now = (self.clock)();
         // saturating: at u64::MAX micros (year ~586,000) ids stop increasing rather than
         // wrapping to small values that could collide with old ones.
         let value = now.max(self.last.saturating_add(1));
         self.last = value;
-        encode_queue_id(value, self.shard)
+        MsgId::from_ascii(&encode_queue_id_bytes(value, self.shard))
     }
 
     /// The timestamp part of the last id handed out (or the floor).
@@ -90,10 +97,9 @@ impl QueueIdGen {
 
 /// Encodes (timestamp, shard) as a 16-character id.
 pub fn encode_queue_id(micros: u64, shard: u16) -> String {
-    encode_queue_id_bytes(micros, shard)
-        .iter()
-        .map(|&b| b as char)
-        .collect()
+    MsgId::from_ascii(&encode_queue_id_bytes(micros, shard))
+        .as_str()
+        .to_owned()
 }
 
 /// [`encode_queue_id`] without an allocation: the 16 ASCII characters.

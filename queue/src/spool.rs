@@ -136,7 +136,8 @@ pub struct RecoveredMessage {
 /// A record that became durable.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
-    pub id: String,
+    /// Inline: committing a record allocates nothing for its id.
+    pub id: MsgId,
     pub segment: u64,
     pub offset: u64,
 }
@@ -294,6 +295,10 @@ pub struct PendingWrite {
 impl PendingWrite {
     pub fn id(&self) -> &str {
         self.id.as_str()
+    }
+    /// The record's queue id, inline.
+    pub fn msg_id(&self) -> MsgId {
+        self.id
     }
     pub fn segment(&self) -> u64 {
         self.seg.number
@@ -946,7 +951,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
                 touched.push(pw.seg.clone());
             }
             Committed {
-                id: pw.id.as_str().to_string(),
+                id: pw.id,
                 segment: pw.seg.number,
                 offset: pw.offset,
             }

@@ -85,6 +85,20 @@ impl MsgId {
             buf,
         })
     }
+    /// An id made of the Crockford characters `encode_queue_id_bytes` writes (ASCII, so
+    /// valid UTF-8; [`crate::id::QUEUE_ID_LEN`] fits in [`MAX_ID_LEN`]).
+    pub fn from_ascii(id: &[u8; crate::id::QUEUE_ID_LEN]) -> MsgId {
+        const { assert!(crate::id::QUEUE_ID_LEN <= MAX_ID_LEN) };
+        let mut buf = [0u8; MAX_ID_LEN];
+        buf[..id.len()].copy_from_slice(id);
+        let m = MsgId {
+            len: id.len() as u8,
+            buf,
+        };
+        debug_assert!(id.is_ascii());
+        m
+    }
+
     pub fn as_str(&self) -> &str {
         // Only ever built from a &str, so this is valid UTF-8.
         std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or_default()

@@ -108,7 +108,7 @@ fn write_batch(spool: &mut ShardSpool, first: usize, lens: &[usize]) -> Vec<Writ
         .zip(meta)
         .map(|(r, (env, body, record_len))| {
             let at = r.expect("commit");
-            assert_eq!(at.id, env.id);
+            assert_eq!(at.id, env.id.as_str());
             Written {
                 env,
                 body,
@@ -494,7 +494,7 @@ fn commit_batch_results_follow_batch_order_across_segments() {
         let env = envelope(spool.id_gen().next(), 1500, n);
         let pw = spool.prepare(&env, &parts).unwrap();
         expect.push(Committed {
-            id: env.id.clone(),
+            id: tern_queue::MsgId::new(&env.id).unwrap(),
             segment: pw.segment(),
             offset: pw.offset(),
         });

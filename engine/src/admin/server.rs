@@ -546,7 +546,7 @@ async fn submit(
         .await
         .map_err(|e| format!("spool: {e}"))?;
     tracing::info!(id = %c.id, "message submitted on the admin socket");
-    Ok(json!({ "id": c.id }))
+    Ok(json!({ "id": c.id.as_str() }))
 }
 
 fn changed_json(c: tern_queue::runner::Changed) -> Value {

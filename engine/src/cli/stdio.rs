@@ -220,7 +220,7 @@ fn store_direct(cfg: &Config, msg: &mut Message) -> Result<String, StoreError> {
             }
         })?;
         return match tern_queue::commit_batch(vec![write]).pop() {
-            Some(Ok(c)) => Ok(c.id),
+            Some(Ok(c)) => Ok(c.id.as_str().to_owned()),
             Some(Err(e)) => {
                 tracing::error!(error = %e, "spool commit failed");
                 Err(StoreError::Local)
