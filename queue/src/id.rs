@@ -20,7 +20,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::state::MsgId;
+use std::fmt;
 
 const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 /// Length of every queue id.
@@ -126,6 +126,72 @@ pub fn parse_queue_id(id: &str) -> Option<(u64, u16)> {
     }
     let micros = u64::try_from(v >> 16).ok()?;
     Some((micros, (v & 0xffff) as u16))
+}
+
+/// Longest queue id a message may have: ids are stored inline in `MsgId`. The engine's
+/// ids are 16 characters (`id::QUEUE_ID_LEN`).
+pub const MAX_ID_LEN: usize = 23;
+
+/// A queue id stored inline (no heap allocation): at most [`MAX_ID_LEN`] bytes of UTF-8.
+/// The default is the empty id.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MsgId {
+    len: u8,
+    buf: [u8; MAX_ID_LEN],
+}
+
+impl MsgId {
+    /// `None` if `s` is longer than [`MAX_ID_LEN`] bytes.
+    pub fn new(s: &str) -> Option<MsgId> {
+        if s.len() > MAX_ID_LEN {
+            return None;
+        }
+        let mut buf = [0u8; MAX_ID_LEN];
+        buf[..s.len()].copy_from_slice(s.as_bytes());
+        Some(MsgId {
+            len: s.len() as u8,
+            buf,
+        })
+    }
+    /// An id made of the Crockford characters `encode_queue_id_bytes` writes (ASCII, so
+    /// valid UTF-8; [`QUEUE_ID_LEN`] fits in [`MAX_ID_LEN`]).
+    pub fn from_ascii(id: &[u8; QUEUE_ID_LEN]) -> MsgId {
+        const { assert!(QUEUE_ID_LEN <= MAX_ID_LEN) };
+        let mut buf = [0u8; MAX_ID_LEN];
+        buf[..id.len()].copy_from_slice(id);
+        let m = MsgId {
+            len: id.len() as u8,
+            buf,
+        };
+        debug_assert!(id.is_ascii());
+        m
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ever built from a &str, so this is valid UTF-8.
+        std::str::from_utf8(&self.buf[..self.len as usize]).unwrap_or_default()
+    }
+}
+
+impl fmt::Debug for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+impl PartialEq<str> for MsgId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+impl PartialEq<&str> for MsgId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
 }
 
 #[cfg(test)]
