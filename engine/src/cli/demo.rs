@@ -190,7 +190,9 @@ pub fn print_banner(dir: &Path, queue: &QueueConfig, ready: &Ready) {
     println!("More to try (restart the demo with these --set options):");
     println!("  --set 'auth.sender_policy=\"own\"'         MAIL FROM must be the login's own address (553 5.7.1)");
     println!("  --set 'auth.user_message_rate=\"100/1m\"'  per-login sending rate across shards (450 4.7.1)");
-    println!("  --set 'shutdown.drain_delay=\"2s\"'         then `tern ctl drain` for a rolling restart");
+    println!(
+        "  --set 'shutdown.drain_delay=\"2s\"'         then `tern ctl drain` for a rolling restart"
+    );
     println!("  tern dkim keygen --domain example.org --selector s1 --dir keys   then [[dkim.keys]] (docs/configuration.md)");
     println!("Messages still waiting are listed with:");
     println!("  tern queue list --spool {}/spool", dir.display());
