@@ -21,7 +21,8 @@
 //!
 //!   The map: `runner` (executors, schedule) → `scenario` (connect, auth, relay; session
 //!   set-up) → `sasl` (AUTH client) → `conn` (SMTP framing over TCP/TLS); `stats` (per-core
-//!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `sink` (the receiving end).
+//!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `merge` (reports of several
+//!   runs into one); `sink` (the receiving end).
 //!
 //! SECURITY
 //!   Refuses non-loopback targets (and sink listen addresses) unless `--allow-remote`:
