@@ -7,6 +7,7 @@
 //!   tern-loadgen connect --target 127.0.0.1:465 --tls --insecure
 //!   tern-loadgen auth    --target 127.0.0.1:587 --proxy-v2 198.51.100.7   (as if behind HAProxy)
 //!   tern-loadgen sink    --listen 127.0.0.1:2526 --delay 20
+//!   tern-loadgen merge   a.json b.json   (runs made at the same time from several machines)
 //!
 //! DESCRIPTION
 //!   One glommio executor per core (`--cores`, default: every CPU this process may run
@@ -20,7 +21,8 @@
 //!
 //!   The map: `runner` (executors, schedule) → `scenario` (connect, auth, relay; session
 //!   set-up) → `sasl` (AUTH client) → `conn` (SMTP framing over TCP/TLS); `stats` (per-core
-//!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `sink` (the receiving end).
+//!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `merge` (reports of several
+//!   runs into one); `sink` (the receiving end).
 //!
 //! SECURITY
 //!   Refuses non-loopback targets (and sink listen addresses) unless `--allow-remote`:
@@ -31,6 +33,7 @@
 //!   1 when the run could not start (bad address, TLS configuration, executor failure).
 
 mod conn;
+mod merge;
 mod report;
 mod runner;
 mod sasl;
@@ -105,6 +108,17 @@ enum Cmd {
     },
     /// Receive, count and time messages (see `sink --help`).
     Sink(sink::SinkArgs),
+    /// Combine `--json` reports of runs made at the same time (e.g. from several
+    /// machines): counts summed, exact percentiles from the summed histograms, rate over
+    /// the union window.
+    Merge {
+        /// The `--json` reports, one per run.
+        #[arg(required = true, num_args = 1..)]
+        reports: Vec<PathBuf>,
+        /// Print one JSON document instead of the summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -324,10 +338,10 @@ fn generate(
         unit: kind.unit().to_string(),
         headline: headline.to_string(),
     };
-    let rep = report::build(info, &out.stats, out.elapsed, out.interrupted);
+    // The measured window began `elapsed` (plus the shutdown) ago.
+    let start = std::time::SystemTime::now() - out.elapsed;
+    let rep = report::build(info, &out.stats, start, out.elapsed, out.interrupted);
     if let Some(p) = &c.hlog {
-        // The measured window began `elapsed` (plus the shutdown) ago.
-        let start = std::time::SystemTime::now() - out.elapsed;
         report::write_hlog(p, &out.stats, headline, start)?;
     }
     if let Some(p) = &c.plot {
@@ -404,6 +418,7 @@ fn main() -> ExitCode {
             stop,
         ),
         Cmd::Sink(a) => sink::run(a, stop),
+        Cmd::Merge { reports, json } => merge::run(&reports, json),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

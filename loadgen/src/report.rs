@@ -58,6 +58,44 @@ pub struct Report {
     /// Open loop: intended starts that were still waiting when the run ended.
     pub unstarted: u64,
     pub interrupted: bool,
+    /// Start of the measured window, seconds since the Unix epoch (what `merge` uses to
+    /// find the union window of runs made on several machines). Absent in older reports.
+    #[serde(default)]
+    pub started_unix_s: Option<f64>,
+    /// How many runs this report covers: 1, or the number of reports `merge` combined.
+    #[serde(default = "one")]
+    pub runs: usize,
+    /// The latency histograms behind `latency_ms`, by metric: HdrHistogram V2
+    /// deflate-compressed serialization, base64 (standard alphabet), values in µs. `merge`
+    /// adds these to get exact percentiles over all runs. Absent in older reports.
+    #[serde(default)]
+    pub histograms: BTreeMap<String, String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// The V2 deflate serialization of `h`, base64 (the `histograms` field).
+pub fn encode_hist(h: &Histogram<u64>) -> String {
+    use base64::Engine as _;
+    use hdrhistogram::serialization::{Serializer, V2DeflateSerializer};
+    let mut buf = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut buf)
+        .expect("serialising into memory");
+    base64::engine::general_purpose::STANDARD.encode(buf)
+}
+
+/// The inverse of [`encode_hist`].
+pub fn decode_hist(s: &str) -> Result<Histogram<u64>, String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("histogram is not base64: {e}"))?;
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .map_err(|e| format!("histogram does not decode: {e:?}"))
 }
 
 /// The run's parameters that go into the report.
@@ -75,7 +113,13 @@ pub struct RunInfo {
     pub headline: String,
 }
 
-pub fn build(info: RunInfo, stats: &Stats, elapsed: Duration, interrupted: bool) -> Report {
+pub fn build(
+    info: RunInfo,
+    stats: &Stats,
+    started: std::time::SystemTime,
+    elapsed: Duration,
+    interrupted: bool,
+) -> Report {
     let secs = elapsed.as_secs_f64();
     Report {
         tool: "tern-loadgen".into(),
@@ -134,13 +178,23 @@ pub fn build(info: RunInfo, stats: &Stats, elapsed: Duration, interrupted: bool)
         bytes: stats.bytes,
         unstarted: stats.unstarted,
         interrupted,
+        started_unix_s: started
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64()),
+        runs: 1,
+        histograms: stats
+            .hists
+            .iter()
+            .map(|(k, h)| (k.to_string(), encode_hist(h)))
+            .collect(),
     }
 }
 
 pub fn print_human(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
     writeln!(
         out,
-        "tern-loadgen {} -> {} (tls: {}{}{}), {} core(s), {} {}",
+        "tern-loadgen {} -> {} (tls: {}{}{}), {} core(s){}, {} {}",
         r.scenario,
         r.target,
         r.tls,
@@ -154,6 +208,11 @@ pub fn print_human(r: &Report, out: &mut impl Write) -> std::io::Result<()> {
             ""
         },
         r.cores,
+        if r.runs > 1 {
+            format!(" in {} merged runs", r.runs)
+        } else {
+            String::new()
+        },
         match r.rate {
             Some(rate) => format!("open loop at {rate}/s,"),
             None => "closed loop,".into(),

@@ -733,3 +733,128 @@ fn sink_dedup_counts_repeated_message_ids() {
     assert_eq!(u(&r, &["unique_messages"]), 2, "{r:#}");
     assert_eq!(u(&r, &["duplicates"]), 2, "{r:#}");
 }
+
+/// Runs `tern-loadgen merge ARGS...` and returns its (stdout, stderr, success).
+fn lg_merge(args: &[&str]) -> (String, String, bool) {
+    let out = Command::new(LG)
+        .arg("merge")
+        .args(args)
+        .output()
+        .expect("run tern-loadgen merge");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// Decodes one of the report's `histograms` (V2 deflate, base64) on its own, with the
+/// hdrhistogram crate, independently of the generator's code.
+fn hist_of(report: &Value, metric: &str) -> hdrhistogram::Histogram<u64> {
+    use base64::Engine as _;
+    let b64 = report["histograms"][metric]
+        .as_str()
+        .unwrap_or_else(|| panic!("no histograms.{metric} in {report:#}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    hdrhistogram::serialization::Deserializer::new()
+        .deserialize(&mut &bytes[..])
+        .unwrap()
+}
+
+#[test]
+fn merge_two_simultaneous_runs_sums_counts_and_merges_histograms_exactly() {
+    let sink = Sink::start(&["--delay", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    // Two generators at the same time against one target, as from two machines.
+    let run = |n: &str, c: &str| {
+        let addr = sink.addr.clone();
+        let (n, c) = (n.to_string(), c.to_string());
+        std::thread::spawn(move || {
+            lg(&[
+                "relay", "-t", &addr, "--cores", "1", "-c", &c, "-n", &n, "-d", "4",
+            ])
+        })
+    };
+    let (ta, tb) = (run("250", "4"), run("150", "2"));
+    let (a, b) = (ta.join().unwrap(), tb.join().unwrap());
+    let s = sink.stop();
+    let pa = dir.path().join("a.json");
+    let pb = dir.path().join("b.json");
+    std::fs::write(&pa, a.to_string()).unwrap();
+    std::fs::write(&pb, b.to_string()).unwrap();
+    let (out, err, ok) = lg_merge(&[pa.to_str().unwrap(), pb.to_str().unwrap(), "--json"]);
+    assert!(ok, "merge failed: {err}");
+    let m: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+
+    // Counts add up exactly, and match what the target received.
+    assert_eq!(u(&a, &["ok"]), 250, "{a:#}");
+    assert_eq!(u(&b, &["ok"]), 150, "{b:#}");
+    for k in ["attempted", "ok", "failed", "connections", "bytes"] {
+        assert_eq!(u(&m, &[k]), u(&a, &[k]) + u(&b, &[k]), "{k}");
+    }
+    assert_eq!(u(&m, &["ok"]), 400);
+    assert_eq!(u(&m, &["runs"]), 2);
+    assert_eq!(u(&m, &["cores"]), 2);
+    assert_eq!(u(&m, &["concurrency"]), 6);
+    assert_eq!(u(&s, &["messages"]), 400, "{s:#}");
+    assert_eq!(u(&m, &["latency_ms", "accept", "count"]), 400);
+
+    // Percentiles: those of one histogram of every sample, built here independently.
+    let mut all = hist_of(&a, "accept");
+    all.add(hist_of(&b, "accept")).unwrap();
+    assert_eq!(all.len(), 400);
+    let ms = |q: f64| all.value_at_quantile(q) as f64 / 1000.0;
+    assert_eq!(f(&m, &["latency_ms", "accept", "p50"]), ms(0.50), "{m:#}");
+    assert_eq!(f(&m, &["latency_ms", "accept", "p99"]), ms(0.99), "{m:#}");
+    assert_eq!(
+        f(&m, &["latency_ms", "accept", "max"]),
+        all.max() as f64 / 1000.0
+    );
+    assert_eq!(
+        hist_of(&m, "accept"),
+        all,
+        "the merged report carries the merged histogram"
+    );
+
+    // Rate: ok over the union window, which covers both runs' windows.
+    let start = |r: &Value| f(r, &["started_unix_s"]);
+    let end = |r: &Value| start(r) + f(r, &["elapsed_s"]);
+    let union = end(&a).max(end(&b)) - start(&a).min(start(&b));
+    let e = f(&m, &["elapsed_s"]);
+    assert!((e - union).abs() < 1e-6, "elapsed {e} union {union}");
+    let t = f(&m, &["throughput"]);
+    assert!((t - 400.0 / union).abs() < 1e-6, "throughput {t}");
+
+    // The human summary of the merged report.
+    let (out, err, ok) = lg_merge(&[pa.to_str().unwrap(), pb.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("in 2 merged runs") && out.contains("(400 ok, 0 failed of 400"),
+        "{out}"
+    );
+}
+
+#[test]
+fn merge_refuses_different_scenarios() {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let relay = lg(&[
+        "relay", "-t", &sink.addr, "--cores", "1", "-n", "5", "-d", "2",
+    ]);
+    let connect = lg(&[
+        "connect", "-t", &sink.addr, "--cores", "1", "-n", "5", "-d", "2",
+    ]);
+    sink.stop();
+    let pa = dir.path().join("relay.json");
+    let pb = dir.path().join("connect.json");
+    std::fs::write(&pa, relay.to_string()).unwrap();
+    std::fs::write(&pb, connect.to_string()).unwrap();
+    let (_, err, ok) = lg_merge(&[pa.to_str().unwrap(), pb.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(
+        err.contains("cannot merge runs of different kinds") && err.contains("scenario"),
+        "{err}"
+    );
+}
