@@ -36,7 +36,7 @@ pub use crate::config::{Rate, UserRates};
 #[derive(Debug, Clone)]
 pub enum AnvilMsg {
     /// A login sent one more message (`recipients == 0`) or this many more recipients.
-    UserSent(Arc<str>, UserCount),
+    UserSent(Arc<str>, UserCount, UserRates),
     /// A failed AUTH from this IP, sent to its owner.
     Failure(IpAddr),
     /// The owner blocked this IP for this long (from receipt).
@@ -69,6 +69,8 @@ struct Buckets {
     messages: f64,
     recipients: f64,
     at: Instant,
+    /// The rates this login's buckets run at (its own, or the global ones).
+    rates: UserRates,
 }
 
 const MAX_ENTRIES: usize = 100_000;
@@ -180,8 +182,8 @@ impl Anvil {
     fn handle(&self, msg: AnvilMsg) {
         match msg {
             AnvilMsg::Failure(ip) => self.count(ip),
-            AnvilMsg::UserSent(login, what) => {
-                self.take(&login, what, Instant::now());
+            AnvilMsg::UserSent(login, what, rates) => {
+                self.take(&login, what, rates, Instant::now());
             }
             AnvilMsg::Block(ip, d) => self.block_locally(ip, d),
             AnvilMsg::FlushQueue => {
@@ -199,10 +201,11 @@ impl Anvil {
         }
     }
 
-    /// May `login` send one more message / recipient now? If so it is counted here and on
-    /// every other shard (one-way, never waits). Without a rate, always yes.
-    pub fn user_try(&self, login: &str, what: UserCount) -> bool {
-        let rates = self.user_rates.get();
+    /// May `login` send one more message / recipient now, under its own rates from the
+    /// user store (`own`, each falling back to the global one)? If so it is counted here
+    /// and on every other shard (one-way, never waits). Without a rate, always yes.
+    pub fn user_try(&self, login: &str, what: UserCount, own: Option<UserRates>) -> bool {
+        let rates = own.unwrap_or_default().or(self.user_rates.get());
         let rate = match what {
             UserCount::Message => rates.messages,
             UserCount::Recipient => rates.recipients,
@@ -211,15 +214,15 @@ impl Anvil {
             return true;
         }
         let now = Instant::now();
-        if self.tokens(login, what, now) < 1.0 {
+        if self.tokens(login, what, rates, now) < 1.0 {
             return false;
         }
         let login: Arc<str> = Arc::from(login);
-        self.take(&login, what, now);
+        self.take(&login, what, rates, now);
         if let Some(s) = &self.senders {
             for peer in 0..self.peers {
                 if peer != self.me {
-                    let _ = s.try_send_to(peer, AnvilMsg::UserSent(login.clone(), what));
+                    let _ = s.try_send_to(peer, AnvilMsg::UserSent(login.clone(), what, rates));
                 }
             }
         }
@@ -241,15 +244,17 @@ impl Anvil {
         let mut out: Vec<(String, f64, f64)> = logins
             .iter()
             .map(|l| {
+                // The login's buckets run at the rates its last count used.
+                let r = self.users.borrow().get(l).map_or(rates, |b| b.rates);
                 let used = |what, rate: Option<Rate>| {
-                    rate.map_or(0.0, |r| {
-                        (f64::from(r.count) - self.tokens(l, what, now)).max(0.0)
+                    rate.map_or(0.0, |x| {
+                        (f64::from(x.count) - self.tokens(l, what, r, now)).max(0.0)
                     })
                 };
                 (
                     l.to_string(),
-                    used(UserCount::Message, rates.messages),
-                    used(UserCount::Recipient, rates.recipients),
+                    used(UserCount::Message, r.messages),
+                    used(UserCount::Recipient, r.recipients),
                 )
             })
             .collect();
@@ -257,17 +262,19 @@ impl Anvil {
         (rates, out)
     }
 
-    /// Refills `login`'s buckets to `now` and returns the tokens left for `what`.
-    fn tokens(&self, login: &str, what: UserCount, now: Instant) -> f64 {
-        let rates = self.user_rates.get();
+    /// Refills `login`'s buckets to `now` and returns the tokens left for `what` under
+    /// `rates` (a login not counted yet has full buckets).
+    fn tokens(&self, login: &str, what: UserCount, rates: UserRates, now: Instant) -> f64 {
         let mut users = self.users.borrow_mut();
         let Some(b) = users.get_mut(login) else {
+            let full = |r: Option<Rate>| r.map_or(f64::MAX, |r| f64::from(r.count));
             return match what {
-                UserCount::Message => rates.messages.map_or(f64::MAX, |r| f64::from(r.count)),
-                UserCount::Recipient => rates.recipients.map_or(f64::MAX, |r| f64::from(r.count)),
+                UserCount::Message => full(rates.messages),
+                UserCount::Recipient => full(rates.recipients),
             };
         };
-        refill(b, rates, now);
+        b.rates = rates;
+        refill(b, now);
         match what {
             UserCount::Message => b.messages,
             UserCount::Recipient => b.recipients,
@@ -275,14 +282,13 @@ impl Anvil {
     }
 
     /// Counts one message or recipient of `login` (ours or another shard's).
-    fn take(&self, login: &Arc<str>, what: UserCount, now: Instant) {
-        let rates = self.user_rates.get();
+    fn take(&self, login: &Arc<str>, what: UserCount, rates: UserRates, now: Instant) {
         let mut users = self.users.borrow_mut();
         if users.len() >= MAX_ENTRIES && !users.contains_key(login) {
             // Forget the logins whose buckets are full again: they carry no information.
             users.retain(|_, b| {
-                refill(b, rates, now);
-                !is_full(b, rates)
+                refill(b, now);
+                !is_full(b)
             });
             if users.len() >= MAX_ENTRIES {
                 users.clear();
@@ -292,8 +298,10 @@ impl Anvil {
             messages: rates.messages.map_or(0.0, |r| f64::from(r.count)),
             recipients: rates.recipients.map_or(0.0, |r| f64::from(r.count)),
             at: now,
+            rates,
         });
-        refill(b, rates, now);
+        b.rates = rates;
+        refill(b, now);
         match what {
             UserCount::Message => b.messages -= 1.0,
             UserCount::Recipient => b.recipients -= 1.0,
@@ -365,7 +373,8 @@ impl Anvil {
     }
 }
 
-fn refill(b: &mut Buckets, rates: UserRates, now: Instant) {
+fn refill(b: &mut Buckets, now: Instant) {
+    let rates = b.rates;
     let secs = now.saturating_duration_since(b.at).as_secs_f64();
     if let Some(r) = rates.messages {
         let cap = f64::from(r.count);
@@ -378,7 +387,8 @@ fn refill(b: &mut Buckets, rates: UserRates, now: Instant) {
     b.at = now;
 }
 
-fn is_full(b: &Buckets, rates: UserRates) -> bool {
+fn is_full(b: &Buckets) -> bool {
+    let rates = b.rates;
     rates
         .messages
         .is_none_or(|r| b.messages >= f64::from(r.count))

@@ -31,43 +31,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// `N/duration`: at most N in any such period (a token bucket of N refilled at N/duration).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    pub count: u32,
-    pub per: Duration,
-}
-
-impl Rate {
-    /// Parses `"100/1m"`, `"2000/1d"`; `""` is no limit.
-    pub fn parse(s: &str) -> Result<Option<Rate>, String> {
-        let s = s.trim();
-        if s.is_empty() {
-            return Ok(None);
-        }
-        let (n, per) = s
-            .split_once('/')
-            .ok_or_else(|| format!("{s:?}: expected COUNT/DURATION, e.g. \"100/1m\""))?;
-        let count: u32 = n
-            .trim()
-            .parse()
-            .ok()
-            .filter(|c| *c > 0)
-            .ok_or_else(|| format!("{s:?}: the count must be a whole number above 0"))?;
-        let per = humantime::parse_duration(per.trim())
-            .ok()
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("{s:?}: the period must be a duration such as 1m, 1h, 1d"))?;
-        Ok(Some(Rate { count, per }))
-    }
-}
-
-/// The per-login rates in force (`None`: unlimited).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct UserRates {
-    pub messages: Option<Rate>,
-    pub recipients: Option<Rate>,
-}
+pub use tern_smtp::users::{Rate, UserRates};
 
 /// The whole configuration. Field docs are the reference for docs/configuration.md.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -90,7 +90,8 @@ pub async fn serve(
     let session_cfg = lst.session.borrow().clone();
     let kind = session_cfg.kind;
     let (stream, peer) = if shard.from_balancer(sock_peer.ip()) {
-        match proxy_header(&mut stream, sock_peer, &shard, kind).await {
+        // Boxed: only proxied connections carry the header reader's state.
+        match Box::pin(proxy_header(&mut stream, sock_peer, &shard, kind)).await {
             Some((client, rest)) => (Prefixed::new(stream, rest), client),
             None => return, // logged; no banner
         }

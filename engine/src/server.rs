@@ -623,6 +623,10 @@ async fn shard_main(
                 listener: kind.name(),
                 metrics: metrics.clone(),
                 anvil: anvil.clone(),
+                auth: Some((
+                    auth_shared.clone(),
+                    cfg.auth.realm_or(&cfg.hostname).to_string(),
+                )),
             })
         };
         let mut ctxs: HashMap<&'static str, Rc<ListenerCtx>> = HashMap::new();

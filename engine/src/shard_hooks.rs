@@ -22,6 +22,17 @@ pub struct ShardHooks {
     pub listener: &'static str,
     pub metrics: Rc<ShardMetrics>,
     pub anvil: Rc<Anvil>,
+    /// The shard's user-store snapshot (a user's own sending rates) and default realm.
+    pub auth: Option<(Rc<tern_smtp::session::AuthShared>, String)>,
+}
+
+impl ShardHooks {
+    /// The login's own sending rates from the user store, if it sets any.
+    fn own_rates(&self, login: &str) -> Option<tern_smtp::users::UserRates> {
+        let (shared, realm) = self.auth.as_ref()?;
+        let (user, realm) = tern_smtp::users::split_login(login, realm);
+        shared.users.borrow().rates(user, realm)
+    }
 }
 
 /// Client-supplied text in a log line: printable characters as they are, anything else
@@ -77,13 +88,17 @@ impl SessionHooks for ShardHooks {
     }
 
     fn user_message(&self, login: &str) -> bool {
-        let ok = self.anvil.user_try(login, UserCount::Message);
+        let ok = self
+            .anvil
+            .user_try(login, UserCount::Message, self.own_rates(login));
         self.metrics.user_rate(0, ok);
         ok
     }
 
     fn user_recipient(&self, login: &str) -> bool {
-        let ok = self.anvil.user_try(login, UserCount::Recipient);
+        let ok = self
+            .anvil
+            .user_try(login, UserCount::Recipient, self.own_rates(login));
         self.metrics.user_rate(1, ok);
         ok
     }

@@ -148,3 +148,37 @@ fn user_rates_are_shared_by_all_shards() {
     let row = text.lines().find(|l| l.starts_with("demo")).unwrap_or("");
     assert_eq!(row.split_whitespace().nth(1), Some("4"), "{text}");
 }
+
+/// A user's own rate in the user store (`tern passwd --message-rate`) overrides the global
+/// one, and takes effect when the running server reloads the store.
+#[test]
+fn a_users_own_rate_overrides_the_global_one() {
+    let s = Server::with(&[r#"auth.user_message_rate="1/1h""#]);
+    let users = s.dir().join("users.db");
+    let text = std::fs::read_to_string(&users).expect("users.db");
+    let id = text
+        .lines()
+        .find(|l| l.starts_with("demo@"))
+        .and_then(|l| l.split(' ').next())
+        .expect("the demo user")
+        .to_string();
+    let out = std::process::Command::new(tern_tests::tern_bin())
+        .args(["passwd", "-f"])
+        .arg(&users)
+        .args([id.as_str(), "--message-rate", "4/1h"])
+        .output()
+        .expect("tern passwd");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.sighup();
+    wait_for("the store reload", Duration::from_secs(10), || {
+        s.stderr_log().matches("user store loaded").count() >= 2
+            || s.stderr_log().contains("user store changed")
+    });
+    let replies: Vec<String> = (0..6).map(|_| mail_from(&s, "demo@example.org")).collect();
+    let ok = replies.iter().filter(|r| *r == "250 2.1.0 Ok").count();
+    assert_eq!(ok, 4, "{replies:?}");
+}

@@ -115,6 +115,8 @@ fn create_demo_user(config: &Config) -> Result<(), DemoError> {
         list: false,
         import_sasldb: None,
         overwrite: false,
+        message_rate: None,
+        recipient_rate: None,
         user: Some(DEMO_USER.to_string()),
     };
     let mut err = Vec::new();

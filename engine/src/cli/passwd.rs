@@ -77,6 +77,13 @@ pub struct PasswdArgs {
     /// With --import-sasldb: replace users already in the store (default: keep them).
     #[arg(long = "overwrite", requires = "import_sasldb")]
     pub overwrite: bool,
+    /// The user's own message rate, e.g. "500/1m" (overrides auth.user_message_rate; ""
+    /// removes it). On an existing user without -c, only the rates change (no password).
+    #[arg(long = "message-rate", value_name = "RATE")]
+    pub message_rate: Option<String>,
+    /// The user's own recipient rate, e.g. "5000/1d" (overrides auth.user_recipient_rate).
+    #[arg(long = "recipient-rate", value_name = "RATE")]
+    pub recipient_rate: Option<String>,
     /// The user name; `user@realm` (split at the first '@', as saslpasswd2 does)
     /// gives the realm instead of -u.
     #[arg(required_unless_present_any = ["list", "import_sasldb"])]
@@ -198,11 +205,32 @@ pub fn run_with(
         Err(e) => return fail(load_code(&e), &e),
     };
     let exists = db.lookup(user, &realm).is_some();
+    // The user's own sending rates, as given (a flag not given keeps what is stored).
+    let rates_given = args.message_rate.is_some() || args.recipient_rate.is_some();
+    let rates = {
+        let cur = db.rates(user, &realm).unwrap_or_default();
+        let pick = |flag: &Option<String>, cur| match flag {
+            None => Ok(cur),
+            Some(v) => tern_smtp::users::Rate::parse(v),
+        };
+        match (
+            pick(&args.message_rate, cur.messages),
+            pick(&args.recipient_rate, cur.recipients),
+        ) {
+            (Ok(messages), Ok(recipients)) => tern_smtp::users::UserRates {
+                messages,
+                recipients,
+            },
+            (Err(e), _) | (_, Err(e)) => return fail(exit::USAGE, &e),
+        }
+    };
 
     if args.delete {
         if !db.remove(user, &realm) {
             return fail(exit::NOUSER, &format_args!("{user}@{realm}: no such user"));
         }
+    } else if rates_given && exists && !args.create {
+        db.set_rates(user, &realm, rates);
     } else {
         if !exists && !args.create {
             return fail(
@@ -221,6 +249,7 @@ pub fn run_with(
         if let Err(e) = db.insert(user, &realm, secrets) {
             return fail(exit::USAGE, &e);
         }
+        db.set_rates(user, &realm, rates);
     }
     match userstore::save(&db, &args.file) {
         Ok(()) => exit::OK,
@@ -514,8 +543,50 @@ mod tests {
             list: false,
             import_sasldb: None,
             overwrite: false,
+            message_rate: None,
+            recipient_rate: None,
             user: user.map(str::to_owned),
         }
+    }
+
+    #[test]
+    fn per_user_rates_are_stored_changed_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("users.db");
+        let mut a = args(&file, Some("alice"));
+        a.create = true;
+        a.message_rate = Some("500/1m".into());
+        assert_eq!(run_ok(&a, "pw").0, exit::OK);
+        let text = std::fs::read_to_string(&file).unwrap();
+        assert!(text.contains("alice@example.org cram-md5="), "{text}");
+        assert!(text.contains(" message-rate=500/1m\n"), "{text}");
+        // Rates only (no -c): no password is asked, the secrets stay.
+        let before = userstore::load(&file).unwrap();
+        let mut b = args(&file, Some("alice"));
+        b.recipient_rate = Some("5000/1d".into());
+        let (code, _, err) = run_ok(&b, "");
+        assert_eq!(code, exit::OK, "{err}");
+        let db = userstore::load(&file).unwrap();
+        let r = db.rates("alice", "example.org").unwrap();
+        assert_eq!(r.messages.unwrap().to_text(), "500/1m");
+        assert_eq!(r.recipients.unwrap().to_text(), "5000/1d");
+        assert_eq!(
+            db.lookup("alice", "example.org"),
+            before.lookup("alice", "example.org")
+        );
+        // "" clears one; a bad rate is a usage error and changes nothing.
+        let mut c = args(&file, Some("alice"));
+        c.message_rate = Some(String::new());
+        assert_eq!(run_ok(&c, "").0, exit::OK);
+        let mut d = args(&file, Some("alice"));
+        d.message_rate = Some("lots".into());
+        assert_eq!(run_ok(&d, "").0, exit::USAGE);
+        let db = userstore::load(&file).unwrap();
+        let r = db.rates("alice", "example.org").unwrap();
+        assert_eq!(
+            (r.messages, r.recipients.map(|x| x.count)),
+            (None, Some(5000))
+        );
     }
 
     fn run_ok(a: &PasswdArgs, pw: &str) -> (u8, String, String) {

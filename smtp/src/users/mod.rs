@@ -21,7 +21,10 @@
 //! engine can warn. `tern passwd` no longer creates them. See docs/decisions.md,
 //! "Logins `user@realm`".
 
+pub mod rates;
 pub mod secrets;
+
+pub use rates::{Rate, UserRates};
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -64,6 +67,9 @@ pub struct UserDb {
     /// realm → user → secrets; nested so a lookup borrows `&str` keys without
     /// allocating.
     realms: HashMap<String, HashMap<String, Secrets>>,
+    /// realm → user → the user's own sending rates (`message-rate=`, `recipient-rate=`),
+    /// for the few users that have them.
+    rates: HashMap<String, HashMap<String, UserRates>>,
     /// Key for the fake SCRAM salt of unknown users (see [`UserDb::fake_salt`]).
     fake_salt_key: [u8; 32],
 }
@@ -124,6 +130,7 @@ impl UserDb {
         rand::Rng::fill(&mut rand::rng(), &mut fake_salt_key[..]);
         UserDb {
             realms: HashMap::new(),
+            rates: HashMap::new(),
             fake_salt_key,
         }
     }
@@ -143,12 +150,13 @@ impl UserDb {
             if line.trim().is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (user, realm, secrets) = parse_line(line).map_err(malformed)?;
+            let (user, realm, secrets, rates) = parse_line(line).map_err(malformed)?;
             if db.lookup(user, realm).is_some() {
                 return Err(malformed(format!("duplicate entry for {user}@{realm}")));
             }
             db.insert(user, realm, secrets)
                 .map_err(|e| malformed(e.to_string()))?;
+            db.set_rates(user, realm, rates);
         }
         Ok(db)
     }
@@ -187,8 +195,31 @@ impl UserDb {
         Ok(())
     }
 
+    /// The user's own sending rates, if the store sets any.
+    pub fn rates(&self, user: &str, realm: &str) -> Option<UserRates> {
+        self.rates.get(realm)?.get(user).copied()
+    }
+
+    /// Sets (or, with empty rates, clears) the user's own sending rates.
+    pub fn set_rates(&mut self, user: &str, realm: &str, rates: UserRates) {
+        if rates.is_empty() {
+            if let Some(m) = self.rates.get_mut(realm) {
+                m.remove(user);
+                if m.is_empty() {
+                    self.rates.remove(realm);
+                }
+            }
+        } else {
+            self.rates
+                .entry(realm.to_owned())
+                .or_default()
+                .insert(user.to_owned(), rates);
+        }
+    }
+
     /// Remove a user; returns whether it existed.
     pub fn remove(&mut self, user: &str, realm: &str) -> bool {
+        self.set_rates(user, realm, UserRates::default());
         let Some(users) = self.realms.get_mut(realm) else {
             return false;
         };
@@ -250,6 +281,17 @@ impl UserDb {
                 B64.encode(s.scram.stored_key),
                 B64.encode(s.scram.server_key),
             );
+            if let Some(r) = self.rates(user, realm) {
+                // Optional trailing fields: the user's own sending rates.
+                out.pop(); // the newline writeln! added
+                if let Some(m) = r.messages {
+                    let _ = write!(out, " message-rate={}", m.to_text());
+                }
+                if let Some(m) = r.recipients {
+                    let _ = write!(out, " recipient-rate={}", m.to_text());
+                }
+                out.push('\n');
+            }
         }
         out
     }
@@ -282,17 +324,30 @@ fn unb64_32(s: &str) -> Option<[u8; 32]> {
 
 /// Parse one non-comment line; the error is the reason, the caller adds the
 /// line number.
-fn parse_line(line: &str) -> Result<(&str, &str, Secrets), String> {
+fn parse_line(line: &str) -> Result<(&str, &str, Secrets, UserRates), String> {
     let mut fields = line.split(' ');
-    let (Some(id), Some(cram), Some(digest), Some(scram), None) = (
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-        fields.next(),
-    ) else {
+    let (Some(id), Some(cram), Some(digest), Some(scram)) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
+    else {
         return Err("expected 4 space-separated fields: user@realm cram-md5=.. digest-md5=.. scram-sha-256=..".into());
     };
+    // Optional trailing fields: the user's own sending rates.
+    let mut rates = UserRates::default();
+    for extra in fields {
+        let (key, value) = extra
+            .split_once('=')
+            .ok_or_else(|| format!("unexpected field {extra:?}"))?;
+        let rate = Rate::parse(value)?;
+        match key {
+            "message-rate" => rates.messages = rate,
+            "recipient-rate" => rates.recipients = rate,
+            _ => {
+                return Err(format!(
+                    "unknown field {key:?} (expected message-rate= or recipient-rate=)"
+                ))
+            }
+        }
+    }
     let (user, realm) = id
         .rsplit_once('@')
         .ok_or_else(|| "first field is not user@realm".to_string())?;
@@ -352,5 +407,6 @@ fn parse_line(line: &str) -> Result<(&str, &str, Secrets), String> {
                 server_key,
             },
         },
+        rates,
     ))
 }
