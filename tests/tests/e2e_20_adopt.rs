@@ -1,0 +1,142 @@
+//! 20: `tern queue adopt DIR`: a node dies for good with mail in its queue; another node
+//! adopts its spool and delivers every still-pending recipient exactly once; adopting
+//! the same spool again does nothing, and a spool still in use by a server is refused.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use tern_tests::{maildir, tern_bin, wait_for, Server};
+
+fn adopt(spool: &Path, socket: &Path) -> Output {
+    Command::new(tern_bin())
+        .args(["queue", "adopt"])
+        .arg(spool)
+        .arg("--socket")
+        .arg(socket)
+        .output()
+        .expect("running tern queue adopt")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn adopt_requeues_pending_recipients_once() {
+    // Node A: delivers demo.test itself, everything else to a next hop that is down.
+    let down = tern_tests::free_port();
+    let dir_a = tempfile::tempdir().unwrap();
+    let routes_a = format!(
+        r#"queue.routes={{"demo.test"="maildir:{}/maildir","*"="smtp:[127.0.0.1]:{down}"}}"#,
+        dir_a.path().display()
+    );
+    let mut a = Server::start(
+        Some(dir_a.path()),
+        &[
+            &routes_a,
+            r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+            "queue.retry_interval=1h",
+            "queue.connect_timeout=1s",
+        ],
+    );
+    let mut c = a.smtp();
+    c.ehlo("client.test");
+    let msgs: [(&str, &[&str]); 4] = [
+        ("m1", &["r1@far.example"]),
+        ("m2", &["r2@far.example", "r3@far.example"]),
+        // Partly delivered by A: local@demo.test arrives in A's Maildir.
+        ("m3", &["local@demo.test", "r4@far.example"]),
+        // Completely delivered by A: nothing to adopt.
+        ("m4", &["only@demo.test"]),
+    ];
+    let mut ids = Vec::new();
+    for (subject, to) in msgs {
+        let body = format!("Subject: {subject}\r\n\r\nbody of {subject}\r\n");
+        ids.push(c.send_mail("s@client.test", to, body.as_bytes()));
+    }
+    c.quit();
+    wait_for(
+        "A to deliver its local recipients and defer the rest",
+        Duration::from_secs(20),
+        || {
+            let q = a.queue_list();
+            maildir(dir_a.path()).len() == 2
+                && q.len() == 3
+                && q.iter()
+                    .any(|e| e.id == ids[2] && e.recipients == ["r4@far.example"])
+        },
+    );
+
+    // Node B: delivers everything into its Maildir.
+    let dir_b = tempfile::tempdir().unwrap();
+    let routes_b = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir_b.path().display()
+    );
+    let b = Server::start(Some(dir_b.path()), &[&routes_b]);
+    let sock_b = b.spool().join("admin.sock");
+
+    // While A runs, its spool is refused (its shard locks are held).
+    let o = adopt(&a.spool(), &sock_b);
+    assert_eq!(o.status.code(), Some(75), "{}", text(&o));
+    assert!(!a.spool().join("ADOPTED").exists());
+
+    // A dies and never comes back; B adopts its spool.
+    a.kill9();
+    let o = adopt(&a.spool(), &sock_b);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("adopted 3 message(s), 4 recipient(s); skipped 1 finished message(s)"),
+        "{out}"
+    );
+    for id in &ids[..3] {
+        assert!(out.contains(&format!("adopted {id} as ")), "{out}");
+    }
+    assert!(a.spool().join("ADOPTED").exists());
+
+    let want = [
+        ("m1", "r1@far.example"),
+        ("m2", "r2@far.example"),
+        ("m2", "r3@far.example"),
+        ("m3", "r4@far.example"),
+    ];
+    wait_for(
+        "B to deliver the adopted mail",
+        Duration::from_secs(20),
+        || maildir(dir_b.path()).len() >= want.len(),
+    );
+
+    // A second adopt does nothing.
+    let o = adopt(&a.spool(), &sock_b);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("adopted already"),
+        "{}",
+        text(&o)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+
+    // Each pending recipient exactly once, nothing for the ones A had delivered.
+    let got = maildir(dir_b.path());
+    assert_eq!(got.len(), want.len(), "{got:#?}");
+    for (subject, rcpt) in want {
+        let n = got
+            .iter()
+            .filter(|(_, c)| {
+                c.contains(&format!("Delivered-To: {rcpt}\n"))
+                    && c.contains(&format!("Subject: {subject}\n"))
+                    && c.contains(&format!("body of {subject}\n"))
+                    && c.contains("Return-Path: <s@client.test>")
+            })
+            .count();
+        assert_eq!(n, 1, "{subject} to {rcpt}: {got:#?}");
+    }
+    assert!(b.queue_list().is_empty(), "{:?}", b.queue_list());
+}
