@@ -140,3 +140,70 @@ fn adopt_requeues_pending_recipients_once() {
     }
     assert!(b.queue_list().is_empty(), "{:?}", b.queue_list());
 }
+
+/// A re-run after an interrupted adopt: what `DIR/ADOPTING` lists as handed over is
+/// skipped; a torn last line (the crash came before its newline was synced) is not
+/// trusted, so that message is submitted again (the documented, bounded duplicate).
+#[test]
+fn adopt_resumes_from_its_progress_file() {
+    let down = tern_tests::free_port();
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{down}"}}"#);
+    let mut a = Server::with(&[
+        &route,
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1h",
+        "queue.connect_timeout=1s",
+    ]);
+    let mut c = a.smtp();
+    c.ehlo("client.test");
+    let ids: Vec<String> = (1..=3)
+        .map(|i| {
+            let body = format!("Subject: n{i}\r\n\r\nbody of n{i}\r\n");
+            c.send_mail(
+                "s@client.test",
+                &[&format!("t{i}@far.example")],
+                body.as_bytes(),
+            )
+        })
+        .collect();
+    c.quit();
+    a.kill9();
+    // As if an earlier run had handed over the first message and crashed while
+    // recording the second.
+    let progress = format!("{} EARLIER0000001\n{}", ids[0], ids[1]);
+    std::fs::write(a.spool().join("ADOPTING"), progress).unwrap();
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let routes_b = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir_b.path().display()
+    );
+    let b = Server::start(Some(dir_b.path()), &[&routes_b]);
+    let o = adopt(&a.spool(), &b.spool().join("admin.sock"));
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.contains("adopted 2 message(s), 2 recipient(s); skipped 0 finished message(s) and 1 handed over by an earlier run"),
+        "{out}"
+    );
+    assert!(!out.contains(&format!("adopted {} as", ids[0])), "{out}");
+    wait_for("B to deliver", Duration::from_secs(20), || {
+        maildir(dir_b.path()).len() >= 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let got = maildir(dir_b.path());
+    assert_eq!(got.len(), 2, "{got:#?}");
+    for i in 2..=3 {
+        assert!(
+            got.iter()
+                .any(|(_, c)| c.contains(&format!("Delivered-To: t{i}@far.example\n"))),
+            "{got:#?}"
+        );
+    }
+    let log = std::fs::read_to_string(a.spool().join("ADOPTING")).unwrap();
+    assert_eq!(log.lines().count(), 3, "{log}");
+    assert!(
+        log.ends_with('\n') && log.lines().all(|l| l.split_whitespace().count() == 2),
+        "{log}"
+    );
+}

@@ -27,6 +27,8 @@
 //! - A crash (or kill) between the server's answer and the progress line's sync can
 //!   make a re-run submit that one message again: at most one duplicate per interrupted
 //!   run, never a loss (the source is never modified apart from the two files above).
+//!   A torn last line of `ADOPTING` (a crash before its newline reached the disk) is
+//!   not trusted (that message is submitted again) and is cut off before appending.
 //!
 //! Exit codes (sysexits.h): 0 done (or already adopted), 64 usage, 66 no such directory,
 //! 69 no server, 70 the server refused a message, 74 I/O error (a body that cannot be
@@ -86,25 +88,24 @@ fn sync_dir(dir: &Path) -> Result<(), AdoptFail> {
         .map_err(|e| io_fail("syncing", dir, e))
 }
 
-/// Source ids already handed over, from `DIR/ADOPTING` (a torn last line is ignored).
-fn read_progress(path: &Path) -> Result<HashMap<String, String>, AdoptFail> {
-    let text = match std::fs::read(path) {
+/// Source ids already handed over, from `DIR/ADOPTING`, and the length of its complete
+/// lines: a torn last line (a crash before its newline) is not trusted, and is cut off
+/// before anything is appended (else the next line would be glued to it).
+fn read_progress(path: &Path) -> Result<(HashMap<String, String>, u64), AdoptFail> {
+    let bytes = match std::fs::read(path) {
         Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(HashMap::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((HashMap::new(), 0)),
         Err(e) => return Err(io_fail("reading", path, e)),
     };
-    let text = String::from_utf8_lossy(&text);
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..i],
-        None => "",
-    };
-    Ok(complete
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let map = String::from_utf8_lossy(&bytes[..complete])
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             Some((it.next()?.to_string(), it.next().unwrap_or("").to_string()))
         })
-        .collect())
+        .collect();
+    Ok((map, complete as u64))
 }
 
 /// Adopts `dir` into the server on `socket`; prints one line per adopted message.
@@ -144,7 +145,7 @@ pub fn adopt(dir: &Path, socket: &Path) -> Result<Report, AdoptFail> {
     drop(admin::connect(socket)?);
 
     let progress_path = dir.join(PROGRESS);
-    let handed = read_progress(&progress_path)?;
+    let (handed, complete) = read_progress(&progress_path)?;
     let existed = progress_path.exists();
     let mut progress = OpenOptions::new()
         .create(true)
@@ -153,6 +154,16 @@ pub fn adopt(dir: &Path, socket: &Path) -> Result<Report, AdoptFail> {
         .map_err(|e| io_fail("opening", &progress_path, e))?;
     if !existed {
         sync_dir(dir)?;
+    }
+    let len = progress
+        .metadata()
+        .map_err(|e| io_fail("reading", &progress_path, e))?
+        .len();
+    if len > complete {
+        progress
+            .set_len(complete)
+            .and_then(|()| progress.sync_data())
+            .map_err(|e| io_fail("truncating", &progress_path, e))?;
     }
 
     // 3. Every message, as recovery sees it.
