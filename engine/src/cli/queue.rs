@@ -13,7 +13,8 @@
 //! Offline changes (`delete`, `hold`, `release`) open each shard's spool with
 //! `ShardSpool::open`, which takes the shard's lock: while a server runs they are refused
 //! (use the live mode), so the server's index never disagrees with the spool. `flush` is
-//! live only: there is nothing to flush without a queue runner.
+//! live only: there is nothing to flush without a queue runner. `adopt DIR` (another
+//! node's spool onto the running server, exactly once) is live only too: `adopt.rs`.
 //!
 //! Output: columns for people, `--json` for scripts (list: one object per line). Exit
 //! codes from sysexits.h: 0 done, 64 usage, 66 no such spool or message, 69 no server
