@@ -207,3 +207,76 @@ fn adopt_resumes_from_its_progress_file() {
         "{log}"
     );
 }
+
+/// The adopted message keeps its envelope: sender, DSN parameters (RET, ENVID, NOTIFY,
+/// ORCPT), the original arrival time and the body; only pending recipients go over.
+/// Not a spool directory: refused without leaving marker files.
+#[test]
+fn adopt_keeps_the_envelope() {
+    let down = tern_tests::free_port();
+    let route = format!(r#"queue.routes={{"*"="smtp:[127.0.0.1]:{down}"}}"#);
+    let sets = [
+        route.as_str(),
+        r#"relay.trusted_networks=["127.0.0.0/8"]"#,
+        "queue.retry_interval=1h",
+        "queue.connect_timeout=1s",
+    ];
+    let mut a = Server::with(&sets);
+    let mut c = a.smtp();
+    c.ehlo("client.test");
+    c.expect(
+        "MAIL FROM:<s@client.test> RET=HDRS ENVID=env+2Dx",
+        250,
+        "2.1.0",
+    );
+    c.expect(
+        "RCPT TO:<u@far.example> NOTIFY=FAILURE,DELAY ORCPT=rfc822;orig@far.example",
+        250,
+        "2.1.5",
+    );
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: dsn\r\n\r\nkept\r\n.\r\n");
+    let old = c.read_reply().queued_id();
+    c.quit();
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+
+    // B keeps it queued too (its next hop is down), so the envelope can be looked at.
+    let b = Server::with(&sets);
+    let sock = b.spool().join("admin.sock");
+
+    let not_spool = tempfile::tempdir().unwrap();
+    let o = adopt(not_spool.path(), &sock);
+    assert_eq!(o.status.code(), Some(66), "{}", text(&o));
+    assert_eq!(std::fs::read_dir(not_spool.path()).unwrap().count(), 0);
+
+    let o = adopt(&a.spool(), &sock);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let new = out
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("adopted {old} as ")))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    let show = Command::new(tern_bin())
+        .args(["queue", "show", &new, "--json", "--body", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert!(show.status.success(), "{}", text(&show));
+    let s = String::from_utf8_lossy(&show.stdout).into_owned();
+    let v = tern_tests::json::parse(s.trim()).unwrap();
+    assert_eq!(v.get("sender").unwrap().as_str(), "s@client.test", "{s}");
+    assert_eq!(v.get("envid").unwrap().as_str(), "env-x", "{s}");
+    assert!(s.contains(r#""ret":"Hdrs""#), "{s}");
+    assert!(s.contains(r#""orcpt":"rfc822;orig@far.example""#), "{s}");
+    assert!(v.get("age_secs").unwrap().as_u64() >= 1, "{s}");
+    assert!(
+        v.get("body").unwrap().as_str().contains("Subject: dsn"),
+        "{s}"
+    );
+    let rcpts = v.get("all_recipients").unwrap().as_array();
+    assert_eq!(rcpts.len(), 1, "{s}");
+    assert_eq!(rcpts[0].get("addr").unwrap().as_str(), "u@far.example");
+}

@@ -30,7 +30,8 @@
 //!   A torn last line of `ADOPTING` (a crash before its newline reached the disk) is
 //!   not trusted (that message is submitted again) and is cut off before appending.
 //!
-//! Exit codes (sysexits.h): 0 done (or already adopted), 64 usage, 66 no such directory,
+//! Exit codes (sysexits.h): 0 done (or already adopted), 64 usage, 66 no such directory
+//! (or one without `shard-NNN/`),
 //! 69 no server, 70 the server refused a message, 74 I/O error (a body that cannot be
 //! read, the progress file), 75 `DIR` in use by a running server or another adopt, or
 //! the server's queue is full (re-run later: progress is kept), 77 permission denied.
@@ -116,9 +117,20 @@ pub fn adopt(dir: &Path, socket: &Path) -> Result<Report, AdoptFail> {
             format!("{}: no such spool directory", dir.display()),
         ));
     }
-    // 1. The source's shard locks, for the whole run.
+    // 1. The source's shard locks, for the whole run. A directory without shard
+    // directories is not a spool (a typo must not leave marker files anywhere).
+    let shards = shard_dirs(dir)?;
+    if shards.is_empty() {
+        return Err(AdoptFail(
+            66,
+            format!(
+                "{}: not a spool directory (no shard-NNN/ in it)",
+                dir.display()
+            ),
+        ));
+    }
     let mut locks = Vec::new();
-    for (_, sdir) in shard_dirs(dir)? {
+    for (_, sdir) in shards {
         match tern_queue::segment::lock_shard_dir(&sdir) {
             Ok(f) => locks.push(f),
             Err(SpoolError::Locked { path }) => {
