@@ -154,7 +154,7 @@ pub fn adopt(dir: &Path, socket: &Path) -> Result<Report, AdoptFail> {
         });
     }
     // 2. A live server, before anything is read.
-    drop(admin::connect(socket)?);
+    admin::call(socket, &Request::Status)?;
 
     let progress_path = dir.join(PROGRESS);
     let (handed, complete) = read_progress(&progress_path)?;
