@@ -13,6 +13,7 @@
 //! - `features`: `tern features` (what this build and configuration offer).
 //! - `dkim`: `tern dkim keygen` (a DKIM key and its DNS record).
 
+pub mod adopt;
 pub mod ctl;
 pub mod demo;
 pub mod dkim;

@@ -13,7 +13,8 @@
 //! Offline changes (`delete`, `hold`, `release`) open each shard's spool with
 //! `ShardSpool::open`, which takes the shard's lock: while a server runs they are refused
 //! (use the live mode), so the server's index never disagrees with the spool. `flush` is
-//! live only: there is nothing to flush without a queue runner.
+//! live only: there is nothing to flush without a queue runner. `adopt DIR` (another
+//! node's spool onto the running server, exactly once) is live only too: `adopt.rs`.
 //!
 //! Output: columns for people, `--json` for scripts (list: one object per line). Exit
 //! codes from sysexits.h: 0 done, 64 usage, 66 no such spool or message, 69 no server
@@ -120,6 +121,19 @@ pub enum QueueCmd {
         #[command(flatten)]
         target: Target,
     },
+    /// Re-queue the undelivered mail of another node's spool DIR (a node that will not
+    /// come back) on the running server, exactly once: DIR is marked ADOPTED afterwards.
+    /// Live only; DIR must not be in use by a server.
+    Adopt {
+        /// The other node's spool directory.
+        dir: PathBuf,
+        /// The running server's admin socket (default: that of --config).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Configuration file naming admin.socket (default: built-in defaults).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Queue counts, bytes, oldest message and pending recipients per domain.
     Stats {
         #[arg(long)]
@@ -213,6 +227,11 @@ pub fn run(cmd: QueueCmd) -> ExitCode {
             change(&target, id_filter(id), AdminChange::Release),
         ),
         QueueCmd::Stats { json, target } => ("stats", stats(&target, json)),
+        QueueCmd::Adopt {
+            dir,
+            socket,
+            config,
+        } => ("adopt", adopt(&dir, socket, config)),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -472,6 +491,44 @@ fn change(t: &Target, f: Filter, what: AdminChange) -> Result<(), Fail> {
         if let Some(id) = &f.id {
             return Err(Fail(66, format!("no message {id} in the queue")));
         }
+    }
+    Ok(())
+}
+
+fn adopt(dir: &Path, socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<(), Fail> {
+    let socket = match socket {
+        Some(s) => s,
+        None => Config::load(config.as_deref(), &[])
+            .map_err(|e| Fail(78, e.to_string()))?
+            .admin_socket(),
+    };
+    let r = super::adopt::adopt(dir, &socket).map_err(|e| Fail(e.0, e.1))?;
+    if r.already {
+        println!(
+            "{} was adopted already ({} present): nothing to do",
+            dir.display(),
+            dir.join("ADOPTED").display()
+        );
+        return Ok(());
+    }
+    let rcpts: usize = r.adopted.iter().map(|a| a.2).sum();
+    println!(
+        "adopted {} message(s), {} recipient(s); skipped {} finished message(s) and {} \
+         handed over by an earlier run",
+        r.adopted.len(),
+        rcpts,
+        r.finished,
+        r.earlier
+    );
+    if !r.unreadable.is_empty() {
+        return Err(Fail(
+            74,
+            format!(
+                "{} message(s) could not be read (see above); {} not marked ADOPTED",
+                r.unreadable.len(),
+                dir.display()
+            ),
+        ));
     }
     Ok(())
 }
