@@ -35,6 +35,19 @@ pub fn parse_shard_dir_name(name: &str) -> Option<u16> {
     digits.parse().ok()
 }
 
+/// The shard directories (`shard-NNN`) under a spool directory, by shard number.
+pub fn shard_dirs(dir: &Path) -> std::io::Result<Vec<(u16, PathBuf)>> {
+    let mut v: Vec<(u16, PathBuf)> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let s = e.file_name().to_str().and_then(parse_shard_dir_name)?;
+            Some((s, e.path()))
+        })
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Zero-padded so that a plain directory listing sorts segments by number.
 pub fn segment_file_name(number: u64) -> String {
     format!("{number:016}.seg")

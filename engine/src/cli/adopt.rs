@@ -258,17 +258,5 @@ pub fn adopt(dir: &Path, socket: &Path) -> Result<Report, AdoptFail> {
 
 /// The shard directories under `dir`.
 fn shard_dirs(dir: &Path) -> Result<Vec<(u16, PathBuf)>, AdoptFail> {
-    let rd = std::fs::read_dir(dir).map_err(|e| io_fail("listing", dir, e))?;
-    let mut v: Vec<(u16, PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let s = e
-                .file_name()
-                .to_str()
-                .and_then(tern_queue::segment::parse_shard_dir_name)?;
-            Some((s, e.path()))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
+    tern_queue::segment::shard_dirs(dir).map_err(|e| io_fail("listing", dir, e))
 }

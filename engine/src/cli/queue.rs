@@ -597,19 +597,7 @@ fn spool_fail(e: SpoolError) -> Fail {
 
 /// The shard directories under `dir`, by shard number.
 fn shard_dirs(dir: &Path) -> Result<Vec<(u16, PathBuf)>, Fail> {
-    let rd = std::fs::read_dir(dir).map_err(|e| Fail(66, format!("{}: {e}", dir.display())))?;
-    let mut v: Vec<(u16, PathBuf)> = rd
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let s = e
-                .file_name()
-                .to_str()
-                .and_then(tern_queue::segment::parse_shard_dir_name)?;
-            Some((s, e.path()))
-        })
-        .collect();
-    v.sort();
-    Ok(v)
+    tern_queue::segment::shard_dirs(dir).map_err(|e| Fail(66, format!("{}: {e}", dir.display())))
 }
 
 /// Every message of the spool under `dir` with its state after every state record (as
