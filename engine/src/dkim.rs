@@ -365,7 +365,7 @@ impl Signer {
 
     /// [`Signer::sign`] for any message body, whoever sent it.
     pub fn sign_body(&self, body: &[Bytes]) -> Result<Vec<(Algorithm, Bytes)>, SignError> {
-        let Some(header) = header_section(body) else {
+        let Some(header) = tern_smtp::sender::header_section(body) else {
             return Ok(Vec::new());
         };
         let Some(keys) = from_domain(&header).and_then(|d| self.domains.get(&d)) else {
@@ -432,25 +432,6 @@ fn read_key(path: &Path, alg: Algorithm) -> Result<RingKey, String> {
     }
     let pem = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     RingKey::from_pem(&pem, alg).map_err(|e| format!("{}: {e}", path.display()))
-}
-
-/// The header section (up to and including the CRLF that ends its last field), copied
-/// out of the first slices; None if the message has no header/body separator nor
-/// headers at all.
-fn header_section(body: &[Bytes]) -> Option<Vec<u8>> {
-    let mut h = Vec::new();
-    for piece in body {
-        let from = h.len().saturating_sub(3);
-        h.extend_from_slice(piece);
-        if h.starts_with(b"\r\n") {
-            return None;
-        }
-        if let Some(end) = memchr::memmem::find(&h[from..], b"\r\n\r\n") {
-            h.truncate(from + end + 2);
-            return Some(h);
-        }
-    }
-    (!h.is_empty()).then_some(h)
 }
 
 /// The domain of the first From: address, lower-cased.

@@ -1,4 +1,5 @@
 use super::*;
+use tern_smtp::sender::header_section;
 
 fn msg_body(pieces: &[&[u8]]) -> Vec<Bytes> {
     pieces.iter().map(|p| Bytes::copy_from_slice(p)).collect()

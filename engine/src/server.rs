@@ -607,7 +607,6 @@ async fn shard_main(
             max_per_ip: cfg.limits.connections_per_ip,
             proxy_from: cfg.listeners.proxy_from.clone(),
             proxy_timeout: cfg.limits.proxy_timeout,
-            draining: Cell::new(false),
             drain_started: Cell::new(None),
             drain_delay: cfg.shutdown.drain_delay,
         });

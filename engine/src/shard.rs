@@ -50,17 +50,20 @@ pub struct Shard {
     /// Load balancers whose connections begin with a PROXY header (`conn::proxy_header`).
     pub proxy_from: Vec<ipnet::IpNet>,
     pub proxy_timeout: Duration,
-    /// `tern ctl drain`: new connections get `421 4.3.2`, open sessions finish, the runner
-    /// keeps delivering, `/healthz` answers 503. Set only by the admin `drain`/`undrain`
-    /// requests (`admin::server::on_shard`).
-    pub draining: Cell<bool>,
-    /// When the drain started, and how long new connections are still served after it
-    /// (`shutdown.drain_delay`: the balancer's health check sees 503 first).
+    /// `tern ctl drain`: when it started (None: not draining). New connections get
+    /// `421 4.3.2` once `drain_delay` has passed (the balancer's health check sees 503
+    /// first), open sessions finish, the runner keeps delivering, `/healthz` answers 503.
+    /// Set only by the admin `drain`/`undrain` requests (`admin::server::on_shard`).
     pub drain_started: Cell<Option<std::time::Instant>>,
     pub drain_delay: Duration,
 }
 
 impl Shard {
+    /// Whether `tern ctl drain` is in force.
+    pub fn draining(&self) -> bool {
+        self.drain_started.get().is_some()
+    }
+
     /// Does a connection from `ip` come through a load balancer (PROXY header first)?
     pub fn from_balancer(&self, ip: IpAddr) -> bool {
         !self.proxy_from.is_empty() && self.proxy_from.iter().any(|n| n.contains(&ip))
@@ -71,11 +74,10 @@ impl Shard {
         if self.stopping.fired() {
             return Err("server shutting down");
         }
-        if self.draining.get()
-            && self
-                .drain_started
-                .get()
-                .is_none_or(|t| t.elapsed() >= self.drain_delay)
+        if self
+            .drain_started
+            .get()
+            .is_some_and(|t| t.elapsed() >= self.drain_delay)
         {
             return Err(DRAINING);
         }
@@ -125,7 +127,7 @@ impl Shard {
         snap.spool_bytes = self.store.group_commit().with_spool(|s| s.disk_bytes());
         snap.oldest_arrival_unix_micros = runner.oldest_arrival_unix_micros();
         snap.sync_latency = self.store.group_commit().sync_times();
-        snap.draining = self.draining.get();
+        snap.draining = self.draining();
         snap.dkim_signed = self.store.dkim_signed();
         snap.accepting = !self.store.runner().over_high_water();
         snap

@@ -46,7 +46,7 @@ impl fmt::Display for Printable<'_> {
             if c.is_control() {
                 write!(f, "\\x{:02x}", c as u32)?;
             } else {
-                f.write_fmt(format_args!("{c}"))?;
+                fmt::Write::write_char(f, c)?;
             }
         }
         Ok(())

@@ -18,6 +18,8 @@
 
 use std::collections::HashMap;
 
+use bytes::Bytes;
+
 /// One parsed map: address → logins, domain → logins.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SenderMap {
@@ -117,6 +119,34 @@ pub fn owns(login: &str, realm: &str, addr: &str, map: &SenderMap) -> bool {
             .is_some_and(|(l, d)| l.eq_ignore_ascii_case(login) && d.eq_ignore_ascii_case(realm)),
     };
     own || map.grants(addr, login)
+}
+
+/// Longest header section [`header_section`] copies: past it the rest is not looked at
+/// (RFC 5322 puts no limit on the number of fields, but 64 KiB of them is abuse).
+pub const MAX_HEADER_SECTION: usize = 64 * 1024;
+
+/// A message's header section (up to and including the CRLF that ends its last field),
+/// copied out of the first body slices, at most [`MAX_HEADER_SECTION`] bytes; None when
+/// the message begins with the empty line (no header at all). Each slice is searched
+/// once (only the 3 bytes before it again, for a separator split across slices).
+pub fn header_section(body: &[Bytes]) -> Option<Vec<u8>> {
+    let mut h = Vec::new();
+    for piece in body {
+        let from = h.len().saturating_sub(3);
+        h.extend_from_slice(piece);
+        if h.starts_with(b"\r\n") {
+            return None;
+        }
+        if let Some(end) = memchr::memmem::find(&h[from..], b"\r\n\r\n") {
+            h.truncate(from + end + 2);
+            return Some(h);
+        }
+        if h.len() >= MAX_HEADER_SECTION {
+            h.truncate(MAX_HEADER_SECTION);
+            break;
+        }
+    }
+    (!h.is_empty()).then_some(h)
 }
 
 /// The addresses in the From: field(s) of a header section (RFC 5322 §3.6.2), unfolded:

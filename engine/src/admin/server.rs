@@ -481,7 +481,7 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
         }
         Request::Drain | Request::Undrain => {
             let on = matches!(req, Request::Drain);
-            if shard.draining.replace(on) != on {
+            if shard.draining() != on {
                 shard.drain_started.set(on.then(std::time::Instant::now));
                 tracing::info!(
                     shard = shard.id,
@@ -498,7 +498,7 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
         }
         Request::Status => json!({
             "shard": shard.id,
-            "draining": shard.draining.get(),
+            "draining": shard.draining(),
             "connections": shard.connections(),
             "queued": runner.len(),
             "in_flight": runner.in_flight(),

@@ -1450,18 +1450,7 @@ impl Session {
     fn header_from_not_owned(&self, body: &[Bytes]) -> Option<(String, String)> {
         let a = self.cfg.auth.as_ref().filter(|a| a.check_header_from)?;
         let login = self.authenticated.as_deref()?;
-        // The header section: the body's first bytes up to the empty line, bounded (a
-        // From: field past 64 KiB of headers is not looked for).
-        let mut header = Vec::new();
-        for piece in body {
-            header.extend_from_slice(piece);
-            if memchr::memmem::find(&header, b"\r\n\r\n").is_some() || header.len() > 65_536 {
-                break;
-            }
-        }
-        if let Some(end) = memchr::memmem::find(&header, b"\r\n\r\n") {
-            header.truncate(end + 2);
-        }
+        let header = crate::sender::header_section(body)?;
         let map = a.shared.senders.borrow();
         let addrs = crate::sender::header_from_addresses(&header).unwrap_or_default();
         addrs
