@@ -36,6 +36,7 @@ pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod dkim;
+pub mod dkim_thread;
 pub mod metrics;
 pub mod notify;
 pub mod privileges;

@@ -277,6 +277,21 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:le
             s.shard, s.sessions, s.accepted, s.queue
         );
     }
+    // Submission policy at a glance: signatures per algorithm, refusals per reason (the
+    // same counters as tern_dkim_signed_total and tern_messages_rejected_total).
+    o.push_str("</table>\n<h2>DKIM signatures</h2><table id=dkim><tr><th class=l>algorithm</th><th>messages signed</th></tr>\n");
+    for a in crate::dkim::Algorithm::ALL {
+        let _ = writeln!(
+            o,
+            "<tr><td class=l>{}</td><td>{}</td></tr>",
+            a.label(),
+            t.dkim_signed[a.index()]
+        );
+    }
+    o.push_str("</table>\n<h2>Refusals by reason</h2><table id=rej><tr><th class=l>reason</th><th>refused</th></tr>\n");
+    for (r, v) in Reject::ALL.iter().zip(t.rejected) {
+        let _ = writeln!(o, "<tr><td class=l>{}</td><td>{v}</td></tr>", r.label());
+    }
     o.push_str("</table>\n<h2>Recent errors</h2><table id=err><tr><th class=l>time (UTC)</th><th class=l>what</th></tr>\n");
     let mut recent: Vec<&(u64, String)> = shards.iter().flat_map(|s| s.recent.iter()).collect();
     recent.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
