@@ -68,11 +68,15 @@ pub fn report(cfg: &Config) -> String {
             .collect();
         let _ = writeln!(
             o,
-            "DKIM: signing mail from {} clients (relaxed/relaxed, mail-auth + ring)",
+            "DKIM: signing mail from {} clients (relaxed/relaxed, mail-auth + AWS-LC, dkim.signer = {})",
             if when.is_empty() {
                 "no".to_string()
             } else {
                 when.join(" and ")
+            },
+            match signer.mode() {
+                tern_engine::dkim::SignerMode::Inline => "inline",
+                tern_engine::dkim::SignerMode::Thread => "thread",
             }
         );
         for k in signer.keys() {
