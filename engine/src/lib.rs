@@ -32,6 +32,7 @@ pub mod admin;
 pub mod anvil;
 pub mod bind;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;

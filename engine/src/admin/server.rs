@@ -140,6 +140,8 @@ pub struct AdminCtx {
     pub reload: Box<dyn Fn() -> Result<usize, String> + Send>,
     pub log_level: Option<LogLevelFn>,
     pub started: Instant,
+    /// The Redis thread's state, with `[cluster] redis`.
+    pub cluster: Option<Arc<crate::cluster::Status>>,
 }
 
 /// Starts the admin thread on `sock`'s listener.
@@ -276,6 +278,20 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
                 m.insert("uptime_secs".into(), json!(ctx.started.elapsed().as_secs()));
                 let l = level.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 m.insert("log_level".into(), json!(l));
+                if let Some(c) = &ctx.cluster {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    m.insert(
+                        "cluster".into(),
+                        json!({
+                            "redis": c.url,
+                            "up": c.is_up(),
+                            "fallbacks": c.fallbacks.load(Relaxed),
+                            "round_trips": c.round_trips.load(Relaxed),
+                            "ops": c.ops.load(Relaxed),
+                            "dropped": c.dropped.load(Relaxed),
+                        }),
+                    );
+                }
             }
             Ok(v)
         }
@@ -393,21 +409,26 @@ fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
         Request::Limits { .. } => {
             // Every shard counts every login's messages (anvil): their views agree up to
             // messages in flight; show the highest.
-            let mut users: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+            // The cluster's over-rate flags reach every shard alike; any shard's is shown.
+            let mut users: std::collections::BTreeMap<String, (f64, f64, bool, bool)> =
+                Default::default();
             for a in &answers {
                 for u in a["users"].as_array().into_iter().flatten() {
                     let name = u["user"].as_str().unwrap_or("").to_string();
                     let e = users.entry(name).or_default();
                     e.0 = e.0.max(u["messages"].as_f64().unwrap_or(0.0));
                     e.1 = e.1.max(u["recipients"].as_f64().unwrap_or(0.0));
+                    e.2 |= u["cluster_over_messages"].as_bool().unwrap_or(false);
+                    e.3 |= u["cluster_over_recipients"].as_bool().unwrap_or(false);
                 }
             }
             let first = answers.first().cloned().unwrap_or(Value::Null);
             json!({
                 "message_rate": first["message_rate"],
                 "recipient_rate": first["recipient_rate"],
-                "users": users.into_iter().map(|(u, (m, r))| json!({
-                    "user": u, "messages": m.round(), "recipients": r.round()
+                "users": users.into_iter().map(|(u, (m, r, om, or))| json!({
+                    "user": u, "messages": m.round(), "recipients": r.round(),
+                    "cluster_over_messages": om, "cluster_over_recipients": or,
                 })).collect::<Vec<_>>(),
             })
         }
@@ -474,8 +495,10 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
             json!({
                 "message_rate": show(rates.messages),
                 "recipient_rate": show(rates.recipients),
-                "users": users.iter().map(|(u, m, r)| json!({
-                    "user": u, "messages": m, "recipients": r
+                "users": users.iter().map(|u| json!({
+                    "user": u.user, "messages": u.messages, "recipients": u.recipients,
+                    "cluster_over_messages": u.cluster_over_messages,
+                    "cluster_over_recipients": u.cluster_over_recipients,
                 })).collect::<Vec<_>>(),
             })
         }
