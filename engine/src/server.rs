@@ -116,6 +116,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if !same(&old.metrics, &new.metrics) {
         v.push("metrics");
     }
+    if old.cluster.redis != new.cluster.redis {
+        v.push("cluster");
+    }
     if old.hostname != new.hostname {
         v.push("hostname");
     }

@@ -339,6 +339,20 @@ fn round_trip(
             .query::<()>(c)
             .map_err(|e| e.to_string())?;
         status.round_trips.fetch_add(1, Ordering::Relaxed);
+        for (s, until) in &outcome.tripped {
+            let secs = until.saturating_sub(now) / 1000;
+            match s {
+                Subject::Ip(ip) => {
+                    tracing::warn!(%ip, cooldown_secs = secs, "too many failed AUTH attempts across the cluster: blocking AUTH from this address on every node")
+                }
+                Subject::Login(l) => {
+                    tracing::warn!(login = %l, cooldown_secs = secs, "too many failed AUTH attempts across the cluster: blocking AUTH as this login (escaped) on every node")
+                }
+                Subject::Over(w, l) => {
+                    tracing::info!(login = %l, rate = ?w, secs, "login over its sending rate across the cluster")
+                }
+            }
+        }
     }
     Ok(outcome)
 }
