@@ -3,7 +3,10 @@
 //! sharing it:
 //! - failed AUTHs from one client address, spread over both nodes, trip the block on both
 //!   (each node saw fewer than the limit: its own anvil would not have); another client
-//!   address is not blocked;
+//!   address is not blocked; the Redis password never shows (logs, status, check-config,
+//!   features) and every `tern_cluster_*` series the alert rules name is exported;
+//! - failed AUTHs as one login from two addresses over both nodes block that login on both
+//!   (`auth.login_failure_limit`), with the same 454 for a right and a wrong password;
 //! - a login's message rate is counted across both nodes: once the first node used the
 //!   budget, the second answers 450 4.7.1 without having counted anything itself;
 //! - Redis stopped mid-test: AUTH still works, each node counts locally (its own limit
@@ -243,6 +246,43 @@ fn failed_auths_over_two_nodes_block_the_address_on_both() {
         let log = s.stderr_log();
         assert!(log.contains(&shown) && !log.contains(PW), "{log}");
     }
+}
+
+/// `auth.login_failure_limit`: failures as one login from two addresses on two nodes
+/// block the login everywhere (454 even with the right password, from a third address);
+/// another login is unaffected.
+#[test]
+fn failed_auths_as_one_login_block_it_on_every_node() {
+    if skip() {
+        return;
+    }
+    let redis = Redis::start();
+    let extra = ["auth.login_failure_limit=4", "auth.ip_failure_limit=100"];
+    let (a, b) = (node(&redis.url(), &extra), node(&redis.url(), &extra));
+    for s in [&a, &b] {
+        wait_for("the node to reach Redis", Duration::from_secs(20), || {
+            metric(s, "tern_cluster_redis_up") == Some(1.0)
+        });
+    }
+    for (s, src) in [
+        (&a, "127.0.0.7"),
+        (&b, "127.0.0.8"),
+        (&a, "127.0.0.8"),
+        (&b, "127.0.0.7"),
+    ] {
+        assert_eq!(auth_from(s, src, BAD), 535);
+    }
+    for s in [&a, &b] {
+        wait_for(
+            "the login block on this node",
+            Duration::from_secs(10),
+            || auth_from(s, "127.0.0.9", GOOD) == 454,
+        );
+    }
+    // The reply to a wrong password is the same 454: no oracle.
+    assert_eq!(auth_from(&a, "127.0.0.9", BAD), 454);
+    // Another login (unknown: 535) is not blocked, and the addresses are not.
+    assert_eq!(auth_from(&b, "127.0.0.7", "AUTH PLAIN AGJvYgB4"), 535);
 }
 
 #[test]
