@@ -410,6 +410,9 @@ pub fn run_with(
                 log_level: hooks.log_level,
                 started,
                 cluster: cluster_status.clone(),
+                cluster_client: cluster_status
+                    .as_ref()
+                    .and_then(|_| redis::Client::open(cfg.cluster.redis.as_str()).ok()),
             },
         )
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;

@@ -318,8 +318,10 @@ fn a_login_message_rate_is_counted_across_nodes() {
     );
     let text = ctl(&b, &["limits", "demo"]);
     let row = text.lines().find(|l| l.starts_with("demo")).unwrap_or("");
-    // Node b counted nothing itself; only the cluster says the login is over.
+    // Node b counted nothing itself; only the cluster says the login is over, and the
+    // cluster's count (in Redis) is node a's three.
     assert_eq!(row.split_whitespace().nth(1), Some("0"), "{text}");
+    assert_eq!(row.split_whitespace().nth(3), Some("3/0"), "{text}");
     assert!(row.contains("over message rate"), "{text}");
     let r = mail(&b);
     assert!(

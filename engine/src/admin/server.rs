@@ -142,6 +142,8 @@ pub struct AdminCtx {
     pub started: Instant,
     /// The Redis thread's state, with `[cluster] redis`.
     pub cluster: Option<Arc<crate::cluster::Status>>,
+    /// A client for the same Redis, to read the cluster's counts (`tern ctl limits`).
+    pub cluster_client: Option<redis::Client>,
 }
 
 /// Starts the admin thread on `sock`'s listener.
@@ -272,6 +274,9 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
         req => {
             let answers = ask_shards(&ctx.controls, &req)?;
             let mut v = merge(&req, answers)?;
+            if let (Request::Limits { .. }, Some(client)) = (&req, &ctx.cluster_client) {
+                add_cluster_counts(client, &mut v);
+            }
             if let (Request::Status, Value::Object(m)) = (&req, &mut v) {
                 m.insert("pid".into(), json!(std::process::id()));
                 m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
@@ -294,6 +299,31 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
                 }
             }
             Ok(v)
+        }
+    }
+}
+
+/// `tern ctl limits` with `[cluster] redis`: each login's counts in the cluster's current
+/// windows, read from Redis (`cluster_messages`, `cluster_recipients`; null without a
+/// count); `cluster_error` when Redis does not answer (the local view is still shown).
+fn add_cluster_counts(client: &redis::Client, v: &mut Value) {
+    let logins: Vec<String> = v["users"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u["user"].as_str().map(str::to_string))
+        .collect();
+    match crate::cluster::redis::read_counts(client, &logins) {
+        Ok(counts) => {
+            if let Some(users) = v["users"].as_array_mut() {
+                for (u, (m, r)) in users.iter_mut().zip(counts) {
+                    u["cluster_messages"] = json!(m);
+                    u["cluster_recipients"] = json!(r);
+                }
+            }
+        }
+        Err(e) => {
+            v["cluster_error"] = json!(crate::config::redact_url(&e));
         }
     }
 }

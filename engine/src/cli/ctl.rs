@@ -154,14 +154,23 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
                 rate("message_rate"),
                 rate("recipient_rate")
             );
+            if let Some(e) = v["cluster_error"].as_str() {
+                println!("cluster counts unavailable (counting locally): {e}");
+            }
             println!(
-                "{:<40} {:>9} {:>11}  CLUSTER",
+                "{:<40} {:>9} {:>11}  CLUSTER (MESSAGES/RECIPIENTS IN REDIS)",
                 "USER", "MESSAGES", "RECIPIENTS"
             );
             for u in v["users"].as_array().into_iter().flatten() {
                 let over = |k: &str| u[k].as_bool() == Some(true);
+                let cluster = match (u.get("cluster_messages"), u.get("cluster_recipients")) {
+                    (Some(m), Some(r)) => {
+                        format!("{}/{} ", m.as_u64().unwrap_or(0), r.as_u64().unwrap_or(0))
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<40} {:>9} {:>11}  {}",
+                    "{:<40} {:>9} {:>11}  {cluster}{}",
                     u["user"].as_str().unwrap_or("?"),
                     u["messages"].as_f64().unwrap_or(0.0),
                     u["recipients"].as_f64().unwrap_or(0.0),

@@ -187,6 +187,34 @@ fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
     Ok(c)
 }
 
+/// A login's (messages, recipients) in the cluster's current windows (None: no count).
+pub type ClusterCounts = (Option<u64>, Option<u64>);
+
+/// The cluster's current message and recipient counts of `logins` (None: no count in the
+/// current window), for `tern ctl limits`. Blocking, bounded by the connect and I/O
+/// timeouts: called on the admin thread, never on a shard.
+pub fn read_counts(
+    client: &redis::Client,
+    logins: &[String],
+) -> Result<Vec<ClusterCounts>, String> {
+    if logins.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut c = connect(client).map_err(|e| e.to_string())?;
+    let mut p = redis::pipe();
+    for l in logins {
+        let esc = super::escape_login(l);
+        p.cmd("GET")
+            .arg(Keys::rate(super::UserCount::Message, &esc));
+        p.cmd("GET")
+            .arg(Keys::rate(super::UserCount::Recipient, &esc));
+    }
+    let v: Vec<Option<u64>> = p.query(&mut c).map_err(|e| e.to_string())?;
+    Ok(v.chunks(2)
+        .map(|p| (p[0], p.get(1).copied().flatten()))
+        .collect())
+}
+
 /// What one round trip learnt: counters that reached their limit (subject, end in ms),
 /// and the cluster's current entries when it polled.
 #[derive(Debug, Default, PartialEq)]
