@@ -117,14 +117,9 @@ fn run(
         let Some(c) = conn.as_mut() else {
             match connect(&client) {
                 Ok(c) => {
+                    // Up only once a round trip (this poll, at once) has worked: a server
+                    // that accepts connections but fails our commands must not flap.
                     conn = Some(c);
-                    backoff = BACKOFF_MIN;
-                    status.up.store(true, Ordering::Relaxed);
-                    if std::mem::replace(&mut in_outage, false) {
-                        tracing::info!(redis = %status.url, "redis reachable again: counting across the cluster");
-                    } else {
-                        tracing::info!(redis = %status.url, "redis connected: counting across the cluster");
-                    }
                     next_poll = Instant::now();
                 }
                 Err(e) => {
@@ -164,6 +159,14 @@ fn run(
         let now = unix_ms();
         match round_trip(c, &batch, poll, now, &status) {
             Ok(outcome) => {
+                if !status.up.swap(true, Ordering::Relaxed) {
+                    backoff = BACKOFF_MIN;
+                    if std::mem::replace(&mut in_outage, false) {
+                        tracing::info!(redis = %status.url, "redis reachable again: counting across the cluster");
+                    } else {
+                        tracing::info!(redis = %status.url, "redis connected: counting across the cluster");
+                    }
+                }
                 status.ops.fetch_add(ops, Ordering::Relaxed);
                 for n in outcome.news(&mut known, now) {
                     deliver(n);
@@ -173,18 +176,45 @@ fn run(
                 status.dropped.fetch_add(ops, Ordering::Relaxed);
                 conn = None;
                 down(&mut in_outage, &e);
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }
 }
 
-fn connect(client: &redis::Client) -> redis::RedisResult<redis::Connection> {
-    let mut c = client.get_connection_with_timeout(CONNECT_TIMEOUT)?;
-    c.set_read_timeout(Some(IO_TIMEOUT))?;
-    c.set_write_timeout(Some(IO_TIMEOUT))?;
-    // A connection that answers: a URL pointing at something else fails here.
-    redis::cmd("PING").query::<String>(&mut c)?;
+fn connect(client: &redis::Client) -> Result<redis::Connection, String> {
+    let e = |e: redis::RedisError| e.to_string();
+    let mut c = client
+        .get_connection_with_timeout(CONNECT_TIMEOUT)
+        .map_err(e)?;
+    c.set_read_timeout(Some(IO_TIMEOUT)).map_err(e)?;
+    c.set_write_timeout(Some(IO_TIMEOUT)).map_err(e)?;
+    // A server that answers, and one recent enough for `PEXPIRE ... NX` (Redis 7.0;
+    // Valkey reports its Redis-compatible version here too).
+    let info: String = redis::cmd("INFO").arg("server").query(&mut c).map_err(e)?;
+    check_version(&info)?;
     Ok(c)
+}
+
+/// `redis_version` from `INFO server` must be 7.0 or later.
+fn check_version(info: &str) -> Result<(), String> {
+    let v = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .ok_or("INFO server names no redis_version")?;
+    let major: u32 = v
+        .split('.')
+        .next()
+        .and_then(|m| m.parse().ok())
+        .ok_or_else(|| format!("unreadable redis_version {v:?}"))?;
+    if major < 7 {
+        return Err(format!(
+            "Redis {v} is too old: [cluster] redis needs 7.0 or later (PEXPIRE NX)"
+        ));
+    }
+    Ok(())
 }
 
 /// A login's (messages, recipients) in the cluster's current windows (None: no count).
@@ -200,7 +230,7 @@ pub fn read_counts(
     if logins.is_empty() {
         return Ok(Vec::new());
     }
-    let mut c = connect(client).map_err(|e| e.to_string())?;
+    let mut c = connect(client)?;
     let mut p = redis::pipe();
     for l in logins {
         let esc = super::escape_login(l);
@@ -433,6 +463,17 @@ mod tests {
             window: Duration::from_secs(600),
             block: Duration::from_secs(900),
         }
+    }
+
+    #[test]
+    fn redis_before_7_is_refused() {
+        assert!(
+            check_version("# Server\r\nredis_version:7.0.15\r\nredis_mode:standalone\r\n").is_ok()
+        );
+        assert!(check_version("redis_version:8.2.1\r\n").is_ok());
+        let e = check_version("redis_version:6.2.6\r\n").unwrap_err();
+        assert!(e.contains("7.0 or later"), "{e}");
+        assert!(check_version("nothing").is_err());
     }
 
     #[test]
