@@ -9,6 +9,7 @@
 //!   (`auth.login_failure_limit`), with the same 454 for a right and a wrong password;
 //! - a login's message rate is counted across both nodes: once the first node used the
 //!   budget, the second answers 450 4.7.1 without having counted anything itself;
+//! - the recipient rate likewise (452 4.5.3 at RCPT on the second node);
 //! - Redis stopped mid-test: AUTH still works, each node counts locally (its own limit
 //!   blocks again), the metrics say so (`tern_cluster_redis_up 0`, a fallback counted);
 //!   Redis back: both nodes recover by themselves and count across the cluster again.
@@ -328,6 +329,48 @@ fn a_login_message_rate_is_counted_across_nodes() {
         r.starts_with("450 4.7.1 Error: too many messages from user demo"),
         "{r}"
     );
+}
+
+/// The recipient rate likewise: node a adds the login's four recipients, node b refuses
+/// the fifth at RCPT with 452 4.5.3 (and still takes the MAIL).
+#[test]
+fn a_login_recipient_rate_is_counted_across_nodes() {
+    if skip() {
+        return;
+    }
+    let redis = Redis::start();
+    let rate = r#"auth.user_recipient_rate="4/1h""#;
+    let (a, b) = (node(&redis.url(), &[rate]), node(&redis.url(), &[rate]));
+    for s in [&a, &b] {
+        wait_for("the node to reach Redis", Duration::from_secs(20), || {
+            metric(s, "tern_cluster_redis_up") == Some(1.0)
+        });
+    }
+    let session = |s: &Server| {
+        let mut c = Client::connect(s.submission);
+        c.expect_greeting();
+        c.ehlo("client.test");
+        c.expect(GOOD, 235, "2.7.0");
+        c.expect("MAIL FROM:<demo@example.org>", 250, "2.1.0");
+        c
+    };
+    let mut c = session(&a);
+    for i in 0..4 {
+        c.expect(&format!("RCPT TO:<r{i}@example.net>"), 250, "2.1.5");
+    }
+    c.send(b"QUIT\r\n");
+    wait_for(
+        "node b to see demo over its recipient rate",
+        Duration::from_secs(10),
+        || ctl(&b, &["limits", "demo"]).contains("over recipient rate"),
+    );
+    let mut c = session(&b);
+    c.expect(
+        "RCPT TO:<r4@example.net>",
+        452,
+        "4.5.3 Error: too many recipients from user demo",
+    );
+    c.send(b"QUIT\r\n");
 }
 
 #[test]
