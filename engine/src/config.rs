@@ -369,10 +369,10 @@ pub struct LogConfig {
 pub struct ClusterConfig {
     /// `redis://[user:password@]host:port[/db]` (or `redis+unix:///path`; `rediss://` is
     /// refused: this build has no TLS for Redis): AUTH failures per IP and per login, IP
-    /// and login blocks, and per-login sending
-    /// rates are counted across every node sharing it (Redis or Valkey 7.0+). Empty (the
-    /// default): everything is counted on this node only. Shown with its password
-    /// replaced; a file holding a password must not be group/world-readable.
+    /// and login blocks, and per-login sending rates are counted across every node sharing
+    /// it (Redis or Valkey 7.0+). Empty (the default): everything is counted on this node
+    /// only. Shown with its password replaced; a file holding a password must not be
+    /// group/world-readable.
     #[serde(serialize_with = "serialize_redacted")]
     pub redis: String,
 }
