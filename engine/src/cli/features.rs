@@ -90,6 +90,15 @@ pub fn report(cfg: &Config) -> String {
             );
         }
     }
+    if cfg.cluster.redis.is_empty() {
+        let _ = writeln!(o, "Cluster counters: node-local (no [cluster] redis)");
+    } else {
+        let _ = writeln!(
+            o,
+            "Cluster counters: Redis {} (AUTH failures per IP and login, blocks, per-login rates; local counting while it is down)",
+            tern_engine::config::redact_url(&cfg.cluster.redis)
+        );
+    }
     let _ = writeln!(o, "Host name: {}", cfg.hostname);
     let _ = writeln!(
         o,

@@ -5,7 +5,8 @@
 //!
 //! - `/metrics`: Prometheus text exposition format 0.0.4, every series per shard
 //!   (`shard="0"`, ...) and summed (`shard="total"`): sum over `shard!="total"` to avoid
-//!   counting twice.
+//!   counting twice. With `[cluster] redis`, the node's `tern_cluster_redis_*` series
+//!   (no shard label: one Redis thread per node) follow.
 //! - `/healthz`: 200 "ok" while the node takes mail: every shard answered within a second,
 //!   none is draining (`tern ctl drain`) and every spool is under its high-water marks;
 //!   else 503 with the reason (a balancer's health check).
@@ -20,6 +21,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
@@ -482,6 +484,7 @@ const MAX_REQUEST: usize = 8192;
 pub fn spawn_http(
     listener: TcpListener,
     controls: Vec<UnboundedSender<Control>>,
+    cluster: Option<Arc<crate::cluster::Status>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("tern-metrics".into())
@@ -491,7 +494,7 @@ pub fn spawn_http(
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                if let Err(e) = serve_one(conn, &controls) {
+                if let Err(e) = serve_one(conn, &controls, cluster.as_deref()) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
@@ -499,7 +502,11 @@ pub fn spawn_http(
         .map(|_| ())
 }
 
-fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std::io::Result<()> {
+fn serve_one(
+    mut conn: TcpStream,
+    controls: &[UnboundedSender<Control>],
+    cluster: Option<&crate::cluster::Status>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = Vec::with_capacity(1024);
@@ -549,7 +556,7 @@ fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std:
             &mut conn,
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(&snaps),
+            &(render(&snaps) + &cluster.map(|c| c.render()).unwrap_or_default()),
         ),
         "/healthz" => {
             // A balancer sends new connections here only while this answers 200.
