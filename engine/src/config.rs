@@ -150,7 +150,9 @@ pub struct AuthConfig {
     /// SASL mechanisms offered, in this order. Plaintext ones (PLAIN, LOGIN) are offered
     /// only under TLS unless `allow_plaintext_without_tls`.
     pub mechanisms: Vec<String>,
-    /// The user store (written by `tern passwd`). A missing file means no users.
+    /// The user store (written by `tern passwd`): a file (a missing file means no users)
+    /// or a `postgresql://` URL (see `pgusers`). Shown with its password redacted.
+    #[serde(serialize_with = "serialize_users")]
     pub users: PathBuf,
     /// Realm users are looked up in (and DIGEST-MD5's realm). Empty: the host name, which
     /// is also `tern passwd`'s default.
@@ -221,7 +223,47 @@ impl Default for AuthConfig {
     }
 }
 
+/// Where the users are: `auth.users` read as a file path or a PostgreSQL URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserStore {
+    File(PathBuf),
+    Postgres(crate::pgusers::PgUrl),
+}
+
+impl std::fmt::Display for UserStore {
+    /// The path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserStore::File(p) => write!(f, "{}", p.display()),
+            UserStore::Postgres(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+impl UserStore {
+    /// `postgresql://...`/`postgres://...` is a database, anything else a file path.
+    pub fn from_path(p: &Path) -> UserStore {
+        match p.to_str().and_then(crate::pgusers::PgUrl::parse) {
+            Some(u) => UserStore::Postgres(u),
+            None => UserStore::File(p.to_owned()),
+        }
+    }
+}
+
+/// `check-config` prints the configuration: never a database password.
+fn serialize_users<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    match UserStore::from_path(p) {
+        UserStore::Postgres(u) => s.serialize_str(&u.redacted()),
+        UserStore::File(_) => p.serialize(s),
+    }
+}
+
 impl AuthConfig {
+    /// The user store: a file or a PostgreSQL database.
+    pub fn user_store(&self) -> UserStore {
+        UserStore::from_path(&self.users)
+    }
+
     /// The effective realm: configured, or the host name.
     pub fn realm_or<'a>(&'a self, hostname: &'a str) -> &'a str {
         if self.realm.is_empty() {
@@ -494,17 +536,37 @@ impl Default for LogConfig {
 impl Config {
     /// Loads `path` (if any), applies `--set` overrides, and validates.
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config, ConfigError> {
-        let (text, name) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        let (text, name, mode) = match path {
+            Some(p) => {
+                let read_err = |source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
-                })?,
-                p.display().to_string(),
-            ),
-            None => (String::new(), "<defaults>".to_string()),
+                };
+                // fstat the open file, so the mode checked is the file read.
+                let mut f = std::fs::File::open(p).map_err(read_err)?;
+                let mode = {
+                    use std::os::unix::fs::MetadataExt;
+                    f.metadata().map_err(read_err)?.mode() & 0o7777
+                };
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text).map_err(read_err)?;
+                (text, p.display().to_string(), Some(mode))
+            }
+            None => (String::new(), "<defaults>".to_string(), None),
         };
-        Self::from_toml_str(&text, &name, sets)
+        let cfg = Self::from_toml_str(&text, &name, sets)?;
+        // A database password in the file makes the file a secret, checked like the user
+        // store file itself (userstore::load): owner-only.
+        if let (Some(mode), UserStore::Postgres(url)) = (mode, cfg.auth.user_store()) {
+            if url.has_password() && text.contains(url.secret()) && mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: mode {mode:04o} lets group or others read it, and auth.users \
+                     holds a database password; run `chmod 600 {name}` (or give the \
+                     password another way, e.g. peer authentication over the Unix socket)"
+                )));
+            }
+        }
+        Ok(cfg)
     }
 
     /// Parses TOML text plus overrides. Separate from `load` so tests and `tern demo` can
@@ -826,6 +888,48 @@ mod tests {
             &[],
         );
         assert_eq!(ok.unwrap().queue.high_water_bytes, 134_217_728);
+    }
+
+    #[test]
+    fn users_url_is_redacted_and_its_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tern.toml");
+        std::fs::write(
+            &p,
+            "[auth]\nusers = \"postgresql://tern:s3cret@db.example/mail\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(Some(&p), &[]).unwrap();
+        assert!(matches!(c.auth.user_store(), UserStore::Postgres(_)));
+        let shown = toml::to_string(&c).unwrap();
+        assert!(
+            shown.contains("postgresql://tern:***@db.example/mail"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("s3cret") && !format!("{}", c.auth.user_store()).contains("s3cret")
+        );
+        // No password in the URL: the file's mode is the operator's business.
+        std::fs::write(
+            &p,
+            "[auth]\nusers = \"postgresql://tern@db.example/mail\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(Some(&p), &[]).is_ok());
+        // A file path stays a file.
+        let c =
+            Config::from_toml_str("[auth]\nusers = \"/etc/tern/users.db\"\n", "t", &[]).unwrap();
+        assert_eq!(
+            c.auth.user_store(),
+            UserStore::File("/etc/tern/users.db".into())
+        );
     }
 
     #[test]

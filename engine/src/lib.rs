@@ -38,6 +38,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod metrics;
 pub mod notify;
+pub mod pgusers;
 pub mod privileges;
 pub mod sdnotify;
 pub mod server;

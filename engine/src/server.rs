@@ -29,8 +29,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
+use crate::config::UserStore;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
+use crate::pgusers::{self, Status as UsersStatus};
 pub use crate::shard::{Control, Shard};
 use crate::shard_hooks::ShardHooks;
 use crate::spool::ShardStore;
@@ -55,6 +57,8 @@ pub enum ServerError {
     Privileges(#[from] crate::privileges::PrivError),
     #[error("user store: {0}")]
     Users(#[from] UserDbError),
+    #[error("user store: {0}")]
+    UserDatabase(#[from] crate::pgusers::PgError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("{0}")]
@@ -119,6 +123,12 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.hostname != new.hostname {
         v.push("hostname");
     }
+    // A database store is watched by a thread started with the server: switching to,
+    // from or between databases needs a restart (a file may be renamed live).
+    let (a, b) = (old.auth.user_store(), new.auth.user_store());
+    if a != b && (matches!(a, UserStore::Postgres(_)) || matches!(b, UserStore::Postgres(_))) {
+        v.push("auth.users");
+    }
     v
 }
 
@@ -141,6 +151,7 @@ fn reload_all(
     current: &Arc<Config>,
     loader: Option<&ConfigLoader>,
     controls: &[mpsc::UnboundedSender<Control>],
+    users: &UsersSource,
 ) -> Result<usize, String> {
     let cfg = match loader.map(|f| f()) {
         Some(Ok(new)) => {
@@ -164,7 +175,15 @@ fn reload_all(
         None => current.clone(),
     };
     reload_tls(&cfg, controls);
-    reload_users(&cfg, controls)
+    reload_users(&cfg, controls, users)
+}
+
+/// Where reloads of the user store go: the file (read again on this thread), or the
+/// database watcher (asked to reload the whole table).
+#[derive(Clone)]
+enum UsersSource {
+    File(Arc<UsersStatus>),
+    Database(pgusers::Watcher),
 }
 
 /// Sends the stop message to every shard, once, whoever asks first (a signal or the admin
@@ -234,7 +253,23 @@ pub fn run_with(
     // Ports are bound and the TLS key is loaded: give up root before any shard (and so
     // any client byte) exists. The admin socket becomes the service user's too.
     crate::privileges::drop_privileges(&cfg, &[&cfg.admin_socket()])?;
-    let users = Arc::new(load_users(&cfg)?);
+    let store = cfg.auth.user_store();
+    let users_status = Arc::new(UsersStatus::new(
+        store.to_string(),
+        matches!(store, UserStore::Postgres(_)),
+    ));
+    let users = Arc::new(match &store {
+        UserStore::File(_) => {
+            let db = load_users(&cfg)?;
+            users_status.loaded(db.len());
+            db
+        }
+        // Unreachable at start: serve with no snapshot (AUTH 454 4.7.0) and catch up, as
+        // Postfix's SQL maps answer "try again later" while their database is down.
+        UserStore::Postgres(url) => {
+            pgusers::first_snapshot(url, &users_status)?.unwrap_or_else(UserDb::unavailable)
+        }
+    });
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
     let mesh: Mesh = MeshBuilder::full(shards, 1024);
@@ -322,6 +357,27 @@ pub fn run_with(
     }
     // Signal handling is installed before "ready" is announced, so a supervisor that
     // signals right after reading it never hits the default (fatal) action.
+    let users_source = match &store {
+        UserStore::File(_) => UsersSource::File(users_status.clone()),
+        UserStore::Postgres(url) => {
+            let publish_to = controls.clone();
+            let alive_check = controls.clone();
+            let w = pgusers::spawn_watcher(
+                url.clone(),
+                users_status.clone(),
+                Box::new(move |db| {
+                    for c in &publish_to {
+                        let _ = c.unbounded_send(Control::Users(db.clone()));
+                    }
+                }),
+                Box::new(move || !alive_check.iter().all(|c| c.is_closed())),
+            )
+            .map_err(|e| {
+                ServerError::Admin(format!("cannot start the user database thread: {e}"))
+            })?;
+            UsersSource::Database(w)
+        }
+    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
@@ -333,13 +389,19 @@ pub fn run_with(
     let reload_controls = controls.clone();
     let sig_stopper = stopper.clone();
     let sig_loader = hooks.reload_config.clone();
+    let sig_users = users_source.clone();
     std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
                     tracing::info!("SIGHUP: reloading");
-                    let _ = reload_all(&reload_cfg, sig_loader.as_ref(), &reload_controls);
+                    let _ = reload_all(
+                        &reload_cfg,
+                        sig_loader.as_ref(),
+                        &reload_controls,
+                        &sig_users,
+                    );
                     continue;
                 }
                 tracing::info!(
@@ -355,14 +417,21 @@ pub fn run_with(
         let reload_controls = controls.clone();
         let admin_stopper = stopper.clone();
         let admin_loader = hooks.reload_config.clone();
+        let admin_users = users_source.clone();
         crate::admin::server::spawn(
             &mut admin_socket,
             crate::admin::server::AdminCtx {
                 controls: controls.clone(),
                 stop: Box::new(move || admin_stopper.stop()),
                 reload: Box::new(move || {
-                    reload_all(&reload_cfg, admin_loader.as_ref(), &reload_controls)
+                    reload_all(
+                        &reload_cfg,
+                        admin_loader.as_ref(),
+                        &reload_controls,
+                        &admin_users,
+                    )
                 }),
+                userstore: users_status.clone(),
                 log_level: hooks.log_level,
                 started,
             },
@@ -370,10 +439,10 @@ pub fn run_with(
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
     }
     if let Some((l, _)) = metrics_listener {
-        crate::metrics::http::spawn_http(l, controls.clone())
+        crate::metrics::http::spawn_http(l, controls.clone(), users_status.clone())
             .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
     }
-    spawn_users_watcher(cfg.clone(), controls);
+    spawn_users_watcher(cfg.clone(), controls, users_source);
     on_ready(&ready_info);
     crate::sdnotify::notify("READY=1");
 
@@ -411,10 +480,21 @@ fn reload_tls(cfg: &Config, controls: &[mpsc::UnboundedSender<Control>]) {
 fn reload_users(
     cfg: &Config,
     controls: &[mpsc::UnboundedSender<Control>],
+    source: &UsersSource,
 ) -> Result<usize, String> {
+    let status = match source {
+        UsersSource::Database(w) => return w.reload(),
+        UsersSource::File(status) => status,
+    };
+    if let UserStore::Postgres(url) = cfg.auth.user_store() {
+        // Never read a URL as a missing file (that would be an empty store).
+        tracing::warn!(store = %url, "auth.users now names a database: takes effect after a restart; keeping the file's users");
+        return Err("auth.users changed to a database: restart to use it".into());
+    }
     match load_users(cfg) {
         Ok(db) => {
             let n = db.len();
+            status.loaded(n);
             let db = Arc::new(db);
             for c in controls {
                 let _ = c.unbounded_send(Control::Users(db.clone()));
@@ -430,7 +510,11 @@ fn reload_users(
 
 /// Reloads the user store when its file changes (`tern passwd` replaces it by rename, so
 /// inode, size or mtime change), polling once a second.
-fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Control>>) {
+fn spawn_users_watcher(
+    cfg: Arc<Config>,
+    controls: Vec<mpsc::UnboundedSender<Control>>,
+    users: UsersSource,
+) {
     use std::os::unix::fs::MetadataExt;
     let stamp = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -449,11 +533,14 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
             if controls.iter().all(|c| c.is_closed()) {
                 return;
             }
-            let now = stamp(&cfg.auth.users);
-            if now != last {
-                last = now;
-                tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
-                let _ = reload_users(&cfg, &controls);
+            // A database store has its own watcher (LISTEN/NOTIFY).
+            if let UsersSource::File(_) = users {
+                let now = stamp(&cfg.auth.users);
+                if now != last {
+                    last = now;
+                    tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
+                    let _ = reload_users(&cfg, &controls, &users);
+                }
             }
             if watch_map {
                 let now = stamp(&cfg.auth.sender_map);

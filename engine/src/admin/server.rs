@@ -140,6 +140,8 @@ pub struct AdminCtx {
     pub reload: Box<dyn Fn() -> Result<usize, String> + Send>,
     pub log_level: Option<LogLevelFn>,
     pub started: Instant,
+    /// The user store's state (file or database, fallback, snapshot age).
+    pub userstore: Arc<crate::pgusers::Status>,
 }
 
 /// Starts the admin thread on `sock`'s listener.
@@ -276,6 +278,7 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
                 m.insert("uptime_secs".into(), json!(ctx.started.elapsed().as_secs()));
                 let l = level.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 m.insert("log_level".into(), json!(l));
+                m.insert("userstore".into(), ctx.userstore.json());
             }
             Ok(v)
         }

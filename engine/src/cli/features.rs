@@ -35,6 +35,16 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
+        "User store: {} ({})",
+        cfg.auth.user_store(),
+        match cfg.auth.user_store() {
+            tern_engine::config::UserStore::File(_) => "file",
+            tern_engine::config::UserStore::Postgres(_) =>
+                "PostgreSQL, snapshot per shard, LISTEN/NOTIFY (postgres crate)",
+        }
+    );
+    let _ = writeln!(
+        o,
         "Sender policy: {}{} (sender map: {} entries; From: header check {})",
         cfg.auth.sender_policy,
         if cfg.auth.sender_policy == "own" {
@@ -141,5 +151,21 @@ mod tests {
         ] {
             assert!(r.contains(needle), "{needle} missing from\n{r}");
         }
+    }
+
+    #[test]
+    fn never_shows_a_database_password() {
+        let cfg = tern_engine::config::Config::from_toml_str(
+            "[auth]\nusers = \"postgresql://tern:s3cret@db/mail\"\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let r = super::report(&cfg);
+        assert!(
+            r.contains("User store: postgresql://tern:***@db/mail (PostgreSQL"),
+            "{r}"
+        );
+        assert!(!r.contains("s3cret"), "{r}");
     }
 }

@@ -20,6 +20,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
@@ -467,6 +468,7 @@ const MAX_REQUEST: usize = 8192;
 pub fn spawn_http(
     listener: TcpListener,
     controls: Vec<UnboundedSender<Control>>,
+    userstore: Arc<crate::pgusers::Status>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("tern-metrics".into())
@@ -476,7 +478,7 @@ pub fn spawn_http(
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                if let Err(e) = serve_one(conn, &controls) {
+                if let Err(e) = serve_one(conn, &controls, &userstore) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
@@ -484,7 +486,11 @@ pub fn spawn_http(
         .map(|_| ())
 }
 
-fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std::io::Result<()> {
+fn serve_one(
+    mut conn: TcpStream,
+    controls: &[UnboundedSender<Control>],
+    userstore: &crate::pgusers::Status,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = Vec::with_capacity(1024);
@@ -534,7 +540,7 @@ fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std:
             &mut conn,
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(&snaps),
+            &(render(&snaps) + &userstore.metrics()),
         ),
         "/healthz" => {
             // A balancer sends new connections here only while this answers 200.

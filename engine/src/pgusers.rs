@@ -1,0 +1,784 @@
+//! The user store in PostgreSQL: `auth.users = "postgresql://..."`.
+//!
+//! NAME
+//!   pgusers — the database-backed user store: its schema, `tern passwd`'s reads and
+//!   writes, and the node's watcher thread that keeps every shard's snapshot current.
+//!
+//! DESCRIPTION
+//!   The table holds exactly what the file holds (the derived secrets, as the same texts
+//!   the file's fields carry, never a password; optional per-user rates). A statement
+//!   trigger sends `NOTIFY tern_users` with the time of the change; each node's watcher
+//!   thread LISTENs, reloads the whole table on a notification, parses it with the file's
+//!   own parser (`tern_smtp::users`), and hands the new immutable snapshot to the shards
+//!   through `publish` — exactly what a file reload does. AUTH reads the shard's snapshot
+//!   and never waits for the database.
+//!
+//!   The client is the `postgres` crate (synchronous, its own current-thread tokio
+//!   runtime inside), used only on this module's own thread and by the CLI: no shard ever
+//!   calls into it (docs/decisions.md).
+//!
+//!   Losing the database: the watcher says so once per outage (log, `Status`), keeps the
+//!   last snapshot in force, reconnects with a jittered backoff (0.25 s doubling to 5 s)
+//!   and reloads the whole table when it is back (changes made meanwhile are caught up:
+//!   LISTEN is issued before the reload, so nothing falls between them).
+//!
+//! SECURITY
+//!   The URL may carry a password: it is shown only through [`PgUrl`]'s `Display`/`Debug`,
+//!   which replace it with `***`. A row that does not parse (a tampered table) keeps the
+//!   previous snapshot in force, like a malformed file.
+//!
+//! CONFIGURATION PARAMETERS
+//!   `auth.users` (a `postgresql://` or `postgres://` URL), `auth.realm` (unchanged).
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use postgres::{Client, NoTls};
+use tern_smtp::users::{secret_fields, UserDb, UserDbError};
+
+/// The table and the NOTIFY channel.
+pub const TABLE: &str = "tern_users";
+pub const CHANNEL: &str = "tern_users";
+
+/// The schema `tern passwd --init` creates (idempotent: every statement can run again).
+/// docs/cluster.md shows it; a unit test checks it creates what `load` and `save` use.
+pub const SCHEMA_SQL: &str = r#"
+CREATE TABLE IF NOT EXISTS tern_users (
+    username       text NOT NULL,
+    realm          text NOT NULL,
+    -- The same texts as the file's fields (derived secrets, never a password):
+    cram_md5       text NOT NULL,  -- HMAC-MD5 inner:outer midstates, hex
+    digest_md5     text NOT NULL,  -- H(user:realm:password), hex
+    scram_sha_256  text NOT NULL,  -- iterations:salt:StoredKey:ServerKey, base64
+    message_rate   text,           -- e.g. '500/1m'; NULL: auth.user_message_rate
+    recipient_rate text,           -- e.g. '5000/1d'; NULL: auth.user_recipient_rate
+    updated_at     timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (realm, username),
+    CHECK (realm NOT LIKE '%@%')
+);
+CREATE OR REPLACE FUNCTION tern_users_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- The payload is the change's time (µs since 1970), so a node can tell how long the
+    -- change took to reach its shards. One notification per statement.
+    PERFORM pg_notify('tern_users',
+        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text);
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS tern_users_notify ON tern_users;
+CREATE TRIGGER tern_users_notify
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tern_users
+    FOR EACH STATEMENT EXECUTE FUNCTION tern_users_notify();
+"#;
+
+const SELECT_ALL: &str = "SELECT username, realm, cram_md5, digest_md5, scram_sha_256, \
+     coalesce(message_rate, ''), coalesce(recipient_rate, '') FROM tern_users";
+
+/// Connect timeout for every connection (the CLI and the watcher).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How often a quiet connection is checked with a round trip.
+const PING_EVERY: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// The URL
+// ---------------------------------------------------------------------------------------
+
+/// A `postgresql://` URL whose `Display` and `Debug` never show the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PgUrl(String);
+
+impl PgUrl {
+    /// `Some` when `s` is a PostgreSQL URL (`postgresql://` or `postgres://`, as libpq).
+    pub fn parse(s: &str) -> Option<PgUrl> {
+        (s.starts_with("postgresql://") || s.starts_with("postgres://")).then(|| PgUrl(s.into()))
+    }
+
+    /// The URL as given, password included: only for connecting.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with any password replaced by `***` (the `user:password@` part of the
+    /// authority and a `password=` query parameter).
+    pub fn redacted(&self) -> String {
+        redact(&self.0)
+    }
+
+    /// True when the URL itself carries a password.
+    pub fn has_password(&self) -> bool {
+        redact(&self.0) != self.0
+    }
+}
+
+impl fmt::Display for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for PgUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgUrl({})", self.redacted())
+    }
+}
+
+/// `postgresql://user:secret@host/db?password=x&sslmode=y` →
+/// `postgresql://user:***@host/db?password=***&sslmode=y`. Anything that is not a URL
+/// with a scheme is returned unchanged.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    // The authority ends at the first '/', '?' or '#'; the userinfo at its LAST '@'
+    // (a password may contain '@' when the URL was written carelessly).
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|p| match p.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => p.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+// ---------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------
+
+/// What can go wrong talking to the database. Texts name the redacted URL, never the
+/// password (the driver's own messages do not repeat it).
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("{url}: cannot connect: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("{url}: no table tern_users; create the schema with `tern passwd --init -f URL`")]
+    NoSchema { url: String },
+    #[error("{url}: {reason}")]
+    Query { url: String, reason: String },
+    #[error("{0}")]
+    Data(#[from] UserDbError),
+}
+
+fn query_err(url: &PgUrl, e: postgres::Error) -> PgError {
+    if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
+        return PgError::NoSchema {
+            url: url.redacted(),
+        };
+    }
+    let reason = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.severity(), db.message()),
+        None => e.to_string(),
+    };
+    PgError::Query {
+        url: url.redacted(),
+        reason,
+    }
+}
+
+/// Full error chain of a connection failure ("Connection refused", "password
+/// authentication failed ..."), for the log and the CLI.
+fn chain(e: &postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading and writing (the CLI and the watcher)
+// ---------------------------------------------------------------------------------------
+
+/// Connects (5 s timeout, TCP keepalives). No TLS: reach the database over its Unix
+/// socket or a trusted network (docs/cluster.md).
+pub fn connect(url: &PgUrl) -> Result<Client, PgError> {
+    let mut cfg: postgres::Config = url.secret().parse().map_err(|e| PgError::Connect {
+        url: url.redacted(),
+        reason: format!("bad URL: {}", chain(&e)),
+    })?;
+    cfg.connect_timeout(CONNECT_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name("tern");
+    cfg.connect(NoTls).map_err(|e| PgError::Connect {
+        url: url.redacted(),
+        reason: chain(&e),
+    })
+}
+
+/// Creates the table, the notify function and the trigger (idempotent).
+pub fn init(client: &mut Client, url: &PgUrl) -> Result<(), PgError> {
+    let mut tx = client.transaction().map_err(|e| query_err(url, e))?;
+    tx.batch_execute(SCHEMA_SQL)
+        .map_err(|e| query_err(url, e))?;
+    tx.commit().map_err(|e| query_err(url, e))
+}
+
+/// Reads the whole table into a snapshot, through the file format's parser (so a row is
+/// checked exactly as a line of the file is). A field with white space in it could
+/// smuggle a second entry into the line: such a row is refused.
+pub fn load(client: &mut Client, url: &PgUrl) -> Result<UserDb, PgError> {
+    let rows = client
+        .query(SELECT_ALL, &[])
+        .map_err(|e| query_err(url, e))?;
+    let mut text = String::with_capacity(rows.len() * 220);
+    let label = std::path::PathBuf::from(url.redacted());
+    for (i, row) in rows.iter().enumerate() {
+        let mut f: [String; 7] = Default::default();
+        for (k, slot) in f.iter_mut().enumerate() {
+            *slot = row.try_get::<_, String>(k).map_err(|e| query_err(url, e))?;
+        }
+        if f.iter()
+            .any(|v| v.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(UserDbError::Malformed {
+                path: label,
+                line: i + 1,
+                reason: "a column contains white space or a control character".into(),
+            }
+            .into());
+        }
+        let [user, realm, cram, digest, scram, mrate, rrate] = &f;
+        text.push_str(&format!(
+            "{user}@{realm} cram-md5={cram} digest-md5={digest} scram-sha-256={scram}"
+        ));
+        if !mrate.is_empty() {
+            text.push_str(&format!(" message-rate={mrate}"));
+        }
+        if !rrate.is_empty() {
+            text.push_str(&format!(" recipient-rate={rrate}"));
+        }
+        text.push('\n');
+    }
+    // Row numbers stand in for line numbers in an error (the order is the server's).
+    Ok(UserDb::parse(text.as_bytes(), &label)?)
+}
+
+/// Writes the difference between `old` (as loaded) and `new` in one transaction: rows of
+/// users gone are deleted, rows of users added or changed (secrets or rates) are upserted.
+/// Users nobody touched are not written, so two administrators changing different users
+/// at once do not undo each other. Returns (upserted, deleted).
+pub fn save(
+    client: &mut Client,
+    url: &PgUrl,
+    old: &UserDb,
+    new: &UserDb,
+) -> Result<(usize, usize), PgError> {
+    let mut tx = client.transaction().map_err(|e| query_err(url, e))?;
+    let (mut upserted, mut deleted) = (0, 0);
+    for (user, realm) in old.entries() {
+        if new.lookup(user, realm).is_none() {
+            tx.execute(
+                "DELETE FROM tern_users WHERE realm = $1 AND username = $2",
+                &[&realm, &user],
+            )
+            .map_err(|e| query_err(url, e))?;
+            deleted += 1;
+        }
+    }
+    for (user, realm) in new.entries() {
+        let Some(s) = new.lookup(user, realm) else {
+            continue;
+        };
+        let rates = new.rates(user, realm).unwrap_or_default();
+        if old.lookup(user, realm) == Some(s) && old.rates(user, realm).unwrap_or_default() == rates
+        {
+            continue;
+        }
+        let [cram, digest, scram] = secret_fields(s);
+        let m = rates.messages.map(|r| r.to_text());
+        let r = rates.recipients.map(|r| r.to_text());
+        tx.execute(
+            "INSERT INTO tern_users (username, realm, cram_md5, digest_md5, scram_sha_256, \
+             message_rate, recipient_rate) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (realm, username) DO UPDATE SET cram_md5 = EXCLUDED.cram_md5, \
+             digest_md5 = EXCLUDED.digest_md5, scram_sha_256 = EXCLUDED.scram_sha_256, \
+             message_rate = EXCLUDED.message_rate, recipient_rate = EXCLUDED.recipient_rate, \
+             updated_at = now()",
+            &[&user, &realm, &cram, &digest, &scram, &m, &r],
+        )
+        .map_err(|e| query_err(url, e))?;
+        upserted += 1;
+    }
+    tx.commit().map_err(|e| query_err(url, e))?;
+    Ok((upserted, deleted))
+}
+
+// ---------------------------------------------------------------------------------------
+// The node's view: status and the watcher thread
+// ---------------------------------------------------------------------------------------
+
+/// The user store's state as metrics and `tern ctl status` show it. Written by the
+/// watcher thread (or the file reload), read by the metrics and admin threads.
+#[derive(Default)]
+pub struct Status {
+    /// What the store is: the file's path or the redacted URL.
+    pub source: String,
+    /// True for a database store.
+    pub database: bool,
+    /// The database answers (always true for a file).
+    pub up: AtomicBool,
+    /// Some snapshot was ever loaded.
+    pub loaded: AtomicBool,
+    /// Users in the snapshot in force.
+    pub users: AtomicU64,
+    /// When the snapshot in force was last known to be current (µs since 1970): set at
+    /// each load and at each check of a live connection.
+    pub verified_us: AtomicU64,
+    /// Full reloads done (start, notifications, catch-ups, SIGHUP).
+    pub reloads: AtomicU64,
+    /// Outages seen (the database lost, or unreachable at start).
+    pub outages: AtomicU64,
+    /// Last change-to-shards delay (µs): from the trigger's clock to the hand-over.
+    pub notify_delay_us: AtomicU64,
+}
+
+impl Status {
+    pub fn new(source: String, database: bool) -> Status {
+        Status {
+            source,
+            database,
+            up: AtomicBool::new(!database),
+            ..Status::default()
+        }
+    }
+
+    /// Records a freshly loaded snapshot.
+    pub fn loaded(&self, users: usize) {
+        self.users.store(users as u64, Ordering::Relaxed);
+        self.loaded.store(true, Ordering::Relaxed);
+        self.verified_us.store(now_us(), Ordering::Relaxed);
+        self.reloads.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Seconds since the snapshot in force was last known current (None: no snapshot).
+    pub fn snapshot_age(&self) -> Option<f64> {
+        if !self.loaded.load(Ordering::Relaxed) {
+            return None;
+        }
+        let v = self.verified_us.load(Ordering::Relaxed);
+        Some(now_us().saturating_sub(v) as f64 / 1e6)
+    }
+
+    /// True while AUTH is served from a snapshot the database could not confirm.
+    pub fn fallback(&self) -> bool {
+        self.database && !self.up.load(Ordering::Relaxed)
+    }
+
+    /// The JSON `tern ctl status` shows.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "source": self.source,
+            "kind": if self.database { "postgresql" } else { "file" },
+            "up": self.up.load(Ordering::Relaxed),
+            "fallback": self.fallback(),
+            "loaded": self.loaded.load(Ordering::Relaxed),
+            "users": self.users.load(Ordering::Relaxed),
+            "snapshot_age_secs": self.snapshot_age(),
+            "reloads": self.reloads.load(Ordering::Relaxed),
+            "outages": self.outages.load(Ordering::Relaxed),
+            "notify_delay_ms": self.notify_delay_us.load(Ordering::Relaxed) as f64 / 1e3,
+        })
+    }
+
+    /// The Prometheus lines for `/metrics`.
+    pub fn metrics(&self) -> String {
+        let up = u8::from(self.up.load(Ordering::Relaxed));
+        let fallback = u8::from(self.fallback());
+        let age = self.snapshot_age().unwrap_or(-1.0);
+        format!(
+            "# HELP tern_userstore_up 1 while the user store can be read (the database answers; always 1 for a file).\n\
+             # TYPE tern_userstore_up gauge\ntern_userstore_up {up}\n\
+             # HELP tern_userstore_fallback 1 while AUTH is served from the last snapshot because the database is unreachable.\n\
+             # TYPE tern_userstore_fallback gauge\ntern_userstore_fallback {fallback}\n\
+             # HELP tern_userstore_snapshot_age_seconds Seconds since the snapshot in force was last known current (-1: none yet).\n\
+             # TYPE tern_userstore_snapshot_age_seconds gauge\ntern_userstore_snapshot_age_seconds {age:.3}\n\
+             # HELP tern_userstore_users Users in the snapshot in force.\n\
+             # TYPE tern_userstore_users gauge\ntern_userstore_users {}\n\
+             # HELP tern_userstore_reloads_total Snapshots loaded.\n\
+             # TYPE tern_userstore_reloads_total counter\ntern_userstore_reloads_total {}\n\
+             # HELP tern_userstore_outages_total Times the user database was lost or unreachable.\n\
+             # TYPE tern_userstore_outages_total counter\ntern_userstore_outages_total {}\n\
+             # HELP tern_userstore_notify_delay_seconds Last delay from a change in the database (its trigger's clock) to the new snapshot handed to the shards.\n\
+             # TYPE tern_userstore_notify_delay_seconds gauge\ntern_userstore_notify_delay_seconds {:.6}\n",
+            self.users.load(Ordering::Relaxed),
+            self.reloads.load(Ordering::Relaxed),
+            self.outages.load(Ordering::Relaxed),
+            self.notify_delay_us.load(Ordering::Relaxed) as f64 / 1e6,
+        )
+    }
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Hands a snapshot to every shard (the server supplies it: it sends `Control::Users`).
+pub type Publish = Box<dyn Fn(Arc<UserDb>) + Send>;
+
+/// A request to the watcher: reload now (SIGHUP, `tern ctl reload`); the answer is the
+/// number of users, or why not.
+type ReloadRequest = mpsc::Sender<Result<usize, String>>;
+
+/// The running watcher, for reload requests.
+#[derive(Clone)]
+pub struct Watcher {
+    tx: mpsc::Sender<ReloadRequest>,
+}
+
+impl Watcher {
+    /// Asks for a full reload and waits (at most 10 s) for its outcome.
+    pub fn reload(&self) -> Result<usize, String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(tx)
+            .map_err(|_| "the user store watcher has stopped".to_string())?;
+        rx.recv_timeout(Duration::from_secs(10))
+            .map_err(|_| "the user store did not answer within 10 s".to_string())?
+    }
+}
+
+/// Loads a first snapshot at start, synchronously (so a node whose database answers is
+/// ready with its users). `Ok(None)`: the database is unreachable — the node starts with
+/// [`UserDb::unavailable`] (AUTH answers 454 4.7.0) and the watcher catches up; an
+/// error: the database answers but the store is unusable (no schema, a bad row), which
+/// a start refuses like a malformed file.
+pub fn first_snapshot(url: &PgUrl, status: &Status) -> Result<Option<UserDb>, PgError> {
+    let mut client = match connect(url) {
+        Ok(c) => c,
+        Err(e) => {
+            status.outages.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(store = %url, error = %e, "user database unreachable at start: AUTH answers 454 4.7.0 until it is reached; retrying in the background");
+            return Ok(None);
+        }
+    };
+    let db = load(&mut client, url)?;
+    status.up.store(true, Ordering::Relaxed);
+    status.loaded(db.len());
+    tracing::info!(users = db.len(), store = %url, "user store loaded");
+    Ok(Some(db))
+}
+
+/// Starts the watcher thread: LISTEN, reload on every notification, reconnect with
+/// backoff, catch up after an outage. `publish` hands each new snapshot to the shards;
+/// the thread ends when `alive` says the server is gone.
+pub fn spawn_watcher(
+    url: PgUrl,
+    status: Arc<Status>,
+    publish: Publish,
+    alive: Box<dyn Fn() -> bool + Send>,
+) -> std::io::Result<Watcher> {
+    let (tx, rx) = mpsc::channel::<ReloadRequest>();
+    std::thread::Builder::new()
+        .name("tern-userdb".into())
+        .spawn(move || watch(url, &status, &publish, &*alive, &rx))?;
+    Ok(Watcher { tx })
+}
+
+fn watch(
+    url: PgUrl,
+    status: &Status,
+    publish: &Publish,
+    alive: &dyn Fn() -> bool,
+    requests: &mpsc::Receiver<ReloadRequest>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    // Whether the current outage was reported (once per outage, not per retry). An
+    // unreachable database at start was reported by `first_snapshot`.
+    let mut reported = !status.up.load(Ordering::Relaxed);
+    while alive() {
+        match session(&url, status, publish, alive, requests) {
+            // The server is gone.
+            Ok(()) => return,
+            Err(e) => {
+                let was_up = status.up.swap(false, Ordering::Relaxed);
+                if was_up || !reported {
+                    status.outages.fetch_add(1, Ordering::Relaxed);
+                    reported = true;
+                    tracing::error!(
+                        store = %url,
+                        error = %e,
+                        users = status.users.load(Ordering::Relaxed),
+                        "user database lost: AUTH goes on from the last snapshot; reconnecting in the background"
+                    );
+                } else {
+                    tracing::debug!(store = %url, error = %e, "user database still unreachable");
+                }
+                backoff = if was_up {
+                    BACKOFF_MIN
+                } else {
+                    (backoff * 2).min(BACKOFF_MAX)
+                };
+            }
+        }
+        // Answer reload requests while down: the snapshot stays.
+        let deadline = Instant::now() + jitter(backoff);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match requests.recv_timeout(left) {
+                Ok(reply) => {
+                    let _ = reply.send(Err(format!(
+                        "user database unreachable; AUTH goes on from the last snapshot ({} users)",
+                        status.users.load(Ordering::Relaxed)
+                    )));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    std::thread::sleep(left);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // ±20%, so a fleet that lost its database does not reconnect in lockstep.
+    let f: f64 = rand::random_range(0.8..1.2);
+    d.mul_f64(f)
+}
+
+/// One connected stretch: connect, LISTEN, full load, then reload on notifications until
+/// the connection fails (`Err`) or the server is gone (`Ok`).
+fn session(
+    url: &PgUrl,
+    status: &Status,
+    publish: &Publish,
+    alive: &dyn Fn() -> bool,
+    requests: &mpsc::Receiver<ReloadRequest>,
+) -> Result<(), PgError> {
+    let mut client = connect(url)?;
+    // LISTEN before the load: a change committed after the load's snapshot is notified.
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .map_err(|e| query_err(url, e))?;
+    let was_down = !status.up.load(Ordering::Relaxed);
+    reload(&mut client, url, status, publish, None)?;
+    status.up.store(true, Ordering::Relaxed);
+    if was_down {
+        tracing::info!(store = %url, users = status.users.load(Ordering::Relaxed), "user database reached: snapshot caught up");
+    }
+    let mut last_ping = Instant::now();
+    loop {
+        if !alive() {
+            return Ok(());
+        }
+        // Wait up to 1 s for a notification; take it at once, with every other one
+        // already pending, and fold them all into one reload.
+        let mut newest: Option<u64> = None;
+        {
+            use postgres::fallible_iterator::FallibleIterator;
+            let mut notes = client.notifications();
+            let mut note = |n: postgres::Notification| {
+                let at = n.payload().parse::<u64>().unwrap_or(0);
+                newest = Some(newest.map_or(at, |m: u64| m.max(at)));
+            };
+            let first = notes
+                .timeout_iter(Duration::from_secs(1))
+                .next()
+                .map_err(|e| query_err(url, e))?;
+            if let Some(n) = first {
+                note(n);
+                let mut pending = notes.iter();
+                while let Some(n) = pending.next().map_err(|e| query_err(url, e))? {
+                    note(n);
+                }
+            }
+        }
+        if client.is_closed() {
+            return Err(PgError::Query {
+                url: url.redacted(),
+                reason: "connection closed".into(),
+            });
+        }
+        let mut replies = Vec::new();
+        while let Ok(r) = requests.try_recv() {
+            replies.push(r);
+        }
+        if newest.is_some() || !replies.is_empty() {
+            let r = reload(&mut client, url, status, publish, newest.filter(|t| *t > 0));
+            let answer = match &r {
+                Ok(n) => Ok(*n),
+                Err(e) => Err(e.to_string()),
+            };
+            for reply in replies {
+                let _ = reply.send(answer.clone());
+            }
+            match r {
+                Ok(_) => {}
+                // A bad row keeps the snapshot in force; the connection is fine.
+                Err(PgError::Data(e)) => {
+                    tracing::error!(store = %url, error = %e, "user store not reloaded; keeping the previous snapshot")
+                }
+                Err(e) => return Err(e),
+            }
+            last_ping = Instant::now();
+        } else if last_ping.elapsed() >= PING_EVERY {
+            // A quiet connection may be dead without a FIN (a partition): one round trip.
+            client
+                .is_valid(Duration::from_secs(3))
+                .map_err(|e| query_err(url, e))?;
+            last_ping = Instant::now();
+        }
+        status.verified_us.store(now_us(), Ordering::Relaxed);
+    }
+}
+
+/// Loads the whole table and hands it to the shards. `changed_us`: the newest change's
+/// trigger time, for the delay figure.
+fn reload(
+    client: &mut Client,
+    url: &PgUrl,
+    status: &Status,
+    publish: &Publish,
+    changed_us: Option<u64>,
+) -> Result<usize, PgError> {
+    let started = Instant::now();
+    let db = load(client, url)?;
+    let n = db.len();
+    publish(Arc::new(db));
+    status.loaded(n);
+    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+    match changed_us {
+        Some(at) => {
+            let delay = now_us().saturating_sub(at);
+            status.notify_delay_us.store(delay, Ordering::Relaxed);
+            tracing::info!(
+                users = n,
+                delay_ms = delay as f64 / 1e3,
+                load_ms,
+                "user store changed in the database: snapshot reloaded"
+            );
+        }
+        None => tracing::info!(users = n, load_ms, store = %url, "user store loaded"),
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction() {
+        for (url, want) in [
+            (
+                "postgresql://tern:s3cret@db.example:5432/mail",
+                "postgresql://tern:***@db.example:5432/mail",
+            ),
+            (
+                "postgres://tern:p%40ss@10.0.0.1/mail?sslmode=disable",
+                "postgres://tern:***@10.0.0.1/mail?sslmode=disable",
+            ),
+            // A careless '@' in the password: the userinfo ends at the last '@'.
+            (
+                "postgresql://tern:a@b@db/mail",
+                "postgresql://tern:***@db/mail",
+            ),
+            (
+                "postgresql:///mail?host=/run/postgresql&user=tern&password=x&port=5433",
+                "postgresql:///mail?host=/run/postgresql&user=tern&password=***&port=5433",
+            ),
+            ("postgresql://tern@db/mail", "postgresql://tern@db/mail"),
+            ("postgresql://db", "postgresql://db"),
+            ("postgresql://:pw@db", "postgresql://:***@db"),
+        ] {
+            let u = PgUrl::parse(url).unwrap();
+            assert_eq!(u.redacted(), want, "{url}");
+            assert_eq!(u.to_string(), want);
+            assert_eq!(format!("{u:?}"), format!("PgUrl({want})"));
+            assert_eq!(u.has_password(), url != want, "{url}");
+            assert!(!u.to_string().contains("s3cret"));
+        }
+        assert!(PgUrl::parse("/etc/tern/users.db").is_none());
+        assert!(PgUrl::parse("mysql://x").is_none());
+    }
+
+    #[test]
+    fn schema_has_what_load_and_save_use() {
+        // The columns load reads and save writes, the key save's upsert names, and the
+        // trigger on the channel the watcher LISTENs to; every statement re-runnable.
+        for col in [
+            "username",
+            "realm",
+            "cram_md5",
+            "digest_md5",
+            "scram_sha_256",
+            "message_rate",
+            "recipient_rate",
+        ] {
+            assert!(SCHEMA_SQL.contains(&format!("\n    {col} ")), "{col}");
+            assert!(SELECT_ALL.contains(col), "{col}");
+        }
+        assert!(SCHEMA_SQL.contains("PRIMARY KEY (realm, username)"));
+        assert!(SCHEMA_SQL.contains(&format!("pg_notify('{CHANNEL}'")));
+        assert!(SCHEMA_SQL.contains("FOR EACH STATEMENT"));
+        // Every top-level statement (a line at column 0 that starts one) re-runnable.
+        let starts: Vec<&str> = SCHEMA_SQL
+            .lines()
+            .filter(|l| l.starts_with("CREATE") || l.starts_with("DROP") || l.starts_with("ALTER"))
+            .collect();
+        assert_eq!(starts.len(), 4, "{starts:?}");
+        for first in starts {
+            assert!(
+                first.starts_with("CREATE TABLE IF NOT EXISTS")
+                    || first.starts_with("CREATE OR REPLACE FUNCTION")
+                    || first.starts_with("DROP TRIGGER IF EXISTS")
+                    || first.starts_with("CREATE TRIGGER"),
+                "not idempotent: {first}"
+            );
+        }
+        // CREATE TRIGGER is re-runnable only because the DROP precedes it.
+        let drop = SCHEMA_SQL.find("DROP TRIGGER IF EXISTS").unwrap();
+        let create = SCHEMA_SQL.find("CREATE TRIGGER").unwrap();
+        assert!(drop < create);
+    }
+
+    #[test]
+    fn status_reports_fallback_and_age() {
+        let s = Status::new("postgresql://tern:***@db/mail".into(), true);
+        assert!(s.fallback());
+        assert_eq!(s.snapshot_age(), None);
+        assert!(s
+            .metrics()
+            .contains("tern_userstore_snapshot_age_seconds -1.000"));
+        s.loaded(3);
+        s.up.store(true, Ordering::Relaxed);
+        assert!(!s.fallback());
+        assert!(s.metrics().contains("tern_userstore_up 1\n"));
+        assert!(s.metrics().contains("tern_userstore_users 3\n"));
+        s.up.store(false, Ordering::Relaxed);
+        assert!(s.metrics().contains("tern_userstore_fallback 1\n"));
+        assert_eq!(s.json()["fallback"], true);
+        let f = Status::new("/etc/tern/users.db".into(), false);
+        assert!(!f.fallback() && f.up.load(Ordering::Relaxed));
+    }
+}
