@@ -208,6 +208,53 @@ fn users_in_postgresql_reach_every_node_and_survive_an_outage() {
         assert!(delay > 0.0, "{m}");
     }
 
+    // SIGHUP / `tern ctl reload` on a database store: a full reload by the watcher.
+    let reload = ok(
+        &[
+            "ctl",
+            "reload",
+            "--socket",
+            a.spool().join("admin.sock").to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(
+        reload.contains("user store reloaded: 1 user(s)"),
+        "{reload}"
+    );
+
+    // A Cyrus sasldb2 imported straight into the database reaches both nodes.
+    if tern_tests::require_tool("saslpasswd2") && tern_tests::require_tool("db_dump") {
+        let dir = tempfile::tempdir().unwrap();
+        let sasldb = dir.path().join("sasldb2");
+        let mut child = Command::new("saslpasswd2")
+            .args(["-c", "-p", "-f"])
+            .arg(&sasldb)
+            .args(["-u", "example.org", "dora"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"dora-pw\n").unwrap();
+        assert!(child.wait_with_output().unwrap().status.success());
+        let out = ok(
+            &[
+                "passwd",
+                "-f",
+                &url,
+                "--import-sasldb",
+                sasldb.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(
+            out.contains("imported 1 users") && out.contains("into postgresql://tern:***@"),
+            "{out}"
+        );
+        until_all(&nodes, "dora@example.org", "dora-pw", 235);
+    }
+
     // The database goes away: both nodes keep authenticating from their snapshots and
     // say they are on fallback.
     pg.stop();
