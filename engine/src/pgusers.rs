@@ -377,6 +377,11 @@ impl Status {
         self.reloads.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The snapshot in force is still current (a live connection, an unchanged file).
+    pub fn verified(&self) {
+        self.verified_us.store(now_us(), Ordering::Relaxed);
+    }
+
     /// Seconds since the snapshot in force was last known current (None: no snapshot).
     pub fn snapshot_age(&self) -> Option<f64> {
         if !self.loaded.load(Ordering::Relaxed) {

@@ -522,6 +522,8 @@ fn spawn_users_watcher(
             .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
     };
     let mut last = stamp(&cfg.auth.users);
+    // Whether the shards hold what the file says (false after a failed reload).
+    let mut current = true;
     // The sender map is watched the same way (a path set at start; a reload that names
     // another file takes it over at that reload).
     let watch_map = !cfg.auth.sender_map.as_os_str().is_empty();
@@ -534,12 +536,16 @@ fn spawn_users_watcher(
                 return;
             }
             // A database store has its own watcher (LISTEN/NOTIFY).
-            if let UsersSource::File(_) = users {
+            if let UsersSource::File(status) = &users {
                 let now = stamp(&cfg.auth.users);
                 if now != last {
                     last = now;
                     tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
-                    let _ = reload_users(&cfg, &controls, &users);
+                    current = reload_users(&cfg, &controls, &users).is_ok();
+                }
+                // The file is what the shards hold (its snapshot age stays near 0).
+                if current {
+                    status.verified();
                 }
             }
             if watch_map {
