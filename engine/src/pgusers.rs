@@ -15,7 +15,9 @@
 //!
 //!   The client is the `postgres` crate (synchronous, its own current-thread tokio
 //!   runtime inside), used only on this module's own thread and by the CLI: no shard ever
-//!   calls into it (docs/decisions.md).
+//!   calls into it (docs/decisions.md). TLS follows the URL's libpq-style `sslmode` /
+//!   `sslrootcert` ([`Tls`]), through tokio-postgres-rustls and the outbound SMTP
+//!   client's rustls configuration (ring, the system CA bundle or a given CA file).
 //!
 //!   Losing the database: the watcher says so once per outage (log, `Status`), keeps the
 //!   last snapshot in force, reconnects with a jittered backoff (0.25 s doubling to 5 s)
@@ -215,21 +217,87 @@ fn chain(e: &postgres::Error) -> String {
 // Reading and writing (the CLI and the watcher)
 // ---------------------------------------------------------------------------------------
 
-/// Connects (5 s timeout, TCP keepalives). No TLS: reach the database over its Unix
-/// socket or a trusted network (docs/cluster.md).
+/// How a connection is protected, from the URL's libpq-style `sslmode` and
+/// `sslrootcert` (which tern reads itself: the driver knows only disable/prefer/require).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tls {
+    /// `sslmode=disable`: plain TCP.
+    Off,
+    /// `sslmode=prefer` (the default, as libpq's) or `require` without `sslrootcert`:
+    /// encrypted without checking who answers (`prefer` falls back to plain TCP when the
+    /// server has no TLS; `require` does not).
+    Unverified { required: bool },
+    /// `verify-ca`, `verify-full`, or `require` with `sslrootcert`: the server's
+    /// certificate must chain to `sslrootcert` (or the system bundle) and name the host
+    /// (rustls always checks the name: `verify-ca` is as strict as `verify-full`).
+    Verified { ca: Option<std::path::PathBuf> },
+}
+
+/// Splits the URL into what the driver parses and the TLS choice.
+pub fn tls_of(url: &str) -> Result<(String, Tls), String> {
+    let Some((base, query)) = url.split_once('?') else {
+        return Ok((url.to_string(), Tls::Unverified { required: false }));
+    };
+    let (mut mode, mut ca) = (None::<String>, None::<std::path::PathBuf>);
+    let mut kept = Vec::new();
+    for p in query.split('&') {
+        match p.split_once('=') {
+            Some(("sslmode", v)) => mode = Some(v.to_string()),
+            Some(("sslrootcert", v)) => ca = Some(v.into()),
+            _ => kept.push(p),
+        }
+    }
+    let (driver_mode, tls) = match mode.as_deref() {
+        Some("disable") => ("disable", Tls::Off),
+        None | Some("prefer") | Some("allow") => ("prefer", Tls::Unverified { required: false }),
+        Some("require") if ca.is_none() => ("require", Tls::Unverified { required: true }),
+        Some("require") | Some("verify-ca") | Some("verify-full") => {
+            ("require", Tls::Verified { ca: ca.clone() })
+        }
+        Some(other) => {
+            return Err(format!(
+                "sslmode={other}: expected disable, prefer, require, verify-ca or verify-full"
+            ))
+        }
+    };
+    kept.push(match driver_mode {
+        "disable" => "sslmode=disable",
+        "require" => "sslmode=require",
+        _ => "sslmode=prefer",
+    });
+    Ok((format!("{base}?{}", kept.join("&")), tls))
+}
+
+/// Connects (5 s timeout, TCP keepalives), with TLS as the URL's `sslmode` says
+/// ([`Tls`]; rustls with the ring provider, the outbound SMTP client's trust anchors).
 pub fn connect(url: &PgUrl) -> Result<Client, PgError> {
-    let mut cfg: postgres::Config = url.secret().parse().map_err(|e| PgError::Connect {
+    let bad = |reason: String| PgError::Connect {
         url: url.redacted(),
-        reason: format!("bad URL: {}", chain(&e)),
-    })?;
+        reason,
+    };
+    let (driver_url, tls) = tls_of(url.secret()).map_err(bad)?;
+    let mut cfg: postgres::Config = driver_url
+        .parse()
+        .map_err(|e| bad(format!("bad URL: {}", chain(&e))))?;
     cfg.connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
         .keepalives_idle(Duration::from_secs(30))
         .application_name("tern");
-    cfg.connect(NoTls).map_err(|e| PgError::Connect {
-        url: url.redacted(),
-        reason: chain(&e),
-    })
+    let connected = match &tls {
+        Tls::Off => cfg.connect(NoTls),
+        Tls::Unverified { .. } | Tls::Verified { .. } => {
+            let (verify, ca) = match &tls {
+                Tls::Verified { ca } => (true, ca.as_deref()),
+                _ => (false, None),
+            };
+            let rustls = tern_queue::client::tls::client_config(verify, ca)
+                .map_err(|e| bad(format!("TLS: {e}")))?;
+            cfg.connect(tokio_postgres_rustls::MakeRustlsConnect::new(
+                (*rustls).clone(),
+            ))
+        }
+    };
+    connected.map_err(|e| bad(chain(&e)))
 }
 
 /// Creates the table, the notify function and the trigger (idempotent).
@@ -725,6 +793,40 @@ mod tests {
         }
         assert!(PgUrl::parse("/etc/tern/users.db").is_none());
         assert!(PgUrl::parse("mysql://x").is_none());
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert() {
+        let t = |u: &str| tls_of(u).unwrap();
+        assert_eq!(
+            t("postgresql://h/db"),
+            (
+                "postgresql://h/db".into(),
+                Tls::Unverified { required: false }
+            )
+        );
+        assert_eq!(
+            t("postgresql://h/db?sslmode=disable&user=x"),
+            ("postgresql://h/db?user=x&sslmode=disable".into(), Tls::Off)
+        );
+        assert_eq!(
+            t("postgresql://h/db?sslmode=require").1,
+            Tls::Unverified { required: true }
+        );
+        assert_eq!(
+            t("postgresql://h/db?sslrootcert=/ca.pem&sslmode=require"),
+            (
+                "postgresql://h/db?sslmode=require".into(),
+                Tls::Verified {
+                    ca: Some("/ca.pem".into())
+                }
+            )
+        );
+        assert_eq!(
+            t("postgresql://h/db?sslmode=verify-full").1,
+            Tls::Verified { ca: None }
+        );
+        assert!(tls_of("postgresql://h/db?sslmode=sometimes").is_err());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Postgres {
     pub port: u16,
     log: PathBuf,
     running: bool,
+    /// The server's certificate and key once [`Postgres::enable_tls`] ran.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 fn as_postgres(bin: &Path, tool: &str, args: &[&str]) -> Output {
@@ -132,6 +134,7 @@ impl Postgres {
             port: crate::free_port(),
             log,
             running: false,
+            tls: None,
         };
         pg.start_again();
         pg.psql(&format!("CREATE ROLE tern LOGIN PASSWORD '{PASSWORD}'"));
@@ -140,12 +143,19 @@ impl Postgres {
     }
 
     fn pg_ctl_start(&mut self, tcp: bool) {
-        let opts = format!(
+        let mut opts = format!(
             "-p {} -k {} -c listen_addresses={} -c fsync=off",
             self.port,
             self.sock.display(),
             if tcp { "127.0.0.1" } else { "''" }
         );
+        if let Some((cert, key)) = &self.tls {
+            opts.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                cert.display(),
+                key.display()
+            ));
+        }
         check(
             "pg_ctl start",
             as_postgres(
@@ -195,6 +205,23 @@ impl Postgres {
             ),
         );
         self.running = false;
+    }
+
+    /// Restarts the server with TLS on, with a new certificate for 127.0.0.1 signed by a
+    /// new CA (made with openssl); returns the CA's certificate (what to trust).
+    pub fn enable_tls(&mut self) -> PathBuf {
+        let dir = self.data.parent().unwrap().to_path_buf();
+        let (ca, cert, key) = ca_and_cert(&dir, "server");
+        let st = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        self.stop();
+        self.tls = Some((cert, key));
+        self.start_again();
+        ca
     }
 
     /// The URL the nodes use: TCP with the `tern` role's password.
@@ -261,4 +288,102 @@ impl Drop for Postgres {
             );
         }
     }
+}
+
+/// A CA and a certificate it signed for IP 127.0.0.1, in `dir`: returns (the CA's
+/// certificate, the certificate, its key), files `NAME-ca.pem`, `NAME.pem`, `NAME.key`
+/// (keys mode 0600). Made with openssl.
+pub fn ca_and_cert(dir: &Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |s: &str| dir.join(s);
+    let (ca, ca_key) = (p(&format!("{name}-ca.pem")), p(&format!("{name}-ca.key")));
+    let (cert, key, csr) = (
+        p(&format!("{name}.pem")),
+        p(&format!("{name}.key")),
+        p(&format!("{name}.csr")),
+    );
+    let ext = p(&format!("{name}.ext"));
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let run = |what: &str, args: &[&std::ffi::OsStr]| {
+        check(
+            what,
+            Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl"),
+        );
+    };
+    let s = |x: &str| std::ffi::OsStr::new(x).to_owned();
+    let o = |x: &Path| x.as_os_str().to_owned();
+    let v: Vec<std::ffi::OsString> = vec![
+        s("req"),
+        s("-x509"),
+        s("-newkey"),
+        s("ec"),
+        s("-pkeyopt"),
+        s("ec_paramgen_curve:P-256"),
+        s("-nodes"),
+        s("-days"),
+        s("2"),
+        s("-subj"),
+        s(&format!("/CN={name} test CA")),
+        s("-keyout"),
+        o(&ca_key),
+        s("-out"),
+        o(&ca),
+    ];
+    run(
+        "openssl req (CA)",
+        &v.iter().map(|x| x.as_os_str()).collect::<Vec<_>>(),
+    );
+    let v: Vec<std::ffi::OsString> = vec![
+        s("req"),
+        s("-new"),
+        s("-newkey"),
+        s("ec"),
+        s("-pkeyopt"),
+        s("ec_paramgen_curve:P-256"),
+        s("-nodes"),
+        s("-subj"),
+        s("/CN=127.0.0.1"),
+        s("-keyout"),
+        o(&key),
+        s("-out"),
+        o(&csr),
+    ];
+    run(
+        "openssl req (leaf)",
+        &v.iter().map(|x| x.as_os_str()).collect::<Vec<_>>(),
+    );
+    let v: Vec<std::ffi::OsString> = vec![
+        s("x509"),
+        s("-req"),
+        s("-in"),
+        o(&csr),
+        s("-CA"),
+        o(&ca),
+        s("-CAkey"),
+        o(&ca_key),
+        s("-CAcreateserial"),
+        s("-days"),
+        s("2"),
+        s("-extfile"),
+        o(&ext),
+        s("-out"),
+        o(&cert),
+    ];
+    run(
+        "openssl x509 (sign)",
+        &v.iter().map(|x| x.as_os_str()).collect::<Vec<_>>(),
+    );
+    for k in [&key, &ca_key] {
+        std::fs::set_permissions(k, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    for c in [&cert, &ca] {
+        std::fs::set_permissions(c, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    (ca, cert, key)
 }

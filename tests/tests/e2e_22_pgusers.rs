@@ -338,3 +338,71 @@ fn users_in_postgresql_reach_every_node_and_survive_an_outage() {
     }
     drop(pg);
 }
+
+/// TLS to the database as the URL's libpq-style `sslmode`/`sslrootcert` say: a node on
+/// `verify-full` with the server's CA connects over TLS (PostgreSQL's pg_stat_ssl says
+/// so) and authenticates its users; a CA that did not sign the server's certificate is
+/// refused (exit 69, "unavailable"), and `require` without a CA encrypts unverified.
+#[test]
+fn tls_to_the_database_follows_sslmode() {
+    if !require(
+        postgres::available(),
+        "PostgreSQL server binaries, the postgres user, runuser and root",
+    ) || !tern_tests::require_tool("openssl")
+    {
+        return;
+    }
+    let mut pg = Postgres::start();
+    let ca = pg.enable_tls();
+    let verified = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        ca.display()
+    );
+    ok(&["passwd", "--init", "-f", &verified], None);
+    passwd(&verified, &["-c", "erin"], Some("erin-pw"));
+    let n = node(&verified);
+    assert_eq!(auth(n.submission, "erin", "erin-pw"), 235);
+    // The node's LISTEN connection (its watcher thread's) is on TLS.
+    wait_for("the node's connection on TLS", WAIT, || {
+        pg.psql(
+            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'tern' AND s.ssl",
+        )
+        .trim()
+            == "1"
+    });
+    // A new user still arrives over the TLS connection.
+    passwd(&verified, &["-c", "fred"], Some("fred-pw"));
+    until_all(&[&n], "fred", "fred-pw", 235);
+
+    // Another CA: the server's certificate does not verify.
+    let dir = tempfile::tempdir().unwrap();
+    let (other, _, _) = postgres::ca_and_cert(dir.path(), "other");
+    let wrong = format!(
+        "{}?sslmode=verify-full&sslrootcert={}",
+        pg.url(),
+        other.display()
+    );
+    let o = tern(&["passwd", "--list", "-f", &wrong], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(69), "{err}");
+    assert!(
+        err.contains("cannot connect") && !err.contains(PASSWORD),
+        "{err}"
+    );
+    // require without a CA: encrypted, not verified (libpq's meaning).
+    let list = ok(
+        &[
+            "passwd",
+            "--list",
+            "-f",
+            &format!("{}?sslmode=require", pg.url()),
+        ],
+        None,
+    );
+    assert!(
+        list.contains("erin@localhost") && list.contains("fred@localhost"),
+        "{list}"
+    );
+}
