@@ -2,8 +2,8 @@
 # AUTH with the user store in PostgreSQL vs in a file, and the NOTIFY-to-snapshot delay.
 #
 # Starts a throw-away PostgreSQL (Debian's binaries, as the postgres user, in a temporary
-# directory, on PGPORT), two one-shard `tern demo` nodes (one on the demo's user file, one
-# on the database, the same user demo/demo in both), then alternates
+# directory, on PGPORT), two one-shard `tern demo` nodes (one on a user file, one on the
+# database, the same users in both: demo/demo and BULK synthetic ones), then alternates
 # `tern-loadgen auth` runs against the two (ROUNDS each, interleaved so that a busy machine
 # slows both alike), and finally makes CHANGES password changes in the database, reading
 # after each the node's tern_userstore_notify_delay_seconds (trigger clock -> snapshot
@@ -14,6 +14,7 @@ PROFILE=${PROFILE:-debug}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5}
 CHANGES=${CHANGES:-20}
+BULK=${BULK:-0}   # extra synthetic users (copies of demo's secrets) in the table
 MECH=${MECH:-CRAM-MD5}
 PGPORT=${PGPORT:-25432}
 BIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
@@ -35,6 +36,12 @@ runuser -u postgres -- "$BIN/pg_ctl" -D "$W/data" -l "$W/sock/log" -w \
 URL="postgresql://postgres@127.0.0.1:$PGPORT/postgres"
 "$T/tern" passwd --init -f "$URL" >/dev/null
 echo demo | "$T/tern" passwd -f "$URL" -u localhost -c -p demo
+if [ "$BULK" -gt 0 ]; then
+  runuser -u postgres -- "$BIN/psql" -h "$W/sock" -p "$PGPORT" -U postgres -d postgres -q -c \
+    "INSERT INTO tern_users (username, realm, cram_md5, digest_md5, scram_sha_256)
+     SELECT 'bulk' || g, 'localhost', cram_md5, digest_md5, scram_sha_256
+     FROM tern_users, generate_series(1, $BULK) g WHERE username = 'demo'"
+fi
 
 start() { # dir, extra --set... ; prints the submission address
   local dir=$1
@@ -46,13 +53,19 @@ start() { # dir, extra --set... ; prints the submission address
   pids+=($!)
   for _ in $(seq 100); do grep -q '^ready:' "$dir.out" 2>/dev/null && break; sleep 0.1; done
 }
+# The file node gets the same users as the database (the same lines a file holds).
+mkdir -p "$W/file"
+runuser -u postgres -- "$BIN/psql" -h "$W/sock" -p "$PGPORT" -U postgres -d postgres -At -c \
+  "SELECT username || '@' || realm || ' cram-md5=' || cram_md5 || ' digest-md5=' || digest_md5
+          || ' scram-sha-256=' || scram_sha_256 FROM tern_users" >"$W/file/users.db"
+chmod 600 "$W/file/users.db"
 start "$W/file"
 start "$W/pg" --set "auth.users=$URL"
 addr() { awk '/^listening: submission/ {print $3}' "$1.out"; }
 metrics() { awk '/^listening: metrics/ {print $3}' "$1.out"; }
 FILE=$(addr "$W/file")
 PG=$(addr "$W/pg")
-echo "file node $FILE, PostgreSQL node $PG ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
+echo "$((BULK + 1)) users; file node $FILE, PostgreSQL node $PG ($(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg))"
 
 run() {
   taskset -c 1 "$T/tern-loadgen" auth --cores 1 -c 32 --warmup 1 -d "$DURATION" -q --json \
@@ -77,3 +90,4 @@ for i in $(seq "$CHANGES"); do
   delays+=("$(curl -s "http://$M/metrics" | awk '/^tern_userstore_notify_delay_seconds/ {print $2*1000}')")
 done
 printf '%s\n' "${delays[@]}" | sort -n | awk '{a[NR]=$1} END {printf "NOTIFY-to-snapshot delay over %d changes: min %.2f ms, median %.2f ms, max %.2f ms\n", NR, a[1], a[int((NR+1)/2)], a[NR]}'
+if [ -n "${VERBOSE:-}" ]; then grep -E "new snapshot|user store loaded" "$W/pg.err" | tail -n "$((CHANGES + 2))"; fi

@@ -6,13 +6,15 @@
 //!
 //! DESCRIPTION
 //!   The table holds exactly what the file holds (the derived secrets, as the same texts
-//!   the file's fields carry, never a password; optional per-user rates). A statement
-//!   trigger sends `NOTIFY tern_users` with the time of the change; each node's watcher
-//!   thread LISTENs, reloads the whole table on a notification, parses it with the file's
-//!   own parser (`tern_smtp::users`), and hands the new immutable snapshot to the shards
-//!   through `publish` — exactly what a file reload does. AUTH reads the shard's snapshot
-//!   and never waits for the database.
-//!
+//!   the file's fields carry, never a password; optional per-user rates). A row trigger
+//!   sends `NOTIFY tern_users` naming the changed row and the time of the change (a
+//!   TRUNCATE: no row, meaning all). Each node's watcher thread LISTENs; on notifications
+//!   it reads the changed rows again (or the whole table after a TRUNCATE, a reconnect, a
+//!   reload request or more than [`MAX_ROW_CHANGES`] rows), parses them with the file's own
+//!   parser (`tern_smtp::users`), makes the next immutable snapshot (the last one with
+//!   those rows replaced) and hands it to the shards through `publish` — exactly what a
+//!   file reload does. AUTH reads the shard's snapshot and never waits for the database.
+
 //!   The client is the `postgres` crate (synchronous, its own current-thread tokio
 //!   runtime inside), used only on this module's own thread and by the CLI: no shard ever
 //!   calls into it (docs/decisions.md). TLS follows the URL's libpq-style `sslmode` /
@@ -61,17 +63,31 @@ CREATE TABLE IF NOT EXISTS tern_users (
     CHECK (realm NOT LIKE '%@%')
 );
 CREATE OR REPLACE FUNCTION tern_users_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    -- The change's time (µs since 1970): a node tells how long it took to reach it.
+    at bigint := (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
 BEGIN
-    -- The payload is the change's time (µs since 1970), so a node can tell how long the
-    -- change took to reach its shards. One notification per statement.
-    PERFORM pg_notify('tern_users',
-        (extract(epoch FROM clock_timestamp()) * 1000000)::bigint::text);
+    -- [at, realm, username] names one changed row; [at] alone (TRUNCATE): all of them.
+    IF TG_LEVEL = 'STATEMENT' THEN
+        PERFORM pg_notify('tern_users', json_build_array(at)::text);
+    ELSE
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN
+            PERFORM pg_notify('tern_users', json_build_array(at, OLD.realm, OLD.username)::text);
+        END IF;
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN
+            PERFORM pg_notify('tern_users', json_build_array(at, NEW.realm, NEW.username)::text);
+        END IF;
+    END IF;
     RETURN NULL;
 END
 $$;
 DROP TRIGGER IF EXISTS tern_users_notify ON tern_users;
 CREATE TRIGGER tern_users_notify
-    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tern_users
+    AFTER INSERT OR UPDATE OR DELETE ON tern_users
+    FOR EACH ROW EXECUTE FUNCTION tern_users_notify();
+DROP TRIGGER IF EXISTS tern_users_truncate ON tern_users;
+CREATE TRIGGER tern_users_truncate
+    AFTER TRUNCATE ON tern_users
     FOR EACH STATEMENT EXECUTE FUNCTION tern_users_notify();
 "#;
 
@@ -315,6 +331,11 @@ pub fn load(client: &mut Client, url: &PgUrl) -> Result<UserDb, PgError> {
     let rows = client
         .query(SELECT_ALL, &[])
         .map_err(|e| query_err(url, e))?;
+    parse_rows(&rows, url)
+}
+
+/// Rows of `SELECT_ALL` → a snapshot, through the file format's parser.
+fn parse_rows(rows: &[postgres::Row], url: &PgUrl) -> Result<UserDb, PgError> {
     let mut text = String::with_capacity(rows.len() * 220);
     let label = std::path::PathBuf::from(url.redacted());
     for (i, row) in rows.iter().enumerate() {
@@ -346,6 +367,74 @@ pub fn load(client: &mut Client, url: &PgUrl) -> Result<UserDb, PgError> {
     }
     // Row numbers stand in for line numbers in an error (the order is the server's).
     Ok(UserDb::parse(text.as_bytes(), &label)?)
+}
+
+/// What the notifications since the last snapshot ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Changes {
+    /// Reload the whole table (TRUNCATE, a payload we do not understand, too many rows).
+    all: bool,
+    /// The (realm, username) of each changed row.
+    rows: std::collections::BTreeSet<(String, String)>,
+    /// The newest change's trigger time (µs since 1970).
+    newest_us: u64,
+}
+
+/// Above this many changed rows at once, one full reload is cheaper than the lookups.
+const MAX_ROW_CHANGES: usize = 1000;
+
+impl Changes {
+    fn is_empty(&self) -> bool {
+        !self.all && self.rows.is_empty()
+    }
+
+    /// Folds in one payload: `[at, realm, username]` or `[at]`.
+    fn add(&mut self, payload: &str) {
+        let v: Vec<serde_json::Value> = serde_json::from_str(payload).unwrap_or_default();
+        if let Some(at) = v.first().and_then(serde_json::Value::as_u64) {
+            self.newest_us = self.newest_us.max(at);
+        }
+        match (
+            v.get(1).and_then(|r| r.as_str()),
+            v.get(2).and_then(|u| u.as_str()),
+        ) {
+            (Some(realm), Some(user)) if v.len() == 3 && self.rows.len() < MAX_ROW_CHANGES => {
+                self.rows.insert((realm.to_string(), user.to_string()));
+            }
+            _ => self.all = true,
+        }
+    }
+}
+
+/// The next snapshot: `current` with the changed rows read again (a row gone is a user
+/// deleted). Only those rows are read and parsed; the rest is copied.
+fn apply_rows(
+    client: &mut Client,
+    url: &PgUrl,
+    current: &UserDb,
+    keys: &std::collections::BTreeSet<(String, String)>,
+) -> Result<UserDb, PgError> {
+    let (realms, users): (Vec<&str>, Vec<&str>) =
+        keys.iter().map(|(r, u)| (r.as_str(), u.as_str())).unzip();
+    let rows = client
+        .query(
+            &format!(
+                "{SELECT_ALL} WHERE (realm, username) IN \
+                 (SELECT * FROM unnest($1::text[], $2::text[]))"
+            ),
+            &[&realms, &users],
+        )
+        .map_err(|e| query_err(url, e))?;
+    let fresh = parse_rows(&rows, url)?;
+    let mut next = current.clone();
+    for (realm, user) in keys {
+        next.remove(user, realm);
+        if let Some(secrets) = fresh.lookup(user, realm) {
+            next.insert(user, realm, secrets.clone())?;
+            next.set_rates(user, realm, fresh.rates(user, realm).unwrap_or_default());
+        }
+    }
+    Ok(next)
 }
 
 /// Writes the difference between `old` (as loaded) and `new` in one transaction: rows of
@@ -654,7 +743,8 @@ fn session(
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .map_err(|e| query_err(url, e))?;
     let was_down = !status.up.load(Ordering::Relaxed);
-    reload(&mut client, url, status, publish, None)?;
+    // The snapshot this connection last handed to the shards: row changes apply to it.
+    let mut current = reload(&mut client, url, status, publish, None, Changes::default())?;
     status.up.store(true, Ordering::Relaxed);
     if was_down {
         tracing::info!(store = %url, users = status.users.load(Ordering::Relaxed), "user database reached: snapshot caught up");
@@ -665,24 +755,20 @@ fn session(
             return Ok(());
         }
         // Wait up to 1 s for a notification; take it at once, with every other one
-        // already pending, and fold them all into one reload.
-        let mut newest: Option<u64> = None;
+        // already pending, and fold them all into one new snapshot.
+        let mut changes = Changes::default();
         {
             use postgres::fallible_iterator::FallibleIterator;
             let mut notes = client.notifications();
-            let mut note = |n: postgres::Notification| {
-                let at = n.payload().parse::<u64>().unwrap_or(0);
-                newest = Some(newest.map_or(at, |m: u64| m.max(at)));
-            };
             let first = notes
                 .timeout_iter(Duration::from_secs(1))
                 .next()
                 .map_err(|e| query_err(url, e))?;
             if let Some(n) = first {
-                note(n);
+                changes.add(n.payload());
                 let mut pending = notes.iter();
                 while let Some(n) = pending.next().map_err(|e| query_err(url, e))? {
-                    note(n);
+                    changes.add(n.payload());
                 }
             }
         }
@@ -696,17 +782,19 @@ fn session(
         while let Ok(r) = requests.try_recv() {
             replies.push(r);
         }
-        if newest.is_some() || !replies.is_empty() {
-            let r = reload(&mut client, url, status, publish, newest.filter(|t| *t > 0));
+        if !changes.is_empty() || !replies.is_empty() {
+            // A reload request (SIGHUP, `tern ctl reload`) reads everything.
+            changes.all |= !replies.is_empty();
+            let r = reload(&mut client, url, status, publish, Some(&current), changes);
             let answer = match &r {
-                Ok(n) => Ok(*n),
+                Ok(db) => Ok(db.len()),
                 Err(e) => Err(e.to_string()),
             };
             for reply in replies {
                 let _ = reply.send(answer.clone());
             }
             match r {
-                Ok(_) => {}
+                Ok(db) => current = db,
                 // A bad row keeps the snapshot in force; the connection is fine.
                 Err(PgError::Data(e)) => {
                     tracing::error!(store = %url, error = %e, "user store not reloaded; keeping the previous snapshot")
@@ -725,35 +813,44 @@ fn session(
     }
 }
 
-/// Loads the whole table and hands it to the shards. `changed_us`: the newest change's
-/// trigger time, for the delay figure.
+/// Makes the next snapshot and hands it to the shards: the whole table (at connect, on
+/// TRUNCATE, on request, after many changes), else `current` with the changed rows read
+/// again.
 fn reload(
     client: &mut Client,
     url: &PgUrl,
     status: &Status,
     publish: &Publish,
-    changed_us: Option<u64>,
-) -> Result<usize, PgError> {
+    current: Option<&Arc<UserDb>>,
+    changes: Changes,
+) -> Result<Arc<UserDb>, PgError> {
     let started = Instant::now();
-    let db = load(client, url)?;
+    let (db, how) = match current {
+        Some(cur) if !changes.all && !changes.rows.is_empty() => {
+            (apply_rows(client, url, cur, &changes.rows)?, "rows")
+        }
+        _ => (load(client, url)?, "table"),
+    };
     let n = db.len();
-    publish(Arc::new(db));
+    let db = Arc::new(db);
+    publish(db.clone());
     status.loaded(n);
     let load_ms = started.elapsed().as_secs_f64() * 1e3;
-    match changed_us {
-        Some(at) => {
-            let delay = now_us().saturating_sub(at);
-            status.notify_delay_us.store(delay, Ordering::Relaxed);
-            tracing::info!(
-                users = n,
-                delay_ms = delay as f64 / 1e3,
-                load_ms,
-                "user store changed in the database: snapshot reloaded"
-            );
-        }
-        None => tracing::info!(users = n, load_ms, store = %url, "user store loaded"),
+    if changes.newest_us > 0 {
+        let delay = now_us().saturating_sub(changes.newest_us);
+        status.notify_delay_us.store(delay, Ordering::Relaxed);
+        tracing::info!(
+            users = n,
+            rows = changes.rows.len(),
+            read = how,
+            delay_ms = delay as f64 / 1e3,
+            load_ms,
+            "user store changed in the database: new snapshot"
+        );
+    } else {
+        tracing::info!(users = n, load_ms, store = %url, "user store loaded");
     }
-    Ok(n)
+    Ok(db)
 }
 
 #[cfg(test)]
@@ -847,13 +944,14 @@ mod tests {
         }
         assert!(SCHEMA_SQL.contains("PRIMARY KEY (realm, username)"));
         assert!(SCHEMA_SQL.contains(&format!("pg_notify('{CHANNEL}'")));
-        assert!(SCHEMA_SQL.contains("FOR EACH STATEMENT"));
+        assert!(SCHEMA_SQL.contains("FOR EACH ROW"));
+        assert!(SCHEMA_SQL.contains("AFTER TRUNCATE ON tern_users"));
         // Every top-level statement (a line at column 0 that starts one) re-runnable.
         let starts: Vec<&str> = SCHEMA_SQL
             .lines()
             .filter(|l| l.starts_with("CREATE") || l.starts_with("DROP") || l.starts_with("ALTER"))
             .collect();
-        assert_eq!(starts.len(), 4, "{starts:?}");
+        assert_eq!(starts.len(), 6, "{starts:?}");
         for first in starts {
             assert!(
                 first.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -863,10 +961,37 @@ mod tests {
                 "not idempotent: {first}"
             );
         }
-        // CREATE TRIGGER is re-runnable only because the DROP precedes it.
-        let drop = SCHEMA_SQL.find("DROP TRIGGER IF EXISTS").unwrap();
-        let create = SCHEMA_SQL.find("CREATE TRIGGER").unwrap();
-        assert!(drop < create);
+        // CREATE TRIGGER is re-runnable only because its DROP precedes it.
+        for t in ["tern_users_notify", "tern_users_truncate"] {
+            let drop = SCHEMA_SQL
+                .find(&format!("DROP TRIGGER IF EXISTS {t} "))
+                .unwrap();
+            let create = SCHEMA_SQL.find(&format!("CREATE TRIGGER {t}\n")).unwrap();
+            assert!(drop < create, "{t}");
+        }
+    }
+
+    #[test]
+    fn notifications_fold_into_changes() {
+        let mut c = Changes::default();
+        assert!(c.is_empty());
+        c.add(r#"[1700000000000001, "example.org", "alice"]"#);
+        c.add(r#"[1700000000000005, "example.org", "bob"]"#);
+        c.add(r#"[1700000000000003, "example.org", "alice"]"#);
+        assert!(!c.all && c.rows.len() == 2 && c.newest_us == 1_700_000_000_000_005);
+        // TRUNCATE, or anything not understood: everything.
+        let mut t = Changes::default();
+        t.add("[1700000000000009]");
+        assert!(t.all && t.newest_us == 1_700_000_000_000_009);
+        let mut g = Changes::default();
+        g.add("garbage");
+        assert!(g.all);
+        // Too many rows at once: one full reload.
+        let mut m = Changes::default();
+        for i in 0..=MAX_ROW_CHANGES {
+            m.add(&format!(r#"[1, "r", "u{i}"]"#));
+        }
+        assert!(m.all && m.rows.len() == MAX_ROW_CHANGES);
     }
 
     #[test]

@@ -240,6 +240,11 @@ impl Postgres {
 
     /// Runs SQL as the superuser over the Unix socket; returns psql's output.
     pub fn psql(&self, sql: &str) -> String {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`Postgres::psql`] in database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> String {
         let o = check(
             "psql",
             as_postgres(
@@ -253,7 +258,7 @@ impl Postgres {
                     "-U",
                     "postgres",
                     "-d",
-                    "postgres",
+                    db,
                     "-v",
                     "ON_ERROR_STOP=1",
                     "-At",

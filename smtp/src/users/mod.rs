@@ -62,7 +62,9 @@ pub enum UserDbError {
     InvalidName { name: String, reason: &'static str },
 }
 
-/// An immutable snapshot of the user store.
+/// An immutable snapshot of the user store. `Clone` lets a database-backed store build
+/// the next snapshot from the last one plus the rows that changed.
+#[derive(Clone)]
 pub struct UserDb {
     /// realm → user → secrets; nested so a lookup borrows `&str` keys without
     /// allocating.
