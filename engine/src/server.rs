@@ -355,8 +355,7 @@ pub fn run_with(
         }
         return Err(e);
     }
-    // Signal handling is installed before "ready" is announced, so a supervisor that
-    // signals right after reading it never hits the default (fatal) action.
+    // A database store's watcher: LISTEN/NOTIFY, new snapshots to every shard.
     let users_source = match &store {
         UserStore::File(_) => UsersSource::File(users_status.clone()),
         UserStore::Postgres(url) => {
@@ -378,6 +377,8 @@ pub fn run_with(
             UsersSource::Database(w)
         }
     };
+    // Signal handling is installed before "ready" is announced, so a supervisor that
+    // signals right after reading it never hits the default (fatal) action.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

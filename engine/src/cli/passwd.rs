@@ -200,9 +200,10 @@ impl Store {
                 loaded,
             } => {
                 let fail = |e: PgError| Failed(pg_code(&e), e.to_string());
-                // Twice: one copy to change, one to diff against at save.
-                *loaded = Some(pgusers::load(client, url).map_err(fail)?);
-                Ok(Some(pgusers::load(client, url).map_err(fail)?))
+                // One copy to change, one to diff against at save.
+                let db = pgusers::load(client, url).map_err(fail)?;
+                *loaded = Some(db.clone());
+                Ok(Some(db))
             }
         }
     }
