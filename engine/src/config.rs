@@ -184,7 +184,9 @@ pub struct AuthConfig {
     /// otherwise, plus `sender_map`); others get 553 5.7.1. `<>` is always allowed.
     pub sender_policy: String,
     /// Extra grants, one per line: `address-or-@domain  login[, login...]`. Reloaded on
-    /// SIGHUP and when the file changes. Empty: none.
+    /// SIGHUP and when the file changes. Empty: none. A `postgresql://` URL: the table
+    /// `tern_sender_map` (one row per line), watched with LISTEN/NOTIFY.
+    #[serde(serialize_with = "serialize_users")]
     pub sender_map: PathBuf,
     /// Apply the ownership rule to the From: addresses at the end of DATA too (550 5.7.1).
     pub check_header_from: bool,
@@ -259,6 +261,13 @@ fn serialize_users<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Err
 }
 
 impl AuthConfig {
+    /// `auth.sender_map` when it names a database.
+    pub fn sender_map_db(&self) -> Option<crate::pgusers::PgUrl> {
+        self.sender_map
+            .to_str()
+            .and_then(crate::pgusers::PgUrl::parse)
+    }
+
     /// The user store: a file or a PostgreSQL database.
     pub fn user_store(&self) -> UserStore {
         UserStore::from_path(&self.users)
@@ -557,7 +566,15 @@ impl Config {
         let cfg = Self::from_toml_str(&text, &name, sets)?;
         // A database password in the file makes the file a secret, checked like the user
         // store file itself (userstore::load): owner-only.
-        if let (Some(mode), UserStore::Postgres(url)) = (mode, cfg.auth.user_store()) {
+        let urls = [
+            match cfg.auth.user_store() {
+                UserStore::Postgres(u) => Some(u),
+                UserStore::File(_) => None,
+            },
+            cfg.auth.sender_map_db(),
+        ];
+        for url in urls.into_iter().flatten() {
+            let Some(mode) = mode else { break };
             if url.has_password() && text.contains(url.secret()) && mode & 0o077 != 0 {
                 return Err(ConfigError::Invalid(format!(
                     "{name}: mode {mode:04o} lets group or others read it, and auth.users \
@@ -622,7 +639,8 @@ impl Config {
     /// Reads and parses `auth.sender_map` (an empty path: no grants).
     pub fn load_sender_map(&self) -> Result<tern_smtp::sender::SenderMap, ConfigError> {
         let path = &self.auth.sender_map;
-        if path.as_os_str().is_empty() {
+        // A database map is read by the server (its own thread), never here.
+        if path.as_os_str().is_empty() || self.auth.sender_map_db().is_some() {
             return Ok(Default::default());
         }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -923,6 +941,22 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(Config::load(Some(&p), &[]).is_ok());
+        // The sender map in the database: redacted and checked alike.
+        std::fs::write(
+            &p,
+            "[auth]\nsender_map = \"postgresql://tern:s3cret@db.example/mail\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("mode 0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(Some(&p), &[]).unwrap();
+        assert!(c.auth.sender_map_db().is_some() && c.senders.is_empty());
+        let shown = toml::to_string(&c).unwrap();
+        assert!(
+            shown.contains("sender_map = \"postgresql://tern:***@db.example/mail\""),
+            "{shown}"
+        );
         // A file path stays a file.
         let c =
             Config::from_toml_str("[auth]\nusers = \"/etc/tern/users.db\"\n", "t", &[]).unwrap();

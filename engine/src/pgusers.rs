@@ -89,6 +89,21 @@ DROP TRIGGER IF EXISTS tern_users_truncate ON tern_users;
 CREATE TRIGGER tern_users_truncate
     AFTER TRUNCATE ON tern_users
     FOR EACH STATEMENT EXECUTE FUNCTION tern_users_notify();
+-- auth.sender_map in the database: one row per line of the file's format.
+CREATE TABLE IF NOT EXISTS tern_sender_map (
+    address text PRIMARY KEY,      -- 'boss@example.org' or '@example.org'
+    logins  text NOT NULL          -- 'alice, bob@example.org'
+);
+CREATE OR REPLACE FUNCTION tern_sender_map_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('tern_sender_map', '');
+    RETURN NULL;
+END
+$$;
+DROP TRIGGER IF EXISTS tern_sender_map_notify ON tern_sender_map;
+CREATE TRIGGER tern_sender_map_notify
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON tern_sender_map
+    FOR EACH STATEMENT EXECUTE FUNCTION tern_sender_map_notify();
 "#;
 
 const SELECT_ALL: &str = "SELECT username, realm, cram_md5, digest_md5, scram_sha_256, \
@@ -853,6 +868,131 @@ fn reload(
     Ok(db)
 }
 
+// ---------------------------------------------------------------------------------------
+// auth.sender_map in the database
+// ---------------------------------------------------------------------------------------
+
+/// Reads `tern_sender_map` into a map, through the file format's parser (one row is one
+/// line: `address logins`).
+pub fn load_senders(
+    client: &mut Client,
+    url: &PgUrl,
+) -> Result<tern_smtp::sender::SenderMap, PgError> {
+    let rows = client
+        .query(
+            "SELECT address, logins FROM tern_sender_map ORDER BY address",
+            &[],
+        )
+        .map_err(|e| query_err(url, e))?;
+    let mut text = String::new();
+    for row in &rows {
+        let address: String = row.try_get(0).map_err(|e| query_err(url, e))?;
+        let logins: String = row.try_get(1).map_err(|e| query_err(url, e))?;
+        if address.contains(['\n', '\r']) || logins.contains(['\n', '\r']) {
+            return Err(PgError::Query {
+                url: url.redacted(),
+                reason: format!("tern_sender_map: a line break in the row of {address:?}"),
+            });
+        }
+        text.push_str(&address);
+        text.push(' ');
+        text.push_str(&logins);
+        text.push('\n');
+    }
+    tern_smtp::sender::SenderMap::parse(&text).map_err(|e| PgError::Query {
+        url: url.redacted(),
+        reason: format!("tern_sender_map: {e}"),
+    })
+}
+
+/// Hands a sender map to every shard.
+pub type PublishSenders = Box<dyn Fn(Arc<tern_smtp::sender::SenderMap>) + Send>;
+
+/// The sender map's watcher: LISTEN `tern_sender_map`, the whole (small) table again on
+/// every change, the last map kept while the database is away (logged once per outage),
+/// reconnection with the user store's backoff.
+pub fn spawn_senders_watcher(
+    url: PgUrl,
+    publish: PublishSenders,
+    alive: Box<dyn Fn() -> bool + Send>,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("tern-sendermap".into())
+        .spawn(move || {
+            let mut backoff = BACKOFF_MIN;
+            let mut reported = false;
+            while alive() {
+                let mut connected = false;
+                let r = (|| -> Result<(), PgError> {
+                    let mut client = connect(&url)?;
+                    client
+                        .batch_execute("LISTEN tern_sender_map")
+                        .map_err(|e| query_err(&url, e))?;
+                    connected = true;
+                    let mut dirty = true;
+                    loop {
+                        if !alive() {
+                            return Ok(());
+                        }
+                        if dirty {
+                            match load_senders(&mut client, &url) {
+                                Ok(map) => {
+                                    tracing::info!(store = %url, entries = map.len(), "sender map loaded");
+                                    publish(Arc::new(map));
+                                    if reported {
+                                        tracing::info!(store = %url, "sender map database reached again");
+                                        reported = false;
+                                    }
+                                }
+                                Err(PgError::Query { reason, .. })
+                                    if reason.starts_with("tern_sender_map:") =>
+                                {
+                                    tracing::error!(store = %url, error = %reason, "sender map not reloaded; keeping the previous one")
+                                }
+                                Err(e) => return Err(e),
+                            }
+                        }
+                        {
+                            use postgres::fallible_iterator::FallibleIterator;
+                            let mut notes = client.notifications();
+                            let first = notes
+                                .timeout_iter(Duration::from_secs(1))
+                                .next()
+                                .map_err(|e| query_err(&url, e))?;
+                            dirty = first.is_some();
+                            if dirty {
+                                let mut pending = notes.iter();
+                                while pending.next().map_err(|e| query_err(&url, e))?.is_some() {}
+                            }
+                        }
+                        if client.is_closed() {
+                            return Err(PgError::Query {
+                                url: url.redacted(),
+                                reason: "connection closed".into(),
+                            });
+                        }
+                    }
+                })();
+                match r {
+                    Ok(()) => return,
+                    Err(e) => {
+                        if !reported {
+                            reported = true;
+                            tracing::error!(store = %url, error = %e, "sender map database lost: keeping the last map; reconnecting in the background");
+                        }
+                        backoff = if connected {
+                            BACKOFF_MIN
+                        } else {
+                            (backoff * 2).min(BACKOFF_MAX)
+                        };
+                        std::thread::sleep(jitter(backoff));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -951,7 +1091,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("CREATE") || l.starts_with("DROP") || l.starts_with("ALTER"))
             .collect();
-        assert_eq!(starts.len(), 6, "{starts:?}");
+        assert_eq!(starts.len(), 11, "{starts:?}");
         for first in starts {
             assert!(
                 first.starts_with("CREATE TABLE IF NOT EXISTS")
@@ -962,7 +1102,11 @@ mod tests {
             );
         }
         // CREATE TRIGGER is re-runnable only because its DROP precedes it.
-        for t in ["tern_users_notify", "tern_users_truncate"] {
+        for t in [
+            "tern_users_notify",
+            "tern_users_truncate",
+            "tern_sender_map_notify",
+        ] {
             let drop = SCHEMA_SQL
                 .find(&format!("DROP TRIGGER IF EXISTS {t} "))
                 .unwrap();

@@ -129,6 +129,10 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if a != b && (matches!(a, UserStore::Postgres(_)) || matches!(b, UserStore::Postgres(_))) {
         v.push("auth.users");
     }
+    let (a, b) = (old.auth.sender_map_db(), new.auth.sender_map_db());
+    if (a.is_some() || b.is_some()) && old.auth.sender_map != new.auth.sender_map {
+        v.push("auth.sender_map");
+    }
     v
 }
 
@@ -270,6 +274,22 @@ pub fn run_with(
             pgusers::first_snapshot(url, &users_status)?.unwrap_or_else(UserDb::unavailable)
         }
     });
+    // A sender map in the database: a first map before any shard, like the users; an
+    // unreachable database leaves it empty until reached (grants only ever widen what a
+    // login may use, so the node is stricter meanwhile, never looser).
+    let mut cfg = cfg;
+    if let Some(url) = cfg.auth.sender_map_db() {
+        match pgusers::connect(&url) {
+            Ok(mut client) => {
+                let map = pgusers::load_senders(&mut client, &url)?;
+                tracing::info!(store = %url, entries = map.len(), "sender map loaded");
+                cfg.senders = Arc::new(map);
+            }
+            Err(e) => {
+                tracing::error!(store = %url, error = %e, "sender map database unreachable at start: no grants until it is reached")
+            }
+        }
+    }
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
     let mesh: Mesh = MeshBuilder::full(shards, 1024);
@@ -377,6 +397,20 @@ pub fn run_with(
             UsersSource::Database(w)
         }
     };
+    if let Some(url) = cfg.auth.sender_map_db() {
+        let publish_to = controls.clone();
+        let alive_check = controls.clone();
+        pgusers::spawn_senders_watcher(
+            url,
+            Box::new(move |map| {
+                for c in &publish_to {
+                    let _ = c.unbounded_send(Control::Senders(map.clone()));
+                }
+            }),
+            Box::new(move || !alive_check.iter().all(|c| c.is_closed())),
+        )
+        .map_err(|e| ServerError::Admin(format!("cannot start the sender map thread: {e}")))?;
+    }
     // Signal handling is installed before "ready" is announced, so a supervisor that
     // signals right after reading it never hits the default (fatal) action.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -527,7 +561,8 @@ fn spawn_users_watcher(
     let mut current = true;
     // The sender map is watched the same way (a path set at start; a reload that names
     // another file takes it over at that reload).
-    let watch_map = !cfg.auth.sender_map.as_os_str().is_empty();
+    let watch_map =
+        !cfg.auth.sender_map.as_os_str().is_empty() && cfg.auth.sender_map_db().is_none();
     let mut last_map = watch_map.then(|| stamp(&cfg.auth.sender_map)).flatten();
     let _ = std::thread::Builder::new()
         .name("tern-users-watch".into())
@@ -773,7 +808,10 @@ async fn shard_main(
                     *auth_shared.senders.borrow_mut() = map;
                 }
                 Control::Config(new) => {
-                    *auth_shared.senders.borrow_mut() = new.senders.clone();
+                    // A database map arrives from its own thread (Control::Senders).
+                    if new.auth.sender_map_db().is_none() {
+                        *auth_shared.senders.borrow_mut() = new.senders.clone();
+                    }
                     control_shard.peers.set_user_rates(new.user_rates());
                     control_shard.store.set_dkim(new.dkim_signer.clone());
                     for ctx in &ctx_list {

@@ -81,6 +81,9 @@ fn auth(addr: std::net::SocketAddr, user: &str, password: &str) -> u16 {
 fn node(url: &str) -> Server {
     Server::with(&[
         &format!("auth.users={url}"),
+        // The sender map in the same database (issue 15's cluster mode).
+        &format!("auth.sender_map={url}"),
+        "auth.sender_policy=own",
         // PLAIN on the plaintext port keeps the test's client simple; no tarpit, and no
         // per-address block from the polls' expected failures.
         "auth.allow_plaintext_without_tls=true",
@@ -113,6 +116,18 @@ fn metrics(s: &Server) -> String {
     let mut body = String::new();
     c.read_to_string(&mut body).unwrap();
     body
+}
+
+/// The reply code of `MAIL FROM:<from>` after AUTH PLAIN as user/password.
+fn mail_from(addr: std::net::SocketAddr, user: &str, password: &str, from: &str) -> u16 {
+    let mut c = Client::connect(addr);
+    c.expect_greeting();
+    c.ehlo("client.test");
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+    c.expect(&format!("AUTH PLAIN {token}"), 235, "2.7.0");
+    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
+    c.quit();
+    r.code
 }
 
 /// Polls until `code` is what every node answers for user/password; returns how long.
@@ -176,6 +191,23 @@ fn users_in_postgresql_reach_every_node_and_survive_an_outage() {
         assert_eq!(auth(n.submission, "alice", "alice-pw1"), 235);
         assert_eq!(auth(n.submission, "alice", "wrong"), 535);
     }
+
+    // The sender map lives in the same database: a grant reaches both nodes.
+    for n in nodes {
+        assert_eq!(
+            mail_from(n.submission, "alice", "alice-pw1", "boss@example.org"),
+            553
+        );
+    }
+    pg.psql_in(
+        "tern",
+        "INSERT INTO tern_sender_map VALUES ('boss@example.org', 'alice')",
+    );
+    wait_for("the grant on both nodes", WAIT, || {
+        nodes
+            .iter()
+            .all(|n| mail_from(n.submission, "alice", "alice-pw1", "boss@example.org") == 250)
+    });
 
     // A new user reaches both nodes.
     passwd(&url, &["-c", "bob"], Some("bob-pw1"));
