@@ -1091,7 +1091,7 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("CREATE") || l.starts_with("DROP") || l.starts_with("ALTER"))
             .collect();
-        assert_eq!(starts.len(), 11, "{starts:?}");
+        assert_eq!(starts.len(), 10, "{starts:?}");
         for first in starts {
             assert!(
                 first.starts_with("CREATE TABLE IF NOT EXISTS")
