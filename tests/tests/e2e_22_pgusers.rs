@@ -399,14 +399,16 @@ fn tls_to_the_database_follows_sslmode() {
     passwd(&verified, &["-c", "erin"], Some("erin-pw"));
     let n = node(&verified);
     assert_eq!(auth(n.submission, "erin", "erin-pw"), 235);
-    // The node's LISTEN connection (its watcher thread's) is on TLS.
-    wait_for("the node's connection on TLS", WAIT, || {
+    // The node's two LISTEN connections (the user store's and the sender map's
+    // threads) are both on TLS.
+    wait_for("the node's connections on TLS", WAIT, || {
         pg.psql(
-            "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
-             WHERE a.application_name = 'tern' AND s.ssl",
+            "SELECT count(*) FILTER (WHERE NOT s.ssl) || ' ' || count(*) \
+             FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = 'tern'",
         )
         .trim()
-            == "1"
+            == "0 2"
     });
     // A new user still arrives over the TLS connection.
     passwd(&verified, &["-c", "fred"], Some("fred-pw"));
