@@ -152,7 +152,7 @@ pub struct AuthConfig {
     pub mechanisms: Vec<String>,
     /// The user store (written by `tern passwd`): a file (a missing file means no users)
     /// or a `postgresql://` URL (see `pgusers`). Shown with its password redacted.
-    #[serde(serialize_with = "serialize_users")]
+    #[serde(serialize_with = "serialize_store_path")]
     pub users: PathBuf,
     /// Realm users are looked up in (and DIGEST-MD5's realm). Empty: the host name, which
     /// is also `tern passwd`'s default.
@@ -186,7 +186,7 @@ pub struct AuthConfig {
     /// Extra grants, one per line: `address-or-@domain  login[, login...]`. Reloaded on
     /// SIGHUP and when the file changes. Empty: none. A `postgresql://` URL: the table
     /// `tern_sender_map` (one row per line), watched with LISTEN/NOTIFY.
-    #[serde(serialize_with = "serialize_users")]
+    #[serde(serialize_with = "serialize_store_path")]
     pub sender_map: PathBuf,
     /// Apply the ownership rule to the From: addresses at the end of DATA too (550 5.7.1).
     pub check_header_from: bool,
@@ -253,7 +253,7 @@ impl UserStore {
 }
 
 /// `check-config` prints the configuration: never a database password.
-fn serialize_users<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+fn serialize_store_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
     match UserStore::from_path(p) {
         UserStore::Postgres(u) => s.serialize_str(&u.redacted()),
         UserStore::File(_) => p.serialize(s),
