@@ -44,6 +44,7 @@ pub mod dkim;
 pub mod dkim_thread;
 pub mod metrics;
 pub mod notify;
+pub mod pgusers;
 pub mod privileges;
 pub mod sdnotify;
 pub mod server;
