@@ -8,6 +8,7 @@
 //!   tern-loadgen auth    --target 127.0.0.1:587 --proxy-v2 198.51.100.7   (as if behind HAProxy)
 //!   tern-loadgen sink    --listen 127.0.0.1:2526 --delay 20
 //!   tern-loadgen merge   a.json b.json   (runs made at the same time from several machines)
+//!   tern-loadgen fsync-probe --dir /var/spool/tern --rate 500   (the disk's floor, beside a run)
 //!
 //! DESCRIPTION
 //!   One glommio executor per core (`--cores`, default: every CPU this process may run
@@ -34,6 +35,7 @@
 
 mod conn;
 mod merge;
+mod probe;
 mod report;
 mod runner;
 mod sasl;
@@ -111,6 +113,8 @@ enum Cmd {
     /// Combine `--json` reports of runs made at the same time (e.g. from several
     /// machines): counts summed, exact percentiles from the summed histograms, rate over
     /// the union window.
+    /// The disk's floor beside a run: pwrite + fdatasync at a fixed rate, percentiles.
+    FsyncProbe(probe::ProbeArgs),
     Merge {
         /// The `--json` reports, one per run.
         #[arg(required = true, num_args = 1..)]
@@ -419,6 +423,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Sink(a) => sink::run(a, stop),
         Cmd::Merge { reports, json } => merge::run(&reports, json),
+        Cmd::FsyncProbe(a) => probe::run(a, stop),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
