@@ -141,6 +141,8 @@ pub async fn serve(
         tracing::info!(shard = shard.id, %peer, balancer = %sock_peer, listener = kind.name(), "connect");
     }
     let started = Instant::now();
+    // None without filters for this listener: nothing below costs anything then.
+    let mut milters = shard.milters.session(kind, &session_cfg.hostname);
     let mut session = Session::new(
         session_cfg,
         peer,
@@ -151,16 +153,24 @@ pub async fn serve(
     // state (memory per idle connection is bounded and small).
     let result = match kind {
         ListenerKind::Smtps => match Box::pin(handshake(&lst, stream, &shard)).await {
-            Some(tls) => Box::pin(run(tls, &mut session, &shard, true))
-                .await
-                .map(|_| ()),
+            Some(tls) => {
+                if let Some(m) = milters.as_mut() {
+                    m.set_tls(tls_info(tls.get_ref().1));
+                }
+                Box::pin(run(tls, &mut session, &shard, true, &mut milters))
+                    .await
+                    .map(|_| ())
+            }
             None => Ok(()),
         },
-        _ => match run(stream, &mut session, &shard, true).await {
+        _ => match run(stream, &mut session, &shard, true, &mut milters).await {
             Ok(Outcome::StartTls(plain)) => match Box::pin(handshake(&lst, plain, &shard)).await {
                 Some(tls) => {
                     session.tls_started();
-                    Box::pin(run(tls, &mut session, &shard, false))
+                    if let Some(m) = milters.as_mut() {
+                        m.set_tls(tls_info(tls.get_ref().1));
+                    }
+                    Box::pin(run(tls, &mut session, &shard, false, &mut milters))
                         .await
                         .map(|_| ())
                 }
@@ -231,6 +241,7 @@ async fn run<S>(
     session: &mut Session,
     shard: &Shard,
     greet: bool,
+    milters: &mut Option<crate::milter::MilterSession>,
 ) -> std::io::Result<Outcome<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -260,7 +271,37 @@ where
                 // Let the client see the replies so far while the disk works.
                 replied |= flush(&mut io, &mut out, shard).await?;
                 let t0 = Instant::now();
-                let id = shard.store.store(&mut msg).await;
+                let mut given = None;
+                let mut held = None;
+                if let Some(m) = milters.as_mut() {
+                    // The filters run before the message is signed, committed and
+                    // acknowledged: the spool holds exactly what they accepted.
+                    let id = shard.store.next_id();
+                    let outcome =
+                        Box::pin(m.filter(&shard.milters, shard.id, &mut msg, id.as_str())).await;
+                    match outcome {
+                        crate::milter::Outcome::Store { held: h } => {
+                            given = Some(id);
+                            held = h.map(|r| crate::milter::held_reason(&r));
+                        }
+                        crate::milter::Outcome::Discard { filter } => {
+                            tracing::info!(shard = shard.id, id = %id, milter = %filter,
+                                from = %msg.envelope.sender, "discarded by milter");
+                            session.filtered(
+                                250,
+                                "2.0.0",
+                                &format!("Ok: queued as {id}"),
+                                &mut out,
+                            );
+                            continue;
+                        }
+                        crate::milter::Outcome::Refuse(r) => {
+                            session.filtered(r.code, &r.enhanced, &r.text, &mut out);
+                            continue;
+                        }
+                    }
+                }
+                let id = shard.store.store_as(&mut msg, given, held.as_deref()).await;
                 match &id {
                     Ok(id) => {
                         shard.metrics.accepted(t0.elapsed());
@@ -580,6 +621,22 @@ async fn flush<S: AsyncWrite + Unpin>(
             "write timed out",
         )),
     }
+}
+
+/// The milter macros `{tls_version}` and `{cipher}` of an established TLS session.
+fn tls_info(c: &rustls::ServerConnection) -> crate::milter::TlsInfo {
+    let version = match c.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => String::new(),
+    };
+    let cipher = c
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("")
+        .to_string();
+    crate::milter::TlsInfo { version, cipher }
 }
 
 /// Runs `f` for at most `d`.

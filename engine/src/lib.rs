@@ -37,6 +37,7 @@ pub mod conn;
 pub mod delivery;
 pub mod dkim;
 pub mod metrics;
+pub mod milter;
 pub mod notify;
 pub mod privileges;
 pub mod sdnotify;

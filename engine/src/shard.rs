@@ -56,6 +56,9 @@ pub struct Shard {
     /// Set only by the admin `drain`/`undrain` requests (`admin::server::on_shard`).
     pub drain_started: Cell<Option<std::time::Instant>>,
     pub drain_delay: Duration,
+    /// The shard's milter filters (`milter`): none configured costs one borrow per
+    /// session.
+    pub milters: crate::milter::ShardMilters,
 }
 
 impl Shard {

@@ -20,6 +20,8 @@
 //! Must never: do I/O, read a clock, panic on any byte a filter sends, or let a filter's
 //! text become an SMTP reply or a header line that breaks the protocol (CR/LF, NUL).
 
+#![forbid(unsafe_code)]
+
 pub mod codec;
 pub mod edit;
 

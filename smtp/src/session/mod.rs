@@ -191,6 +191,9 @@ pub struct Message {
     peer: SocketAddr,
     /// The session had authenticated (AUTH) when the message was sent.
     authenticated: bool,
+    /// The login it authenticated as, and the SASL mechanism (milter macros).
+    login: Option<String>,
+    auth_mechanism: Option<&'static str>,
     /// The client is in `relay.trusted_networks`.
     trusted: bool,
 }
@@ -230,6 +233,16 @@ impl Message {
     /// AUTH= said: `envelope.auth` may be `None` after `AUTH=<>`).
     pub fn authenticated(&self) -> bool {
         self.authenticated
+    }
+
+    /// The login the session authenticated as (SMTP AUTH), and its SASL mechanism.
+    pub fn login(&self) -> Option<(&str, &'static str)> {
+        Some((self.login.as_deref()?, self.auth_mechanism.unwrap_or("")))
+    }
+
+    /// The client's address (after a PROXY header: the real client).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
     }
 
     /// Whether the client is in the relay policy's trusted networks.
@@ -338,6 +351,8 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     authenticated: Option<String>,
+    /// The SASL mechanism of the successful AUTH (milter's `{auth_type}`).
+    auth_mechanism: Option<&'static str>,
     /// Whether the mechanism used is trusted for relaying (TRUST_AUTH_MECH).
     auth_trusted: bool,
     txn: Option<Transaction>,
@@ -373,6 +388,7 @@ impl Session {
             helo: None,
             esmtp: false,
             authenticated: None,
+            auth_mechanism: None,
             auth_trusted: false,
             txn: None,
             state: State::Command,
@@ -491,6 +507,32 @@ impl Session {
                 };
                 self.refuse(out, Reject::Storage, "DATA", None, code, enh, text);
             }
+        }
+    }
+
+    /// The answer to the last `Event::Message` when a content filter (milter) decided it
+    /// instead of the spool: a 2xx accepts it (a discarded message is answered like a
+    /// stored one, as sendmail and Postfix do), a 4xx/5xx refuses it (counted and logged
+    /// through the hooks like every refusal). The text is the caller's, already made safe.
+    pub fn filtered(&mut self, code: u16, enhanced: &str, text: &str, out: &mut BytesMut) {
+        if !matches!(self.state, State::Storing) {
+            return;
+        }
+        self.state = State::Command;
+        if code < 400 {
+            self.messages += 1;
+            self.junk = 0;
+            reply::line(out, code, enhanced, text);
+        } else {
+            self.refuse(
+                out,
+                Reject::Milter,
+                "END-OF-MESSAGE",
+                None,
+                code,
+                enhanced,
+                text,
+            );
         }
     }
 
@@ -1204,6 +1246,8 @@ impl Session {
             protocol,
             peer: self.peer,
             authenticated: self.authenticated.is_some(),
+            login: self.authenticated.clone(),
+            auth_mechanism: self.auth_mechanism,
             trusted: self.cfg.policy.trusted_client(self.peer.ip()),
         })))
     }
@@ -1387,6 +1431,7 @@ impl Session {
             failures: self.auth_failures,
         });
         self.authenticated = Some(identity);
+        self.auth_mechanism = Some(mech.name());
         self.auth_trusted = self
             .cfg
             .auth

@@ -1,0 +1,1147 @@
+//! Milter filters (sendmail's content-filter protocol, version 6) run on the shard, on
+//! each accepted message, before it is signed, committed and acknowledged.
+//!
+//! Owns: the `[milter]` configuration (filters, default actions, sendmail-style
+//! timeouts, listener roles), the per-session connections to each filter (opened at the
+//! session's first message, on the shard's executor like any other socket, reused for the
+//! session's later messages with `SMFIC_ABORT` between them when a conversation was cut
+//! short, closed with the session), the conversation itself (the protocol is
+//! `tern_milter`; this module does the I/O and the timers), and the application of the
+//! filters' verdicts and edits to the message.
+//!
+//! The conversation replays the session at end of data: CONNECT and HELO (once per filter
+//! connection), MAIL, RCPT per recipient, DATA, the header fields, EOH, the body in chunks
+//! of at most 65535 bytes taken from the message's own slices, and end-of-message. A stage
+//! the filter declined in negotiation is not sent; one it said it will not answer is not
+//! waited for. Several filters run in order (sendmail's `INPUT_MAIL_FILTER` list), each
+//! seeing the message as the filters before it left it.
+//!
+//! XXX verdicts from the connect/helo/mail/rcpt stages come at end of data, not at those
+//! commands (the session already answered them): a reject there refuses the message with
+//! the filter's reply (a rejected recipient refuses the whole message rather than drop a
+//! recipient the client was told is accepted).
+//!
+//! Must never: hold a connection across threads or behind a lock (everything is the
+//! shard's), wait without a timer, let a filter's text reach the client or a header
+//! unescaped (see `tern_milter`), or answer a message twice: a filter that fails (refused
+//! connection, garbage, timeout, death mid-message) gets its `default_action` exactly once
+//! and its connection is dropped.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::future;
+use futures_lite::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use glommio::timer::Timer;
+use serde::{Deserialize, Serialize};
+use tern_milter::codec::{self, act, cmd};
+use tern_milter::edit;
+use tern_milter::{FilterReply, Negotiated, Response, Stage};
+use tern_smtp::envelope::Recipient;
+use tern_smtp::session::{ListenerKind, Message};
+
+/// What a filter's failure (unreachable, timeout, protocol error) means for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultAction {
+    /// 451 4.7.1: the client tries again later (nothing unfiltered gets through).
+    Tempfail,
+    /// Go on without this filter.
+    Accept,
+}
+
+/// `[milter]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MilterConfig {
+    /// Off: no filter runs (the filters stay configured).
+    pub enable: bool,
+    /// Default for every filter: what happens when it fails.
+    pub default_action: DefaultAction,
+    /// Default per-stage timeouts, sendmail's `T=` syntax: `C` connect, `S` each send,
+    /// `R` each reply, `E` the end-of-message reply (e.g. "C:30s;S:10s;R:30s;E:5m").
+    pub timeouts: String,
+    /// Default listener roles filtered ("smtp", "submission", "smtps").
+    pub listeners: Vec<String>,
+    /// The filters, run in this order.
+    pub filters: Vec<FilterConfig>,
+}
+
+impl Default for MilterConfig {
+    fn default() -> Self {
+        MilterConfig {
+            enable: true,
+            default_action: DefaultAction::Tempfail,
+            timeouts: DEFAULT_TIMEOUTS.into(),
+            listeners: vec!["smtp".into(), "submission".into(), "smtps".into()],
+            filters: Vec::new(),
+        }
+    }
+}
+
+/// sendmail's defaults are C:5m;S:10s;R:10s;E:5m; Postfix's are 30s/30s/300s. A filter
+/// that cannot be reached within 30 s is better given up on while the client waits.
+pub const DEFAULT_TIMEOUTS: &str = "C:30s;S:10s;R:30s;E:5m";
+
+/// One `[[milter.filters]]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// A name for logs and metrics (default: the socket).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `inet:host:port` (also `inet:port@host`, `inet6:[addr]:port`) or `unix:/path`.
+    pub socket: String,
+    #[serde(default)]
+    pub default_action: Option<DefaultAction>,
+    #[serde(default)]
+    pub timeouts: Option<String>,
+    #[serde(default)]
+    pub listeners: Option<Vec<String>>,
+    /// Off: this filter is skipped.
+    #[serde(default = "yes")]
+    pub enable: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Where a filter listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Inet(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Per-stage timeouts (sendmail's `T=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub reply: Duration,
+    pub eom: Duration,
+}
+
+impl Timeouts {
+    /// Parses "C:5s;S:10s;R:10s;E:5m" (any subset, over `base`; sendmail's bare numbers
+    /// are seconds).
+    pub fn parse(s: &str, base: Timeouts) -> Result<Timeouts, String> {
+        let mut t = base;
+        for part in s.split([';', ',']).map(str::trim).filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once(':')
+                .ok_or_else(|| format!("timeouts: {part:?} is not KEY:DURATION"))?;
+            let v = v.trim();
+            let d = if v.bytes().all(|b| b.is_ascii_digit()) {
+                Duration::from_secs(v.parse().map_err(|e| format!("timeouts: {v:?}: {e}"))?)
+            } else {
+                humantime::parse_duration(v).map_err(|e| format!("timeouts: {v:?}: {e}"))?
+            };
+            if d.is_zero() {
+                return Err(format!("timeouts: {part:?} must be above zero"));
+            }
+            match k.trim() {
+                "C" => t.connect = d,
+                "S" => t.send = d,
+                "R" => t.reply = d,
+                "E" => t.eom = d,
+                other => return Err(format!("timeouts: unknown key {other:?} (C, S, R or E)")),
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// One filter, checked and resolved at configuration load.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub name: Rc<str>,
+    pub endpoint: Endpoint,
+    pub default_action: DefaultAction,
+    pub timeouts: Timeouts,
+    /// Indexed by `role_index`.
+    pub roles: [bool; 3],
+}
+
+// Rc<str> in an Arc-shared list: the list is built once and then only read; each shard
+// gets its own copy (`Filters::for_shard`).
+/// The configured filters, in order.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    pub list: Vec<FilterSpec>,
+}
+
+/// A filter as the configuration load produced it (Send: it crosses to the shards).
+#[derive(Debug, Clone)]
+pub struct FilterSpec {
+    pub name: String,
+    pub endpoint: Endpoint,
+    pub default_action: DefaultAction,
+    pub timeouts: Timeouts,
+    pub roles: [bool; 3],
+}
+
+fn role_index(kind: ListenerKind) -> usize {
+    match kind {
+        ListenerKind::Smtp => 0,
+        ListenerKind::Submission => 1,
+        ListenerKind::Smtps => 2,
+    }
+}
+
+fn roles(list: &[String]) -> Result<[bool; 3], String> {
+    let mut r = [false; 3];
+    for l in list {
+        match l.as_str() {
+            "smtp" => r[0] = true,
+            "submission" => r[1] = true,
+            "smtps" => r[2] = true,
+            other => {
+                return Err(format!(
+                    "listeners: unknown role {other:?} (smtp, submission or smtps)"
+                ))
+            }
+        }
+    }
+    Ok(r)
+}
+
+/// Parses `inet:host:port`, `inet:port@host`, `inet6:[addr]:port`, `unix:/path` (also
+/// sendmail's `local:`). Host names are resolved once, here.
+pub fn parse_socket(s: &str) -> Result<Endpoint, String> {
+    let bad = |why: &str| format!("socket {s:?}: {why} (inet:host:port or unix:/path)");
+    let (kind, rest) = s.split_once(':').ok_or_else(|| bad("no type"))?;
+    match kind {
+        "unix" | "local" => {
+            let p = PathBuf::from(rest);
+            if !p.is_absolute() {
+                return Err(bad("the path must be absolute"));
+            }
+            Ok(Endpoint::Unix(p))
+        }
+        "inet" | "inet6" => {
+            let (host, port) = if let Some((port, host)) = rest.split_once('@') {
+                (host.to_string(), port)
+            } else {
+                let (h, p) = rest.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+                (
+                    h.trim_start_matches('[').trim_end_matches(']').to_string(),
+                    p,
+                )
+            };
+            let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+            if port == 0 {
+                return Err(bad("port 0"));
+            }
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                return Ok(Endpoint::Inet(SocketAddr::new(ip, port)));
+            }
+            use std::net::ToSocketAddrs;
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .map_err(|e| bad(&format!("cannot resolve {host:?}: {e}")))?
+                .next()
+                .map(Endpoint::Inet)
+                .ok_or_else(|| bad("host has no address"))
+        }
+        _ => Err(bad("unknown type")),
+    }
+}
+
+impl Filters {
+    /// Checks `[milter]` and resolves its sockets (configuration load, check-config,
+    /// reload: a bad entry fails the whole load).
+    pub fn load(cfg: &MilterConfig) -> Result<Filters, String> {
+        let base = Timeouts::parse(
+            DEFAULT_TIMEOUTS,
+            Timeouts {
+                connect: Duration::ZERO,
+                send: Duration::ZERO,
+                reply: Duration::ZERO,
+                eom: Duration::ZERO,
+            },
+        )?;
+        let timeouts = Timeouts::parse(&cfg.timeouts, base).map_err(|e| format!("milter.{e}"))?;
+        let default_roles = roles(&cfg.listeners).map_err(|e| format!("milter.{e}"))?;
+        let mut list = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, f) in cfg.filters.iter().enumerate() {
+            let at = format!("milter.filters[{i}]");
+            let endpoint = parse_socket(&f.socket).map_err(|e| format!("{at}: {e}"))?;
+            let name = f.name.clone().unwrap_or_else(|| f.socket.clone());
+            if name.is_empty() || name.chars().any(|c| c.is_control() || c == '"') {
+                return Err(format!("{at}: name {name:?} must be printable, no quotes"));
+            }
+            if !names.insert(name.clone()) {
+                return Err(format!("{at}: duplicate filter name {name:?}"));
+            }
+            let t = match &f.timeouts {
+                Some(s) => Timeouts::parse(s, timeouts).map_err(|e| format!("{at}.{e}"))?,
+                None => timeouts,
+            };
+            let r = match &f.listeners {
+                Some(l) => roles(l).map_err(|e| format!("{at}.{e}"))?,
+                None => default_roles,
+            };
+            if !cfg.enable || !f.enable {
+                continue;
+            }
+            list.push(FilterSpec {
+                name,
+                endpoint,
+                default_action: f.default_action.unwrap_or(cfg.default_action),
+                timeouts: t,
+                roles: r,
+            });
+        }
+        Ok(Filters { list })
+    }
+
+    /// The shard's own copy (Rc names, never shared across threads).
+    fn for_shard(&self) -> Rc<[Filter]> {
+        self.list
+            .iter()
+            .map(|f| Filter {
+                name: f.name.as_str().into(),
+                endpoint: f.endpoint.clone(),
+                default_action: f.default_action,
+                timeouts: f.timeouts,
+                roles: f.roles,
+            })
+            .collect()
+    }
+}
+
+/// The shard's filters (replaced whole on reload) and its per-filter action counts.
+pub struct ShardMilters {
+    filters: RefCell<Rc<[Filter]>>,
+    counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
+    /// Messages held in the queue by a filter's quarantine (for `tern queue list`).
+    pub quarantined: Cell<u64>,
+}
+
+impl ShardMilters {
+    pub fn new(f: &Filters) -> ShardMilters {
+        ShardMilters {
+            filters: RefCell::new(f.for_shard()),
+            counts: RefCell::new(BTreeMap::new()),
+            quarantined: Cell::new(0),
+        }
+    }
+
+    /// A reloaded configuration: sessions that start from now on use these filters.
+    pub fn set(&self, f: &Filters) {
+        *self.filters.borrow_mut() = f.for_shard();
+    }
+
+    /// The filters a new session on a `kind` listener runs; None (nothing allocated, no
+    /// cost at all) when there are none.
+    pub fn session(&self, kind: ListenerKind, hostname: &str) -> Option<MilterSession> {
+        let all = self.filters.borrow();
+        let i = role_index(kind);
+        let list: Vec<Filter> = all.iter().filter(|f| f.roles[i]).cloned().collect();
+        if list.is_empty() {
+            return None;
+        }
+        let n = list.len();
+        Some(MilterSession {
+            filters: list,
+            conns: (0..n).map(|_| None).collect(),
+            tls: None,
+            hostname: hostname.to_string(),
+            daemon: kind.name(),
+        })
+    }
+
+    fn count(&self, filter: &Rc<str>, action: &'static str) {
+        *self
+            .counts
+            .borrow_mut()
+            .entry((filter.clone(), action))
+            .or_insert(0) += 1;
+    }
+
+    /// (filter, action, count) for the metrics scrape.
+    pub fn counts(&self) -> Vec<(String, String, u64)> {
+        self.counts
+            .borrow()
+            .iter()
+            .map(|((f, a), n)| (f.to_string(), a.to_string(), *n))
+            .collect()
+    }
+}
+
+/// A socket to a filter.
+enum Stream {
+    Tcp(glommio::net::TcpStream),
+    Unix(glommio::net::UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => std::pin::Pin::new(s).poll_close(cx),
+            Stream::Unix(s) => std::pin::Pin::new(s).poll_close(cx),
+        }
+    }
+}
+
+/// One open conversation with a filter.
+struct Conn {
+    io: Stream,
+    neg: Negotiated,
+    rbuf: BytesMut,
+    out: BytesMut,
+    /// CONNECT/HELO were sent (and with which HELO name).
+    helo_sent: Option<String>,
+    /// A message conversation was cut short: SMFIC_ABORT before the next MAIL.
+    needs_abort: bool,
+    /// The filter decided for the whole session at CONNECT/HELO.
+    session_verdict: Option<Verdict>,
+}
+
+/// A filter's decision on a message (or the whole session).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Verdict {
+    Continue,
+    Accept,
+    Discard,
+    Reply(FilterReply),
+}
+
+/// Why a conversation failed (the filter's default action follows).
+#[derive(Debug)]
+enum Failure {
+    Io(io::Error),
+    Timeout(&'static str),
+    Protocol(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Io(e) => write!(f, "{e}"),
+            Failure::Timeout(what) => write!(f, "timed out {what}"),
+            Failure::Protocol(e) => write!(f, "protocol error: {e}"),
+        }
+    }
+}
+
+/// What the filters decided about a message.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Store it (edited in place); `held`: a filter quarantined it, with this reason.
+    Store { held: Option<String> },
+    /// Answer 2xx and drop it (a filter's discard, or no recipient left).
+    Discard { filter: String },
+    /// Answer this 4xx/5xx.
+    Refuse(FilterReply),
+}
+
+/// The TLS facts of a session (`{tls_version}`, `{cipher}`).
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// One SMTP session's filters and its connections to them.
+pub struct MilterSession {
+    filters: Vec<Filter>,
+    conns: Vec<Option<Conn>>,
+    tls: Option<TlsInfo>,
+    /// `j`: this host's name.
+    hostname: String,
+    /// `{daemon_name}`: the listener role.
+    daemon: &'static str,
+}
+
+/// The facts of one message that macros are made of.
+struct Context<'a> {
+    hostname: &'a str,
+    daemon: &'a str,
+    /// `i`: the queue id the message will have.
+    queue_id: &'a str,
+}
+
+fn tempfail() -> FilterReply {
+    FilterReply {
+        code: 451,
+        enhanced: "4.7.1".into(),
+        text: "Service unavailable - try again later".into(),
+    }
+}
+
+fn reject() -> FilterReply {
+    FilterReply {
+        code: 550,
+        enhanced: "5.7.1".into(),
+        text: "Command rejected".into(),
+    }
+}
+
+impl MilterSession {
+    /// The session's TLS (after a STARTTLS or on 465).
+    pub fn set_tls(&mut self, tls: TlsInfo) {
+        self.tls = Some(tls);
+    }
+
+    /// Runs every filter over `msg`, in order, applying their edits to it. Takes each
+    /// filter's default action on its failure (once; its connection is dropped).
+    pub async fn filter(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        msg: &mut Message,
+        queue_id: &str,
+    ) -> Outcome {
+        let hostname = self.hostname.clone();
+        let cx = &Context {
+            hostname: &hostname,
+            daemon: self.daemon,
+            queue_id,
+        };
+        let mut held: Option<String> = None;
+        let mut m = edit::Message::parse(std::mem::take(&mut msg.body));
+        for i in 0..self.filters.len() {
+            let f = self.filters[i].clone();
+            let r = self.one(i, &f, &mut m, msg, cx, &mut held).await;
+            let verdict = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    self.conns[i] = None;
+                    shard.count(&f.name, "failed");
+                    tracing::warn!(shard = shard_id, id = cx.queue_id, milter = %f.name,
+                        error = %e, default_action = ?f.default_action, "milter failed; default action taken");
+                    match f.default_action {
+                        DefaultAction::Accept => continue,
+                        DefaultAction::Tempfail => Verdict::Reply(tempfail()),
+                    }
+                }
+            };
+            match verdict {
+                Verdict::Continue => shard.count(&f.name, "continue"),
+                Verdict::Accept => shard.count(&f.name, "accept"),
+                Verdict::Discard => {
+                    shard.count(&f.name, "discard");
+                    msg.body = m.into_slices();
+                    return Outcome::Discard {
+                        filter: f.name.to_string(),
+                    };
+                }
+                Verdict::Reply(r) => {
+                    shard.count(&f.name, if r.code >= 500 { "reject" } else { "tempfail" });
+                    tracing::info!(shard = shard_id, id = cx.queue_id, milter = %f.name,
+                        code = r.code, enhanced = %r.enhanced, text = %r.text, "milter refused the message");
+                    msg.body = m.into_slices();
+                    return Outcome::Refuse(r);
+                }
+            }
+            if msg.envelope.recipients.is_empty() {
+                // Every recipient deleted: nothing to deliver (sendmail discards too).
+                msg.body = m.into_slices();
+                return Outcome::Discard {
+                    filter: f.name.to_string(),
+                };
+            }
+        }
+        if m.edited() {
+            msg.body = m.into_slices();
+            msg.envelope.size = msg.body.iter().map(|b| b.len() as u64).sum();
+        } else {
+            msg.body = m.into_slices();
+        }
+        if let Some(why) = &held {
+            tracing::info!(shard = shard_id, id = cx.queue_id, reason = %why, "milter quarantined the message");
+        }
+        Outcome::Store { held }
+    }
+
+    /// One filter's conversation about one message.
+    async fn one(
+        &mut self,
+        i: usize,
+        f: &Filter,
+        m: &mut edit::Message,
+        msg: &mut Message,
+        cx: &Context<'_>,
+        held: &mut Option<String>,
+    ) -> Result<Verdict, Failure> {
+        if self.conns[i].is_none() {
+            self.conns[i] = Some(open(f).await?);
+        }
+        let tls = self.tls.clone();
+        let Some(c) = self.conns[i].as_mut() else {
+            return Err(Failure::Protocol("no connection".into()));
+        };
+        if let Some(v) = &c.session_verdict {
+            return Ok(v.clone());
+        }
+        let t = f.timeouts;
+        let peer = msg.peer();
+        let addr = peer.ip().to_string();
+        let helo = msg.envelope.client_helo.clone();
+        // CONNECT and HELO: once per connection (again if the session said HELO anew).
+        if c.helo_sent.is_none() {
+            let pairs = [
+                ("j", cx.hostname),
+                ("{daemon_name}", cx.daemon),
+                ("{client_addr}", addr.as_str()),
+                ("{client_name}", "unknown"),
+            ];
+            c.macros(Stage::Connect, &pairs);
+            if c.neg.sends(Stage::Connect) {
+                codec::connect(&mut c.out, "unknown", Some(peer));
+            }
+            match c.stage(Stage::Connect, t).await? {
+                Verdict::Continue => {}
+                v => {
+                    c.session_verdict = Some(v.clone());
+                    return Ok(v);
+                }
+            }
+        }
+        if c.helo_sent.as_deref() != Some(helo.as_str()) {
+            let (ver, cipher) = match &tls {
+                Some(t) => (t.version.as_str(), t.cipher.as_str()),
+                None => ("", ""),
+            };
+            let pairs: Vec<(&str, &str)> = if tls.is_some() {
+                vec![("{tls_version}", ver), ("{cipher}", cipher)]
+            } else {
+                Vec::new()
+            };
+            c.macros(Stage::Helo, &pairs);
+            if c.neg.sends(Stage::Helo) {
+                codec::helo(&mut c.out, &helo);
+            }
+            c.helo_sent = Some(helo);
+            match c.stage(Stage::Helo, t).await? {
+                Verdict::Continue => {}
+                v => {
+                    c.session_verdict = Some(v.clone());
+                    return Ok(v);
+                }
+            }
+        }
+        if std::mem::take(&mut c.needs_abort) {
+            codec::bare(&mut c.out, cmd::ABORT);
+        }
+        // From here on a verdict before end-of-message leaves the filter mid-message.
+        c.needs_abort = true;
+        let (authen, auth_type) = msg.login().unwrap_or(("", ""));
+        let mut pairs = vec![
+            ("i", cx.queue_id),
+            ("{mail_addr}", msg.envelope.sender.as_str()),
+        ];
+        if !authen.is_empty() {
+            pairs.push(("{auth_authen}", authen));
+            pairs.push(("{auth_type}", auth_type));
+        }
+        c.macros(Stage::Mail, &pairs);
+        if c.neg.sends(Stage::Mail) {
+            let mut args: Vec<String> = Vec::new();
+            if let Some(a) = &msg.envelope.auth {
+                args.push(format!("AUTH=<{a}>"));
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            codec::envelope_addr(&mut c.out, cmd::MAIL, &msg.envelope.sender, &args);
+        }
+        match c.stage(Stage::Mail, t).await? {
+            Verdict::Continue => {}
+            v => return Ok(v),
+        }
+        for r in 0..msg.envelope.recipients.len() {
+            let addr = msg.envelope.recipients[r].addr.clone();
+            c.macros(Stage::Rcpt, &[("{rcpt_addr}", addr.as_str())]);
+            if c.neg.sends(Stage::Rcpt) {
+                codec::envelope_addr(&mut c.out, cmd::RCPT, &addr, &[]);
+            }
+            match c.stage(Stage::Rcpt, t).await? {
+                Verdict::Continue => {}
+                v => return Ok(v),
+            }
+        }
+        c.macros(Stage::Data, &[("i", cx.queue_id)]);
+        if c.neg.sends(Stage::Data) {
+            codec::bare(&mut c.out, cmd::DATA);
+        }
+        match c.stage(Stage::Data, t).await? {
+            Verdict::Continue => {}
+            v => return Ok(v),
+        }
+        if c.neg.sends(Stage::Header) {
+            let replies = c.neg.replies(Stage::Header);
+            for fld in m.fields() {
+                codec::header(&mut c.out, fld.name(), fld.value());
+                if replies {
+                    match c.stage(Stage::Header, t).await? {
+                        Verdict::Continue => {}
+                        v => return Ok(v),
+                    }
+                }
+            }
+        }
+        c.macros(Stage::Eoh, &[]);
+        if c.neg.sends(Stage::Eoh) {
+            codec::bare(&mut c.out, cmd::EOH);
+        }
+        match c.stage(Stage::Eoh, t).await? {
+            Verdict::Continue => {}
+            v => return Ok(v),
+        }
+        if c.neg.sends(Stage::Body) {
+            match c.body(m.body(), t).await? {
+                Verdict::Continue => {}
+                v => return Ok(v),
+            }
+        }
+        c.macros(Stage::Eom, &[("i", cx.queue_id)]);
+        codec::bare(&mut c.out, cmd::BODYEOB);
+        let v = c.eom(m, msg, t, held).await?;
+        c.needs_abort = false;
+        Ok(v)
+    }
+}
+
+/// Connects and negotiates.
+async fn open(f: &Filter) -> Result<Conn, Failure> {
+    let t = f.timeouts;
+    let io = timed(t.connect, "connecting", async {
+        match &f.endpoint {
+            Endpoint::Inet(a) => {
+                let s = glommio::net::TcpStream::connect(*a)
+                    .await
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let _ = s.set_nodelay(true);
+                Ok(Stream::Tcp(s))
+            }
+            Endpoint::Unix(p) => glommio::net::UnixStream::connect(p)
+                .await
+                .map(Stream::Unix)
+                .map_err(|e| io::Error::other(e.to_string())),
+        }
+    })
+    .await?
+    .map_err(Failure::Io)?;
+    let mut c = Conn {
+        io,
+        neg: Negotiated {
+            version: 0,
+            actions: 0,
+            protocol: 0,
+            macros: Default::default(),
+        },
+        rbuf: BytesMut::new(),
+        out: BytesMut::new(),
+        helo_sent: None,
+        needs_abort: false,
+        session_verdict: None,
+    };
+    codec::optneg(&mut c.out);
+    c.flush(t).await?;
+    match c.read(t.reply, "waiting for option negotiation").await? {
+        Response::OptNeg(n) => {
+            codec::check_negotiation(&n).map_err(Failure::Protocol)?;
+            c.neg = n;
+            Ok(c)
+        }
+        other => Err(Failure::Protocol(format!(
+            "{} instead of option negotiation",
+            other.name()
+        ))),
+    }
+}
+
+impl Conn {
+    /// Queues the macros of a stage the filter wants (those it asked for, or all).
+    fn macros(&mut self, stage: Stage, pairs: &[(&str, &str)]) {
+        if !self.neg.sends(stage) && stage != Stage::Eom {
+            return;
+        }
+        let wanted: Vec<(&str, &str)> = pairs
+            .iter()
+            .filter(|(n, _)| self.neg.wants_macro(stage, n))
+            .copied()
+            .collect();
+        codec::macros(&mut self.out, stage, &wanted);
+    }
+
+    async fn flush(&mut self, t: Timeouts) -> Result<(), Failure> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let r = timed(t.send, "sending", self.io.write_all(&out)).await?;
+        self.out = out;
+        self.out.clear();
+        r.map_err(Failure::Io)
+    }
+
+    /// Reads one response within `d` (a `SMFIR_PROGRESS` restarts the timer).
+    async fn read(&mut self, d: Duration, what: &'static str) -> Result<Response, Failure> {
+        loop {
+            if let Some(r) =
+                Response::decode(&mut self.rbuf).map_err(|e| Failure::Protocol(e.to_string()))?
+            {
+                return Ok(r);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = timed(d, what, self.io.read(&mut chunk))
+                .await?
+                .map_err(Failure::Io)?;
+            if n == 0 {
+                return Err(Failure::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "filter closed the connection",
+                )));
+            }
+            self.rbuf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Sends what is queued for a stage and, if the filter answers it, reads its verdict.
+    async fn stage(&mut self, stage: Stage, t: Timeouts) -> Result<Verdict, Failure> {
+        if !self.neg.sends(stage) || !self.neg.replies(stage) {
+            // Nothing to wait for: the packets go out with the next one that is answered.
+            return Ok(Verdict::Continue);
+        }
+        self.flush(t).await?;
+        self.verdict(stage, t.reply, "waiting for a reply").await
+    }
+
+    async fn verdict(
+        &mut self,
+        stage: Stage,
+        d: Duration,
+        what: &'static str,
+    ) -> Result<Verdict, Failure> {
+        loop {
+            let r = self.read(d, what).await?;
+            return Ok(match r {
+                Response::Progress => continue,
+                Response::Continue | Response::Skip => Verdict::Continue,
+                Response::Accept => Verdict::Accept,
+                Response::Discard => Verdict::Discard,
+                Response::Reject => Verdict::Reply(reject()),
+                Response::Tempfail | Response::Shutdown => Verdict::Reply(tempfail()),
+                Response::ReplyCode(r) => Verdict::Reply(r),
+                other => {
+                    return Err(Failure::Protocol(format!(
+                        "{} at the {} stage",
+                        other.name(),
+                        stage.name()
+                    )))
+                }
+            });
+        }
+    }
+
+    /// The body, in chunks of at most 65535 bytes. A filter that answers every chunk gets
+    /// them coalesced (fewer round trips); one that does not gets them written straight
+    /// from the message's slices, several per write.
+    async fn body(&mut self, body: &[Bytes], t: Timeouts) -> Result<Verdict, Failure> {
+        const MAX: usize = codec::MAX_BODY_CHUNK;
+        if self.neg.replies(Stage::Body) {
+            let mut chunk = BytesMut::with_capacity(MAX.min(body.iter().map(Bytes::len).sum()));
+            let mut pieces = body.iter().flat_map(|b| {
+                (0..b.len().div_ceil(MAX))
+                    .map(move |k| b.slice(k * MAX..((k + 1) * MAX).min(b.len())))
+            });
+            let mut next = pieces.next();
+            while next.is_some() || !chunk.is_empty() {
+                // Fill the chunk.
+                while let Some(p) = next.take() {
+                    let room = MAX - chunk.len();
+                    if p.len() <= room {
+                        chunk.extend_from_slice(&p);
+                        next = pieces.next();
+                    } else {
+                        chunk.extend_from_slice(&p[..room]);
+                        next = Some(p.slice(room..));
+                        break;
+                    }
+                }
+                self.out.extend_from_slice(&codec::body_head(chunk.len()));
+                self.out.extend_from_slice(&chunk);
+                chunk.clear();
+                self.flush(t).await?;
+                match self
+                    .verdict(Stage::Body, t.reply, "waiting for a body reply")
+                    .await?
+                {
+                    Verdict::Continue => {}
+                    v => return Ok(v),
+                }
+            }
+            return Ok(Verdict::Continue);
+        }
+        // No replies: queued packets first, then head + slice pairs, vectored.
+        self.flush(t).await?;
+        let mut heads: Vec<[u8; 5]> = Vec::new();
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for b in body {
+            for piece in b.chunks(MAX) {
+                heads.push(codec::body_head(piece.len()));
+                parts.push(piece);
+            }
+        }
+        // Bounded batches so the IoSlice vector stays small.
+        for (hs, ps) in heads.chunks(256).zip(parts.chunks(256)) {
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(hs.len() * 2);
+            for (h, p) in hs.iter().zip(ps) {
+                slices.push(IoSlice::new(h));
+                slices.push(IoSlice::new(p));
+            }
+            timed(
+                t.send,
+                "sending the body",
+                write_all_vectored(&mut self.io, &mut slices),
+            )
+            .await?
+            .map_err(Failure::Io)?;
+        }
+        Ok(Verdict::Continue)
+    }
+
+    /// End of message: edits, then the verdict.
+    async fn eom(
+        &mut self,
+        m: &mut edit::Message,
+        msg: &mut Message,
+        t: Timeouts,
+        held: &mut Option<String>,
+    ) -> Result<Verdict, Failure> {
+        self.flush(t).await?;
+        let mut body: Option<Vec<Bytes>> = None;
+        loop {
+            let r = self.read(t.eom, "waiting for end of message").await?;
+            let need = |flag: u32, what: &str| -> Result<(), Failure> {
+                if self.neg.may(flag) {
+                    Ok(())
+                } else {
+                    Err(Failure::Protocol(format!("{what} without negotiating it")))
+                }
+            };
+            match r {
+                Response::Progress => {}
+                Response::AddHeader { name, value } => {
+                    need(act::ADDHDRS, "addheader")?;
+                    m.add_header(&name, &value);
+                }
+                Response::InsertHeader { index, name, value } => {
+                    need(act::ADDHDRS, "insheader")?;
+                    m.insert_header(index, &name, &value);
+                }
+                Response::ChangeHeader { index, name, value } => {
+                    need(act::CHGHDRS, "chgheader")?;
+                    m.change_header(index, &name, &value);
+                }
+                Response::ReplaceBody(chunk) => {
+                    need(act::CHGBODY, "replbody")?;
+                    body.get_or_insert_with(Vec::new).push(chunk);
+                }
+                Response::AddRcpt { rcpt, .. } => {
+                    if !self.neg.may(act::ADDRCPT) && !self.neg.may(act::ADDRCPT_PAR) {
+                        return Err(Failure::Protocol("addrcpt without negotiating it".into()));
+                    }
+                    let r = &mut msg.envelope.recipients;
+                    if !r.iter().any(|x| x.addr.eq_ignore_ascii_case(&rcpt)) {
+                        r.push(Recipient {
+                            addr: rcpt,
+                            notify: 0,
+                            orcpt: None,
+                        });
+                    }
+                }
+                Response::DelRcpt(rcpt) => {
+                    need(act::DELRCPT, "delrcpt")?;
+                    msg.envelope
+                        .recipients
+                        .retain(|x| !x.addr.eq_ignore_ascii_case(&rcpt));
+                }
+                Response::ChangeFrom { from, .. } => {
+                    need(act::CHGFROM, "chgfrom")?;
+                    msg.envelope.sender = from;
+                }
+                Response::Quarantine(reason) => {
+                    need(act::QUARANTINE, "quarantine")?;
+                    let reason: String = reason
+                        .chars()
+                        .map(|c| if c.is_control() { ' ' } else { c })
+                        .take(200)
+                        .collect();
+                    *held = Some(if reason.is_empty() {
+                        "quarantined by a filter".into()
+                    } else {
+                        reason
+                    });
+                }
+                Response::OptNeg(_) => {
+                    return Err(Failure::Protocol("optneg at end of message".into()))
+                }
+                other => {
+                    // A verdict: the edits so far stand (libmilter sends them first).
+                    if let Some(b) = body.take() {
+                        m.replace_body(&b);
+                    }
+                    return Ok(match other {
+                        Response::Continue | Response::Skip => Verdict::Continue,
+                        Response::Accept => Verdict::Accept,
+                        Response::Discard => Verdict::Discard,
+                        Response::Reject => Verdict::Reply(reject()),
+                        Response::Tempfail | Response::Shutdown => Verdict::Reply(tempfail()),
+                        Response::ReplyCode(r) => Verdict::Reply(r),
+                        _ => Verdict::Continue,
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !bufs.is_empty() {
+        let n = w.write_vectored(bufs).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    Ok(())
+}
+
+/// Runs `f` for at most `d`.
+async fn timed<F: std::future::Future>(
+    d: Duration,
+    what: &'static str,
+    f: F,
+) -> Result<F::Output, Failure> {
+    future::or(async { Ok(f.await) }, async {
+        Timer::new(d).await;
+        Err(Failure::Timeout(what))
+    })
+    .await
+}
+
+/// A quarantined message's state record reason, for `tern queue list` (made safe).
+pub fn held_reason(reason: &str) -> String {
+    format!("quarantined by milter: {reason}")
+}
+
+/// Used by `tern features`.
+pub fn feature_line(f: &Filters) -> String {
+    if f.list.is_empty() {
+        "milter: no filters configured".into()
+    } else {
+        let names: Vec<&str> = f.list.iter().map(|f| f.name.as_str()).collect();
+        format!("milter: {} filter(s): {}", names.len(), names.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_parse_like_sendmail() {
+        let base = Timeouts::parse(
+            DEFAULT_TIMEOUTS,
+            Timeouts {
+                connect: Duration::ZERO,
+                send: Duration::ZERO,
+                reply: Duration::ZERO,
+                eom: Duration::ZERO,
+            },
+        )
+        .unwrap();
+        assert_eq!(base.connect, Duration::from_secs(30));
+        let t = Timeouts::parse("C:5s;S:10;R:1m;E:5m", base).unwrap();
+        assert_eq!(t.connect, Duration::from_secs(5));
+        assert_eq!(t.send, Duration::from_secs(10));
+        assert_eq!(t.reply, Duration::from_secs(60));
+        assert_eq!(t.eom, Duration::from_secs(300));
+        assert!(Timeouts::parse("X:5s", base).is_err());
+        assert!(Timeouts::parse("C:0s", base).is_err());
+        assert!(Timeouts::parse("C", base).is_err());
+    }
+
+    #[test]
+    fn sockets() {
+        assert_eq!(
+            parse_socket("inet:127.0.0.1:11332").unwrap(),
+            Endpoint::Inet("127.0.0.1:11332".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket("inet:8891@127.0.0.1").unwrap(),
+            Endpoint::Inet("127.0.0.1:8891".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket("inet6:[::1]:8891").unwrap(),
+            Endpoint::Inet("[::1]:8891".parse().unwrap())
+        );
+        assert_eq!(
+            parse_socket("unix:/run/x.sock").unwrap(),
+            Endpoint::Unix("/run/x.sock".into())
+        );
+        assert!(parse_socket("unix:rel").is_err());
+        assert!(parse_socket("tcp:1.2.3.4:5").is_err());
+        assert!(parse_socket("inet:1.2.3.4").is_err());
+        assert!(parse_socket("inet:1.2.3.4:0").is_err());
+    }
+}

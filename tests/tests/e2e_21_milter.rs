@@ -1,0 +1,573 @@
+//! 21: milter (protocol 6, tern as the MTA) against a scripted milter server double.
+//!
+//! `FakeMilter` is a small blocking milter server written here from the protocol
+//! (libmilter's mfdef.h): it negotiates the actions and protocol steps a test scripts,
+//! records every packet tern sends (command byte and data, per connection), answers each
+//! stage that expects an answer (with a scripted verdict where one is set), and at
+//! end-of-message sends the scripted edits and verdict. It can also misbehave: close the
+//! connection at the first body chunk, answer garbage, or never answer.
+//!
+//! The tests check the byte stream (negotiation, macros with the queue id the client was
+//! told, CONNECT/HELO/MAIL/RCPT/headers/body), that skipped and unanswered stages cost
+//! nothing, every edit as it lands in the spool, every verdict as the client sees it (with
+//! a filter's CR/LF never reaching it), quarantine (held in the queue), and the failures:
+//! the default action taken, exactly one reply per message, nothing stored twice.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tern_tests::{tern_bin, wait_for, Server};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Misbehave {
+    None,
+    /// Close the connection at the first body chunk.
+    DieAtBody,
+    /// Answer the body with bytes that are no milter packet.
+    GarbageAtBody,
+    /// Never answer end-of-message.
+    StallAtEom,
+}
+
+#[derive(Clone)]
+struct Script {
+    actions: u32,
+    protocol: u32,
+    /// (command byte, reply packet) replacing the default 'c' at that stage.
+    at: Vec<(u8, Vec<u8>)>,
+    /// Packets sent at end of message before the final one.
+    eom: Vec<Vec<u8>>,
+    verdict: Vec<u8>,
+    misbehave: Misbehave,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            actions: 0x1ff,
+            protocol: 0,
+            at: Vec::new(),
+            eom: Vec::new(),
+            verdict: packet(b'c', b""),
+            misbehave: Misbehave::None,
+        }
+    }
+}
+
+fn packet(code: u8, data: &[u8]) -> Vec<u8> {
+    let mut p = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+    p.push(code);
+    p.extend_from_slice(data);
+    p
+}
+
+fn cstrs(parts: &[&str]) -> Vec<u8> {
+    let mut v = Vec::new();
+    for p in parts {
+        v.extend_from_slice(p.as_bytes());
+        v.push(0);
+    }
+    v
+}
+
+type Log = Arc<Mutex<Vec<Vec<(u8, Vec<u8>)>>>>;
+
+struct FakeMilter {
+    addr: SocketAddr,
+    log: Log,
+}
+
+impl FakeMilter {
+    fn start(script: Script) -> FakeMilter {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let log: Log = Arc::default();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming().flatten() {
+                let idx = {
+                    let mut g = log2.lock().unwrap();
+                    g.push(Vec::new());
+                    g.len() - 1
+                };
+                let log3 = log2.clone();
+                let sc = script.clone();
+                std::thread::spawn(move || serve(s, sc, log3, idx));
+            }
+        });
+        FakeMilter { addr, log }
+    }
+
+    fn socket(&self) -> String {
+        format!("inet:{}", self.addr)
+    }
+
+    fn conns(&self) -> Vec<Vec<(u8, Vec<u8>)>> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn read_packet(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let n = u32::from_be_bytes(len) as usize;
+    let mut b = vec![0u8; n];
+    s.read_exact(&mut b).ok()?;
+    let code = *b.first()?;
+    Some((code, b[1..].to_vec()))
+}
+
+fn serve(mut s: TcpStream, sc: Script, log: Log, idx: usize) {
+    while let Some((code, data)) = read_packet(&mut s) {
+        log.lock().unwrap()[idx].push((code, data.clone()));
+        let reply: Option<Vec<u8>> = match code {
+            b'O' => {
+                let mut d = 6u32.to_be_bytes().to_vec();
+                d.extend_from_slice(&sc.actions.to_be_bytes());
+                d.extend_from_slice(&sc.protocol.to_be_bytes());
+                Some(packet(b'O', &d))
+            }
+            b'D' | b'A' | b'K' => None,
+            b'Q' => return,
+            b'E' => {
+                if sc.misbehave == Misbehave::StallAtEom {
+                    std::thread::sleep(Duration::from_secs(30));
+                    return;
+                }
+                for p in &sc.eom {
+                    let _ = s.write_all(p);
+                }
+                Some(sc.verdict.clone())
+            }
+            b'B' if sc.misbehave == Misbehave::DieAtBody => return,
+            b'B' if sc.misbehave == Misbehave::GarbageAtBody => {
+                Some(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec())
+            }
+            c => {
+                let nr = match c {
+                    b'C' => 0x1000,
+                    b'H' => 0x2000,
+                    b'M' => 0x4000,
+                    b'R' => 0x8000,
+                    b'T' => 0x10000,
+                    b'L' => 0x80,
+                    b'N' => 0x40000,
+                    b'B' => 0x80000,
+                    _ => 0,
+                };
+                if sc.protocol & nr != 0 {
+                    None
+                } else {
+                    Some(
+                        sc.at
+                            .iter()
+                            .find(|(k, _)| *k == c)
+                            .map(|(_, p)| p.clone())
+                            .unwrap_or_else(|| packet(b'c', b"")),
+                    )
+                }
+            }
+        };
+        if let Some(r) = reply {
+            if s.write_all(&r).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The macros of the `SMFIC_MACRO` packet for stage `stage` in a conversation.
+fn macros(conv: &[(u8, Vec<u8>)], stage: u8) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (c, d) in conv {
+        if *c == b'D' && d.first() == Some(&stage) {
+            let parts: Vec<String> = d[1..]
+                .split(|&b| b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            for kv in parts.chunks(2) {
+                if kv.len() == 2 {
+                    out.push((kv[0].clone(), kv[1].clone()));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn get(m: &[(String, String)], k: &str) -> Option<String> {
+    m.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+}
+
+const MSG: &[u8] =
+    b"From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\n\r\nline one\r\nline two\r\n";
+
+fn server_with(sockets: &[(String, &str)], extra: &[&str]) -> Server {
+    let filters: Vec<String> = sockets
+        .iter()
+        .map(|(s, more)| format!("{{socket=\"{s}\"{more}}}"))
+        .collect();
+    let f = format!("milter.filters=[{}]", filters.join(","));
+    let mut sets: Vec<&str> = vec![&f, r#"relay.trusted_networks=["127.0.0.0/8"]"#];
+    sets.extend_from_slice(extra);
+    Server::with(&sets)
+}
+
+/// Sends MSG and returns the reply to the end of data.
+fn send(s: &Server, from: &str, to: &[&str], body: &[u8]) -> tern_tests::Reply {
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.expect(&format!("MAIL FROM:<{from}>"), 250, "2.1.0");
+    for t in to {
+        c.expect(&format!("RCPT TO:<{t}>"), 250, "2.1.5");
+    }
+    c.expect("DATA", 354, "");
+    let mut wire = tern_tests::dot_stuff(body);
+    wire.extend_from_slice(b".\r\n");
+    c.send(&wire);
+    let r = c.read_reply();
+    // Exactly one reply: the next command gets its own.
+    c.expect("NOOP", 250, "2.0.0");
+    r
+}
+
+#[test]
+fn byte_stream_and_macros() {
+    let f = FakeMilter::start(Script::default());
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let r = send(
+        &s,
+        "a@example.org",
+        &["b@example.net", "c@example.net"],
+        MSG,
+    );
+    r.check(250, "2.0.0 Ok: queued as");
+    let id = r.queued_id();
+    let conns = f.conns();
+    assert_eq!(conns.len(), 1);
+    let conv = &conns[0];
+    // Negotiation: version 6, every action offered.
+    assert_eq!(conv[0].0, b'O');
+    assert_eq!(&conv[0].1[..4], &6u32.to_be_bytes());
+    assert_eq!(&conv[0].1[4..8], &0x1ffu32.to_be_bytes());
+    let order: Vec<u8> = conv
+        .iter()
+        .map(|(c, _)| *c)
+        .filter(|c| *c != b'D')
+        .collect();
+    assert_eq!(
+        order,
+        b"OCHMRRTLLLNBE".to_vec(),
+        "{:?}",
+        String::from_utf8_lossy(&order)
+    );
+    let connect = macros(conv, b'C');
+    assert_eq!(get(&connect, "{client_addr}").as_deref(), Some("127.0.0.1"));
+    assert_eq!(get(&connect, "{daemon_name}").as_deref(), Some("smtp"));
+    assert!(get(&connect, "j").is_some_and(|j| !j.is_empty()));
+    assert!(get(&connect, "{client_name}").is_some());
+    let mail = macros(conv, b'M');
+    assert_eq!(get(&mail, "i").as_deref(), Some(id.as_str()));
+    assert_eq!(get(&mail, "{mail_addr}").as_deref(), Some("a@example.org"));
+    let rcpts: Vec<String> = macros(conv, b'R')
+        .into_iter()
+        .filter(|(k, _)| k == "{rcpt_addr}")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(rcpts, ["b@example.net", "c@example.net"]);
+    assert_eq!(get(&macros(conv, b'E'), "i").as_deref(), Some(id.as_str()));
+    // CONNECT: host name, family '4', port, address.
+    let c = &conv.iter().find(|(c, _)| *c == b'C').unwrap().1;
+    let nul = c.iter().position(|&b| b == 0).unwrap();
+    assert_eq!(c[nul + 1], b'4');
+    assert_eq!(&c[nul + 4..], b"127.0.0.1\0");
+    let find = |code: u8| -> Vec<Vec<u8>> {
+        conv.iter()
+            .filter(|(c, _)| *c == code)
+            .map(|(_, d)| d.clone())
+            .collect()
+    };
+    assert_eq!(find(b'H'), [b"client.example\0".to_vec()]);
+    assert_eq!(find(b'M'), [b"<a@example.org>\0".to_vec()]);
+    assert_eq!(find(b'L')[2], b"Subject\0hello\0".to_vec());
+    assert_eq!(find(b'B').concat(), b"line one\r\nline two\r\n".to_vec());
+    // Stored as sent (nothing edited).
+    let st = s.stored_by_id(&id);
+    assert!(st.body.ends_with(MSG));
+}
+
+#[test]
+fn skipped_and_unanswered_stages_are_not_sent_or_waited_for() {
+    // NOHELO | NOHDRS | NOBODY, and no reply for CONNECT, MAIL, RCPT, DATA, EOH.
+    let protocol = 0x2 | 0x20 | 0x10 | 0x1000 | 0x4000 | 0x8000 | 0x10000 | 0x40000;
+    let f = FakeMilter::start(Script {
+        protocol,
+        eom: vec![packet(b'h', &cstrs(&["X-Checked", "eom only"]))],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+    r.check(250, "2.0.0");
+    let conv = &f.conns()[0];
+    let order: Vec<u8> = conv
+        .iter()
+        .map(|(c, _)| *c)
+        .filter(|c| *c != b'D')
+        .collect();
+    assert_eq!(
+        order,
+        b"OCMRTNE".to_vec(),
+        "{}",
+        String::from_utf8_lossy(&order)
+    );
+    let st = s.stored_by_id(&r.queued_id());
+    assert!(tern_tests::find(&st.body, b"X-Checked: eom only\r\n").is_some());
+}
+
+#[test]
+fn every_edit_lands_in_the_spool() {
+    let mut body = Vec::new();
+    body.extend_from_slice(&packet(b'b', b"replaced body\r\n"));
+    let f = FakeMilter::start(Script {
+        eom: vec![
+            packet(b'h', &cstrs(&["X-Spam-Flag", "NO"])),
+            {
+                let mut d = 0u32.to_be_bytes().to_vec();
+                d.extend_from_slice(&cstrs(&["X-First", "top"]));
+                packet(b'i', &d)
+            },
+            {
+                let mut d = 1u32.to_be_bytes().to_vec();
+                d.extend_from_slice(&cstrs(&["Subject", "[filtered] hello"]));
+                packet(b'm', &d)
+            },
+            {
+                let mut d = 1u32.to_be_bytes().to_vec();
+                d.extend_from_slice(&cstrs(&["To", ""]));
+                packet(b'm', &d)
+            },
+            // A header value trying to start a field of its own.
+            packet(b'h', &cstrs(&["X-Injected", "a\r\nBcc: evil@example.com"])),
+            packet(b'+', &cstrs(&["<added@example.net>"])),
+            packet(b'-', &cstrs(&["<c@example.net>"])),
+            packet(b'e', &cstrs(&["<new-sender@example.org>"])),
+            body,
+        ],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let r = send(
+        &s,
+        "a@example.org",
+        &["b@example.net", "c@example.net"],
+        MSG,
+    );
+    r.check(250, "2.0.0");
+    let st = s.stored_by_id(&r.queued_id());
+    let (_, rest) = st.split_received();
+    let text = String::from_utf8_lossy(rest).into_owned();
+    assert_eq!(
+        text,
+        "X-First: top\r\nFrom: a@example.org\r\nSubject: [filtered] hello\r\nX-Spam-Flag: NO\r\nX-Injected: a\r\n\tBcc: evil@example.com\r\n\r\nreplaced body\r\n"
+    );
+    assert_eq!(st.sender, "new-sender@example.org");
+    assert_eq!(st.recipients, ["b@example.net", "added@example.net"]);
+}
+
+#[test]
+fn verdicts_reach_the_client_safely() {
+    // (script, expected code, expected reply text part)
+    let cases: Vec<(Script, u16, &str)> = vec![
+        (
+            Script {
+                verdict: packet(b'r', b""),
+                ..Script::default()
+            },
+            550,
+            "5.7.1 Command rejected",
+        ),
+        (
+            Script {
+                verdict: packet(b't', b""),
+                ..Script::default()
+            },
+            451,
+            "4.7.1",
+        ),
+        (
+            Script {
+                verdict: packet(b'y', b"554 5.7.1 Spam detected\r\n250 fake\0"),
+                ..Script::default()
+            },
+            554,
+            "5.7.1 Spam detected; 250 fake",
+        ),
+        (
+            // Rejected at RCPT: the filter's reply, at end of data.
+            Script {
+                at: vec![(b'R', packet(b'y', b"550 5.1.1 No such user\0"))],
+                ..Script::default()
+            },
+            550,
+            "5.1.1 No such user",
+        ),
+    ];
+    for (script, code, text) in cases {
+        let f = FakeMilter::start(script);
+        let s = server_with(&[(f.socket(), "")], &[]);
+        let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+        r.check(code, text);
+        assert!(!r.text().contains('\r'));
+        assert!(s.stored().is_empty(), "a refused message was stored");
+    }
+    // A reply code that is not 4xx/5xx is a protocol error: the default action.
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'y', b"250 2.0.0 fine\0"),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(451, "4.7.1");
+    assert!(s.stored().is_empty());
+}
+
+#[test]
+fn discard_answers_250_and_stores_nothing() {
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'd', b""),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0 Ok: queued as");
+    assert!(s.stored().is_empty());
+    wait_for("the discard log line", Duration::from_secs(10), || {
+        s.stderr_log().contains("discarded by milter")
+    });
+}
+
+#[test]
+fn quarantine_holds_the_message() {
+    let f = FakeMilter::start(Script {
+        eom: vec![packet(b'q', b"looks phishy\0")],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+    r.check(250, "2.0.0");
+    let id = r.queued_id();
+    let out = Command::new(tern_bin())
+        .args(["queue", "list", "--json", "--state", "held", "--spool"])
+        .arg(s.spool())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&id), "held list: {text}");
+    assert!(text.contains("looks phishy"), "held list: {text}");
+}
+
+#[test]
+fn failing_filters_get_their_default_action_once() {
+    for mis in [
+        Misbehave::DieAtBody,
+        Misbehave::GarbageAtBody,
+        Misbehave::StallAtEom,
+    ] {
+        let f = FakeMilter::start(Script {
+            misbehave: mis,
+            ..Script::default()
+        });
+        // tempfail (the default): 451, nothing stored, one reply.
+        let s = server_with(&[(f.socket(), ", timeouts=\"E:1s\"")], &[]);
+        send(&s, "a@example.org", &["b@example.net"], MSG).check(451, "4.7.1");
+        assert!(s.stored().is_empty());
+        drop(s);
+        // accept: stored unfiltered, exactly once.
+        let s = server_with(
+            &[(f.socket(), ", timeouts=\"E:1s\", default_action=\"accept\"")],
+            &[],
+        );
+        let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+        r.check(250, "2.0.0");
+        let all = s.stored();
+        assert_eq!(all.len(), 1);
+        assert!(all[0].body.ends_with(MSG));
+    }
+    // Nobody listening at all.
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap();
+    drop(dead);
+    let s = server_with(&[(format!("inet:{addr}"), "")], &[]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(451, "4.7.1");
+}
+
+#[test]
+fn filters_run_in_order_and_see_earlier_edits() {
+    let first = FakeMilter::start(Script {
+        eom: vec![packet(b'h', &cstrs(&["X-First", "1"]))],
+        ..Script::default()
+    });
+    let second = FakeMilter::start(Script {
+        eom: vec![packet(b'h', &cstrs(&["X-Second", "2"]))],
+        ..Script::default()
+    });
+    let s = server_with(&[(first.socket(), ""), (second.socket(), "")], &[]);
+    let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+    r.check(250, "2.0.0");
+    let seen: Vec<Vec<u8>> = second.conns()[0]
+        .iter()
+        .filter(|(c, _)| *c == b'L')
+        .map(|(_, d)| d.clone())
+        .collect();
+    assert!(seen.contains(&b"X-First\x001\0".to_vec()));
+    let st = s.stored_by_id(&r.queued_id());
+    assert!(tern_tests::find(&st.body, b"X-First: 1\r\nX-Second: 2\r\n\r\n").is_some());
+}
+
+#[test]
+fn disabled_or_other_roles_cost_nothing() {
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'r', b""),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), ", listeners=[\"submission\"]")], &[]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    drop(s);
+    let s = server_with(&[(f.socket(), "")], &["milter.enable=false"]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    assert!(f.conns().is_empty(), "a disabled filter was contacted");
+}
+
+#[test]
+fn check_config_refuses_bad_milter_settings() {
+    for (bad, says) in [
+        (
+            r#"milter.filters=[{socket="tcp:1.2.3.4:5"}]"#,
+            "milter.filters[0]",
+        ),
+        (
+            r#"milter.filters=[{socket="inet:127.0.0.1:1", timeouts="Q:5s"}]"#,
+            "milter.filters[0].timeouts",
+        ),
+        (r#"milter.filters=[{socket="unix:relative"}]"#, "absolute"),
+        (r#"milter.default_action="maybe""#, "default_action"),
+        (r#"milter.listeners=["lmtp"]"#, "milter.listeners"),
+    ] {
+        let out = Command::new(tern_bin())
+            .args(["check-config", "--set", bad])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(says),
+            "{bad}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
