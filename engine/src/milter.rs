@@ -27,7 +27,7 @@
 //! connection, garbage, timeout, death mid-message) gets its `default_action` exactly once
 //! and its connection is dropped.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
@@ -323,8 +323,6 @@ impl Filters {
 pub struct ShardMilters {
     filters: RefCell<Rc<[Filter]>>,
     counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
-    /// Messages held in the queue by a filter's quarantine (for `tern queue list`).
-    pub quarantined: Cell<u64>,
 }
 
 impl ShardMilters {
@@ -332,7 +330,6 @@ impl ShardMilters {
         ShardMilters {
             filters: RefCell::new(f.for_shard()),
             counts: RefCell::new(BTreeMap::new()),
-            quarantined: Cell::new(0),
         }
     }
 
@@ -557,7 +554,11 @@ impl MilterSession {
         let mut m = edit::Message::parse(std::mem::take(&mut msg.body));
         for i in 0..self.filters.len() {
             let f = self.filters[i].clone();
+            let was_held = held.is_some();
             let r = self.one(i, &f, &mut m, msg, cx, &mut held).await;
+            if !was_held && held.is_some() && r.is_ok() {
+                shard.count(&f.name, "quarantine");
+            }
             let verdict = match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -1082,16 +1083,6 @@ async fn timed<F: std::future::Future>(
 /// A quarantined message's state record reason, for `tern queue list` (made safe).
 pub fn held_reason(reason: &str) -> String {
     format!("quarantined by milter: {reason}")
-}
-
-/// Used by `tern features`.
-pub fn feature_line(f: &Filters) -> String {
-    if f.list.is_empty() {
-        "milter: no filters configured".into()
-    } else {
-        let names: Vec<&str> = f.list.iter().map(|f| f.name.as_str()).collect();
-        format!("milter: {} filter(s): {}", names.len(), names.join(", "))
-    }
 }
 
 #[cfg(test)]

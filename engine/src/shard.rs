@@ -132,6 +132,12 @@ impl Shard {
         snap.sync_latency = self.store.group_commit().sync_times();
         snap.draining = self.draining();
         snap.dkim_signed = self.store.dkim_signed();
+        snap.milter = self
+            .milters
+            .counts()
+            .into_iter()
+            .map(|(f, a, n)| ((f, a), n))
+            .collect();
         snap.accepting = !self.store.runner().over_high_water();
         snap
     }

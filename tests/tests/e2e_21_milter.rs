@@ -571,3 +571,52 @@ fn check_config_refuses_bad_milter_settings() {
         );
     }
 }
+
+/// One raw HTTP/1.1 GET of /metrics: the body.
+fn scrape(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+#[test]
+fn outcomes_are_counted_per_filter_and_action() {
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'r', b""),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), ", name=\"spamcheck\"")], &[]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(550, "5.7.1");
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(550, "5.7.1");
+    let m = scrape(s.metrics.expect("metrics endpoint"));
+    assert!(
+        m.contains(
+            r#"tern_milter_actions_total{shard="total",filter="spamcheck",action="reject"} 2"#
+        ),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"tern_messages_rejected_total{shard="total",reason="milter"} 2"#),
+        "{m}"
+    );
+    let out = Command::new(tern_bin())
+        .args(["features", "--set"])
+        .arg(format!(
+            "milter.filters=[{{socket=\"{}\",name=\"spamcheck\"}}]",
+            f.socket()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("Milter filter: spamcheck at inet:127.0.0.1:"),
+        "{text}"
+    );
+}
