@@ -41,7 +41,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::shard::{Shard, DRAINING};
-use tern_smtp::session::{reply, Event, ListenerKind, Session, SessionConfig};
+use tern_smtp::session::{reply, Check, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.
 pub struct ListenerCtx {
@@ -149,6 +149,9 @@ pub async fn serve(
         kind == ListenerKind::Smtps,
         crate::clock::now(),
     );
+    if milters.is_some() {
+        session.filter_commands();
+    }
     // The TLS paths are boxed so that a plain connection's task carries only its own
     // state (memory per idle connection is bounded and small).
     let result = match kind {
@@ -249,6 +252,20 @@ where
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::with_capacity(512);
     if greet {
+        if let Some(m) = milters.as_mut() {
+            // The filters' connect stage, before the banner (the real client's address,
+            // after a PROXY header). A refusal ends the session with its reply.
+            let peer = session.peer();
+            if let Some(r) = Box::pin(m.connect(&shard.milters, shard.id, peer)).await {
+                tracing::info!(shard = shard.id, %peer, code = r.code, text = %r.text,
+                    "connection refused by milter");
+                let code = if r.code >= 500 { 554 } else { 421 };
+                reply::line(&mut out, code, &r.enhanced, &r.text);
+                flush(&mut io, &mut out, shard).await?;
+                let _ = io.close().await;
+                return Ok(Outcome::Done);
+            }
+        }
         session.greeting(&mut out);
     }
     session.set_output_limit(OUTPUT_LIMIT);
@@ -276,7 +293,7 @@ where
                 if let Some(m) = milters.as_mut() {
                     // The filters run before the message is signed, committed and
                     // acknowledged: the spool holds exactly what they accepted.
-                    let id = shard.store.next_id();
+                    let id = m.take_queue_id().unwrap_or_else(|| shard.store.next_id());
                     let outcome =
                         Box::pin(m.filter(&shard.milters, shard.id, &mut msg, id.as_str())).await;
                     match outcome {
@@ -317,6 +334,32 @@ where
                     Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
                 }
                 session.stored(id.as_ref().map(|i| i.as_str()).map_err(|e| *e), &mut out);
+                continue;
+            }
+            Event::Check(check) => {
+                // HELO/MAIL/RCPT through the filters before the session answers it.
+                let refusal = match milters.as_mut() {
+                    None => None,
+                    Some(m) => match check {
+                        Check::Helo(name) => {
+                            Box::pin(m.helo(&shard.milters, shard.id, &name)).await
+                        }
+                        Check::Mail(sender) => {
+                            let id = shard.store.next_id();
+                            let login = session.login();
+                            Box::pin(m.mail(&shard.milters, shard.id, id, &sender, login)).await
+                        }
+                        Check::Rcpt(addr) => {
+                            Box::pin(m.rcpt(&shard.milters, shard.id, &addr)).await
+                        }
+                    },
+                };
+                session.checked(
+                    refusal
+                        .as_ref()
+                        .map(|r| (r.code, r.enhanced.as_str(), r.text.as_str())),
+                    &mut out,
+                );
                 continue;
             }
             Event::Etrn(node) => {

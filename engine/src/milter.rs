@@ -9,17 +9,20 @@
 //! `tern_milter`; this module does the I/O and the timers), and the application of the
 //! filters' verdicts and edits to the message.
 //!
-//! The conversation replays the session at end of data: CONNECT and HELO (once per filter
-//! connection), MAIL, RCPT per recipient, DATA, the header fields, EOH, the body in chunks
-//! of at most 65535 bytes taken from the message's own slices, and end-of-message. A stage
-//! the filter declined in negotiation is not sent; one it said it will not answer is not
-//! waited for. Several filters run in order (sendmail's `INPUT_MAIL_FILTER` list), each
-//! seeing the message as the filters before it left it.
+//! The conversation follows the session: CONNECT before the banner, HELO, MAIL and RCPT
+//! before the session answers them (`tern_smtp::session::Event::Check`: a refusal is the
+//! reply to that very command), then at end of data DATA, the header fields, EOH, the
+//! body in chunks of at most 65535 bytes taken from the message's own slices, and
+//! end-of-message. A stage the filter declined in negotiation is not sent; one it said it
+//! will not answer is not waited for. Several filters run in order (sendmail's
+//! `INPUT_MAIL_FILTER` list), each seeing the message as the filters before it left it.
+//! A filter that accepts a message is not asked about it again; one that accepts (or
+//! refuses) at CONNECT/HELO has decided for the whole session.
 //!
-//! XXX verdicts from the connect/helo/mail/rcpt stages come at end of data, not at those
-//! commands (the session already answered them): a reject there refuses the message with
-//! the filter's reply (a rejected recipient refuses the whole message rather than drop a
-//! recipient the client was told is accepted).
+//! XXX no connection is shared between sessions: `SMFIC_QUIT_NC` (reuse for a new SMTP
+//! connection) is not implemented by every filter library, so each session opens its own
+//! (Postfix does the same). Connections live exactly as long as the session, on its
+//! shard.
 //!
 //! Must never: hold a connection across threads or behind a lock (everything is the
 //! shard's), wait without a timer, let a filter's text reach the client or a header
@@ -350,10 +353,13 @@ impl ShardMilters {
         let n = list.len();
         Some(MilterSession {
             filters: list,
-            conns: (0..n).map(|_| None).collect(),
+            state: (0..n).map(|_| FilterState::default()).collect(),
             tls: None,
             hostname: hostname.to_string(),
             daemon: kind.name(),
+            peer: None,
+            helo: None,
+            queue_id: None,
         })
     }
 
@@ -441,15 +447,12 @@ struct Conn {
     neg: Negotiated,
     rbuf: BytesMut,
     out: BytesMut,
-    /// CONNECT/HELO were sent (and with which HELO name).
-    helo_sent: Option<String>,
-    /// A message conversation was cut short: SMFIC_ABORT before the next MAIL.
-    needs_abort: bool,
-    /// The filter decided for the whole session at CONNECT/HELO.
-    session_verdict: Option<Verdict>,
+    /// A message conversation is open (MAIL sent, end-of-message not answered):
+    /// SMFIC_ABORT before the next MAIL.
+    in_message: bool,
 }
 
-/// A filter's decision on a message (or the whole session).
+/// A filter's decision on a stage, a message or the whole session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {
     Continue,
@@ -494,23 +497,33 @@ pub struct TlsInfo {
     pub cipher: String,
 }
 
+/// Where one filter stands in this session.
+#[derive(Default)]
+struct FilterState {
+    conn: Option<Conn>,
+    /// The filter decided for the whole session (accept: never asked again; discard or
+    /// a reply: every message gets it), or failed (its default action, sticky).
+    session: Option<Verdict>,
+    /// The filter accepted (or discarded) the current message: not asked again until
+    /// the next MAIL.
+    message: Option<Verdict>,
+}
+
 /// One SMTP session's filters and its connections to them.
 pub struct MilterSession {
     filters: Vec<Filter>,
-    conns: Vec<Option<Conn>>,
+    state: Vec<FilterState>,
     tls: Option<TlsInfo>,
     /// `j`: this host's name.
     hostname: String,
     /// `{daemon_name}`: the listener role.
     daemon: &'static str,
-}
-
-/// The facts of one message that macros are made of.
-struct Context<'a> {
-    hostname: &'a str,
-    daemon: &'a str,
-    /// `i`: the queue id the message will have.
-    queue_id: &'a str,
+    /// The client (the real one behind a PROXY header).
+    peer: Option<SocketAddr>,
+    /// The HELO name the filters were told.
+    helo: Option<String>,
+    /// The queue id the current message will have (macro `i` from MAIL on).
+    queue_id: Option<tern_queue::MsgId>,
 }
 
 fn tempfail() -> FilterReply {
@@ -529,14 +542,243 @@ fn reject() -> FilterReply {
     }
 }
 
+/// What a stage's packets are, given the filter's negotiation (macros it wants, the
+/// command if the stage is not skipped).
+type Encode<'a> = &'a dyn Fn(&mut Conn);
+
 impl MilterSession {
     /// The session's TLS (after a STARTTLS or on 465).
     pub fn set_tls(&mut self, tls: TlsInfo) {
         self.tls = Some(tls);
     }
 
-    /// Runs every filter over `msg`, in order, applying their edits to it. Takes each
-    /// filter's default action on its failure (once; its connection is dropped).
+    /// The queue id given to the current message's filters (`i`), if any.
+    pub fn take_queue_id(&mut self) -> Option<tern_queue::MsgId> {
+        self.queue_id.take()
+    }
+
+    /// Runs one stage over every filter still in the conversation, in order; the first
+    /// refusal wins (later filters are not asked). A discard marks the message.
+    async fn each(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        stage: Stage,
+        encode: Encode<'_>,
+    ) -> Option<FilterReply> {
+        for i in 0..self.filters.len() {
+            let f = self.filters[i].clone();
+            let st = &self.state[i];
+            match (&st.session, &st.message) {
+                (Some(Verdict::Reply(r)), _) => return Some(r.clone()),
+                (Some(_), _) | (None, Some(_)) => continue,
+                (None, None) => {}
+            }
+            let r = self.step(i, &f, stage, encode).await;
+            let v = match r {
+                Ok(v) => v,
+                Err(e) => {
+                    self.state[i].conn = None;
+                    shard.count(&f.name, "failed");
+                    tracing::warn!(shard = shard_id, milter = %f.name, stage = stage.name(),
+                        error = %e, default_action = ?f.default_action, "milter failed; default action taken");
+                    let v = match f.default_action {
+                        DefaultAction::Accept => Verdict::Accept,
+                        DefaultAction::Tempfail => Verdict::Reply(tempfail()),
+                    };
+                    self.state[i].session = Some(v.clone());
+                    if let Verdict::Reply(r) = v {
+                        return Some(r);
+                    }
+                    continue;
+                }
+            };
+            let session_wide = matches!(stage, Stage::Connect | Stage::Helo);
+            match v {
+                Verdict::Continue => {}
+                Verdict::Accept | Verdict::Discard => {
+                    shard.count(
+                        &f.name,
+                        if v == Verdict::Accept {
+                            "accept"
+                        } else {
+                            "discard"
+                        },
+                    );
+                    if session_wide {
+                        self.state[i].session = Some(v);
+                    } else {
+                        self.state[i].message = Some(v);
+                    }
+                }
+                Verdict::Reply(r) => {
+                    shard.count(&f.name, if r.code >= 500 { "reject" } else { "tempfail" });
+                    tracing::info!(shard = shard_id, milter = %f.name, stage = stage.name(),
+                        code = r.code, enhanced = %r.enhanced, text = %r.text, "milter refused");
+                    if session_wide {
+                        self.state[i].session = Some(Verdict::Reply(r.clone()));
+                    }
+                    return Some(r);
+                }
+            }
+        }
+        None
+    }
+
+    /// One stage with one filter: connect (and replay CONNECT/HELO) if needed, send,
+    /// wait for the verdict if the filter answers this stage.
+    async fn step(
+        &mut self,
+        i: usize,
+        f: &Filter,
+        stage: Stage,
+        encode: Encode<'_>,
+    ) -> Result<Verdict, Failure> {
+        if self.state[i].conn.is_none() {
+            let mut c = open(f).await?;
+            // A connection opened after CONNECT (a filter added by a reload never is;
+            // this is the first stage of a fresh session) starts with the session's story.
+            if stage != Stage::Connect {
+                self.encode_connect(&mut c);
+                if let v @ (Verdict::Accept | Verdict::Discard | Verdict::Reply(_)) =
+                    c.stage(Stage::Connect, f.timeouts).await?
+                {
+                    self.state[i].conn = Some(c);
+                    return Ok(v);
+                }
+                if stage != Stage::Helo && self.helo.is_some() {
+                    self.encode_helo(&mut c);
+                    if let v @ (Verdict::Accept | Verdict::Discard | Verdict::Reply(_)) =
+                        c.stage(Stage::Helo, f.timeouts).await?
+                    {
+                        self.state[i].conn = Some(c);
+                        return Ok(v);
+                    }
+                }
+            }
+            self.state[i].conn = Some(c);
+        }
+        let Some(c) = self.state[i].conn.as_mut() else {
+            return Err(Failure::Protocol("no connection".into()));
+        };
+        if stage == Stage::Mail && std::mem::take(&mut c.in_message) {
+            codec::bare(&mut c.out, cmd::ABORT);
+        }
+        if stage == Stage::Mail {
+            c.in_message = true;
+        }
+        encode(c);
+        c.stage(stage, f.timeouts).await
+    }
+
+    fn encode_connect(&self, c: &mut Conn) {
+        encode_connect(c, &self.hostname, self.daemon, self.peer);
+    }
+
+    fn encode_helo(&self, c: &mut Conn) {
+        if let Some(t) = &self.tls {
+            c.macros(
+                Stage::Helo,
+                &[
+                    ("{tls_version}", t.version.as_str()),
+                    ("{cipher}", t.cipher.as_str()),
+                ],
+            );
+        }
+        if c.neg.sends(Stage::Helo) {
+            codec::helo(&mut c.out, self.helo.as_deref().unwrap_or(""));
+        }
+    }
+
+    /// The connect stage, before the greeting. A refusal is the whole session's.
+    pub async fn connect(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        peer: SocketAddr,
+    ) -> Option<FilterReply> {
+        self.peer = Some(peer);
+        let (hostname, daemon) = (self.hostname.clone(), self.daemon);
+        let enc = move |c: &mut Conn| encode_connect(c, &hostname, daemon, Some(peer));
+        self.each(shard, shard_id, Stage::Connect, &enc).await
+    }
+
+    /// HELO/EHLO (again after STARTTLS, with the TLS macros).
+    pub async fn helo(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        name: &str,
+    ) -> Option<FilterReply> {
+        self.helo = Some(name.to_string());
+        let tls = self.tls.clone();
+        let name = name.to_string();
+        let enc = move |c: &mut Conn| {
+            if let Some(t) = &tls {
+                c.macros(
+                    Stage::Helo,
+                    &[
+                        ("{tls_version}", t.version.as_str()),
+                        ("{cipher}", t.cipher.as_str()),
+                    ],
+                );
+            }
+            if c.neg.sends(Stage::Helo) {
+                codec::helo(&mut c.out, &name);
+            }
+        };
+        self.each(shard, shard_id, Stage::Helo, &enc).await
+    }
+
+    /// MAIL FROM: a new message (its queue id is chosen now, for macro `i`).
+    pub async fn mail(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        queue_id: tern_queue::MsgId,
+        sender: &str,
+        login: Option<(&str, &str)>,
+    ) -> Option<FilterReply> {
+        for st in &mut self.state {
+            st.message = None;
+        }
+        self.queue_id = Some(queue_id);
+        let id = queue_id;
+        let enc = |c: &mut Conn| {
+            let mut pairs = vec![("i", id.as_str()), ("{mail_addr}", sender)];
+            if let Some((authen, mech)) = login {
+                pairs.push(("{auth_authen}", authen));
+                pairs.push(("{auth_type}", mech));
+            }
+            c.macros(Stage::Mail, &pairs);
+            if c.neg.sends(Stage::Mail) {
+                let auth = login.map(|(a, _)| format!("AUTH=<{a}>"));
+                let args: Vec<&str> = auth.iter().map(String::as_str).collect();
+                codec::envelope_addr(&mut c.out, cmd::MAIL, sender, &args);
+            }
+        };
+        self.each(shard, shard_id, Stage::Mail, &enc).await
+    }
+
+    /// RCPT TO.
+    pub async fn rcpt(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        addr: &str,
+    ) -> Option<FilterReply> {
+        let enc = |c: &mut Conn| {
+            c.macros(Stage::Rcpt, &[("{rcpt_addr}", addr)]);
+            if c.neg.sends(Stage::Rcpt) {
+                codec::envelope_addr(&mut c.out, cmd::RCPT, addr, &[]);
+            }
+        };
+        self.each(shard, shard_id, Stage::Rcpt, &enc).await
+    }
+
+    /// The rest of the message (DATA, header, body, end-of-message) through every filter
+    /// still in it, in order, applying their edits. Each filter's failure takes its
+    /// default action (once; its connection is dropped).
     pub async fn filter(
         &mut self,
         shard: &ShardMilters,
@@ -544,178 +786,106 @@ impl MilterSession {
         msg: &mut Message,
         queue_id: &str,
     ) -> Outcome {
-        let hostname = self.hostname.clone();
-        let cx = &Context {
-            hostname: &hostname,
-            daemon: self.daemon,
-            queue_id,
-        };
         let mut held: Option<String> = None;
         let mut m = edit::Message::parse(std::mem::take(&mut msg.body));
+        let done = |msg: &mut Message, m: edit::Message| {
+            let edited = m.edited();
+            msg.body = m.into_slices();
+            if edited {
+                msg.envelope.size = msg.body.iter().map(|b| b.len() as u64).sum();
+            }
+        };
         for i in 0..self.filters.len() {
             let f = self.filters[i].clone();
-            let was_held = held.is_some();
-            let r = self.one(i, &f, &mut m, msg, cx, &mut held).await;
-            if !was_held && held.is_some() && r.is_ok() {
-                shard.count(&f.name, "quarantine");
-            }
-            let verdict = match r {
-                Ok(v) => v,
-                Err(e) => {
-                    self.conns[i] = None;
-                    shard.count(&f.name, "failed");
-                    tracing::warn!(shard = shard_id, id = cx.queue_id, milter = %f.name,
-                        error = %e, default_action = ?f.default_action, "milter failed; default action taken");
-                    match f.default_action {
-                        DefaultAction::Accept => continue,
-                        DefaultAction::Tempfail => Verdict::Reply(tempfail()),
+            let st = &self.state[i];
+            let prior = st.session.clone().or_else(|| st.message.clone());
+            let verdict = match prior {
+                Some(v) => v,
+                None if st.conn.is_none() => {
+                    // Nothing was said to this filter in this session (its connection
+                    // broke and it is being given another chance cannot happen: failures
+                    // are sticky), so it never saw MAIL: it has no say.
+                    continue;
+                }
+                None => {
+                    let was_held = held.is_some();
+                    let r = self.message(i, &f, &mut m, msg, queue_id, &mut held).await;
+                    match r {
+                        Ok(v) => {
+                            if !was_held && held.is_some() {
+                                shard.count(&f.name, "quarantine");
+                            }
+                            match &v {
+                                Verdict::Continue => shard.count(&f.name, "continue"),
+                                Verdict::Accept => shard.count(&f.name, "accept"),
+                                Verdict::Discard => shard.count(&f.name, "discard"),
+                                Verdict::Reply(r) => shard.count(
+                                    &f.name,
+                                    if r.code >= 500 { "reject" } else { "tempfail" },
+                                ),
+                            }
+                            v
+                        }
+                        Err(e) => {
+                            self.state[i].conn = None;
+                            shard.count(&f.name, "failed");
+                            tracing::warn!(shard = shard_id, id = queue_id, milter = %f.name,
+                                error = %e, default_action = ?f.default_action, "milter failed; default action taken");
+                            let v = match f.default_action {
+                                DefaultAction::Accept => Verdict::Accept,
+                                DefaultAction::Tempfail => Verdict::Reply(tempfail()),
+                            };
+                            self.state[i].session = Some(v.clone());
+                            v
+                        }
                     }
                 }
             };
             match verdict {
-                Verdict::Continue => shard.count(&f.name, "continue"),
-                Verdict::Accept => shard.count(&f.name, "accept"),
+                Verdict::Continue | Verdict::Accept => {}
                 Verdict::Discard => {
-                    shard.count(&f.name, "discard");
-                    msg.body = m.into_slices();
+                    done(msg, m);
                     return Outcome::Discard {
                         filter: f.name.to_string(),
                     };
                 }
                 Verdict::Reply(r) => {
-                    shard.count(&f.name, if r.code >= 500 { "reject" } else { "tempfail" });
-                    tracing::info!(shard = shard_id, id = cx.queue_id, milter = %f.name,
+                    tracing::info!(shard = shard_id, id = queue_id, milter = %f.name,
                         code = r.code, enhanced = %r.enhanced, text = %r.text, "milter refused the message");
-                    msg.body = m.into_slices();
+                    done(msg, m);
                     return Outcome::Refuse(r);
                 }
             }
             if msg.envelope.recipients.is_empty() {
                 // Every recipient deleted: nothing to deliver (sendmail discards too).
-                msg.body = m.into_slices();
+                done(msg, m);
                 return Outcome::Discard {
                     filter: f.name.to_string(),
                 };
             }
         }
-        if m.edited() {
-            msg.body = m.into_slices();
-            msg.envelope.size = msg.body.iter().map(|b| b.len() as u64).sum();
-        } else {
-            msg.body = m.into_slices();
-        }
+        done(msg, m);
         if let Some(why) = &held {
-            tracing::info!(shard = shard_id, id = cx.queue_id, reason = %why, "milter quarantined the message");
+            tracing::info!(shard = shard_id, id = queue_id, reason = %why, "milter quarantined the message");
         }
         Outcome::Store { held }
     }
 
-    /// One filter's conversation about one message.
-    async fn one(
+    /// DATA to end-of-message with one filter.
+    async fn message(
         &mut self,
         i: usize,
         f: &Filter,
         m: &mut edit::Message,
         msg: &mut Message,
-        cx: &Context<'_>,
+        queue_id: &str,
         held: &mut Option<String>,
     ) -> Result<Verdict, Failure> {
-        if self.conns[i].is_none() {
-            self.conns[i] = Some(open(f).await?);
-        }
-        let tls = self.tls.clone();
-        let Some(c) = self.conns[i].as_mut() else {
+        let t = f.timeouts;
+        let Some(c) = self.state[i].conn.as_mut() else {
             return Err(Failure::Protocol("no connection".into()));
         };
-        if let Some(v) = &c.session_verdict {
-            return Ok(v.clone());
-        }
-        let t = f.timeouts;
-        let peer = msg.peer();
-        let addr = peer.ip().to_string();
-        let helo = msg.envelope.client_helo.clone();
-        // CONNECT and HELO: once per connection (again if the session said HELO anew).
-        if c.helo_sent.is_none() {
-            let pairs = [
-                ("j", cx.hostname),
-                ("{daemon_name}", cx.daemon),
-                ("{client_addr}", addr.as_str()),
-                ("{client_name}", "unknown"),
-            ];
-            c.macros(Stage::Connect, &pairs);
-            if c.neg.sends(Stage::Connect) {
-                codec::connect(&mut c.out, "unknown", Some(peer));
-            }
-            match c.stage(Stage::Connect, t).await? {
-                Verdict::Continue => {}
-                v => {
-                    c.session_verdict = Some(v.clone());
-                    return Ok(v);
-                }
-            }
-        }
-        if c.helo_sent.as_deref() != Some(helo.as_str()) {
-            let (ver, cipher) = match &tls {
-                Some(t) => (t.version.as_str(), t.cipher.as_str()),
-                None => ("", ""),
-            };
-            let pairs: Vec<(&str, &str)> = if tls.is_some() {
-                vec![("{tls_version}", ver), ("{cipher}", cipher)]
-            } else {
-                Vec::new()
-            };
-            c.macros(Stage::Helo, &pairs);
-            if c.neg.sends(Stage::Helo) {
-                codec::helo(&mut c.out, &helo);
-            }
-            c.helo_sent = Some(helo);
-            match c.stage(Stage::Helo, t).await? {
-                Verdict::Continue => {}
-                v => {
-                    c.session_verdict = Some(v.clone());
-                    return Ok(v);
-                }
-            }
-        }
-        if std::mem::take(&mut c.needs_abort) {
-            codec::bare(&mut c.out, cmd::ABORT);
-        }
-        // From here on a verdict before end-of-message leaves the filter mid-message.
-        c.needs_abort = true;
-        let (authen, auth_type) = msg.login().unwrap_or(("", ""));
-        let mut pairs = vec![
-            ("i", cx.queue_id),
-            ("{mail_addr}", msg.envelope.sender.as_str()),
-        ];
-        if !authen.is_empty() {
-            pairs.push(("{auth_authen}", authen));
-            pairs.push(("{auth_type}", auth_type));
-        }
-        c.macros(Stage::Mail, &pairs);
-        if c.neg.sends(Stage::Mail) {
-            let mut args: Vec<String> = Vec::new();
-            if let Some(a) = &msg.envelope.auth {
-                args.push(format!("AUTH=<{a}>"));
-            }
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            codec::envelope_addr(&mut c.out, cmd::MAIL, &msg.envelope.sender, &args);
-        }
-        match c.stage(Stage::Mail, t).await? {
-            Verdict::Continue => {}
-            v => return Ok(v),
-        }
-        for r in 0..msg.envelope.recipients.len() {
-            let addr = msg.envelope.recipients[r].addr.clone();
-            c.macros(Stage::Rcpt, &[("{rcpt_addr}", addr.as_str())]);
-            if c.neg.sends(Stage::Rcpt) {
-                codec::envelope_addr(&mut c.out, cmd::RCPT, &addr, &[]);
-            }
-            match c.stage(Stage::Rcpt, t).await? {
-                Verdict::Continue => {}
-                v => return Ok(v),
-            }
-        }
-        c.macros(Stage::Data, &[("i", cx.queue_id)]);
+        c.macros(Stage::Data, &[("i", queue_id)]);
         if c.neg.sends(Stage::Data) {
             codec::bare(&mut c.out, cmd::DATA);
         }
@@ -749,11 +919,27 @@ impl MilterSession {
                 v => return Ok(v),
             }
         }
-        c.macros(Stage::Eom, &[("i", cx.queue_id)]);
+        c.macros(Stage::Eom, &[("i", queue_id)]);
         codec::bare(&mut c.out, cmd::BODYEOB);
         let v = c.eom(m, msg, t, held).await?;
-        c.needs_abort = false;
+        c.in_message = false;
         Ok(v)
+    }
+}
+
+/// CONNECT and its macros. The host name is "unknown": tern looks no client names up
+/// (Postfix sends the same when a client has no verified name).
+fn encode_connect(c: &mut Conn, hostname: &str, daemon: &str, peer: Option<SocketAddr>) {
+    let addr = peer.map(|p| p.ip().to_string()).unwrap_or_default();
+    let pairs = [
+        ("j", hostname),
+        ("{daemon_name}", daemon),
+        ("{client_addr}", addr.as_str()),
+        ("{client_name}", "unknown"),
+    ];
+    c.macros(Stage::Connect, &pairs);
+    if c.neg.sends(Stage::Connect) {
+        codec::connect(&mut c.out, "unknown", peer);
     }
 }
 
@@ -787,9 +973,7 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
         },
         rbuf: BytesMut::new(),
         out: BytesMut::new(),
-        helo_sent: None,
-        needs_abort: false,
-        session_verdict: None,
+        in_message: false,
     };
     codec::optneg(&mut c.out);
     c.flush(t).await?;

@@ -405,15 +405,6 @@ fn verdicts_reach_the_client_safely() {
             554,
             "5.7.1 Spam detected; 250 fake",
         ),
-        (
-            // Rejected at RCPT: the filter's reply, at end of data.
-            Script {
-                at: vec![(b'R', packet(b'y', b"550 5.1.1 No such user\0"))],
-                ..Script::default()
-            },
-            550,
-            "5.1.1 No such user",
-        ),
     ];
     for (script, code, text) in cases {
         let f = FakeMilter::start(script);
@@ -499,12 +490,22 @@ fn failing_filters_get_their_default_action_once() {
         assert_eq!(all.len(), 1);
         assert!(all[0].body.ends_with(MSG));
     }
-    // Nobody listening at all.
+    // Nobody listening at all: refused at the connect stage (421, the client retries
+    // later), or with default_action accept, filtered by nobody.
     let dead = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = dead.local_addr().unwrap();
     drop(dead);
     let s = server_with(&[(format!("inet:{addr}"), "")], &[]);
-    send(&s, "a@example.org", &["b@example.net"], MSG).check(451, "4.7.1");
+    let mut c = tern_tests::Client::connect(s.smtp);
+    c.read_reply().check(421, "4.7.1");
+    assert!(c.closed());
+    drop(s);
+    let s = server_with(
+        &[(format!("inet:{addr}"), ", default_action=\"accept\"")],
+        &[],
+    );
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    assert_eq!(s.stored().len(), 1);
 }
 
 #[test]
@@ -618,5 +619,83 @@ fn outcomes_are_counted_per_filter_and_action() {
     assert!(
         text.contains("Milter filter: spamcheck at inet:127.0.0.1:"),
         "{text}"
+    );
+}
+
+#[test]
+fn refusals_at_connect_helo_mail_and_rcpt_answer_those_commands() {
+    // CONNECT: the banner is the filter's refusal (554 for 5xx), and the session ends.
+    let f = FakeMilter::start(Script {
+        at: vec![(b'C', packet(b'y', b"550 5.7.1 You are on a list\0"))],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let mut c = tern_tests::Client::connect(s.smtp);
+    c.read_reply().check(554, "5.7.1 You are on a list");
+    assert!(c.closed());
+    drop(s);
+    // HELO tempfail: 451 to EHLO, and MAIL needs a HELO again.
+    let f = FakeMilter::start(Script {
+        at: vec![(b'H', packet(b't', b""))],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let mut c = s.smtp();
+    c.expect("EHLO client.example", 451, "4.7.1");
+    c.expect("MAIL FROM:<a@example.org>", 503, "5.5.1");
+    drop(s);
+    // MAIL: refused with the filter's text; the session goes on.
+    let f = FakeMilter::start(Script {
+        at: vec![(
+            b'M',
+            packet(b'y', b"553 5.1.8 Sender domain does not exist\0"),
+        )],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.expect(
+        "MAIL FROM:<a@example.org>",
+        553,
+        "5.1.8 Sender domain does not exist",
+    );
+    c.expect("RCPT TO:<b@example.net>", 503, "5.5.1");
+    drop(s);
+    // RCPT: one recipient refused, the other accepted and delivered alone.
+    let f = FakeMilter::start(Script {
+        at: vec![(b'R', packet(b'y', b"550 5.1.1 No such user\0"))],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@example.net>", 550, "5.1.1 No such user");
+    c.expect("RSET", 250, "2.0.0");
+    c.quit();
+    drop(s);
+    // A filter that rejects only one address (scripted per packet is not possible here:
+    // accept at RCPT means "this filter is done with the message").
+    let f = FakeMilter::start(Script {
+        at: vec![(b'R', packet(b'a', b""))],
+        eom: vec![packet(b'h', &cstrs(&["X-Never", "sent"]))],
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+    r.check(250, "2.0.0");
+    let st = s.stored_by_id(&r.queued_id());
+    assert!(tern_tests::find(&st.body, b"X-Never").is_none());
+    let order: Vec<u8> = f.conns()[0]
+        .iter()
+        .map(|(c, _)| *c)
+        .filter(|c| *c != b'D')
+        .collect();
+    assert_eq!(
+        order,
+        b"OCHMR".to_vec(),
+        "{}",
+        String::from_utf8_lossy(&order)
     );
 }

@@ -177,6 +177,18 @@ pub enum Event {
     /// ETRN (RFC 1985) for this node: start a queue run, then call `Session::etrn_started`
     /// with how many messages were scheduled.
     Etrn(String),
+    /// A command the session accepted, which content filters must see before it is
+    /// answered (only after `filter_commands`): ask them, then call `Session::checked`.
+    /// No input is consumed meanwhile.
+    Check(Check),
+}
+
+/// What `Event::Check` asks the filters about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Helo(String),
+    Mail(String),
+    Rcpt(String),
 }
 
 /// A finished message, ready for the spool. `envelope.id` is empty: the spool assigns it.
@@ -312,6 +324,8 @@ enum State {
     },
     /// A message was handed to the driver; waiting for `stored`.
     Storing,
+    /// A command waits for the filters' verdict (`checked`); its reply is not written yet.
+    Checking(CheckKind),
     /// An AUTH exchange is waiting for the client's next response line.
     Auth(Box<Exchange>),
     /// Authenticated; the server-final 334 was sent and the client's (empty) reply is due.
@@ -320,6 +334,15 @@ enum State {
         mech: Mechanism,
     },
     Closed,
+}
+
+/// Which command waits in `State::Checking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckKind {
+    Helo,
+    Ehlo,
+    Mail,
+    Rcpt,
 }
 
 #[derive(Debug)]
@@ -367,6 +390,10 @@ pub struct Session {
     /// Commands since the last accepted message that moved no mail (see
     /// [`MAX_JUNK_COMMANDS`]).
     junk: u32,
+    /// Content filters see HELO/MAIL/RCPT before they are answered (`Event::Check`).
+    filter_commands: bool,
+    /// The check the last command asked for.
+    pending_check: Option<Check>,
     /// See [`Session::set_output_limit`].
     out_limit: Option<usize>,
     /// `process` stopped because `out` reached `out_limit` with input left.
@@ -398,6 +425,8 @@ impl Session {
             auth_failures: 0,
             delay: None,
             junk: 0,
+            filter_commands: false,
+            pending_check: None,
             out_limit: None,
             output_full: false,
         }
@@ -440,6 +469,62 @@ impl Session {
     /// The authenticated identity, if any.
     pub fn authenticated(&self) -> Option<&str> {
         self.authenticated.as_deref()
+    }
+
+    /// The login and its SASL mechanism, once AUTH succeeded (milter macros).
+    pub fn login(&self) -> Option<(&str, &'static str)> {
+        Some((
+            self.authenticated.as_deref()?,
+            self.auth_mechanism.unwrap_or(""),
+        ))
+    }
+
+    /// The client's address (after a PROXY header: the real client).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// From now on HELO/EHLO, MAIL and RCPT wait for the content filters
+    /// (`Event::Check`, then `checked`) before they are answered.
+    pub fn filter_commands(&mut self) {
+        self.filter_commands = true;
+    }
+
+    /// The filters' verdict on the command `Event::Check` named: None writes the reply
+    /// the session had for it; a refusal (4xx/5xx, text made safe by the caller) undoes
+    /// the command (no HELO, no transaction, no recipient) and is logged and counted
+    /// like every refusal.
+    pub fn checked(&mut self, refusal: Option<(u16, &str, &str)>, out: &mut BytesMut) {
+        let State::Checking(kind) = self.state else {
+            return;
+        };
+        self.state = State::Command;
+        match (kind, refusal) {
+            (CheckKind::Helo, None) => reply::plain(out, 250, &self.cfg.hostname),
+            (CheckKind::Ehlo, None) => self.ehlo_reply(out),
+            (CheckKind::Mail, None) => reply::line(out, 250, "2.1.0", "Ok"),
+            (CheckKind::Rcpt, None) => reply::line(out, 250, "2.1.5", "Ok"),
+            (CheckKind::Helo | CheckKind::Ehlo, Some((code, enh, text))) => {
+                self.refuse(out, Reject::Milter, "HELO", None, code, enh, text);
+                self.helo = None;
+            }
+            (CheckKind::Mail, Some((code, enh, text))) => {
+                self.refuse(out, Reject::Milter, "MAIL", None, code, enh, text);
+                self.txn = None;
+            }
+            (CheckKind::Rcpt, Some((code, enh, text))) => {
+                let rcpt = self.txn.as_mut().and_then(|t| t.rcpts.pop());
+                self.refuse(
+                    out,
+                    Reject::Milter,
+                    "RCPT",
+                    rcpt.as_ref().map(|r| r.addr.as_str()),
+                    code,
+                    enh,
+                    text,
+                );
+            }
+        }
     }
 
     /// Messages accepted in this session (for the disconnect log line).
@@ -543,14 +628,17 @@ impl Session {
         loop {
             if self.out_limit.is_some_and(|l| out.len() >= l)
                 && !input.is_empty()
-                && !matches!(self.state, State::Closed | State::Storing)
+                && !matches!(
+                    self.state,
+                    State::Closed | State::Storing | State::Checking(_)
+                )
             {
                 self.output_full = true;
                 return Event::NeedInput;
             }
             match &mut self.state {
                 State::Closed => return Event::Close,
-                State::Storing => return Event::NeedInput,
+                State::Storing | State::Checking(_) => return Event::NeedInput,
                 State::Auth(_) | State::AuthFinal { .. } => {
                     let Some(line) = self.next_line(input, out, sasl::MAX_LINE + 2) else {
                         if matches!(self.state, State::Closed) {
@@ -784,16 +872,34 @@ impl Session {
                 self.reset_transaction();
                 self.helo = Some(name.to_string());
                 self.esmtp = false;
+                if self.filter_commands {
+                    self.state = State::Checking(CheckKind::Helo);
+                    return Some(Event::Check(Check::Helo(name.to_string())));
+                }
                 reply::plain(out, 250, &self.cfg.hostname);
             }
             Command::Ehlo(name) => {
                 self.reset_transaction();
                 self.helo = Some(name.to_string());
                 self.esmtp = true;
+                if self.filter_commands {
+                    self.state = State::Checking(CheckKind::Ehlo);
+                    return Some(Event::Check(Check::Helo(name.to_string())));
+                }
                 self.ehlo_reply(out);
             }
-            Command::Mail(m) => self.mail(m, out),
-            Command::Rcpt(r) => self.rcpt(r, out),
+            Command::Mail(m) => {
+                self.mail(m, out);
+                if let Some(c) = self.pending_check.take() {
+                    return Some(Event::Check(c));
+                }
+            }
+            Command::Rcpt(r) => {
+                self.rcpt(r, out);
+                if let Some(c) = self.pending_check.take() {
+                    return Some(Event::Check(c));
+                }
+            }
             Command::Data => return self.data(out),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
@@ -970,6 +1076,11 @@ impl Session {
             bdat_nul: false,
             bdat_used: false,
         });
+        if self.filter_commands {
+            self.state = State::Checking(CheckKind::Mail);
+            self.pending_check = Some(Check::Mail(m.path.to_string()));
+            return;
+        }
         reply::line(out, 250, "2.1.0", "Ok");
     }
 
@@ -1036,6 +1147,11 @@ impl Session {
             notify: r.notify,
             orcpt: r.orcpt.map(str::to_string),
         });
+        if self.filter_commands {
+            self.state = State::Checking(CheckKind::Rcpt);
+            self.pending_check = Some(Check::Rcpt(r.path.to_string()));
+            return;
+        }
         reply::line(out, 250, "2.1.5", "Ok");
     }
 
