@@ -699,3 +699,139 @@ fn refusals_at_connect_helo_mail_and_rcpt_answer_those_commands() {
         String::from_utf8_lossy(&order)
     );
 }
+
+#[test]
+fn the_real_client_behind_a_proxy_header_is_what_filters_see() {
+    let f = FakeMilter::start(Script::default());
+    let s = server_with(
+        &[(f.socket(), "")],
+        &[r#"listeners.proxy_from=["127.0.0.0/8"]"#],
+    );
+    let mut c = tern_tests::Client::connect(s.smtp);
+    c.send(b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 25\r\n");
+    c.read_reply().check(220, "");
+    c.ehlo("client.example");
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.quit();
+    let conv = &f.conns()[0];
+    assert_eq!(
+        get(&macros(conv, b'C'), "{client_addr}").as_deref(),
+        Some("203.0.113.9")
+    );
+    let connect = &conv.iter().find(|(c, _)| *c == b'C').unwrap().1;
+    assert!(connect.ends_with(b"4\x15\xb3203.0.113.9\0"), "{connect:?}");
+}
+
+fn write_config(path: &std::path::Path, dir: &std::path::Path, milter: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "hostname = \"localhost\"\nallow_root = true\n\
+             [listeners]\nsmtp = [\"127.0.0.1:0\"]\nsubmission = []\nsmtps = []\n\
+             [spool]\ndir = \"{d}/spool\"\n[auth]\nusers = \"{d}/users.db\"\n\
+             [relay]\nlocal_domains = [\"localhost\"]\ntrusted_networks = [\"127.0.0.0/8\"]\n\
+             [queue.routes]\n\"*\" = \"smtp:[127.0.0.1]:9\"\n\
+             [executor]\nring_depth = 64\n{milter}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn sighup_swaps_filters_and_refuses_a_bad_milter_section() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let rejecting = FakeMilter::start(Script {
+        verdict: packet(b'r', b""),
+        ..Script::default()
+    });
+    let tagging = FakeMilter::start(Script {
+        eom: vec![packet(b'h', &cstrs(&["X-Tagged", "yes"]))],
+        ..Script::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tern.toml");
+    let section = |sock: &str| {
+        format!("[milter]\ntimeouts = \"C:5s;E:30s\"\n[[milter.filters]]\nsocket = \"{sock}\"\n")
+    };
+    write_config(&cfg, dir.path(), &section(&rejecting.socket()));
+    let mut child = Command::new(tern_bin())
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let log = Arc::new(Mutex::new(String::new()));
+    {
+        let log = log.clone();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                log.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let pid = child.id() as i32;
+    let _kill = Kill(child);
+    let mut smtp = None;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "exited: {}",
+            log.lock().unwrap()
+        );
+        if let Some(a) = line.trim().strip_prefix("listening: smtp ") {
+            smtp = Some(a.parse::<SocketAddr>().unwrap());
+        }
+        if line.starts_with("ready:") {
+            break;
+        }
+    }
+    let smtp = smtp.unwrap();
+    let mail = |expect: u16| {
+        let mut c = tern_tests::Client::connect(smtp);
+        c.expect_greeting();
+        c.ehlo("client.example");
+        c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+        c.expect("RCPT TO:<b@example.net>", 250, "2.1.5");
+        c.expect("DATA", 354, "");
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n");
+        c.read_reply().check(expect, "");
+    };
+    mail(550);
+    // Another filter: new sessions use it.
+    write_config(&cfg, dir.path(), &section(&tagging.socket()));
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for("the reload", Duration::from_secs(10), || {
+        log.lock().unwrap().contains("configuration reloaded")
+    });
+    mail(250);
+    // A bad [milter]: refused, the previous filters stay.
+    write_config(&cfg, dir.path(), "[milter]\ntimeouts = \"Z:1s\"\n");
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for("the refused reload", Duration::from_secs(10), || {
+        log.lock().unwrap().contains("configuration not reloaded")
+    });
+    assert!(log.lock().unwrap().contains("milter.timeouts"));
+    mail(250);
+    assert_eq!(rejecting.conns().len(), 1);
+    assert_eq!(tagging.conns().len(), 2);
+}

@@ -203,9 +203,6 @@ pub struct Message {
     peer: SocketAddr,
     /// The session had authenticated (AUTH) when the message was sent.
     authenticated: bool,
-    /// The login it authenticated as, and the SASL mechanism (milter macros).
-    login: Option<String>,
-    auth_mechanism: Option<&'static str>,
     /// The client is in `relay.trusted_networks`.
     trusted: bool,
 }
@@ -245,16 +242,6 @@ impl Message {
     /// AUTH= said: `envelope.auth` may be `None` after `AUTH=<>`).
     pub fn authenticated(&self) -> bool {
         self.authenticated
-    }
-
-    /// The login the session authenticated as (SMTP AUTH), and its SASL mechanism.
-    pub fn login(&self) -> Option<(&str, &'static str)> {
-        Some((self.login.as_deref()?, self.auth_mechanism.unwrap_or("")))
-    }
-
-    /// The client's address (after a PROXY header: the real client).
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
     }
 
     /// Whether the client is in the relay policy's trusted networks.
@@ -1362,8 +1349,6 @@ impl Session {
             protocol,
             peer: self.peer,
             authenticated: self.authenticated.is_some(),
-            login: self.authenticated.clone(),
-            auth_mechanism: self.auth_mechanism,
             trusted: self.cfg.policy.trusted_client(self.peer.ip()),
         })))
     }
