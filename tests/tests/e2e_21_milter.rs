@@ -835,3 +835,45 @@ fn sighup_swaps_filters_and_refuses_a_bad_milter_section() {
     assert_eq!(rejecting.conns().len(), 1);
     assert_eq!(tagging.conns().len(), 2);
 }
+
+/// `tern-loadgen milter-noop` (the benchmarks' no-op filter) works with tern, in both
+/// modes, and counts the messages it saw.
+#[test]
+fn loadgen_noop_milter_is_a_valid_filter() {
+    use std::io::BufRead;
+    let lg = tern_tests::tern_bin().with_file_name("tern-loadgen");
+    if !tern_tests::require(
+        lg.exists(),
+        "target/<profile>/tern-loadgen (cargo build -p tern-loadgen)",
+    ) {
+        return;
+    }
+    for stages in ["all", "eom"] {
+        let mut child = Command::new(&lg)
+            .args(["milter-noop", "--listen", "127.0.0.1:0", "--stages", stages])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        err.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening: ")
+            .expect("listening line")
+            .to_string();
+        let s = server_with(&[(format!("inet:{addr}"), "")], &[]);
+        for _ in 0..3 {
+            send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+        }
+        drop(s);
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            "connections 3 messages 3",
+            "--stages {stages}"
+        );
+    }
+}
