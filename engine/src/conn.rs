@@ -308,12 +308,13 @@ where
                                 250,
                                 "2.0.0",
                                 &format!("Ok: queued as {id}"),
+                                &msg.envelope,
                                 &mut out,
                             );
                             continue;
                         }
                         crate::milter::Outcome::Refuse(r) => {
-                            session.filtered(r.code, &r.enhanced, &r.text, &mut out);
+                            session.filtered(r.code, &r.enhanced, &r.text, &msg.envelope, &mut out);
                             continue;
                         }
                     }

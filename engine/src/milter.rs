@@ -927,6 +927,26 @@ impl MilterSession {
     }
 }
 
+/// A stage's answer as a verdict (`SMFIR_SKIP` is a continue outside the body); an
+/// edit before end-of-message is a protocol error.
+fn verdict_of(r: Response, stage: Stage) -> Result<Verdict, Failure> {
+    Ok(match r {
+        Response::Continue | Response::Skip | Response::Progress => Verdict::Continue,
+        Response::Accept => Verdict::Accept,
+        Response::Discard => Verdict::Discard,
+        Response::Reject => Verdict::Reply(reject()),
+        Response::Tempfail | Response::Shutdown => Verdict::Reply(tempfail()),
+        Response::ReplyCode(r) => Verdict::Reply(r),
+        other => {
+            return Err(Failure::Protocol(format!(
+                "{} at the {} stage",
+                other.name(),
+                stage.name()
+            )))
+        }
+    })
+}
+
 /// CONNECT and its macros. The host name is "unknown": tern looks no client names up
 /// (Postfix sends the same when a client has no verified name).
 fn encode_connect(c: &mut Conn, hostname: &str, daemon: &str, peer: Option<SocketAddr>) {
@@ -1055,22 +1075,10 @@ impl Conn {
     ) -> Result<Verdict, Failure> {
         loop {
             let r = self.read(d, what).await?;
-            return Ok(match r {
-                Response::Progress => continue,
-                Response::Continue | Response::Skip => Verdict::Continue,
-                Response::Accept => Verdict::Accept,
-                Response::Discard => Verdict::Discard,
-                Response::Reject => Verdict::Reply(reject()),
-                Response::Tempfail | Response::Shutdown => Verdict::Reply(tempfail()),
-                Response::ReplyCode(r) => Verdict::Reply(r),
-                other => {
-                    return Err(Failure::Protocol(format!(
-                        "{} at the {} stage",
-                        other.name(),
-                        stage.name()
-                    )))
-                }
-            });
+            if r == Response::Progress {
+                continue;
+            }
+            return verdict_of(r, stage);
         }
     }
 
@@ -1103,10 +1111,16 @@ impl Conn {
                 self.out.extend_from_slice(&chunk);
                 chunk.clear();
                 self.flush(t).await?;
-                match self
-                    .verdict(Stage::Body, t.reply, "waiting for a body reply")
-                    .await?
-                {
+                // SMFIR_SKIP (offered with SMFIP_SKIP): the filter has seen enough of the
+                // body; go straight to end-of-message.
+                let mut r = self.read(t.reply, "waiting for a body reply").await?;
+                while r == Response::Progress {
+                    r = self.read(t.reply, "waiting for a body reply").await?;
+                }
+                if r == Response::Skip {
+                    return Ok(Verdict::Continue);
+                }
+                match verdict_of(r, Stage::Body)? {
                     Verdict::Continue => {}
                     v => return Ok(v),
                 }

@@ -877,3 +877,39 @@ fn loadgen_noop_milter_is_a_valid_filter() {
         );
     }
 }
+
+#[test]
+fn skip_ends_the_body_early_and_refusals_are_logged_with_the_envelope() {
+    let f = FakeMilter::start(Script {
+        at: vec![(b'B', packet(b's', b""))],
+        protocol: 0x400, // SMFIP_SKIP
+        verdict: packet(b'y', b"554 5.7.1 No thanks\0"),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &[]);
+    // A body of three chunks and more.
+    let line = "y".repeat(998);
+    let mut big = String::from("Subject: big\r\n\r\n");
+    while big.len() < 200_000 {
+        big.push_str(&line);
+        big.push_str("\r\n");
+    }
+    send(&s, "a@example.org", &["b@example.net"], big.as_bytes()).check(554, "5.7.1 No thanks");
+    let conv = &f.conns()[0];
+    let bodies = conv.iter().filter(|(c, _)| *c == b'B').count();
+    assert_eq!(bodies, 1, "body chunks sent after SMFIR_SKIP");
+    assert_eq!(conv.last().map(|(c, _)| *c), Some(b'E'));
+    assert!(conv
+        .iter()
+        .filter(|(c, _)| *c == b'B')
+        .all(|(_, d)| d.len() == 65535));
+    wait_for("the NOQUEUE line", Duration::from_secs(10), || {
+        s.stderr_log()
+            .contains("NOQUEUE: reject: END-OF-MESSAGE from [127.0.0.1]")
+    });
+    let log = s.stderr_log();
+    assert!(
+        log.contains("554 5.7.1 No thanks; from=<a@example.org> to=<b@example.net>"),
+        "{log}"
+    );
+}

@@ -586,7 +586,15 @@ impl Session {
     /// instead of the spool: a 2xx accepts it (a discarded message is answered like a
     /// stored one, as sendmail and Postfix do), a 4xx/5xx refuses it (counted and logged
     /// through the hooks like every refusal). The text is the caller's, already made safe.
-    pub fn filtered(&mut self, code: u16, enhanced: &str, text: &str, out: &mut BytesMut) {
+    /// `envelope` is the message's (for the log line: sender, the recipient if one).
+    pub fn filtered(
+        &mut self,
+        code: u16,
+        enhanced: &str,
+        text: &str,
+        envelope: &Envelope,
+        out: &mut BytesMut,
+    ) {
         if !matches!(self.state, State::Storing) {
             return;
         }
@@ -595,17 +603,23 @@ impl Session {
             self.messages += 1;
             self.junk = 0;
             reply::line(out, code, enhanced, text);
-        } else {
-            self.refuse(
-                out,
-                Reject::Milter,
-                "END-OF-MESSAGE",
-                None,
-                code,
-                enhanced,
-                text,
-            );
+            return;
         }
+        self.cfg.hooks.rejected(&Rejection {
+            why: Reject::Milter,
+            peer: self.peer,
+            stage: "END-OF-MESSAGE",
+            code,
+            enhanced,
+            text,
+            sender: Some(envelope.sender.as_str()),
+            recipient: match envelope.recipients.as_slice() {
+                [r] => Some(r.addr.as_str()),
+                _ => None,
+            },
+            helo: self.helo.as_deref(),
+        });
+        self.error(out, code, enhanced, text);
     }
 
     /// Handles all complete input, at time `now`. See `Event` for what the driver does
