@@ -802,9 +802,9 @@ impl MilterSession {
             let verdict = match prior {
                 Some(v) => v,
                 None if st.conn.is_none() => {
-                    // Nothing was said to this filter in this session (its connection
-                    // broke and it is being given another chance cannot happen: failures
-                    // are sticky), so it never saw MAIL: it has no say.
+                    // No connection and no verdict: the filter never saw this message's
+                    // MAIL (cannot happen today: CONNECT opens every connection and a
+                    // failure leaves a sticky verdict), so it has no say on it.
                     continue;
                 }
                 None => {

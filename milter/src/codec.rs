@@ -517,9 +517,15 @@ impl FilterReply {
                 enhanced.get_or_insert_with(|| first.to_string());
                 l = rest;
             }
+            // Printable ASCII only: an SMTP reply is 7-bit (RFC 5321 §4.2), and no
+            // control character may split it.
             let clean: String = l
                 .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
+                .map(|c| match c {
+                    ' '..='~' => c,
+                    c if c.is_control() => ' ',
+                    _ => '?',
+                })
                 .collect();
             let clean = clean.trim();
             if !clean.is_empty() {
@@ -823,6 +829,8 @@ mod tests {
         assert!(FilterReply::parse("250 ok").is_err());
         assert!(FilterReply::parse("55").is_err());
         assert!(FilterReply::parse("5500 x").is_err());
+        let r = FilterReply::parse("550 5.7.1 caf\u{e9}\u{1b}[31m").unwrap();
+        assert_eq!(r.text, "caf? [31m");
         let r = FilterReply::parse("421").unwrap();
         assert_eq!((r.code, r.enhanced.as_str()), (421, "4.7.1"));
     }
