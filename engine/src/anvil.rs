@@ -1,13 +1,21 @@
-//! anvil: failed-AUTH counting per client IP across shards (named after Postfix's anvil).
+//! anvil: failed-AUTH counting per client IP and per login across shards (named after
+//! Postfix's anvil).
 //!
-//! Each client IP has one owner shard, `hash(ip) % shards`. A shard that sees a failed AUTH
-//! sends a one-way `Failure(ip)` message to the owner over the glommio channel mesh (or
-//! counts it itself when it is the owner). When an IP crosses `limit` failures within
-//! `window`, the owner blocks it for `cooldown` and broadcasts `Block` to every shard, which
-//! keeps its own copy of the block list. So the check made before every AUTH is a lookup in
-//! a shard-local map: no message, no lock, and nothing on the successful path waits.
+//! Each client IP (and each login tried) has one owner shard, `hash(key) % shards`. A shard
+//! that sees a failed AUTH sends a one-way `Failure(key)` message to the owner over the
+//! glommio channel mesh (or counts it itself when it is the owner). When a key crosses its
+//! limit (`auth.ip_failure_limit`, `auth.login_failure_limit`) within `window`, the owner
+//! blocks it for `cooldown` and broadcasts `Block` to every shard, which keeps its own copy
+//! of the block list. So the check made before every AUTH is a lookup in a shard-local
+//! map: no message, no lock, and nothing on the successful path waits.
 //!
-//! Owns: the counters of the IPs this shard owns, and this shard's copy of the blocks.
+//! With `[cluster] redis`, the anvil stays the fast first line and the fallback: it counts
+//! exactly as above, and also hands every failure and every per-login count to the Redis
+//! thread (`cluster::Link`, one-way, dropped while Redis is down). The blocks and
+//! over-rate logins the cluster decides come back as `cluster::News` through the shard's
+//! control channel (`cluster_news`) into the same shard-local maps.
+//!
+//! Owns: the counters of the keys this shard owns, and this shard's copy of the blocks.
 //! Must never: wait on another shard while a client waits, or grow without bound (both maps
 //! are capped; when a cap is hit, expired entries go first, then the oldest half).
 //!
@@ -30,17 +38,27 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 
+pub use crate::cluster::UserCount;
+use crate::cluster::{escape_login, Link, News, Op, Subject};
 pub use crate::config::{Rate, UserRates};
+
+/// What failed AUTHs are counted and blocked by. A login is kept escaped
+/// (`cluster::escape_login`), the form the cluster uses too.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Key {
+    Ip(IpAddr),
+    Login(Arc<str>),
+}
 
 /// Messages between shards.
 #[derive(Debug, Clone)]
 pub enum AnvilMsg {
     /// A login sent one more message (`recipients == 0`) or this many more recipients.
     UserSent(Arc<str>, UserCount, UserRates),
-    /// A failed AUTH from this IP, sent to its owner.
-    Failure(IpAddr),
-    /// The owner blocked this IP for this long (from receipt).
-    Block(IpAddr, Duration),
+    /// A failed AUTH from this IP (or trying this login), sent to its owner.
+    Failure(Key),
+    /// The owner blocked this key for this long (from receipt).
+    Block(Key, Duration),
     /// Start a queue run now (ETRN received on another shard).
     FlushQueue,
 }
@@ -51,15 +69,21 @@ pub type Mesh = MeshBuilder<AnvilMsg, Full>;
 #[derive(Debug, Clone, Copy)]
 pub struct AnvilLimits {
     pub limit: u32,
+    /// Failures per login before it is blocked; 0: logins are never blocked.
+    pub login_limit: u32,
     pub window: Duration,
     pub cooldown: Duration,
 }
 
-/// Which per-login rate a count is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UserCount {
-    Message,
-    Recipient,
+/// One login's line in `tern ctl limits`: used in the current windows (this shard's
+/// view) and whether the cluster says it is over a rate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserLine {
+    pub user: String,
+    pub messages: f64,
+    pub recipients: f64,
+    pub cluster_over_messages: bool,
+    pub cluster_over_recipients: bool,
 }
 
 /// One login's two buckets: tokens left (may go below 0 when other shards' counts arrive)
@@ -81,8 +105,12 @@ pub struct Anvil {
     me: usize,
     peers: usize,
     senders: Option<Senders<AnvilMsg>>,
-    counts: RefCell<HashMap<IpAddr, (u32, Instant)>>,
-    blocked: RefCell<HashMap<IpAddr, Instant>>,
+    counts: RefCell<HashMap<Key, (u32, Instant)>>,
+    blocked: RefCell<HashMap<Key, Instant>>,
+    /// Logins (escaped) the cluster says are over a rate, until when.
+    over: RefCell<HashMap<(Arc<str>, UserCount), Instant>>,
+    /// The Redis thread, with `[cluster] redis`.
+    cluster: RefCell<Option<Link>>,
     /// What a `FlushQueue` from a peer does on this shard (set once the runner exists).
     on_flush: RefCell<Option<Box<dyn Fn()>>>,
     user_rates: Cell<UserRates>,
@@ -105,6 +133,8 @@ impl Anvil {
             senders: None,
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
+            over: RefCell::new(HashMap::new()),
+            cluster: RefCell::new(None),
             on_flush: RefCell::new(None),
             user_rates: Cell::new(UserRates::default()),
             users: RefCell::new(HashMap::new()),
@@ -128,6 +158,8 @@ impl Anvil {
             senders: Some(senders),
             counts: RefCell::new(HashMap::new()),
             blocked: RefCell::new(HashMap::new()),
+            over: RefCell::new(HashMap::new()),
+            cluster: RefCell::new(None),
             on_flush: RefCell::new(None),
             user_rates: Cell::new(UserRates::default()),
             users: RefCell::new(HashMap::new()),
@@ -144,48 +176,116 @@ impl Anvil {
         Ok(anvil)
     }
 
+    /// Connects this shard's anvil to the Redis thread (`[cluster] redis`).
+    pub fn set_cluster(&self, link: Link) {
+        *self.cluster.borrow_mut() = Some(link);
+    }
+
     /// Whether AUTH from `ip` is refused right now (454 4.7.0). Shard-local lookup.
     pub fn is_blocked(&self, ip: IpAddr) -> bool {
+        self.blocked_key(&Key::Ip(ip))
+    }
+
+    /// Whether AUTH as `login` is refused right now (454 4.7.0), whatever the password.
+    /// Shard-local lookup; nothing to escape while no block is in force.
+    pub fn is_login_blocked(&self, login: &str) -> bool {
+        if self.blocked.borrow().is_empty() {
+            return false;
+        }
+        self.blocked_key(&Key::Login(escape_login(login).into()))
+    }
+
+    fn blocked_key(&self, key: &Key) -> bool {
         let mut blocked = self.blocked.borrow_mut();
-        match blocked.get(&ip) {
+        match blocked.get(key) {
             Some(&until) if Instant::now() < until => true,
             Some(_) => {
-                blocked.remove(&ip);
+                blocked.remove(key);
                 false
             }
             None => false,
         }
     }
 
-    /// Records a failed AUTH: counted here if this shard owns `ip`, otherwise sent to the
-    /// owner without waiting (if its queue is full the failure is dropped: counting is a
-    /// defence, not an account).
-    pub fn record_failure(&self, ip: IpAddr) {
-        let owner = self.owner(ip);
-        if owner == self.me {
-            self.count(ip);
-        } else if let Some(s) = &self.senders {
-            let _ = s.try_send_to(owner, AnvilMsg::Failure(ip));
+    /// Records a failed AUTH from `ip` trying `login`: each key counted here if this
+    /// shard owns it, otherwise sent to the owner without waiting (if its queue is full
+    /// the failure is dropped: counting is a defence, not an account); and handed to the
+    /// Redis thread, with `[cluster] redis`.
+    pub fn record_failure(&self, ip: IpAddr, login: Option<&str>) {
+        let login: Option<Arc<str>> = login
+            .filter(|l| !l.is_empty())
+            .map(|l| escape_login(l).into());
+        self.route(Key::Ip(ip));
+        if let Some(l) = login.as_ref().filter(|_| self.limits.login_limit > 0) {
+            self.route(Key::Login(l.clone()));
+        }
+        if let Some(link) = self.cluster.borrow().as_ref() {
+            link.send(Op::AuthFailure { ip, login });
         }
     }
 
-    fn owner(&self, ip: IpAddr) -> usize {
+    fn route(&self, key: Key) {
+        let owner = self.owner(&key);
+        if owner == self.me {
+            self.count(key);
+        } else if let Some(s) = &self.senders {
+            let _ = s.try_send_to(owner, AnvilMsg::Failure(key));
+        }
+    }
+
+    fn owner(&self, key: &Key) -> usize {
         if self.peers <= 1 {
             return self.me;
         }
         // DefaultHasher::new() uses fixed keys, so every shard computes the same owner.
         let mut h = std::collections::hash_map::DefaultHasher::new();
-        ip.hash(&mut h);
+        key.hash(&mut h);
         (h.finish() % self.peers as u64) as usize
+    }
+
+    /// A decision of the cluster (any node's counts, through Redis), for this shard.
+    pub fn cluster_news(&self, news: News) {
+        match news.subject {
+            Subject::Ip(ip) => self.block_locally(Key::Ip(ip), news.remaining),
+            Subject::Login(l) => self.block_locally(Key::Login(l), news.remaining),
+            Subject::Over(what, l) => {
+                let now = Instant::now();
+                let mut over = self.over.borrow_mut();
+                if over.len() >= MAX_ENTRIES {
+                    over.retain(|_, until| *until > now);
+                    if over.len() >= MAX_ENTRIES {
+                        over.clear();
+                    }
+                }
+                over.insert((l, what), now + news.remaining);
+            }
+        }
+    }
+
+    /// Whether the cluster says `login` is over its `what` rate.
+    fn cluster_over(&self, login: &str, what: UserCount) -> bool {
+        let mut over = self.over.borrow_mut();
+        if over.is_empty() {
+            return false;
+        }
+        let key = (Arc::from(escape_login(login)), what);
+        match over.get(&key) {
+            Some(&until) if Instant::now() < until => true,
+            Some(_) => {
+                over.remove(&key);
+                false
+            }
+            None => false,
+        }
     }
 
     fn handle(&self, msg: AnvilMsg) {
         match msg {
-            AnvilMsg::Failure(ip) => self.count(ip),
+            AnvilMsg::Failure(key) => self.count(key),
             AnvilMsg::UserSent(login, what, rates) => {
                 self.take(&login, what, rates, Instant::now());
             }
-            AnvilMsg::Block(ip, d) => self.block_locally(ip, d),
+            AnvilMsg::Block(key, d) => self.block_locally(key, d),
             AnvilMsg::FlushQueue => {
                 if let Some(f) = self.on_flush.borrow().as_ref() {
                     f();
@@ -214,8 +314,16 @@ impl Anvil {
             return true;
         }
         let now = Instant::now();
-        if self.tokens(login, what, rates, now) < 1.0 {
+        if self.tokens(login, what, rates, now) < 1.0 || self.cluster_over(login, what) {
             return false;
+        }
+        if let (Some(link), Some(r)) = (self.cluster.borrow().as_ref(), rate) {
+            link.send(Op::UserSent {
+                login: escape_login(login).into(),
+                what,
+                limit: r.count,
+                per: r.per,
+            });
         }
         let login: Arc<str> = Arc::from(login);
         self.take(&login, what, rates, now);
@@ -230,18 +338,29 @@ impl Anvil {
     }
 
     /// Per login (all, or `only`): messages and recipients counted in the current rate
-    /// windows, as this shard sees them, and the limits.
-    pub fn user_counts(&self, only: Option<&str>) -> (UserRates, Vec<(String, f64, f64)>) {
+    /// windows, as this shard sees them, whether the cluster says it is over, and the
+    /// limits.
+    pub fn user_counts(&self, only: Option<&str>) -> (UserRates, Vec<UserLine>) {
         let rates = self.user_rates.get();
         let now = Instant::now();
-        let logins: Vec<Arc<str>> = self
+        let mut logins: Vec<Arc<str>> = self
             .users
             .borrow()
             .keys()
             .filter(|l| only.is_none_or(|o| &***l == o))
             .cloned()
             .collect();
-        let mut out: Vec<(String, f64, f64)> = logins
+        // Logins over a rate on another node, never counted here.
+        for ((esc, _), until) in self.over.borrow().iter() {
+            let login = crate::cluster::unescape_login(esc);
+            if *until > now
+                && only.is_none_or(|o| o == login)
+                && !logins.iter().any(|l| **l == *login)
+            {
+                logins.push(login.into());
+            }
+        }
+        let mut out: Vec<UserLine> = logins
             .iter()
             .map(|l| {
                 // The login's buckets run at the rates its last count used.
@@ -251,14 +370,16 @@ impl Anvil {
                         (f64::from(x.count) - self.tokens(l, what, r, now)).max(0.0)
                     })
                 };
-                (
-                    l.to_string(),
-                    used(UserCount::Message, r.messages),
-                    used(UserCount::Recipient, r.recipients),
-                )
+                UserLine {
+                    user: l.to_string(),
+                    messages: used(UserCount::Message, r.messages),
+                    recipients: used(UserCount::Recipient, r.recipients),
+                    cluster_over_messages: self.cluster_over(l, UserCount::Message),
+                    cluster_over_recipients: self.cluster_over(l, UserCount::Recipient),
+                }
             })
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.sort_by(|a, b| a.user.cmp(&b.user));
         (rates, out)
     }
 
@@ -324,52 +445,73 @@ impl Anvil {
         }
     }
 
-    fn count(&self, ip: IpAddr) {
+    fn count(&self, key: Key) {
         let now = Instant::now();
+        let limit = match key {
+            Key::Ip(_) => self.limits.limit,
+            Key::Login(_) => self.limits.login_limit,
+        };
+        if limit == 0 {
+            return;
+        }
         let over = {
             let mut counts = self.counts.borrow_mut();
-            if counts.len() >= MAX_ENTRIES && !counts.contains_key(&ip) {
+            if counts.len() >= MAX_ENTRIES && !counts.contains_key(&key) {
                 let window = self.limits.window;
                 counts.retain(|_, (_, start)| now.duration_since(*start) < window);
                 if counts.len() >= MAX_ENTRIES {
                     trim_oldest(&mut counts, |(_, start)| *start);
                 }
             }
-            let e = counts.entry(ip).or_insert((0, now));
+            let e = counts.entry(key.clone()).or_insert((0, now));
             if now.duration_since(e.1) >= self.limits.window {
                 *e = (0, now);
             }
             e.0 += 1;
-            if e.0 >= self.limits.limit {
-                counts.remove(&ip);
+            if e.0 >= limit {
+                counts.remove(&key);
                 true
             } else {
                 false
             }
         };
         if over {
-            tracing::warn!(%ip, cooldown_secs = self.limits.cooldown.as_secs(), "too many failed AUTH attempts: blocking AUTH from this address");
-            self.block_locally(ip, self.limits.cooldown);
+            let secs = self.limits.cooldown.as_secs();
+            match &key {
+                Key::Ip(ip) => {
+                    tracing::warn!(%ip, cooldown_secs = secs, "too many failed AUTH attempts: blocking AUTH from this address")
+                }
+                Key::Login(l) => {
+                    tracing::warn!(login = %l, cooldown_secs = secs, "too many failed AUTH attempts: blocking AUTH as this login (escaped)")
+                }
+            }
+            self.block_locally(key.clone(), self.limits.cooldown);
             if let Some(s) = &self.senders {
                 for peer in 0..self.peers {
                     if peer != self.me {
-                        let _ = s.try_send_to(peer, AnvilMsg::Block(ip, self.limits.cooldown));
+                        let _ =
+                            s.try_send_to(peer, AnvilMsg::Block(key.clone(), self.limits.cooldown));
                     }
                 }
             }
         }
     }
 
-    fn block_locally(&self, ip: IpAddr, d: Duration) {
+    /// Blocks `key` for `d` from now, unless a longer block is in force already.
+    fn block_locally(&self, key: Key, d: Duration) {
         let now = Instant::now();
         let mut blocked = self.blocked.borrow_mut();
-        if blocked.len() >= MAX_ENTRIES && !blocked.contains_key(&ip) {
+        if blocked.len() >= MAX_ENTRIES && !blocked.contains_key(&key) {
             blocked.retain(|_, until| *until > now);
             if blocked.len() >= MAX_ENTRIES {
                 trim_oldest(&mut blocked, |until| *until);
             }
         }
-        blocked.insert(ip, now + d);
+        let until = now + d;
+        let e = blocked.entry(key).or_insert(until);
+        if *e < until {
+            *e = until;
+        }
     }
 }
 
@@ -398,7 +540,7 @@ fn is_full(b: &Buckets) -> bool {
 }
 
 /// Drops the older half of a map by the instant `key` returns.
-fn trim_oldest<V>(map: &mut HashMap<IpAddr, V>, key: impl Fn(&V) -> Instant) {
+fn trim_oldest<K, V>(map: &mut HashMap<K, V>, key: impl Fn(&V) -> Instant) {
     let mut times: Vec<Instant> = map.values().map(&key).collect();
     times.sort_unstable();
     let cut = times[times.len() / 2];
@@ -413,19 +555,87 @@ mod tests {
     fn blocks_after_limit_and_expires() {
         let a = Anvil::local(AnvilLimits {
             limit: 3,
+            login_limit: 0,
             window: Duration::from_secs(60),
             cooldown: Duration::from_millis(50),
         });
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let other: IpAddr = "192.0.2.10".parse().unwrap();
-        a.record_failure(ip);
-        a.record_failure(ip);
+        a.record_failure(ip, Some("bob"));
+        a.record_failure(ip, None);
         assert!(!a.is_blocked(ip));
-        a.record_failure(ip);
+        a.record_failure(ip, Some("bob"));
         assert!(a.is_blocked(ip));
+        // login_limit 0: logins are never blocked.
+        assert!(!a.is_login_blocked("bob"));
         assert!(!a.is_blocked(other));
         std::thread::sleep(Duration::from_millis(60));
         assert!(!a.is_blocked(ip));
+    }
+
+    #[test]
+    fn logins_are_blocked_across_addresses_and_escaped() {
+        let a = Anvil::local(AnvilLimits {
+            limit: 10,
+            login_limit: 2,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        });
+        let (ip1, ip2): (IpAddr, IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        assert!(!a.is_login_blocked("b:ob"));
+        a.record_failure(ip1, Some("b:ob"));
+        a.record_failure(ip2, Some("b:ob"));
+        assert!(a.is_login_blocked("b:ob"));
+        assert!(!a.is_login_blocked("b%3Aob"));
+        assert!(!a.is_login_blocked("alice"));
+        assert!(!a.is_blocked(ip1) && !a.is_blocked(ip2));
+    }
+
+    #[test]
+    fn cluster_news_blocks_and_limits_here() {
+        let a = Anvil::local(AnvilLimits {
+            limit: 10,
+            login_limit: 0,
+            window: Duration::from_secs(60),
+            cooldown: Duration::from_secs(60),
+        });
+        let ip: IpAddr = "2001:db8::7".parse().unwrap();
+        a.cluster_news(News {
+            subject: Subject::Ip(ip),
+            remaining: Duration::from_secs(30),
+        });
+        assert!(a.is_blocked(ip));
+        a.cluster_news(News {
+            subject: Subject::Login(escape_login("x y").into()),
+            remaining: Duration::from_secs(30),
+        });
+        assert!(a.is_login_blocked("x y"));
+        let rates = UserRates {
+            messages: Rate::parse("100/1m").unwrap(),
+            recipients: Rate::parse("100/1m").unwrap(),
+        };
+        a.set_user_rates(rates);
+        assert!(a.user_try("al:ice", UserCount::Message, None));
+        a.cluster_news(News {
+            subject: Subject::Over(UserCount::Message, escape_login("al:ice").into()),
+            remaining: Duration::from_secs(30),
+        });
+        // Over the message rate cluster-wide; recipients and other logins unaffected.
+        assert!(!a.user_try("al:ice", UserCount::Message, None));
+        assert!(a.user_try("al:ice", UserCount::Recipient, None));
+        assert!(a.user_try("bob", UserCount::Message, None));
+        let (_, lines) = a.user_counts(Some("al:ice"));
+        assert_eq!(lines.len(), 1);
+        assert!(lines[0].cluster_over_messages && !lines[0].cluster_over_recipients);
+        // A login over the rate on another node only is listed too.
+        a.cluster_news(News {
+            subject: Subject::Over(UserCount::Recipient, "carol".into()),
+            remaining: Duration::from_secs(30),
+        });
+        let (_, lines) = a.user_counts(None);
+        let users: Vec<&str> = lines.iter().map(|l| l.user.as_str()).collect();
+        assert_eq!(users, ["al:ice", "bob", "carol"]);
     }
 
     #[test]
@@ -434,6 +644,7 @@ mod tests {
         let mesh: Mesh = MeshBuilder::full(2, 64);
         let limits = AnvilLimits {
             limit: 4,
+            login_limit: 0,
             window: Duration::from_secs(60),
             cooldown: Duration::from_secs(60),
         };
@@ -449,8 +660,8 @@ mod tests {
                         let a = Anvil::join(mesh, limits).await.unwrap();
                         let ip: IpAddr = "198.51.100.1".parse().unwrap();
                         // Each shard sees two failures; together they reach the limit.
-                        a.record_failure(ip);
-                        a.record_failure(ip);
+                        a.record_failure(ip, None);
+                        a.record_failure(ip, None);
                         let mut blocked = false;
                         for _ in 0..200 {
                             if a.is_blocked(ip) {

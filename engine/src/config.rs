@@ -67,6 +67,8 @@ pub struct Config {
     /// bad entry fails `check-config`, the start and a reload alike).
     #[serde(skip)]
     pub milters: std::sync::Arc<crate::milter::Filters>,
+    /// Shared counters for a cluster of nodes.
+    pub cluster: ClusterConfig,
     /// `auth.sender_map`, read and parsed when the configuration is loaded (so a map that
     /// does not parse fails `check-config`, the start and a reload alike).
     #[serde(skip)]
@@ -183,6 +185,10 @@ pub struct AuthConfig {
     pub ip_failure_window: Duration,
     #[serde(with = "humantime_serde")]
     pub ip_block: Duration,
+    /// Failed AUTHs as one login (from any address, all shards, all nodes with
+    /// `[cluster] redis`) within `ip_failure_window` after which AUTH as that login gets
+    /// 454 4.7.0 for `ip_block`, whatever the password. 0 (the default): never.
+    pub login_failure_limit: u32,
     /// "any" (default): an authenticated session may use any MAIL FROM. "own": only
     /// addresses its login owns (the login itself when it is an address, login@realm
     /// otherwise, plus `sender_map`); others get 553 5.7.1. `<>` is always allowed.
@@ -218,6 +224,7 @@ impl Default for AuthConfig {
             ip_failure_limit: 10,
             ip_failure_window: Duration::from_secs(600),
             ip_block: Duration::from_secs(900),
+            login_failure_limit: 0,
             sender_policy: "any".into(),
             sender_map: PathBuf::new(),
             check_header_from: false,
@@ -365,6 +372,48 @@ pub struct LogConfig {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `redis+unix:///path`; `rediss://` is
+    /// refused: this build has no TLS for Redis): AUTH failures per IP and per login, IP
+    /// and login blocks, and per-login sending rates are counted across every node sharing
+    /// it (Redis or Valkey 7.0+). Empty (the default): everything is counted on this node
+    /// only. Shown with its password replaced; a file holding a password must not be
+    /// group/world-readable.
+    #[serde(serialize_with = "serialize_redacted")]
+    pub redis: String,
+}
+
+fn serialize_redacted<S: serde::Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&redact_url(url))
+}
+
+/// `url` with the password of its userinfo (`scheme://user:password@host`) replaced by
+/// `***`, for logs, `check-config`, `features` and status output. A URL without one is
+/// returned as it is. Generic: any `scheme://` URL.
+pub fn redact_url(url: &str) -> String {
+    let Some(i) = url.find("://") else {
+        return url.to_string();
+    };
+    let rest = &url[i + 3..];
+    // The authority ends at the first '/', '?' or '#'; its userinfo at its last '@'.
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    match userinfo.find(':') {
+        Some(c) => format!("{}{}:***{}", &url[..i + 3], &userinfo[..c], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// Whether `url` carries a password (see [`redact_url`]).
+pub fn url_has_password(url: &str) -> bool {
+    redact_url(url) != url
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// The admin socket (`tern queue`, `tern ctl`): a Unix stream socket created mode 0600.
     /// Empty (the default): `admin.sock` inside `spool.dir`.
@@ -418,6 +467,7 @@ impl Default for Config {
             dkim: Default::default(),
             milter: Default::default(),
             milters: Default::default(),
+            cluster: ClusterConfig::default(),
             senders: Default::default(),
             dkim_signer: Default::default(),
         }
@@ -512,7 +562,11 @@ impl Config {
             ),
             None => (String::new(), "<defaults>".to_string()),
         };
-        Self::from_toml_str(&text, &name, sets)
+        let cfg = Self::from_toml_str(&text, &name, sets)?;
+        if let Some(p) = path {
+            check_secret_mode(p)?;
+        }
+        Ok(cfg)
     }
 
     /// Parses TOML text plus overrides. Separate from `load` so tests and `tern demo` can
@@ -695,6 +749,15 @@ impl Config {
                 "auth.ip_failure_limit must be positive".into(),
             ));
         }
+        if !self.cluster.redis.is_empty() {
+            if let Err(e) = redis::Client::open(self.cluster.redis.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.redis: {:?} is not a Redis URL: {}",
+                    redact_url(&self.cluster.redis),
+                    redact_url(&e.to_string())
+                )));
+            }
+        }
         if self.auth.max_failures == 0 {
             return Err(ConfigError::Invalid(
                 "auth.max_failures must be positive".into(),
@@ -745,6 +808,38 @@ impl Config {
                 .unwrap_or(1)
         }
     }
+}
+
+/// A configuration file holding a password (in `cluster.redis`) must not be readable by
+/// group or others, as the user store must not (`userstore::load`). A password given by
+/// `--set` is the command line's business.
+fn check_secret_mode(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    // The file's own value, not one a --set overrode.
+    let in_file = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("cluster")?.get("redis")?.as_str().map(str::to_string))
+        .is_some_and(|u| url_has_password(&u));
+    if !in_file {
+        return Ok(());
+    }
+    let mode = std::fs::metadata(path)
+        .map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .mode()
+        & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "{}: holds a password (cluster.redis) but is readable by group or others (mode {mode:04o}): chmod 600 it",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Applies one `key.path=value` override. The value is read as a TOML value when it parses
@@ -837,6 +932,60 @@ mod tests {
             &[],
         );
         assert_eq!(ok.unwrap().queue.high_water_bytes, 134_217_728);
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        for (url, shown) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://:s3cret@h:6379/0", "redis://:***@h:6379/0"),
+            ("redis://user:p@ss:w@h/1", "redis://user:***@h/1"),
+            ("redis://user@h", "redis://user@h"),
+            (
+                "postgresql://tern:pw@db/tern?sslmode=require",
+                "postgresql://tern:***@db/tern?sslmode=require",
+            ),
+            ("redis://h/path@x:y", "redis://h/path@x:y"),
+            ("not a url", "not a url"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+        assert!(url_has_password("redis://:x@h"));
+        assert!(!url_has_password("redis://h"));
+    }
+
+    #[test]
+    fn cluster_redis_is_checked_and_shown_redacted() {
+        let c = Config::from_toml_str(
+            "[cluster]\nredis = \"redis://:pw@127.0.0.1:6379\"\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let shown = toml::to_string(&c).unwrap();
+        assert!(shown.contains("redis://:***@127.0.0.1:6379"), "{shown}");
+        assert!(!shown.contains("pw@"), "{shown}");
+        let e = Config::from_toml_str("[cluster]\nredis = \"http://:pw@h\"\n", "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cluster.redis") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn a_config_with_a_password_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tern.toml");
+        std::fs::write(&p, "[cluster]\nredis = \"redis://:pw@127.0.0.1:1\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("chmod 600") && !e.contains("pw"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(Config::load(Some(&p), &[]).is_ok());
+        // Without a password the mode is the operator's business.
+        std::fs::write(&p, "[cluster]\nredis = \"redis://127.0.0.1:1\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(Some(&p), &[]).is_ok());
     }
 
     #[test]

@@ -42,6 +42,7 @@ fn bad_configurations_are_refused() {
             algorithm: alg,
             key: key.to_path_buf(),
         }],
+        ..Default::default()
     };
     // Missing file.
     let e = Signer::load(&cfg(Algorithm::Rsa, &dir.path().join("nope.pem"))).unwrap_err();
@@ -93,7 +94,7 @@ fn unknown_algorithm_and_missing_key_do_not_parse() {
 fn small_rsa_keys_are_refused() {
     // A 1024-bit RSA key (PKCS#1), from `openssl genrsa 1024`.
     let pem = include_str!("../testdata/dkim-rsa1024.pem");
-    let e = RingKey::from_pem(pem.as_bytes(), Algorithm::Rsa)
+    let e = SigningKeyPair::from_pem(pem.as_bytes(), Algorithm::Rsa)
         .err()
         .expect("refused");
     assert!(e.contains("RSA"), "{e}");
@@ -118,6 +119,7 @@ fn ed25519_signer(dir: &Path) -> Signer {
             algorithm: Algorithm::Ed25519,
             key: p,
         }],
+        ..Default::default()
     })
     .unwrap()
 }

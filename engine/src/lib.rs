@@ -10,6 +10,9 @@
 //! - `bind`: the spool lock and the SO_REUSEPORT sockets, made before any shard starts.
 //! - `admin::server`: the admin socket's thread; `metrics::http`: `/metrics`, `/healthz`,
 //!   the status page. Both talk to shards only through `shard::Control` messages.
+//! - `cluster::redis`: with `[cluster] redis`, the thread that counts AUTH failures and
+//!   per-login rates in Redis (one pipeline per round trip) and hands the cluster's blocks
+//!   to every shard as `shard::Control::Cluster`.
 //!
 //! Shard level (L1: one per core, never crossing threads)
 //! - `shard`: `Shard` (what a shard's tasks share) and `Control` (what others ask of it).
@@ -24,7 +27,8 @@
 //! configuration, certificates), `userstore` (the user file: load with mode check, atomic
 //! save), `delivery` (`[queue]` → runner settings), `admin::proto` (the admin wire format
 //! and client, also used by the CLI), `dkim` (keys and DKIM-Signature fields), `clock` (the time handed to the protocol core),
-//! `notify`, `sdnotify`, `privileges`.
+//! `notify`, `sdnotify`, `privileges`, `cluster` (what anvils and the Redis thread say to
+//! each other, key names, batching).
 //!
 //! Data flows one way: listener → conn → session → spool → runner → client.
 
@@ -32,10 +36,12 @@ pub mod admin;
 pub mod anvil;
 pub mod bind;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod delivery;
 pub mod dkim;
+pub mod dkim_thread;
 pub mod metrics;
 pub mod milter;
 pub mod notify;

@@ -116,6 +116,9 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if !same(&old.metrics, &new.metrics) {
         v.push("metrics");
     }
+    if old.cluster.redis != new.cluster.redis {
+        v.push("cluster");
+    }
     if old.hostname != new.hostname {
         v.push("hostname");
     }
@@ -238,6 +241,15 @@ pub fn run_with(
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
     let mesh: Mesh = MeshBuilder::full(shards, 1024);
+    // `[cluster] redis`: the queue the shards feed; the thread starts once the shards'
+    // control channels exist (it answers through them).
+    let cluster = (!cfg.cluster.redis.is_empty()).then(|| {
+        let (tx, rx) = crossbeam::channel::bounded::<crate::cluster::Op>(65_536);
+        let status = Arc::new(crate::cluster::Status::new(crate::config::redact_url(
+            &cfg.cluster.redis,
+        )));
+        (crate::cluster::Link::new(tx, status.clone()), rx, status)
+    });
 
     // Hand each shard its own socket of every listener.
     let mut per_shard: Vec<Vec<(ListenerKind, StdListener)>> =
@@ -271,6 +283,7 @@ pub fn run_with(
         let users = users.clone();
         let mesh = mesh.clone();
         let ready_tx = ready_tx.clone();
+        let link = cluster.as_ref().map(|(l, _, _)| l.clone());
         // The blocking pool floats: its threads mostly wait on the disk.
         let builder = LocalExecutorBuilder::new(placement)
             .blocking_thread_pool_placement(glommio::PoolPlacement::Unbound(
@@ -282,7 +295,8 @@ pub fn run_with(
         let handle = builder
             .spawn(move || async move {
                 shard_main(
-                    i, cfg, identity, ticketer, users, mesh, sockets, stop_rx, control_rx, ready_tx,
+                    i, cfg, identity, ticketer, users, mesh, sockets, stop_rx, control_rx,
+                    ready_tx, link,
                 )
                 .await
             })
@@ -312,6 +326,36 @@ pub fn run_with(
             }
         }
     }
+    let cluster_status = match cluster {
+        Some((_, rx, status)) if failure.is_none() => {
+            let client = redis::Client::open(cfg.cluster.redis.as_str()).map_err(|e| {
+                ServerError::Admin(format!(
+                    "cluster.redis: {}",
+                    crate::config::redact_url(&e.to_string())
+                ))
+            })?;
+            let to_shards = controls.clone();
+            crate::cluster::redis::spawn(
+                client,
+                crate::cluster::FailureLimits {
+                    ip_limit: cfg.auth.ip_failure_limit,
+                    login_limit: cfg.auth.login_failure_limit,
+                    window: cfg.auth.ip_failure_window,
+                    block: cfg.auth.ip_block,
+                },
+                rx,
+                status.clone(),
+                Box::new(move |news| {
+                    for c in &to_shards {
+                        let _ = c.unbounded_send(Control::Cluster(news.clone()));
+                    }
+                }),
+            )
+            .map_err(|e| ServerError::Admin(format!("cannot start the redis thread: {e}")))?;
+            Some(status)
+        }
+        _ => None,
+    };
     let stopper = Stopper(Arc::new(std::sync::Mutex::new(Some(stops))));
     if let Some(e) = failure {
         stopper.stop();
@@ -365,12 +409,16 @@ pub fn run_with(
                 }),
                 log_level: hooks.log_level,
                 started,
+                cluster: cluster_status.clone(),
+                cluster_client: cluster_status
+                    .as_ref()
+                    .and_then(|_| redis::Client::open(cfg.cluster.redis.as_str()).ok()),
             },
         )
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
     }
     if let Some((l, _)) = metrics_listener {
-        crate::metrics::http::spawn_http(l, controls.clone())
+        crate::metrics::http::spawn_http(l, controls.clone(), cluster_status.clone())
             .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
     }
     spawn_users_watcher(cfg.clone(), controls);
@@ -510,6 +558,7 @@ async fn shard_main(
     stop_rx: oneshot::Receiver<()>,
     mut control_rx: mpsc::UnboundedReceiver<Control>,
     ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
+    cluster: Option<crate::cluster::Link>,
 ) {
     // Join the anvil mesh first: every shard must join before any can go on, so a shard
     // must not bail out of start-up before this point.
@@ -517,6 +566,7 @@ async fn shard_main(
         mesh,
         AnvilLimits {
             limit: cfg.auth.ip_failure_limit,
+            login_limit: cfg.auth.login_failure_limit,
             window: cfg.auth.ip_failure_window,
             cooldown: cfg.auth.ip_block,
         },
@@ -530,6 +580,9 @@ async fn shard_main(
         }
     };
     anvil.set_user_rates(cfg.user_rates());
+    if let Some(link) = cluster {
+        anvil.set_cluster(link);
+    }
     type ShardListeners = Vec<(Rc<ListenerCtx>, TcpListener)>;
     let setup = || -> Result<(Rc<Shard>, ShardListeners, Rc<AuthShared>), String> {
         // The queue index keeps envelopes on disk: recover only what is still to deliver.
@@ -673,6 +726,7 @@ async fn shard_main(
     glommio::spawn_local(async move {
         while let Some(c) = control_rx.next().await {
             match c {
+                Control::Cluster(news) => control_shard.peers.cluster_news(news),
                 Control::Users(db) => {
                     *auth_shared.users.borrow_mut() = db;
                 }

@@ -149,6 +149,9 @@ pub const DRAINING: &str = "draining";
 
 /// Messages from the main side to a shard.
 pub enum Control {
+    /// A block or over-rate login decided by the cluster (`[cluster] redis`), for the
+    /// shard's anvil.
+    Cluster(crate::cluster::News),
     /// A new user-store snapshot.
     Users(Arc<UserDb>),
     /// A new `auth.sender_map` snapshot (the file changed).

@@ -3,7 +3,7 @@
 //! Owns: turning session events into the shard's counters (`metrics::ShardMetrics`),
 //! its log lines (one `NOQUEUE: reject:` line per refusal, as Postfix's smtpd writes them;
 //! one line per AUTH result naming the login tried) and the cross-shard AUTH-failure
-//! counting (`anvil`). One per listener role per shard (the log lines name the listener).
+//! counting (`anvil`, which also feeds the cluster's Redis thread with `[cluster] redis`). One per listener role per shard (the log lines name the listener).
 //! Must never: log a secret (only the login the client tried), put client-supplied CR/LF
 //! or control characters into a log line, or block: the anvil is asked over the shard's
 //! own channels, never a lock.
@@ -58,6 +58,10 @@ impl SessionHooks for ShardHooks {
         self.anvil.is_blocked(ip)
     }
 
+    fn auth_login_blocked(&self, login: &str) -> bool {
+        self.anvil.is_login_blocked(login)
+    }
+
     fn auth_attempt(&self, a: &AuthAttempt<'_>) {
         let login = Printable(a.login.unwrap_or(""));
         let mech = a.mechanism.name();
@@ -74,7 +78,7 @@ impl SessionHooks for ShardHooks {
             }
             Err(why) => {
                 self.metrics.auth(mech, false);
-                self.anvil.record_failure(a.peer.ip());
+                self.anvil.record_failure(a.peer.ip(), a.login);
                 tracing::info!(
                     shard = self.shard,
                     "auth failed: client=[{}]:{} mechanism={mech} login=<{login}> reason={why:?} failures={} listener={}",

@@ -21,7 +21,8 @@ use std::sync::Arc;
 
 use tern_smtp::session::{Message, StoreError};
 
-use crate::dkim::{Algorithm, Signer};
+use crate::dkim::{Algorithm, Signer, SignerMode};
+use crate::dkim_thread::SigningThread;
 
 /// Cloneable, shard-local handle.
 #[derive(Clone)]
@@ -37,6 +38,9 @@ pub struct ShardStore {
 struct DkimState {
     signer: RefCell<Arc<Signer>>,
     signed: [Cell<u64>; Algorithm::ALL.len()],
+    /// The shard's signing thread, started at the first message signed in
+    /// `dkim.signer = "thread"` mode.
+    thread: std::cell::OnceCell<Option<SigningThread>>,
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
@@ -63,6 +67,7 @@ impl ShardStore {
             dkim: std::rc::Rc::new(DkimState {
                 signer: RefCell::new(dkim),
                 signed: Default::default(),
+                thread: std::cell::OnceCell::new(),
             }),
         }
     }
@@ -77,12 +82,25 @@ impl ShardStore {
         std::array::from_fn(|i| self.dkim.signed[i].get())
     }
 
-    /// Prepends the message's DKIM-Signature fields, if it is to be signed. Runs on the
-    /// shard's thread, before the message has an id (the Received: header that `finish`
-    /// prepends is not signed, RFC 6376 §5.4).
-    fn sign(&self, msg: &mut Message) -> Result<(), StoreError> {
+    /// Prepends the message's DKIM-Signature fields, if it is to be signed, before the
+    /// message has an id (the Received: header that `finish` prepends is not signed,
+    /// RFC 6376 §5.4). Computed on the shard's thread or its signing thread, as
+    /// `dkim.signer` says.
+    async fn sign(&self, msg: &mut Message) -> Result<(), StoreError> {
         let signer = self.dkim.signer.borrow().clone();
-        let fields = signer.sign(msg).map_err(|e| {
+        if !signer.applies(msg) {
+            return Ok(());
+        }
+        let signed = match signer.mode() {
+            SignerMode::Inline => signer.sign_body(&msg.body),
+            SignerMode::Thread if !signer.has_keys_for(&msg.body) => Ok(Vec::new()),
+            SignerMode::Thread => match self.signing_thread() {
+                Some(t) => t.sign(signer, msg.body.to_vec()).await,
+                // No thread could be started: sign here rather than refuse mail.
+                None => signer.sign_body(&msg.body),
+            },
+        };
+        let fields = signed.map_err(|e| {
             tracing::error!(error = %e, "message not accepted: DKIM signing failed");
             StoreError::Local
         })?;
@@ -93,6 +111,21 @@ impl ShardStore {
             c.set(c.get() + 1);
         }
         Ok(())
+    }
+
+    /// The shard's signing thread, started on first use (`None` if the OS refused it,
+    /// logged once).
+    fn signing_thread(&self) -> Option<&SigningThread> {
+        self.dkim
+            .thread
+            .get_or_init(|| match SigningThread::spawn(self.shard) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the DKIM signing thread; signing on the shard");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// The shard's queue runner.
@@ -129,7 +162,7 @@ impl ShardStore {
         if !self.accepting() {
             return Err(StoreError::Full);
         }
-        self.sign(msg)?;
+        self.sign(msg).await?;
         let prepared = self.commit.with_spool(|spool| {
             let id = id.unwrap_or_else(|| spool.id_gen().next_id());
             msg.finish(&self.hostname, id.as_str());

@@ -143,6 +143,12 @@ pub trait SessionHooks {
     fn auth_blocked(&self, _ip: IpAddr) -> bool {
         false
     }
+    /// Is `login` blocked for AUTH after too many failures (`auth.login_failure_limit`,
+    /// across shards or nodes)? Asked when an exchange ends, success or failure alike (so
+    /// the reply says nothing about the password). Must not block.
+    fn auth_login_blocked(&self, _login: &str) -> bool {
+        false
+    }
     /// An AUTH exchange ended (success or failure). A failure counts towards blocks.
     fn auth_attempt(&self, _attempt: &AuthAttempt<'_>) {}
     /// A command or message was refused by policy or limits.

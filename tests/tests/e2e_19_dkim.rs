@@ -82,6 +82,19 @@ fn keygen(dir: &Path, selector: &str, alg: &str) -> (PathBuf, String, String) {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
+    // Other DKIM software (OpenDKIM, anything on OpenSSL) can read the key file too.
+    if require(tern_tests::tool_found("openssl"), "openssl") {
+        let o = Command::new("openssl")
+            .args(["pkey", "-noout", "-in"])
+            .arg(&key)
+            .output()
+            .expect("openssl pkey");
+        assert!(
+            o.status.success(),
+            "openssl cannot read the {alg} key: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
     (key, name.trim_end_matches('.').to_string(), value)
 }
 
@@ -146,6 +159,33 @@ fn run_verifier(records: &[(String, String)], files: &[PathBuf], tmp: &Path) -> 
 
 #[test]
 fn signed_mail_verifies_with_dkimpy_and_tampered_mail_fails() {
+    signed_mail_verifies("inline");
+}
+
+/// The same messages, signed on each shard's signing thread (`dkim.signer = "thread"`).
+#[test]
+fn signed_on_the_signing_thread_verifies_too() {
+    signed_mail_verifies("thread");
+}
+
+/// `GET path` on the metrics endpoint: the body.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    raw.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+fn signed_mail_verifies(mode: &str) {
     if !require(dkimpy_available(), "python3 with dkimpy and PyNaCl") {
         return;
     }
@@ -173,6 +213,8 @@ fn signed_mail_verifies_with_dkimpy_and_tampered_mail_fails() {
             &route,
             r#"relay.trusted_networks=["127.0.0.0/8"]"#,
             &dkim_keys,
+            &format!(r#"dkim.signer="{mode}""#),
+            r#"metrics.listen="127.0.0.1:0""#,
         ],
     );
 
@@ -289,6 +331,24 @@ fn signed_mail_verifies_with_dkimpy_and_tampered_mail_fails() {
         .map(|(p, _)| p.clone())
         .collect();
     assert_eq!(signed.len(), sent.len());
+
+    // Counted per algorithm, in the metrics and on the status page.
+    let metrics = s.metrics.expect("metrics endpoint");
+    let m = http_get(metrics, "/metrics");
+    let total = |alg: &str| -> u64 {
+        m.lines()
+            .filter(|l| {
+                l.starts_with("tern_dkim_signed_total{shard=\"total\"")
+                    && l.contains(&format!("algorithm=\"{alg}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    assert_eq!(total("rsa"), sent.len() as u64, "{m}");
+    assert_eq!(total("ed25519"), sent.len() as u64, "{m}");
+    let page = http_get(metrics, "/");
+    let row = format!("<tr><td class=l>rsa</td><td>{}</td></tr>", sent.len());
+    assert!(page.contains(&row), "status page shows {row}: {page}");
 
     let lines = run_verifier(&records, &signed, tmp.path());
     assert_eq!(lines.len(), signed.len(), "{lines:?}");

@@ -140,6 +140,10 @@ pub struct AdminCtx {
     pub reload: Box<dyn Fn() -> Result<usize, String> + Send>,
     pub log_level: Option<LogLevelFn>,
     pub started: Instant,
+    /// The Redis thread's state, with `[cluster] redis`.
+    pub cluster: Option<Arc<crate::cluster::Status>>,
+    /// A client for the same Redis, to read the cluster's counts (`tern ctl limits`).
+    pub cluster_client: Option<redis::Client>,
 }
 
 /// Starts the admin thread on `sock`'s listener.
@@ -270,14 +274,56 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
         req => {
             let answers = ask_shards(&ctx.controls, &req)?;
             let mut v = merge(&req, answers)?;
+            if let (Request::Limits { .. }, Some(client)) = (&req, &ctx.cluster_client) {
+                add_cluster_counts(client, &mut v);
+            }
             if let (Request::Status, Value::Object(m)) = (&req, &mut v) {
                 m.insert("pid".into(), json!(std::process::id()));
                 m.insert("version".into(), json!(env!("CARGO_PKG_VERSION")));
                 m.insert("uptime_secs".into(), json!(ctx.started.elapsed().as_secs()));
                 let l = level.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 m.insert("log_level".into(), json!(l));
+                if let Some(c) = &ctx.cluster {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    m.insert(
+                        "cluster".into(),
+                        json!({
+                            "redis": c.url,
+                            "up": c.is_up(),
+                            "fallbacks": c.fallbacks.load(Relaxed),
+                            "round_trips": c.round_trips.load(Relaxed),
+                            "ops": c.ops.load(Relaxed),
+                            "dropped": c.dropped.load(Relaxed),
+                        }),
+                    );
+                }
             }
             Ok(v)
+        }
+    }
+}
+
+/// `tern ctl limits` with `[cluster] redis`: each login's counts in the cluster's current
+/// windows, read from Redis (`cluster_messages`, `cluster_recipients`; null without a
+/// count); `cluster_error` when Redis does not answer (the local view is still shown).
+fn add_cluster_counts(client: &redis::Client, v: &mut Value) {
+    let logins: Vec<String> = v["users"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|u| u["user"].as_str().map(str::to_string))
+        .collect();
+    match crate::cluster::redis::read_counts(client, &logins) {
+        Ok(counts) => {
+            if let Some(users) = v["users"].as_array_mut() {
+                for (u, (m, r)) in users.iter_mut().zip(counts) {
+                    u["cluster_messages"] = json!(m);
+                    u["cluster_recipients"] = json!(r);
+                }
+            }
+        }
+        Err(e) => {
+            v["cluster_error"] = json!(crate::config::redact_url(&e));
         }
     }
 }
@@ -393,21 +439,26 @@ fn merge(req: &Request, answers: Vec<Value>) -> Result<Value, String> {
         Request::Limits { .. } => {
             // Every shard counts every login's messages (anvil): their views agree up to
             // messages in flight; show the highest.
-            let mut users: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+            // The cluster's over-rate flags reach every shard alike; any shard's is shown.
+            let mut users: std::collections::BTreeMap<String, (f64, f64, bool, bool)> =
+                Default::default();
             for a in &answers {
                 for u in a["users"].as_array().into_iter().flatten() {
                     let name = u["user"].as_str().unwrap_or("").to_string();
                     let e = users.entry(name).or_default();
                     e.0 = e.0.max(u["messages"].as_f64().unwrap_or(0.0));
                     e.1 = e.1.max(u["recipients"].as_f64().unwrap_or(0.0));
+                    e.2 |= u["cluster_over_messages"].as_bool().unwrap_or(false);
+                    e.3 |= u["cluster_over_recipients"].as_bool().unwrap_or(false);
                 }
             }
             let first = answers.first().cloned().unwrap_or(Value::Null);
             json!({
                 "message_rate": first["message_rate"],
                 "recipient_rate": first["recipient_rate"],
-                "users": users.into_iter().map(|(u, (m, r))| json!({
-                    "user": u, "messages": m.round(), "recipients": r.round()
+                "users": users.into_iter().map(|(u, (m, r, om, or))| json!({
+                    "user": u, "messages": m.round(), "recipients": r.round(),
+                    "cluster_over_messages": om, "cluster_over_recipients": or,
                 })).collect::<Vec<_>>(),
             })
         }
@@ -474,8 +525,10 @@ pub async fn on_shard(shard: &Shard, req: &Request) -> Result<Value, String> {
             json!({
                 "message_rate": show(rates.messages),
                 "recipient_rate": show(rates.recipients),
-                "users": users.iter().map(|(u, m, r)| json!({
-                    "user": u, "messages": m, "recipients": r
+                "users": users.iter().map(|u| json!({
+                    "user": u.user, "messages": u.messages, "recipients": u.recipients,
+                    "cluster_over_messages": u.cluster_over_messages,
+                    "cluster_over_recipients": u.cluster_over_recipients,
                 })).collect::<Vec<_>>(),
             })
         }

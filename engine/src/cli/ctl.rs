@@ -111,6 +111,21 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
                 v["log_level"].as_str().unwrap_or("(as configured)"),
                 if draining { ", DRAINING" } else { "" }
             );
+            if let Some(c) = v.get("cluster").filter(|c| c.is_object()) {
+                println!(
+                    "cluster: redis {} {} ({} fallback(s), {} round trip(s), {} counted, {} counted locally only)",
+                    c["redis"].as_str().unwrap_or("?"),
+                    if c["up"].as_bool() == Some(true) {
+                        "up"
+                    } else {
+                        "DOWN: counting locally"
+                    },
+                    n(c, "fallbacks"),
+                    n(c, "round_trips"),
+                    n(c, "ops"),
+                    n(c, "dropped")
+                );
+            }
             println!(
                 "{:>5} {:>11} {:>9} {:>9}",
                 "SHARD", "CONNECTIONS", "QUEUED", "SENDING"
@@ -139,13 +154,35 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
                 rate("message_rate"),
                 rate("recipient_rate")
             );
-            println!("{:<40} {:>9} {:>11}", "USER", "MESSAGES", "RECIPIENTS");
+            if let Some(e) = v["cluster_error"].as_str() {
+                println!("cluster counts unavailable (counting locally): {e}");
+            }
+            println!(
+                "{:<40} {:>9} {:>11}  CLUSTER (MESSAGES/RECIPIENTS IN REDIS)",
+                "USER", "MESSAGES", "RECIPIENTS"
+            );
             for u in v["users"].as_array().into_iter().flatten() {
+                let over = |k: &str| u[k].as_bool() == Some(true);
+                let cluster = match (u.get("cluster_messages"), u.get("cluster_recipients")) {
+                    (Some(m), Some(r)) => {
+                        format!("{}/{} ", m.as_u64().unwrap_or(0), r.as_u64().unwrap_or(0))
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<40} {:>9} {:>11}",
+                    "{:<40} {:>9} {:>11}  {cluster}{}",
                     u["user"].as_str().unwrap_or("?"),
                     u["messages"].as_f64().unwrap_or(0.0),
-                    u["recipients"].as_f64().unwrap_or(0.0)
+                    u["recipients"].as_f64().unwrap_or(0.0),
+                    match (
+                        over("cluster_over_messages"),
+                        over("cluster_over_recipients")
+                    ) {
+                        (true, true) => "over message and recipient rates",
+                        (true, false) => "over message rate",
+                        (false, true) => "over recipient rate",
+                        (false, false) => "-",
+                    }
                 );
             }
         }

@@ -195,6 +195,7 @@ pub fn print_banner(dir: &Path, queue: &QueueConfig, ready: &Ready) {
     println!(
         "  --set 'shutdown.drain_delay=\"2s\"'         then `tern ctl drain` for a rolling restart"
     );
+    println!("  --set 'cluster.redis=\"redis://127.0.0.1:6379\"'  AUTH blocks and sending rates shared by every node using it");
     println!("  tern dkim keygen --domain example.org --selector s1 --dir keys   then [[dkim.keys]] (docs/configuration.md)");
     println!("Messages still waiting are listed with:");
     println!("  tern queue list --spool {}/spool", dir.display());

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use base64::Engine;
-use tern_engine::dkim::{Algorithm, RingKey};
+use tern_engine::dkim::{Algorithm, SigningKeyPair};
 
 #[derive(clap::Subcommand)]
 pub enum DkimCmd {
@@ -63,8 +63,11 @@ fn keygen(a: &KeygenArgs) -> Result<(), String> {
     }
     let pem = match alg {
         Algorithm::Ed25519 => {
-            let rng = ring::rand::SystemRandom::new();
-            let der = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+            // PKCS#8 v1 (RFC 8410's form, no public key inside): what OpenSSL, and so
+            // OpenDKIM and `openssl pkey`, read. ring writes v2 only, which OpenSSL 3.0
+            // refuses ("wrong tag").
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            let der = aws_lc_rs::signature::Ed25519KeyPair::generate_pkcs8v1(&rng)
                 .map_err(|e| format!("key generation failed: {e}"))?;
             pem("PRIVATE KEY", der.as_ref())
         }
@@ -83,7 +86,7 @@ fn keygen(a: &KeygenArgs) -> Result<(), String> {
         }
     };
     // What the server will load: parse it back the same way.
-    let key = RingKey::from_pem(pem.as_bytes(), alg)?;
+    let key = SigningKeyPair::from_pem(pem.as_bytes(), alg)?;
     let path = a
         .dir
         .join(format!("{domain}.{}.{}.pem", a.selector, alg.label()));
@@ -109,7 +112,7 @@ fn keygen(a: &KeygenArgs) -> Result<(), String> {
 
 /// `SELECTOR._domainkey.DOMAIN. IN TXT "v=DKIM1; k=...; p=..."`, the value cut into
 /// strings of at most 255 octets (RFC 1035 character-strings; the resolver joins them).
-pub fn txt_record(domain: &str, selector: &str, key: &RingKey) -> String {
+pub fn txt_record(domain: &str, selector: &str, key: &SigningKeyPair) -> String {
     let value = format!(
         "v=DKIM1; k={}; p={}",
         key.algorithm().label(),

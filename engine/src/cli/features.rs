@@ -68,11 +68,15 @@ pub fn report(cfg: &Config) -> String {
             .collect();
         let _ = writeln!(
             o,
-            "DKIM: signing mail from {} clients (relaxed/relaxed, mail-auth + ring)",
+            "DKIM: signing mail from {} clients (relaxed/relaxed, mail-auth + AWS-LC, dkim.signer = {})",
             if when.is_empty() {
                 "no".to_string()
             } else {
                 when.join(" and ")
+            },
+            match signer.mode() {
+                tern_engine::dkim::SignerMode::Inline => "inline",
+                tern_engine::dkim::SignerMode::Thread => "thread",
             }
         );
         for k in signer.keys() {
@@ -129,6 +133,15 @@ pub fn report(cfg: &Config) -> String {
                 roles.join(",")
             );
         }
+    }
+    if cfg.cluster.redis.is_empty() {
+        let _ = writeln!(o, "Cluster counters: node-local (no [cluster] redis)");
+    } else {
+        let _ = writeln!(
+            o,
+            "Cluster counters: Redis {} (AUTH failures per IP and login, blocks, per-login rates; local counting while it is down)",
+            tern_engine::config::redact_url(&cfg.cluster.redis)
+        );
     }
     let _ = writeln!(o, "Host name: {}", cfg.hostname);
     let _ = writeln!(

@@ -5,7 +5,8 @@
 //!
 //! - `/metrics`: Prometheus text exposition format 0.0.4, every series per shard
 //!   (`shard="0"`, ...) and summed (`shard="total"`): sum over `shard!="total"` to avoid
-//!   counting twice.
+//!   counting twice. With `[cluster] redis`, the node's `tern_cluster_redis_*` series
+//!   (no shard label: one Redis thread per node) follow.
 //! - `/healthz`: 200 "ok" while the node takes mail: every shard answered within a second,
 //!   none is draining (`tern ctl drain`) and every spool is under its high-water marks;
 //!   else 503 with the reason (a balancer's health check).
@@ -20,6 +21,7 @@
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
@@ -291,6 +293,21 @@ td,th{{border:1px solid #ccc;padding:2px 8px;text-align:right}}.l{{text-align:le
             s.shard, s.sessions, s.accepted, s.queue
         );
     }
+    // Submission policy at a glance: signatures per algorithm, refusals per reason (the
+    // same counters as tern_dkim_signed_total and tern_messages_rejected_total).
+    o.push_str("</table>\n<h2>DKIM signatures</h2><table id=dkim><tr><th class=l>algorithm</th><th>messages signed</th></tr>\n");
+    for a in crate::dkim::Algorithm::ALL {
+        let _ = writeln!(
+            o,
+            "<tr><td class=l>{}</td><td>{}</td></tr>",
+            a.label(),
+            t.dkim_signed[a.index()]
+        );
+    }
+    o.push_str("</table>\n<h2>Refusals by reason</h2><table id=rej><tr><th class=l>reason</th><th>refused</th></tr>\n");
+    for (r, v) in Reject::ALL.iter().zip(t.rejected) {
+        let _ = writeln!(o, "<tr><td class=l>{}</td><td>{v}</td></tr>", r.label());
+    }
     o.push_str("</table>\n<h2>Recent errors</h2><table id=err><tr><th class=l>time (UTC)</th><th class=l>what</th></tr>\n");
     let mut recent: Vec<&(u64, String)> = shards.iter().flat_map(|s| s.recent.iter()).collect();
     recent.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
@@ -481,6 +498,7 @@ const MAX_REQUEST: usize = 8192;
 pub fn spawn_http(
     listener: TcpListener,
     controls: Vec<UnboundedSender<Control>>,
+    cluster: Option<Arc<crate::cluster::Status>>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("tern-metrics".into())
@@ -490,7 +508,7 @@ pub fn spawn_http(
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                if let Err(e) = serve_one(conn, &controls) {
+                if let Err(e) = serve_one(conn, &controls, cluster.as_deref()) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
@@ -498,7 +516,11 @@ pub fn spawn_http(
         .map(|_| ())
 }
 
-fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std::io::Result<()> {
+fn serve_one(
+    mut conn: TcpStream,
+    controls: &[UnboundedSender<Control>],
+    cluster: Option<&crate::cluster::Status>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut buf = Vec::with_capacity(1024);
@@ -548,7 +570,7 @@ fn serve_one(mut conn: TcpStream, controls: &[UnboundedSender<Control>]) -> std:
             &mut conn,
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &render(&snaps),
+            &(render(&snaps) + &cluster.map(|c| c.render()).unwrap_or_default()),
         ),
         "/healthz" => {
             // A balancer sends new connections here only while this answers 200.

@@ -1538,6 +1538,12 @@ impl Session {
 
     fn auth_ok(&mut self, identity: String, mech: Mechanism, out: &mut BytesMut) {
         self.auth_login = None;
+        // A blocked login gets the same 454 with the right password as with a wrong one
+        // (`auth_failed`): the block must not become a password oracle.
+        if self.cfg.hooks.auth_login_blocked(&identity) {
+            self.state = State::Command;
+            return self.login_blocked(out);
+        }
         self.cfg.hooks.auth_attempt(&AuthAttempt {
             peer: self.peer,
             mechanism: mech,
@@ -1576,11 +1582,18 @@ impl Session {
         // Tarpit: each failure in the session waits longer before its reply. Only the
         // failure path pays; success never waits.
         self.delay = Some(tarpit * self.auth_failures);
-        match f {
-            AuthFailure::Malformed => {
-                self.error(out, 501, "5.5.2", "Malformed authentication response")
+        if login
+            .as_deref()
+            .is_some_and(|l| self.cfg.hooks.auth_login_blocked(l))
+        {
+            self.login_blocked(out);
+        } else {
+            match f {
+                AuthFailure::Malformed => {
+                    self.error(out, 501, "5.5.2", "Malformed authentication response")
+                }
+                _ => self.error(out, 535, "5.7.8", "Authentication credentials invalid"),
             }
-            _ => self.error(out, 535, "5.7.8", "Authentication credentials invalid"),
         }
         if self.auth_failures >= max && !matches!(self.state, State::Closed) {
             reply::line(
@@ -1594,6 +1607,19 @@ impl Session {
             );
             self.state = State::Closed;
         }
+    }
+
+    /// 454 4.7.0 to an AUTH as a login blocked after too many failures.
+    fn login_blocked(&mut self, out: &mut BytesMut) {
+        self.refuse(
+            out,
+            Reject::AuthBlocked,
+            "AUTH",
+            None,
+            454,
+            "4.7.0",
+            "Too many failed authentication attempts for this login, try again later",
+        );
     }
 
     /// With `auth.sender_policy = "own"`: the login of an authenticated session that may

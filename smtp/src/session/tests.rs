@@ -557,11 +557,15 @@ fn nul_in_body_refused_unless_binarymime() {
 struct Recorder {
     events: RefCell<Vec<String>>,
     blocked: Option<std::net::IpAddr>,
+    blocked_login: Option<&'static str>,
 }
 
 impl SessionHooks for Recorder {
     fn auth_blocked(&self, ip: std::net::IpAddr) -> bool {
         self.blocked == Some(ip)
+    }
+    fn auth_login_blocked(&self, login: &str) -> bool {
+        self.blocked_login == Some(login)
     }
     fn auth_attempt(&self, a: &AuthAttempt<'_>) {
         self.events.borrow_mut().push(format!(
@@ -626,6 +630,42 @@ fn a_blocked_address_is_refused_and_reported() {
     assert!(out.contains("454 4.7.0"), "{out}");
     assert_eq!(rec.events.borrow().len(), 1);
     assert!(rec.events.borrow()[0].starts_with("reject auth_blocked AUTH 454 4.7.0"));
+}
+
+/// A blocked login gets the same 454 with the right password as with a wrong one (no
+/// password oracle); the failure still counts; other logins are unaffected.
+#[test]
+fn a_blocked_login_is_refused_whatever_the_password() {
+    use base64::Engine as _;
+    let rec = Rc::new(Recorder {
+        blocked_login: Some("user"),
+        ..Recorder::default()
+    });
+    let mut s = auth_session_with(rec.clone());
+    let bad = base64::engine::general_purpose::STANDARD.encode(b"\0user\0wrong");
+    let good = base64::engine::general_purpose::STANDARD.encode(b"\0user\0pencil");
+    let (out, _) = drive(
+        &mut s,
+        format!("EHLO c.test\r\nAUTH PLAIN {bad}\r\nAUTH PLAIN {good}\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@elsewhere.test>\r\n").as_bytes(),
+    );
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("454")).collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0] == lines[1] && lines[0].contains("4.7.0"), "{out}");
+    assert!(!out.contains("235") && !out.contains("535"), "{out}");
+    // Not authenticated: relaying is refused.
+    assert!(out.contains("554 5.7.1"), "{out}");
+    let ev = rec.events.borrow();
+    assert!(
+        ev[0].starts_with("auth PLAIN Some(\"user\") Err("),
+        "{ev:?}"
+    );
+    assert!(
+        ev.iter()
+            .filter(|e| e.starts_with("reject auth_blocked"))
+            .count()
+            == 2,
+        "{ev:?}"
+    );
 }
 
 #[test]

@@ -1,0 +1,65 @@
+//! The shard's DKIM signing thread (`dkim.signer = "thread"`).
+//!
+//! Owns: one OS thread per shard, started at the shard's first message to sign, that
+//! computes signatures ([`Signer::sign_body`]) for the shard's sessions one after the
+//! other, and ends when the shard drops its handle. The body goes over as reference-counted
+//! slices (no copy); the answer comes back on a oneshot that wakes the waiting session's
+//! task on the shard's executor, like a group commit's answer from the syncer thread.
+//!
+//! Why a thread at all: an RSA-2048 signature is about a millisecond of CPU. Made on the
+//! shard's thread it delays every other session of the shard by that much; made here, the
+//! kernel time-slices it against the shard, whose sessions keep being served.
+//!
+//! Must never: touch shard state, or outlive its shard's handle.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+
+use crate::dkim::{Algorithm, SignError, Signer};
+
+type Answer = Result<Vec<(Algorithm, Bytes)>, SignError>;
+
+struct Job {
+    signer: Arc<Signer>,
+    body: Vec<Bytes>,
+    done: oneshot::Sender<Answer>,
+}
+
+/// A shard's handle on its signing thread.
+pub struct SigningThread {
+    tx: crossbeam::channel::Sender<Job>,
+}
+
+impl SigningThread {
+    /// Starts shard `shard`'s signing thread.
+    pub fn spawn(shard: u16) -> std::io::Result<SigningThread> {
+        let (tx, rx) = crossbeam::channel::unbounded::<Job>();
+        std::thread::Builder::new()
+            .name(format!("tern-dkim-{shard}"))
+            .spawn(move || {
+                // Ends when the shard's handle (the only sender) is dropped.
+                for job in rx {
+                    let answer = job.signer.sign_body(&job.body);
+                    // The session may have gone (client timeout): nothing to tell.
+                    let _ = job.done.send(answer);
+                }
+            })?;
+        Ok(SigningThread { tx })
+    }
+
+    /// The signatures of `body` with `signer`'s keys, computed on the signing thread.
+    pub async fn sign(&self, signer: Arc<Signer>, body: Vec<Bytes>) -> Answer {
+        let (done, rx) = oneshot::channel();
+        let gone = || SignError {
+            domain: String::new(),
+            selector: String::new(),
+            why: "the signing thread has stopped".into(),
+        };
+        self.tx
+            .send(Job { signer, body, done })
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
