@@ -439,28 +439,59 @@ fn discard_answers_250_and_stores_nothing() {
 }
 
 #[test]
-fn quarantine_holds_the_message() {
+fn quarantine_holds_the_message_until_released() {
     let f = FakeMilter::start(Script {
         eom: vec![packet(b'q', b"looks phishy\0")],
         ..Script::default()
     });
-    let s = server_with(&[(f.socket(), "")], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let route = format!(
+        r#"queue.routes={{"*"="maildir:{}/maildir"}}"#,
+        dir.path().display()
+    );
+    let s = server_with(&[(f.socket(), "")], &[&route]);
     let r = send(&s, "a@example.org", &["b@example.net"], MSG);
     r.check(250, "2.0.0");
     let id = r.queued_id();
-    let out = Command::new(tern_bin())
-        .args(["queue", "list", "--json", "--state", "held", "--spool"])
-        .arg(s.spool())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains(&id), "held list: {text}");
-    assert!(text.contains("looks phishy"), "held list: {text}");
+    let sock = s.spool().join("admin.sock");
+    let tern = |args: &[&str]| {
+        let out = Command::new(tern_bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "tern {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Held in the running server's queue (the runner's own index), with the reason.
+    let held = tern(&[
+        "queue",
+        "list",
+        "--json",
+        "--state",
+        "held",
+        "--socket",
+        sock.to_str().unwrap(),
+    ]);
+    assert!(held.contains(&id), "held list: {held}");
+    assert!(held.contains("looks phishy"), "held list: {held}");
+    // And in the spool itself (durable: the state record was committed before the 250).
+    let offline = tern(&[
+        "queue",
+        "list",
+        "--json",
+        "--state",
+        "held",
+        "--spool",
+        s.spool().to_str().unwrap(),
+    ]);
+    assert!(offline.contains(&id), "offline held list: {offline}");
+    // Released, it is delivered.
+    tern(&["queue", "release", &id, "--socket", sock.to_str().unwrap()]);
+    let new = dir.path().join("maildir/new");
+    wait_for("delivery after release", Duration::from_secs(20), || {
+        std::fs::read_dir(&new).map(|d| d.count()).unwrap_or(0) == 1
+    });
 }
 
 #[test]
