@@ -861,3 +861,35 @@ mod tests {
         assert_eq!(body_head(3), [0, 0, 0, 4, b'B']);
     }
 }
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any bytes a filter sends: decoded or refused, never a panic, never more
+        /// consumed than there is.
+        #[test]
+        fn decode_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut b = BytesMut::from(&data[..]);
+            for _ in 0..10 {
+                match Response::decode(&mut b) {
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        /// Whatever a filter's reply text holds, the SMTP reply made of it is one line of
+        /// printable ASCII with a 4xx/5xx code.
+        #[test]
+        fn replies_are_safe(raw in "[45][0-9][0-9][ -]\\PC{0,60}(\r?\n\\PC{0,30}){0,3}") {
+            if let Ok(r) = FilterReply::parse(&raw) {
+                prop_assert!((400..600).contains(&r.code));
+                prop_assert!(r.text.bytes().all(|b| (b' '..=b'~').contains(&b)));
+                prop_assert!(r.enhanced.bytes().all(|b| b.is_ascii_digit() || b == b'.'));
+            }
+        }
+    }
+}

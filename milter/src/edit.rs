@@ -373,3 +373,28 @@ mod tests {
         assert_eq!(join(&m.into_slices()), b"Subject: only\r\nX: 1\r\n");
     }
 }
+
+#[cfg(test)]
+mod prop {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever value a filter sends, the field is one header field: CRLF line ends
+        /// only, every further line folded, no empty line.
+        #[test]
+        fn a_field_stays_one_field(value in "[ -~\t\r\n\0]{0,80}") {
+            let f = Field::new("X-Test", &value);
+            let raw = f.raw();
+            prop_assert!(raw.ends_with(b"\r\n"));
+            let text = std::str::from_utf8(raw).unwrap();
+            let body = &text[..text.len() - 2];
+            for (i, line) in body.split("\r\n").enumerate() {
+                prop_assert!(!line.contains('\r') && !line.contains('\n') && !line.contains('\0'));
+                if i > 0 {
+                    prop_assert!(line.starts_with([' ', '\t']), "{:?}", text);
+                }
+            }
+        }
+    }
+}
