@@ -1,4 +1,4 @@
-//! 22: tern's milter client against real filters from Debian's packages, each started by
+//! 24: tern's milter client against real filters from Debian's packages, each started by
 //! the test on ephemeral ports with its own temporary configuration, and stopped (its
 //! process group) when the test ends.
 //!
