@@ -158,7 +158,9 @@ pub struct AuthConfig {
     /// SASL mechanisms offered, in this order. Plaintext ones (PLAIN, LOGIN) are offered
     /// only under TLS unless `allow_plaintext_without_tls`.
     pub mechanisms: Vec<String>,
-    /// The user store (written by `tern passwd`). A missing file means no users.
+    /// The user store (written by `tern passwd`): a file (a missing file means no users)
+    /// or a `postgresql://` URL (see `pgusers`). Shown with its password redacted.
+    #[serde(serialize_with = "serialize_store_path")]
     pub users: PathBuf,
     /// Realm users are looked up in (and DIGEST-MD5's realm). Empty: the host name, which
     /// is also `tern passwd`'s default.
@@ -194,7 +196,9 @@ pub struct AuthConfig {
     /// otherwise, plus `sender_map`); others get 553 5.7.1. `<>` is always allowed.
     pub sender_policy: String,
     /// Extra grants, one per line: `address-or-@domain  login[, login...]`. Reloaded on
-    /// SIGHUP and when the file changes. Empty: none.
+    /// SIGHUP and when the file changes. Empty: none. A `postgresql://` URL: the table
+    /// `tern_sender_map` (one row per line), watched with LISTEN/NOTIFY.
+    #[serde(serialize_with = "serialize_store_path")]
     pub sender_map: PathBuf,
     /// Apply the ownership rule to the From: addresses at the end of DATA too (550 5.7.1).
     pub check_header_from: bool,
@@ -234,7 +238,54 @@ impl Default for AuthConfig {
     }
 }
 
+/// Where the users are: `auth.users` read as a file path or a PostgreSQL URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserStore {
+    File(PathBuf),
+    Postgres(crate::pgusers::PgUrl),
+}
+
+impl std::fmt::Display for UserStore {
+    /// The path, or the URL without its password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UserStore::File(p) => write!(f, "{}", p.display()),
+            UserStore::Postgres(u) => write!(f, "{u}"),
+        }
+    }
+}
+
+impl UserStore {
+    /// `postgresql://...`/`postgres://...` is a database, anything else a file path.
+    pub fn from_path(p: &Path) -> UserStore {
+        match p.to_str().and_then(crate::pgusers::PgUrl::parse) {
+            Some(u) => UserStore::Postgres(u),
+            None => UserStore::File(p.to_owned()),
+        }
+    }
+}
+
+/// `check-config` prints the configuration: never a database password.
+fn serialize_store_path<S: serde::Serializer>(p: &Path, s: S) -> Result<S::Ok, S::Error> {
+    match UserStore::from_path(p) {
+        UserStore::Postgres(u) => s.serialize_str(&u.redacted()),
+        UserStore::File(_) => p.serialize(s),
+    }
+}
+
 impl AuthConfig {
+    /// `auth.sender_map` when it names a database.
+    pub fn sender_map_db(&self) -> Option<crate::pgusers::PgUrl> {
+        self.sender_map
+            .to_str()
+            .and_then(crate::pgusers::PgUrl::parse)
+    }
+
+    /// The user store: a file or a PostgreSQL database.
+    pub fn user_store(&self) -> UserStore {
+        UserStore::from_path(&self.users)
+    }
+
     /// The effective realm: configured, or the host name.
     pub fn realm_or<'a>(&'a self, hostname: &'a str) -> &'a str {
         if self.realm.is_empty() {
@@ -552,19 +603,46 @@ impl Default for LogConfig {
 impl Config {
     /// Loads `path` (if any), applies `--set` overrides, and validates.
     pub fn load(path: Option<&Path>, sets: &[String]) -> Result<Config, ConfigError> {
-        let (text, name) = match path {
-            Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+        let (text, name, mode) = match path {
+            Some(p) => {
+                let read_err = |source| ConfigError::Read {
                     path: p.to_path_buf(),
                     source,
-                })?,
-                p.display().to_string(),
-            ),
-            None => (String::new(), "<defaults>".to_string()),
+                };
+                // fstat the open file, so the mode checked is the file read.
+                let mut f = std::fs::File::open(p).map_err(read_err)?;
+                let mode = {
+                    use std::os::unix::fs::MetadataExt;
+                    f.metadata().map_err(read_err)?.mode() & 0o7777
+                };
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut f, &mut text).map_err(read_err)?;
+                (text, p.display().to_string(), Some(mode))
+            }
+            None => (String::new(), "<defaults>".to_string(), None),
         };
         let cfg = Self::from_toml_str(&text, &name, sets)?;
-        if let Some(p) = path {
-            check_secret_mode(p)?;
+        if let Some(mode) = mode {
+            check_secret_mode(&text, &name, mode)?;
+        }
+        // A database password in the file makes the file a secret, checked like the user
+        // store file itself (userstore::load): owner-only.
+        let urls = [
+            match cfg.auth.user_store() {
+                UserStore::Postgres(u) => Some(u),
+                UserStore::File(_) => None,
+            },
+            cfg.auth.sender_map_db(),
+        ];
+        for url in urls.into_iter().flatten() {
+            let Some(mode) = mode else { break };
+            if url.has_password() && text.contains(url.secret()) && mode & 0o077 != 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{name}: mode {mode:04o} lets group or others read it, and auth.users \
+                     holds a database password; run `chmod 600 {name}` (or give the \
+                     password another way, e.g. peer authentication over the Unix socket)"
+                )));
+            }
         }
         Ok(cfg)
     }
@@ -625,7 +703,8 @@ impl Config {
     /// Reads and parses `auth.sender_map` (an empty path: no grants).
     pub fn load_sender_map(&self) -> Result<tern_smtp::sender::SenderMap, ConfigError> {
         let path = &self.auth.sender_map;
-        if path.as_os_str().is_empty() {
+        // A database map is read by the server (its own thread), never here.
+        if path.as_os_str().is_empty() || self.auth.sender_map_db().is_some() {
             return Ok(Default::default());
         }
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -813,30 +892,15 @@ impl Config {
 /// A configuration file holding a password (in `cluster.redis`) must not be readable by
 /// group or others, as the user store must not (`userstore::load`). A password given by
 /// `--set` is the command line's business.
-fn check_secret_mode(path: &Path) -> Result<(), ConfigError> {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
+fn check_secret_mode(text: &str, name: &str, mode: u32) -> Result<(), ConfigError> {
     // The file's own value, not one a --set overrode.
-    let in_file = toml::from_str::<toml::Table>(&text)
+    let in_file = toml::from_str::<toml::Table>(text)
         .ok()
         .and_then(|t| t.get("cluster")?.get("redis")?.as_str().map(str::to_string))
         .is_some_and(|u| url_has_password(&u));
-    if !in_file {
-        return Ok(());
-    }
-    let mode = std::fs::metadata(path)
-        .map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?
-        .mode()
-        & 0o7777;
-    if mode & 0o077 != 0 {
+    if in_file && mode & 0o077 != 0 {
         return Err(ConfigError::Invalid(format!(
-            "{}: holds a password (cluster.redis) but is readable by group or others (mode {mode:04o}): chmod 600 it",
-            path.display()
+            "{name}: holds a password (cluster.redis) but is readable by group or others (mode {mode:04o}): chmod 600 it"
         )));
     }
     Ok(())
@@ -986,6 +1050,64 @@ mod tests {
         std::fs::write(&p, "[cluster]\nredis = \"redis://127.0.0.1:1\"\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(Config::load(Some(&p), &[]).is_ok());
+    }
+
+    #[test]
+    fn users_url_is_redacted_and_its_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tern.toml");
+        std::fs::write(
+            &p,
+            "[auth]\nusers = \"postgresql://tern:s3cret@db.example/mail\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("mode 0644") && e.contains("chmod 600"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(Some(&p), &[]).unwrap();
+        assert!(matches!(c.auth.user_store(), UserStore::Postgres(_)));
+        let shown = toml::to_string(&c).unwrap();
+        assert!(
+            shown.contains("postgresql://tern:***@db.example/mail"),
+            "{shown}"
+        );
+        assert!(
+            !shown.contains("s3cret") && !format!("{}", c.auth.user_store()).contains("s3cret")
+        );
+        // No password in the URL: the file's mode is the operator's business.
+        std::fs::write(
+            &p,
+            "[auth]\nusers = \"postgresql://tern@db.example/mail\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(Config::load(Some(&p), &[]).is_ok());
+        // The sender map in the database: redacted and checked alike.
+        std::fs::write(
+            &p,
+            "[auth]\nsender_map = \"postgresql://tern:s3cret@db.example/mail\"\n",
+        )
+        .unwrap();
+        let e = Config::load(Some(&p), &[]).unwrap_err().to_string();
+        assert!(e.contains("mode 0644"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let c = Config::load(Some(&p), &[]).unwrap();
+        assert!(c.auth.sender_map_db().is_some() && c.senders.is_empty());
+        let shown = toml::to_string(&c).unwrap();
+        assert!(
+            shown.contains("sender_map = \"postgresql://tern:***@db.example/mail\""),
+            "{shown}"
+        );
+        // A file path stays a file.
+        let c =
+            Config::from_toml_str("[auth]\nusers = \"/etc/tern/users.db\"\n", "t", &[]).unwrap();
+        assert_eq!(
+            c.auth.user_store(),
+            UserStore::File("/etc/tern/users.db".into())
+        );
     }
 
     #[test]

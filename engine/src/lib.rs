@@ -45,6 +45,7 @@ pub mod dkim_thread;
 pub mod metrics;
 pub mod milter;
 pub mod notify;
+pub mod pgusers;
 pub mod privileges;
 pub mod sdnotify;
 pub mod server;

@@ -29,8 +29,10 @@ use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::anvil::{Anvil, AnvilLimits, Mesh};
 use crate::config::Config;
+use crate::config::UserStore;
 use crate::conn::{self, ListenerCtx};
 use crate::notify::LocalNotify;
+use crate::pgusers::{self, Status as UsersStatus};
 pub use crate::shard::{Control, Shard};
 use crate::shard_hooks::ShardHooks;
 use crate::spool::ShardStore;
@@ -55,6 +57,8 @@ pub enum ServerError {
     Privileges(#[from] crate::privileges::PrivError),
     #[error("user store: {0}")]
     Users(#[from] UserDbError),
+    #[error("user store: {0}")]
+    UserDatabase(#[from] crate::pgusers::PgError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("{0}")]
@@ -122,6 +126,16 @@ fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.hostname != new.hostname {
         v.push("hostname");
     }
+    // A database store is watched by a thread started with the server: switching to,
+    // from or between databases needs a restart (a file may be renamed live).
+    let (a, b) = (old.auth.user_store(), new.auth.user_store());
+    if a != b && (matches!(a, UserStore::Postgres(_)) || matches!(b, UserStore::Postgres(_))) {
+        v.push("auth.users");
+    }
+    let (a, b) = (old.auth.sender_map_db(), new.auth.sender_map_db());
+    if (a.is_some() || b.is_some()) && old.auth.sender_map != new.auth.sender_map {
+        v.push("auth.sender_map");
+    }
     v
 }
 
@@ -144,6 +158,7 @@ fn reload_all(
     current: &Arc<Config>,
     loader: Option<&ConfigLoader>,
     controls: &[mpsc::UnboundedSender<Control>],
+    users: &UsersSource,
 ) -> Result<usize, String> {
     let cfg = match loader.map(|f| f()) {
         Some(Ok(new)) => {
@@ -167,7 +182,15 @@ fn reload_all(
         None => current.clone(),
     };
     reload_tls(&cfg, controls);
-    reload_users(&cfg, controls)
+    reload_users(&cfg, controls, users)
+}
+
+/// Where reloads of the user store go: the file (read again on this thread), or the
+/// database watcher (asked to reload the whole table).
+#[derive(Clone)]
+enum UsersSource {
+    File(Arc<UsersStatus>),
+    Database(pgusers::Watcher),
 }
 
 /// Sends the stop message to every shard, once, whoever asks first (a signal or the admin
@@ -237,7 +260,39 @@ pub fn run_with(
     // Ports are bound and the TLS key is loaded: give up root before any shard (and so
     // any client byte) exists. The admin socket becomes the service user's too.
     crate::privileges::drop_privileges(&cfg, &[&cfg.admin_socket()])?;
-    let users = Arc::new(load_users(&cfg)?);
+    let store = cfg.auth.user_store();
+    let users_status = Arc::new(UsersStatus::new(
+        store.to_string(),
+        matches!(store, UserStore::Postgres(_)),
+    ));
+    let users = Arc::new(match &store {
+        UserStore::File(_) => {
+            let db = load_users(&cfg)?;
+            users_status.loaded(db.len());
+            db
+        }
+        // Unreachable at start: serve with no snapshot (AUTH 454 4.7.0) and catch up, as
+        // Postfix's SQL maps answer "try again later" while their database is down.
+        UserStore::Postgres(url) => {
+            pgusers::first_snapshot(url, &users_status)?.unwrap_or_else(UserDb::unavailable)
+        }
+    });
+    // A sender map in the database: a first map before any shard, like the users; an
+    // unreachable database leaves it empty until reached (grants only ever widen what a
+    // login may use, so the node is stricter meanwhile, never looser).
+    let mut cfg = cfg;
+    if let Some(url) = cfg.auth.sender_map_db() {
+        match pgusers::connect(&url) {
+            Ok(mut client) => {
+                let map = pgusers::load_senders(&mut client, &url)?;
+                tracing::info!(store = %url, entries = map.len(), "sender map loaded");
+                cfg.senders = Arc::new(map);
+            }
+            Err(e) => {
+                tracing::error!(store = %url, error = %e, "sender map database unreachable at start: no grants until it is reached")
+            }
+        }
+    }
     let cfg = Arc::new(cfg);
     let ticketer = tls::ticketer()?;
     let mesh: Mesh = MeshBuilder::full(shards, 1024);
@@ -364,6 +419,42 @@ pub fn run_with(
         }
         return Err(e);
     }
+    // A database store's watcher: LISTEN/NOTIFY, new snapshots to every shard.
+    let users_source = match &store {
+        UserStore::File(_) => UsersSource::File(users_status.clone()),
+        UserStore::Postgres(url) => {
+            let publish_to = controls.clone();
+            let alive_check = controls.clone();
+            let w = pgusers::spawn_watcher(
+                url.clone(),
+                users_status.clone(),
+                Box::new(move |db| {
+                    for c in &publish_to {
+                        let _ = c.unbounded_send(Control::Users(db.clone()));
+                    }
+                }),
+                Box::new(move || !alive_check.iter().all(|c| c.is_closed())),
+            )
+            .map_err(|e| {
+                ServerError::Admin(format!("cannot start the user database thread: {e}"))
+            })?;
+            UsersSource::Database(w)
+        }
+    };
+    if let Some(url) = cfg.auth.sender_map_db() {
+        let publish_to = controls.clone();
+        let alive_check = controls.clone();
+        pgusers::spawn_senders_watcher(
+            url,
+            Box::new(move |map| {
+                for c in &publish_to {
+                    let _ = c.unbounded_send(Control::Senders(map.clone()));
+                }
+            }),
+            Box::new(move || !alive_check.iter().all(|c| c.is_closed())),
+        )
+        .map_err(|e| ServerError::Admin(format!("cannot start the sender map thread: {e}")))?;
+    }
     // Signal handling is installed before "ready" is announced, so a supervisor that
     // signals right after reading it never hits the default (fatal) action.
     let mut signals = signal_hook::iterator::Signals::new([
@@ -377,13 +468,19 @@ pub fn run_with(
     let reload_controls = controls.clone();
     let sig_stopper = stopper.clone();
     let sig_loader = hooks.reload_config.clone();
+    let sig_users = users_source.clone();
     std::thread::Builder::new()
         .name("tern-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
                 if sig == signal_hook::consts::SIGHUP {
                     tracing::info!("SIGHUP: reloading");
-                    let _ = reload_all(&reload_cfg, sig_loader.as_ref(), &reload_controls);
+                    let _ = reload_all(
+                        &reload_cfg,
+                        sig_loader.as_ref(),
+                        &reload_controls,
+                        &sig_users,
+                    );
                     continue;
                 }
                 tracing::info!(
@@ -399,14 +496,21 @@ pub fn run_with(
         let reload_controls = controls.clone();
         let admin_stopper = stopper.clone();
         let admin_loader = hooks.reload_config.clone();
+        let admin_users = users_source.clone();
         crate::admin::server::spawn(
             &mut admin_socket,
             crate::admin::server::AdminCtx {
                 controls: controls.clone(),
                 stop: Box::new(move || admin_stopper.stop()),
                 reload: Box::new(move || {
-                    reload_all(&reload_cfg, admin_loader.as_ref(), &reload_controls)
+                    reload_all(
+                        &reload_cfg,
+                        admin_loader.as_ref(),
+                        &reload_controls,
+                        &admin_users,
+                    )
                 }),
+                userstore: users_status.clone(),
                 log_level: hooks.log_level,
                 started,
                 cluster: cluster_status.clone(),
@@ -418,10 +522,15 @@ pub fn run_with(
         .map_err(|e| ServerError::Admin(format!("cannot start the admin thread: {e}")))?;
     }
     if let Some((l, _)) = metrics_listener {
-        crate::metrics::http::spawn_http(l, controls.clone(), cluster_status.clone())
-            .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
+        crate::metrics::http::spawn_http(
+            l,
+            controls.clone(),
+            cluster_status.clone(),
+            users_status.clone(),
+        )
+        .map_err(|e| ServerError::Admin(format!("cannot start the metrics thread: {e}")))?;
     }
-    spawn_users_watcher(cfg.clone(), controls);
+    spawn_users_watcher(cfg.clone(), controls, users_source);
     on_ready(&ready_info);
     crate::sdnotify::notify("READY=1");
 
@@ -459,10 +568,21 @@ fn reload_tls(cfg: &Config, controls: &[mpsc::UnboundedSender<Control>]) {
 fn reload_users(
     cfg: &Config,
     controls: &[mpsc::UnboundedSender<Control>],
+    source: &UsersSource,
 ) -> Result<usize, String> {
+    let status = match source {
+        UsersSource::Database(w) => return w.reload(),
+        UsersSource::File(status) => status,
+    };
+    if let UserStore::Postgres(url) = cfg.auth.user_store() {
+        // Never read a URL as a missing file (that would be an empty store).
+        tracing::warn!(store = %url, "auth.users now names a database: takes effect after a restart; keeping the file's users");
+        return Err("auth.users changed to a database: restart to use it".into());
+    }
     match load_users(cfg) {
         Ok(db) => {
             let n = db.len();
+            status.loaded(n);
             let db = Arc::new(db);
             for c in controls {
                 let _ = c.unbounded_send(Control::Users(db.clone()));
@@ -478,7 +598,11 @@ fn reload_users(
 
 /// Reloads the user store when its file changes (`tern passwd` replaces it by rename, so
 /// inode, size or mtime change), polling once a second.
-fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Control>>) {
+fn spawn_users_watcher(
+    cfg: Arc<Config>,
+    controls: Vec<mpsc::UnboundedSender<Control>>,
+    users: UsersSource,
+) {
     use std::os::unix::fs::MetadataExt;
     let stamp = |p: &std::path::Path| {
         std::fs::metadata(p)
@@ -486,9 +610,12 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
             .map(|m| (m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
     };
     let mut last = stamp(&cfg.auth.users);
+    // Whether the shards hold what the file says (false after a failed reload).
+    let mut current = true;
     // The sender map is watched the same way (a path set at start; a reload that names
     // another file takes it over at that reload).
-    let watch_map = !cfg.auth.sender_map.as_os_str().is_empty();
+    let watch_map =
+        !cfg.auth.sender_map.as_os_str().is_empty() && cfg.auth.sender_map_db().is_none();
     let mut last_map = watch_map.then(|| stamp(&cfg.auth.sender_map)).flatten();
     let _ = std::thread::Builder::new()
         .name("tern-users-watch".into())
@@ -497,11 +624,18 @@ fn spawn_users_watcher(cfg: Arc<Config>, controls: Vec<mpsc::UnboundedSender<Con
             if controls.iter().all(|c| c.is_closed()) {
                 return;
             }
-            let now = stamp(&cfg.auth.users);
-            if now != last {
-                last = now;
-                tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
-                let _ = reload_users(&cfg, &controls);
+            // A database store has its own watcher (LISTEN/NOTIFY).
+            if let UsersSource::File(status) = &users {
+                let now = stamp(&cfg.auth.users);
+                if now != last {
+                    last = now;
+                    tracing::info!(file = %cfg.auth.users.display(), "user store changed: reloading");
+                    current = reload_users(&cfg, &controls, &users).is_ok();
+                }
+                // The file is what the shards hold (its snapshot age stays near 0).
+                if current {
+                    status.verified();
+                }
             }
             if watch_map {
                 let now = stamp(&cfg.auth.sender_map);
@@ -734,7 +868,10 @@ async fn shard_main(
                     *auth_shared.senders.borrow_mut() = map;
                 }
                 Control::Config(new) => {
-                    *auth_shared.senders.borrow_mut() = new.senders.clone();
+                    // A database map arrives from its own thread (Control::Senders).
+                    if new.auth.sender_map_db().is_none() {
+                        *auth_shared.senders.borrow_mut() = new.senders.clone();
+                    }
                     control_shard.peers.set_user_rates(new.user_rates());
                     control_shard.store.set_dkim(new.dkim_signer.clone());
                     control_shard.milters.set(&new.milters);

@@ -41,6 +41,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod postgres;
+
 /// Read/write timeout on every client socket: long enough for a loaded 2-core CI machine,
 /// short enough that a hang is reported as a failure.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);

@@ -656,7 +656,12 @@ fn two_nodes_behind_haproxy() {
             "node {name} restarted at {:.1} s",
             t_e.elapsed().as_secs_f64()
         );
-        std::thread::sleep(Duration::from_secs(1));
+        // The balancer sends the generator's sessions to the restarted node again.
+        wait_for(
+            &format!("a generator session on the restarted node {name}"),
+            Duration::from_secs(30),
+            || n.status().0 > 0,
+        );
     }
     std::thread::sleep(Duration::from_secs(1));
     let out = gen.stop();
@@ -670,7 +675,9 @@ fn two_nodes_behind_haproxy() {
         "client errors during the rolling restart: {}",
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(ok >= 100, "too little load: {ok} messages");
+    // Load ran before, during and after both restarts (each restarted node was seen
+    // serving a generator session); the count only says the generator did its part.
+    assert!(ok >= 20, "too little load: {ok} messages");
     // Everything accepted is delivered: both queues empty, then count at the sink.
     let emptied = (0..600).any(|_| {
         let done = a.status().1 == 0 && b.status().1 == 0;

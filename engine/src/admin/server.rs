@@ -144,6 +144,8 @@ pub struct AdminCtx {
     pub cluster: Option<Arc<crate::cluster::Status>>,
     /// A client for the same Redis, to read the cluster's counts (`tern ctl limits`).
     pub cluster_client: Option<redis::Client>,
+    /// The user store's state (file or database, fallback, snapshot age).
+    pub userstore: Arc<crate::pgusers::Status>,
 }
 
 /// Starts the admin thread on `sock`'s listener.
@@ -297,6 +299,7 @@ fn handle(ctx: &AdminCtx, level: &Mutex<Option<String>>, req: Request) -> Result
                         }),
                     );
                 }
+                m.insert("userstore".into(), ctx.userstore.json());
             }
             Ok(v)
         }

@@ -126,6 +126,27 @@ pub fn run(cmd: CtlCmd) -> std::process::ExitCode {
                     n(c, "dropped")
                 );
             }
+            let u = &v["userstore"];
+            if u.is_object() {
+                let age = u["snapshot_age_secs"]
+                    .as_f64()
+                    .map_or("none".to_string(), |a| format!("{a:.1}s old"));
+                let state = if u["fallback"].as_bool() == Some(true) {
+                    if u["loaded"].as_bool() == Some(true) {
+                        "FALLBACK: database unreachable, AUTH from the last snapshot"
+                    } else {
+                        "FALLBACK: database unreachable and no snapshot yet, AUTH answers 454"
+                    }
+                } else {
+                    "up"
+                };
+                println!(
+                    "user store {} ({}): {state}; {} user(s), snapshot {age}",
+                    u["source"].as_str().unwrap_or("?"),
+                    u["kind"].as_str().unwrap_or("?"),
+                    n(u, "users"),
+                );
+            }
             println!(
                 "{:>5} {:>11} {:>9} {:>9}",
                 "SHARD", "CONNECTIONS", "QUEUED", "SENDING"

@@ -102,11 +102,18 @@ pub const DEMO_USER: &str = "demo";
 pub const DEMO_PASSWORD: &str = "demo";
 
 fn create_demo_user(config: &Config) -> Result<(), DemoError> {
-    if config.auth.users.exists() {
+    // A database store is managed with `tern passwd -f URL`; the demo leaves it alone.
+    if config.auth.users.exists()
+        || matches!(
+            config.auth.user_store(),
+            tern_engine::config::UserStore::Postgres(_)
+        )
+    {
         return Ok(());
     }
     let args = crate::cli::passwd::PasswdArgs {
         file: config.auth.users.clone(),
+        init: false,
         realm: Some(config.auth.realm_or(&config.hostname).to_string()),
         create: true,
         delete: false,

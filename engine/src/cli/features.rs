@@ -35,14 +35,27 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "Sender policy: {}{} (sender map: {} entries; From: header check {})",
+        "User store: {} ({})",
+        cfg.auth.user_store(),
+        match cfg.auth.user_store() {
+            tern_engine::config::UserStore::File(_) => "file",
+            tern_engine::config::UserStore::Postgres(_) =>
+                "PostgreSQL, snapshot per shard, LISTEN/NOTIFY (postgres crate)",
+        }
+    );
+    let map = match cfg.auth.sender_map_db() {
+        Some(url) => format!("in PostgreSQL, {url}"),
+        None => format!("{} entries", cfg.senders.len()),
+    };
+    let _ = writeln!(
+        o,
+        "Sender policy: {}{} (sender map: {map}; From: header check {})",
         cfg.auth.sender_policy,
         if cfg.auth.sender_policy == "own" {
             " (MAIL FROM must be owned by the login)"
         } else {
             ""
         },
-        cfg.senders.len(),
         if cfg.auth.check_header_from {
             "on"
         } else {
@@ -198,5 +211,26 @@ mod tests {
         ] {
             assert!(r.contains(needle), "{needle} missing from\n{r}");
         }
+    }
+
+    #[test]
+    fn never_shows_a_database_password() {
+        let cfg = tern_engine::config::Config::from_toml_str(
+            "[auth]\nusers = \"postgresql://tern:s3cret@db/mail\"\n\
+             sender_map = \"postgresql://tern:s3cret@db/mail\"\n",
+            "t",
+            &[],
+        )
+        .unwrap();
+        let r = super::report(&cfg);
+        assert!(
+            r.contains("User store: postgresql://tern:***@db/mail (PostgreSQL"),
+            "{r}"
+        );
+        assert!(
+            r.contains("sender map: in PostgreSQL, postgresql://tern:***@db/mail"),
+            "{r}"
+        );
+        assert!(!r.contains("s3cret"), "{r}");
     }
 }

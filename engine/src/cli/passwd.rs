@@ -1,13 +1,16 @@
 //! `tern passwd`: manage the user store, like saslpasswd2 / sasldblistusers2.
 //!
-//! Owns: the command line (`tern passwd [-f FILE] [-u REALM] [-c|-d] [-p] USER[@REALM]`,
-//! `tern passwd --list [-f FILE]`, `tern passwd --import-sasldb SASLDB [--overwrite]
-//! [-f FILE]`), reading the password (stdin with `-p`, or
-//! twice from the terminal with echo off), and exit codes from sysexits.h.
+//! Owns: the command line (`tern passwd [-f FILE|URL] [-u REALM] [-c|-d] [-p] USER[@REALM]`,
+//! `tern passwd --list [-f FILE|URL]`, `tern passwd --import-sasldb SASLDB [--overwrite]
+//! [-f FILE|URL]`, `tern passwd --init -f FILE|URL`), reading the password (stdin with
+//! `-p`, or twice from the terminal with echo off), and exit codes from sysexits.h.
+//! `-f postgresql://...` works on the database store (`pgusers`) exactly as on the file:
+//! the same commands, the same checks, the same exit codes.
 //!
-//! Must never: print a secret or the password, write the store other than
-//! through [`UserDb::save`] (atomic, 0600), or leave the terminal with echo
-//! off on a normal exit.
+//! Must never: print a secret, the password or a database password (URLs are shown
+//! redacted), write the file other than through `userstore::save` (atomic, 0600) or
+//! the database other than through `pgusers::save` (one transaction, changed rows
+//! only), or leave the terminal with echo off on a normal exit.
 //!
 //! Defaults: the file is `tern-users.db` in the current directory; the realm
 //! is this machine's host name ([`default_realm`]) — the server must use the
@@ -18,6 +21,8 @@ use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use tern_engine::config::UserStore;
+use tern_engine::pgusers::{self, PgError};
 use tern_engine::userstore::{self, UserDb, UserDbError};
 use tern_smtp::sasl::saslprep::saslprep;
 use tern_smtp::users::secrets::{
@@ -45,9 +50,13 @@ const MAX_PASSWORD: usize = 1024;
 #[derive(clap::Args, Debug, Clone)]
 #[command(about = "Set, delete or list users of the tern user store (like saslpasswd2)")]
 pub struct PasswdArgs {
-    /// User store file.
+    /// User store: a file, or a PostgreSQL URL (postgresql://user@host/db).
     #[arg(short = 'f', long = "file", default_value = "tern-users.db")]
     pub file: PathBuf,
+    /// Create the store: an empty 0600 file if there is none, or the database schema
+    /// (table tern_users and its NOTIFY trigger; safe to run again).
+    #[arg(long = "init", conflicts_with_all = ["list", "create", "delete", "pipe", "user", "import_sasldb"])]
+    pub init: bool,
     /// Realm (default: this machine's host name).
     #[arg(short = 'u', long = "realm")]
     pub realm: Option<String>,
@@ -86,7 +95,7 @@ pub struct PasswdArgs {
     pub recipient_rate: Option<String>,
     /// The user name; `user@realm` (split at the first '@', as saslpasswd2 does)
     /// gives the realm instead of -u.
-    #[arg(required_unless_present_any = ["list", "import_sasldb"])]
+    #[arg(required_unless_present_any = ["list", "import_sasldb", "init"])]
     pub user: Option<String>,
 }
 
@@ -130,6 +139,112 @@ fn load_code(e: &UserDbError) -> u8 {
     }
 }
 
+/// The store `-f` names, opened: the file, or a database connection and the rows as
+/// loaded (so a save writes only what changed).
+enum Store {
+    File(PathBuf),
+    Database {
+        url: pgusers::PgUrl,
+        client: Box<postgres::Client>,
+        loaded: Option<UserDb>,
+    },
+}
+
+/// A store error with its exit code already chosen.
+struct Failed(u8, String);
+
+fn pg_code(e: &PgError) -> u8 {
+    match e {
+        PgError::Connect { .. } => exit::UNAVAILABLE,
+        PgError::NoSchema { .. } => exit::NOINPUT,
+        PgError::Query { .. } => exit::IOERR,
+        PgError::Data(d) => load_code(d),
+    }
+}
+
+impl Store {
+    fn open(path: &std::path::Path) -> Result<Store, Failed> {
+        match UserStore::from_path(path) {
+            UserStore::File(p) => Ok(Store::File(p)),
+            UserStore::Postgres(url) => {
+                let client =
+                    pgusers::connect(&url).map_err(|e| Failed(pg_code(&e), e.to_string()))?;
+                Ok(Store::Database {
+                    url,
+                    client: Box::new(client),
+                    loaded: None,
+                })
+            }
+        }
+    }
+
+    /// The file's path or the redacted URL.
+    fn name(&self) -> String {
+        match self {
+            Store::File(p) => p.display().to_string(),
+            Store::Database { url, .. } => url.to_string(),
+        }
+    }
+
+    /// Loads the users. `Ok(None)`: a file that does not exist yet.
+    fn load(&mut self) -> Result<Option<UserDb>, Failed> {
+        match self {
+            Store::File(p) => match userstore::load(p) {
+                Ok(db) => Ok(Some(db)),
+                Err(UserDbError::NotFound { .. }) => Ok(None),
+                Err(e) => Err(Failed(load_code(&e), e.to_string())),
+            },
+            Store::Database {
+                url,
+                client,
+                loaded,
+            } => {
+                let fail = |e: PgError| Failed(pg_code(&e), e.to_string());
+                // One copy to change, one to diff against at save.
+                let db = pgusers::load(client, url).map_err(fail)?;
+                *loaded = Some(db.clone());
+                Ok(Some(db))
+            }
+        }
+    }
+
+    fn save(&mut self, db: &UserDb) -> Result<(), Failed> {
+        match self {
+            Store::File(p) => {
+                userstore::save(db, p).map_err(|e| Failed(save_code(&e), e.to_string()))
+            }
+            Store::Database {
+                url,
+                client,
+                loaded,
+            } => {
+                let empty = UserDb::empty();
+                let old = loaded.as_ref().unwrap_or(&empty);
+                pgusers::save(client, url, old, db)
+                    .map(|_| ())
+                    .map_err(|e| Failed(pg_code(&e), e.to_string()))
+            }
+        }
+    }
+}
+
+/// `--init`: an empty store file (kept if it exists and loads), or the schema.
+fn init(args: &PasswdArgs, out: &mut dyn Write) -> Result<(), Failed> {
+    let mut store = Store::open(&args.file)?;
+    match &mut store {
+        Store::File(_) => {
+            if store.load()?.is_none() {
+                store.save(&UserDb::empty())?;
+            }
+        }
+        Store::Database { url, client, .. } => {
+            pgusers::init(client, url).map_err(|e| Failed(pg_code(&e), e.to_string()))?;
+        }
+    }
+    let _ = writeln!(out, "user store ready: {}", store.name());
+    Ok(())
+}
+
 /// Exit code for a save error.
 fn save_code(e: &UserDbError) -> u8 {
     match e {
@@ -151,10 +266,22 @@ pub fn run_with(
         let _ = writeln!(err, "tern passwd: {msg}");
         code
     };
+    if args.init {
+        return match init(args, out) {
+            Ok(()) => exit::OK,
+            Err(Failed(code, msg)) => fail(code, &msg),
+        };
+    }
     if args.list {
-        let db = match userstore::load(&args.file) {
-            Ok(db) => db,
-            Err(e) => return fail(load_code(&e), &e),
+        let db = match Store::open(&args.file).and_then(|mut s| s.load()) {
+            Ok(Some(db)) => db,
+            Ok(None) => {
+                return fail(
+                    exit::NOINPUT,
+                    &format_args!("{}: no such file", args.file.display()),
+                )
+            }
+            Err(Failed(code, msg)) => return fail(code, &msg),
         };
         for (user, realm) in db.entries() {
             if writeln!(out, "{user}@{realm}: userPassword").is_err() {
@@ -199,10 +326,20 @@ pub fn run_with(
         );
     }
 
-    let mut db = match userstore::load(&args.file) {
-        Ok(db) => db,
-        Err(UserDbError::NotFound { .. }) if args.create => UserDb::empty(),
-        Err(e) => return fail(load_code(&e), &e),
+    let mut store = match Store::open(&args.file) {
+        Ok(s) => s,
+        Err(Failed(code, msg)) => return fail(code, &msg),
+    };
+    let mut db = match store.load() {
+        Ok(Some(db)) => db,
+        Ok(None) if args.create => UserDb::empty(),
+        Ok(None) => {
+            return fail(
+                exit::NOINPUT,
+                &format_args!("{}: no such file", args.file.display()),
+            )
+        }
+        Err(Failed(code, msg)) => return fail(code, &msg),
     };
     let exists = db.lookup(user, &realm).is_some();
     // The user's own sending rates, as given (a flag not given keeps what is stored).
@@ -251,9 +388,9 @@ pub fn run_with(
         }
         db.set_rates(user, &realm, rates);
     }
-    match userstore::save(&db, &args.file) {
+    match store.save(&db) {
         Ok(()) => exit::OK,
-        Err(e) => fail(save_code(&e), &e),
+        Err(Failed(code, msg)) => fail(code, &msg),
     }
 }
 
@@ -329,12 +466,19 @@ fn import_sasldb(
             };
         }
     };
-    let mut db = match userstore::load(&args.file) {
-        Ok(db) => db,
-        Err(UserDbError::NotFound { .. }) => UserDb::empty(),
-        Err(e) => {
-            note(&e);
-            return load_code(&e);
+    let mut store = match Store::open(&args.file) {
+        Ok(s) => s,
+        Err(Failed(code, msg)) => {
+            note(&msg);
+            return code;
+        }
+    };
+    let mut db = match store.load() {
+        Ok(Some(db)) => db,
+        Ok(None) => UserDb::empty(),
+        Err(Failed(code, msg)) => {
+            note(&msg);
+            return code;
         }
     };
 
@@ -379,9 +523,9 @@ fn import_sasldb(
         }
     }
     if imported > 0 {
-        if let Err(e) = userstore::save(&db, &args.file) {
-            note(&e);
-            return save_code(&e);
+        if let Err(Failed(code, msg)) = store.save(&db) {
+            note(&msg);
+            return code;
         }
     }
     let _ = writeln!(
@@ -389,7 +533,7 @@ fn import_sasldb(
         "imported {imported} users from {} into {} ({replaced} replaced); \
          {kept} already present and kept{}; {skipped} skipped; {ignored} other properties ignored",
         sasldb.display(),
-        args.file.display(),
+        store.name(),
         if kept > 0 && !args.overwrite {
             " (--overwrite replaces them)"
         } else {
@@ -535,6 +679,7 @@ mod tests {
     fn args(file: &std::path::Path, user: Option<&str>) -> PasswdArgs {
         PasswdArgs {
             file: file.to_owned(),
+            init: false,
             realm: Some("example.org".into()),
             create: false,
             delete: false,

@@ -499,6 +499,7 @@ pub fn spawn_http(
     listener: TcpListener,
     controls: Vec<UnboundedSender<Control>>,
     cluster: Option<Arc<crate::cluster::Status>>,
+    userstore: Arc<crate::pgusers::Status>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("tern-metrics".into())
@@ -508,7 +509,7 @@ pub fn spawn_http(
                     std::thread::sleep(Duration::from_millis(50));
                     continue;
                 };
-                if let Err(e) = serve_one(conn, &controls, cluster.as_deref()) {
+                if let Err(e) = serve_one(conn, &controls, cluster.as_deref(), &userstore) {
                     tracing::debug!(error = %e, "metrics request failed");
                 }
             }
@@ -520,6 +521,7 @@ fn serve_one(
     mut conn: TcpStream,
     controls: &[UnboundedSender<Control>],
     cluster: Option<&crate::cluster::Status>,
+    userstore: &crate::pgusers::Status,
 ) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -570,7 +572,9 @@ fn serve_one(
             &mut conn,
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            &(render(&snaps) + &cluster.map(|c| c.render()).unwrap_or_default()),
+            &(render(&snaps)
+                + &cluster.map(|c| c.render()).unwrap_or_default()
+                + &userstore.metrics()),
         ),
         "/healthz" => {
             // A balancer sends new connections here only while this answers 200.

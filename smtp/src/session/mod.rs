@@ -1445,6 +1445,18 @@ impl Session {
                 "Too many failed authentication attempts from your address, try again later",
             );
         }
+        // A node that has never had a snapshot of its users (its database was unreachable
+        // since start) can judge nobody: a temporary failure (RFC 4954 §6, "454 4.7.0
+        // Temporary authentication failure"), so the client retries instead of being told
+        // its password is wrong, and nobody gets in.
+        if a.shared.users.borrow().is_unavailable() {
+            return self.error(
+                out,
+                454,
+                "4.7.0",
+                "Temporary authentication failure: user database unavailable, try again later",
+            );
+        }
         if mech.is_plaintext() && !self.tls && !a.allow_plaintext_without_tls {
             return self.refuse(
                 out,

@@ -756,6 +756,31 @@ fn header_from_check() {
     assert_eq!(n, 0);
 }
 
+/// A node that has never had a snapshot of its users (database unreachable since start)
+/// answers AUTH with a temporary failure and lets nobody in; once a snapshot arrives the
+/// same session authenticates.
+#[test]
+fn no_snapshot_yet_tempfails_auth() {
+    let rec = Rc::new(Recorder::default());
+    let mut s = auth_session_with(rec.clone());
+    let real = {
+        let a = s.cfg.auth.as_ref().unwrap();
+        let real = a.shared.users.borrow().clone();
+        *a.shared.users.borrow_mut() = Arc::new(UserDb::unavailable());
+        real
+    };
+    // "\0user\0pencil"
+    let (out, _) = drive(&mut s, b"EHLO c.test\r\nAUTH PLAIN AHVzZXIAcGVuY2ls\r\n");
+    assert!(
+        out.contains("454 4.7.0 Temporary authentication failure"),
+        "{out}"
+    );
+    assert!(!out.contains("235"), "{out}");
+    *s.cfg.auth.as_ref().unwrap().shared.users.borrow_mut() = real;
+    let (out, _) = drive(&mut s, b"AUTH PLAIN AHVzZXIAcGVuY2ls\r\n");
+    assert!(out.contains("235 2.7.0"), "{out}");
+}
+
 #[test]
 fn filtered_commands_wait_for_the_verdict_and_refusals_undo_them() {
     let mut s = session();

@@ -62,7 +62,9 @@ pub enum UserDbError {
     InvalidName { name: String, reason: &'static str },
 }
 
-/// An immutable snapshot of the user store.
+/// An immutable snapshot of the user store. `Clone` lets a database-backed store build
+/// the next snapshot from the last one plus the rows that changed.
+#[derive(Clone)]
 pub struct UserDb {
     /// realm → user → secrets; nested so a lookup borrows `&str` keys without
     /// allocating.
@@ -72,6 +74,9 @@ pub struct UserDb {
     rates: HashMap<String, HashMap<String, UserRates>>,
     /// Key for the fake SCRAM salt of unknown users (see [`UserDb::fake_salt`]).
     fake_salt_key: [u8; 32],
+    /// No snapshot exists yet (a database-backed store that has not been reachable since
+    /// start): AUTH answers 454 4.7.0 instead of judging anyone against no users.
+    unavailable: bool,
 }
 
 impl std::fmt::Debug for UserDb {
@@ -132,7 +137,23 @@ impl UserDb {
             realms: HashMap::new(),
             rates: HashMap::new(),
             fake_salt_key,
+            unavailable: false,
         }
+    }
+
+    /// The placeholder a node holds before it has ever loaded its users (a database
+    /// store unreachable at start): every AUTH gets a temporary failure, never a 535
+    /// and never a success.
+    pub fn unavailable() -> UserDb {
+        UserDb {
+            unavailable: true,
+            ..UserDb::empty()
+        }
+    }
+
+    /// True for [`UserDb::unavailable`].
+    pub fn is_unavailable(&self) -> bool {
+        self.unavailable
     }
 
     /// Parse the text format; `path` only labels errors.
@@ -270,16 +291,10 @@ impl UserDb {
             let Some(s) = self.lookup(user, realm) else {
                 continue;
             };
+            let [cram, digest, scram] = secret_fields(s);
             let _ = writeln!(
                 out,
-                "{user}@{realm} cram-md5={}:{} digest-md5={} scram-sha-256={}:{}:{}:{}",
-                hex(&s.cram_inner),
-                hex(&s.cram_outer),
-                hex(&s.digest_ha1),
-                s.scram.iterations,
-                B64.encode(&s.scram.salt),
-                B64.encode(s.scram.stored_key),
-                B64.encode(s.scram.server_key),
+                "{user}@{realm} cram-md5={cram} digest-md5={digest} scram-sha-256={scram}",
             );
             if let Some(r) = self.rates(user, realm) {
                 // Optional trailing fields: the user's own sending rates.
@@ -295,6 +310,24 @@ impl UserDb {
         }
         out
     }
+}
+
+/// The values of a user's three secret fields as the file writes them (after
+/// `cram-md5=`, `digest-md5=`, `scram-sha-256=`): `inner:outer` hex, hex, and
+/// `iterations:salt:StoredKey:ServerKey` (base64). A database store keeps the same texts
+/// in its columns.
+pub fn secret_fields(s: &Secrets) -> [String; 3] {
+    [
+        format!("{}:{}", hex(&s.cram_inner), hex(&s.cram_outer)),
+        hex(&s.digest_ha1),
+        format!(
+            "{}:{}:{}:{}",
+            s.scram.iterations,
+            B64.encode(&s.scram.salt),
+            B64.encode(s.scram.stored_key),
+            B64.encode(s.scram.server_key),
+        ),
+    ]
 }
 
 pub fn hex(bytes: &[u8]) -> String {
