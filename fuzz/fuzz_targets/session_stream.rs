@@ -112,6 +112,7 @@ fn run(input: &[u8], step: usize, submission: bool) -> Run {
                     break;
                 }
                 Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
+                Event::Check(_) => s.checked(None, &mut out),
                 Event::Message(mut m) => {
                     m.finish("mx.test", "ID");
                     check_received(&m.body[0]);
