@@ -37,7 +37,6 @@ SIGNED_RATE=300
 BUILD=1
 SMOKE=0
 WITH_POSTFIX=0
-PF_PORT=${PF_PORT:-10587}
 REPORT=""
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -63,70 +62,10 @@ if [ $BUILD = 1 ]; then
 fi
 command -v jq >/dev/null || { echo "bench/dkim.sh needs jq" >&2; exit 2; }
 
-WORK=$(mktemp -d /tmp/tern-dkim-bench.XXXXXX)
-RES=$WORK/results
-mkdir -p "$RES"
-CLK_TCK=$(getconf CLK_TCK)
-PIDS=()
-log() { echo "[dkim-bench $(date +%H:%M:%S)] $*" >&2; }
-PF_STARTED=0
-PF_BACKUP=""
-cleanup() {
-    set +e
-    [ $PF_STARTED = 1 ] && postfix_stop
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null
-    done
-    if [ -n "$PF_BACKUP" ]; then
-        for f in main.cf master.cf sasl/smtpd.conf; do
-            if [ -e "$PF_BACKUP/$f" ]; then cp -p "$PF_BACKUP/$f" "/etc/postfix/$f"
-            else rm -f "/etc/postfix/$f"; fi
-        done
-    fi
-    find "$WORK" -mindepth 1 -maxdepth 1 ! -name results -exec rm -rf {} +
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-wait_for() {   # wait_for FILE REGEX: until a line of FILE matches; prints it
-    local i
-    for i in $(seq 200); do
-        if grep -Eq "$2" "$1" 2>/dev/null; then grep -E "$2" "$1" | head -1; return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for /$2/ in $1" >&2; cat "$1" >&2 || true; return 1
-}
-ticks() {   # ticks PID: utime stime cutime cstime
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo "0 0 0 0"; return; }
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo "${12} ${13} ${14} ${15}"
-}
-SERVER_KIND=tern
-ODKIM_PID=""
-server_cpu() {   # seconds of CPU used so far by the server under test
-    local t total pid
-    read -r -a t <<<"$(ticks "$SERVER_PID")"
-    if [ "$SERVER_KIND" = tern ]; then
-        total=$(( t[0] + t[1] ))
-    else
-        # Postfix: the master with its reaped children, every live child, and OpenDKIM.
-        total=$(( t[0] + t[1] + t[2] + t[3] ))
-        for pid in $(ps -o pid= --ppid "$SERVER_PID") $ODKIM_PID; do
-            read -r -a t <<<"$(ticks "$pid")"
-            total=$(( total + t[0] + t[1] ))
-        done
-    fi
-    awk "BEGIN{printf \"%.3f\", $total / $CLK_TCK}"
-}
+BENCH_NAME=tern-dkim-bench
+LOG_TAG=dkim-bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 # Keys: one per algorithm domain, two for dual.bench.
 KEYS=$WORK/keys
@@ -138,62 +77,7 @@ mkdir -p "$KEYS"
 key() { echo "{domain=\"$1\",selector=\"$2\",algorithm=\"$3\",key=\"$KEYS/$1.$2.$3.pem\"}"; }
 DKIM_KEYS="[$(key ed.bench s1 ed25519),$(key rsa.bench s1 rsa),$(key dual.bench r1 rsa),$(key dual.bench e1 ed25519)]"
 
-SINK_PID=""; SINK_PORT=""
-sink_start() {
-    "$LG" sink --listen 127.0.0.1:0 --json >"$RES/sink-$1.json" 2>"$WORK/sink-$1.err" &
-    SINK_PID=$!; SINK_NAME=$1
-    PIDS+=("$SINK_PID")
-    local l; l=$(wait_for "$WORK/sink-$1.err" '^listening: ')
-    SINK_PORT=${l##*:}
-}
-sink_total() {
-    local l; l=$(grep -E 'total [0-9]+' "$WORK/sink-$SINK_NAME.err" 2>/dev/null | tail -1)
-    echo "${l##*total }" | tr -dc 0-9
-}
-sink_drain() {
-    local i n
-    for i in $(seq 600); do
-        n=$(sink_total); n=${n:-0}
-        [ "$n" -ge "$1" ] && return 0
-        sleep 0.1
-    done
-    log "sink: only ${n:-0} of $1 messages arrived within 60 s"
-}
-sink_stop() { kill -TERM "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; forget_pid "$SINK_PID"; }
-
-tern_start() {   # tern_start MODE
-    mkdir -p "$WORK/tern"
-    "$TERN" demo --dir "$WORK/tern" \
-        --set "spool.dir=\"$WORK/spool-$1\"" \
-        --set 'listeners.smtp=["127.0.0.1:0"]' \
-        --set 'listeners.submission=["127.0.0.1:0"]' \
-        --set 'listeners.smtps=["127.0.0.1:0"]' \
-        --set "queue.routes={\"*\"=\"smtp:[127.0.0.1]:$SINK_PORT\"}" \
-        --set 'queue.starttls="never"' \
-        --set "dkim.keys=$DKIM_KEYS" \
-        --set "dkim.signer=\"$1\"" \
-        >"$WORK/tern-$1.log" 2>&1 &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    wait_for "$WORK/tern-$1.log" '^ready: ' >/dev/null
-    local l; l=$(wait_for "$WORK/tern-$1.log" '^listening: submission ')
-    TARGET=${l##* }
-    log "tern (dkim.signer=$1) pid $SERVER_PID on $TARGET"
-}
-tern_stop() { kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; forget_pid "$SERVER_PID"; }
-
 # --- Postfix + OpenDKIM (the anchor) -----------------------------------------------------
-postfix_install() {
-    if command -v postfix >/dev/null && command -v opendkim >/dev/null && command -v saslpasswd2 >/dev/null \
-        && ls /usr/lib/*/sasl2/libcrammd5.so >/dev/null 2>&1; then
-        return 0
-    fi
-    log "installing postfix, sasl2-bin, libsasl2-modules, opendkim (Debian packages)"
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    echo "postfix postfix/mailname string localhost" | debconf-set-selections
-    apt-get update -q >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q postfix sasl2-bin libsasl2-modules opendkim >/dev/null
-}
 # OpenDKIM 2.11 signs with one algorithm per instance (SignatureAlgorithm is global), so
 # dual signing takes two instances in a milter chain, as sites running it do: one RSA, one
 # Ed25519. Every message goes through both.
@@ -238,62 +122,13 @@ dualr dual.bench:r1:$KEYS/dual.bench.r1.rsa.pem" \
 duale dual.bench:e1:$KEYS/dual.bench.e1.ed25519.pem" \
         "*@ed.bench ed
 *@dual.bench duale"
-    ODKIM_PID="${ODKIM_PIDS[*]}"
-}
-postfix_start() {   # postfix_start SINKPORT
-    local cert=$WORK/tern/cert.pem key=$WORK/tern/key.pem
-    if [ -z "$PF_BACKUP" ]; then
-        PF_BACKUP=$WORK/postfix-backup
-        mkdir -p "$PF_BACKUP/sasl"
-        for f in main.cf master.cf sasl/smtpd.conf; do
-            [ -e "/etc/postfix/$f" ] && cp -p "/etc/postfix/$f" "$PF_BACKUP/$f"
-        done
-    fi
-    sed -e "s|@SINKPORT@|$1|g" -e "s|@CERT@|$cert|g" -e "s|@KEY@|$key|g" \
-        -e "s|@MAILLOG@|/var/log/postfix-bench.log|g" \
-        "$ROOT/bench/postfix/main.cf.in" >/etc/postfix/main.cf
-    cat >>/etc/postfix/main.cf <<MC
-# OpenDKIM signs as a milter (bench/dkim.sh).
+    EXTRA_CPU_PIDS="${ODKIM_PIDS[*]}"
+    PF_EXTRA_MAIN_CF="# OpenDKIM signs as a milter (bench/dkim.sh).
 smtpd_milters = ${ODKIM_SOCKETS[*]}
 non_smtpd_milters = \$smtpd_milters
 milter_default_action = tempfail
-milter_protocol = 6
-MC
-    sed -e "s|@LISTEN@|127.0.0.1:$PF_PORT|g" "$ROOT/bench/postfix/master.cf.in" >/etc/postfix/master.cf
-    mkdir -p /etc/postfix/sasl
-    cp "$ROOT/bench/postfix/smtpd.conf" /etc/postfix/sasl/smtpd.conf
-    echo demo | saslpasswd2 -c -p -u localhost demo
-    chown root:sasl /etc/sasldb2 && chmod 640 /etc/sasldb2
-    id -nG postfix | grep -qw sasl || usermod -a -G sasl postfix
-    postfix check
-    postsuper -d ALL >/dev/null 2>&1 || true
-    postfix start >/dev/null 2>&1
-    PF_STARTED=1
-    local i
-    for i in $(seq 100); do
-        [ -s /var/spool/postfix/pid/master.pid ] && break; sleep 0.1
-    done
-    SERVER_PID=$(tr -dc 0-9 </var/spool/postfix/pid/master.pid)
-    SERVER_KIND=postfix
-    for i in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$PF_PORT") 2>/dev/null && break; sleep 0.1
-    done
-    TARGET=127.0.0.1:$PF_PORT
-    log "postfix $(postconf -h mail_version) master pid $SERVER_PID on $TARGET, milter OpenDKIM"
+milter_protocol = 6"
 }
-postfix_stop() {
-    local i mp
-    mp=$(tr -dc 0-9 </var/spool/postfix/pid/master.pid 2>/dev/null || true)
-    postfix stop >/dev/null 2>&1 || true
-    for i in $(seq 100); do
-        [ -n "$mp" ] || break
-        kill -0 "$mp" 2>/dev/null || [ -n "$(ps -o pid= --ppid "$mp")" ] || break
-        sleep 0.1
-    done
-    postsuper -d ALL >/dev/null 2>&1 || true
-    PF_STARTED=0
-}
-
 EXTRA=()
 [ $SMOKE = 1 ] && EXTRA=(-n 20 --cores 1)
 RELAY=(relay --mech CRAM-MD5 --size 2048 --msgs-per-conn 100 --pipeline --to 'user{n}@example.net')
@@ -320,7 +155,7 @@ open_run() {
 
 for mode in $MODES; do
     sink_start "$mode"
-    tern_start "$mode"
+    tern_start "$mode" "$SINK_PORT" --set "dkim.keys=$DKIM_KEYS" --set "dkim.signer=\"$mode\""
     closed "$mode-unsigned" loadgen@plain.bench
     closed "$mode-ed25519" loadgen@ed.bench
     closed "$mode-rsa" loadgen@rsa.bench
@@ -331,18 +166,17 @@ for mode in $MODES; do
     bg=$!
     open_run "$mode-unsigned-mixed" loadgen@plain.bench "$RATE"
     wait "$bg"
-    signed=$(grep -E '^[[:space:]]*"?dkim' "$WORK/tern-$mode.log" | head -1 || true)
     tern_stop
     sink_stop
-    [ -n "$signed" ] && log "$signed"
 done
 
 if [ $WITH_POSTFIX = 1 ]; then
     [ "$(id -u)" = 0 ] || { echo "--with-postfix needs root" >&2; exit 2; }
+    PF_EXTRA_PACKAGES=opendkim
     postfix_install
     sink_start postfix
     opendkim_start_all
-    postfix_start "$SINK_PORT"
+    postfix_start postfix "$SINK_PORT"
     closed "postfix-unsigned" loadgen@plain.bench
     closed "postfix-ed25519" loadgen@ed.bench
     closed "postfix-rsa" loadgen@rsa.bench

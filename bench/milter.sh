@@ -42,106 +42,11 @@ if [ $BUILD = 1 ]; then
 fi
 command -v jq >/dev/null || { echo "bench/milter.sh needs jq" >&2; exit 2; }
 
-WORK=$(mktemp -d /tmp/tern-milter-bench.XXXXXX)
-RES=$WORK/results
-mkdir -p "$RES"
-CLK_TCK=$(getconf CLK_TCK)
-PIDS=()
-log() { echo "[milter-bench $(date +%H:%M:%S)] $*" >&2; }
-cleanup() {
-    set +e
-    for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-    for p in "${PIDS[@]}"; do
-        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null
-    done
-    find "$WORK" -mindepth 1 -maxdepth 1 ! -name results -exec rm -rf {} +
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-forget_pid() {
-    local keep=() p
-    for p in "${PIDS[@]}"; do [ "$p" != "$1" ] && keep+=("$p"); done
-    PIDS=("${keep[@]}")
-}
-wait_for() {   # wait_for FILE REGEX: until a line of FILE matches; prints it
-    local i
-    for i in $(seq 200); do
-        if grep -Eq "$2" "$1" 2>/dev/null; then grep -E "$2" "$1" | head -1; return 0; fi
-        sleep 0.1
-    done
-    echo "timed out waiting for /$2/ in $1" >&2; cat "$1" >&2 || true; return 1
-}
-ticks() {   # ticks PID: utime stime cutime cstime
-    local s
-    s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo "0 0 0 0"; return; }
-    s=${s##*) }
-    # shellcheck disable=SC2086
-    set -- $s
-    echo "${12} ${13} ${14} ${15}"
-}
-SERVER_KIND=tern
-ODKIM_PID=""
-server_cpu() {   # seconds of CPU used so far by the server under test
-    local t total pid
-    read -r -a t <<<"$(ticks "$SERVER_PID")"
-    if [ "$SERVER_KIND" = tern ]; then
-        total=$(( t[0] + t[1] ))
-    else
-        # Postfix: the master with its reaped children, every live child, and OpenDKIM.
-        total=$(( t[0] + t[1] + t[2] + t[3] ))
-        for pid in $(ps -o pid= --ppid "$SERVER_PID") $ODKIM_PID; do
-            read -r -a t <<<"$(ticks "$pid")"
-            total=$(( total + t[0] + t[1] ))
-        done
-    fi
-    awk "BEGIN{printf \"%.3f\", $total / $CLK_TCK}"
-}
+BENCH_NAME=tern-milter-bench
+LOG_TAG=milter-bench
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
-SINK_PID=""; SINK_PORT=""
-sink_start() {
-    "$LG" sink --listen 127.0.0.1:0 --json >"$RES/sink-$1.json" 2>"$WORK/sink-$1.err" &
-    SINK_PID=$!; SINK_NAME=$1
-    PIDS+=("$SINK_PID")
-    local l; l=$(wait_for "$WORK/sink-$1.err" '^listening: ')
-    SINK_PORT=${l##*:}
-}
-sink_total() {
-    local l; l=$(grep -E 'total [0-9]+' "$WORK/sink-$SINK_NAME.err" 2>/dev/null | tail -1)
-    echo "${l##*total }" | tr -dc 0-9
-}
-sink_drain() {
-    local i n
-    for i in $(seq 600); do
-        n=$(sink_total); n=${n:-0}
-        [ "$n" -ge "$1" ] && return 0
-        sleep 0.1
-    done
-    log "sink: only ${n:-0} of $1 messages arrived within 60 s"
-}
-sink_stop() { kill -TERM "$SINK_PID" 2>/dev/null || true; wait "$SINK_PID" 2>/dev/null || true; forget_pid "$SINK_PID"; }
-
-tern_start() {   # tern_start MODE [MILTER_PORT]
-    local extra=()
-    [ -n "${2:-}" ] && extra=(--set "milter.filters=[{name=\"noop\",socket=\"inet:127.0.0.1:$2\"}]")
-    mkdir -p "$WORK/tern"
-    "$TERN" demo --dir "$WORK/tern" \
-        --set "spool.dir=\"$WORK/spool-$1\"" \
-        --set 'listeners.smtp=["127.0.0.1:0"]' \
-        --set 'listeners.submission=["127.0.0.1:0"]' \
-        --set 'listeners.smtps=["127.0.0.1:0"]' \
-        --set "queue.routes={\"*\"=\"smtp:[127.0.0.1]:$SINK_PORT\"}" \
-        --set 'queue.starttls="never"' \
-        "${extra[@]}" \
-        >"$WORK/tern-$1.log" 2>&1 &
-    SERVER_PID=$!
-    PIDS+=("$SERVER_PID")
-    wait_for "$WORK/tern-$1.log" '^ready: ' >/dev/null
-    local l; l=$(wait_for "$WORK/tern-$1.log" '^listening: submission ')
-    TARGET=${l##* }
-    log "tern ($1) pid $SERVER_PID on $TARGET"
-}
-tern_stop() { kill -TERM "$SERVER_PID" 2>/dev/null || true; wait "$SERVER_PID" 2>/dev/null || true; forget_pid "$SERVER_PID"; }
 MILTER_PID=""
 milter_start() {   # milter_start STAGES: sets MILTER_PORT
     "$LG" milter-noop --listen 127.0.0.1:0 --stages "$1" >"$WORK/milter-$1.out" 2>"$WORK/milter-$1.err" &
@@ -179,7 +84,12 @@ open_run() {   # open_run NAME
 
 for mode in none all eom; do
     sink_start "$mode"
-    if [ "$mode" = none ]; then tern_start none; else milter_start "$mode"; tern_start "$mode" "$MILTER_PORT"; fi
+    if [ "$mode" = none ]; then
+        tern_start none "$SINK_PORT"
+    else
+        milter_start "$mode"
+        tern_start "$mode" "$SINK_PORT" --set "milter.filters=[{name=\"noop\",socket=\"inet:127.0.0.1:$MILTER_PORT\"}]"
+    fi
     closed "$mode-closed"
     open_run "$mode-open"
     tern_stop

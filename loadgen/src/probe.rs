@@ -43,7 +43,9 @@ pub fn run(a: ProbeArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if !(a.rate > 0.0 && a.rate.is_finite()) || a.size == 0 || a.duration <= 0.0 {
         return Err("--rate, --size and --duration must be positive".into());
     }
-    let path = a.dir.join(format!(".tern-fsync-probe-{}", std::process::id()));
+    let path = a
+        .dir
+        .join(format!(".tern-fsync-probe-{}", std::process::id()));
     let f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -110,7 +112,8 @@ fn probe(a: &ProbeArgs, f: &std::fs::File, stop: &AtomicBool) -> Result<Probed, 
             std::thread::sleep(next - now);
         }
         let s = Instant::now();
-        f.write_all_at(&buf, off).map_err(|e| format!("pwrite: {e}"))?;
+        f.write_all_at(&buf, off)
+            .map_err(|e| format!("pwrite: {e}"))?;
         f.sync_data().map_err(|e| format!("fdatasync: {e}"))?;
         let done = Instant::now();
         off += a.size as u64;
