@@ -892,6 +892,7 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         || !require_tool("haproxy")
         || !require_tool("redis-server")
         || !require_tool("openssl")
+        || !require_tool("swaks")
         || !require_tool("saslpasswd2")
         || !require_tool("db_dump")
         || !require(
@@ -1173,6 +1174,25 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         }
         // A bare name is in auth.realm (example.org).
         assert_eq!(auth(&cl, c34, "PLAIN", u, p).1, 235);
+        // And a real client: swaks, on 465 and on 587 with STARTTLS, stopping after AUTH.
+        for (mech, tls, port) in [
+            ("PLAIN", "--tls-on-connect", 465),
+            ("LOGIN", "--tls", 587),
+            ("CRAM-MD5", "--tls", 587),
+        ] {
+            let out = run(Command::new("swaks")
+                .args(["--server", &cl.hap.at(port).to_string()])
+                .args(["--local-interface", &c34.to_string()])
+                .args(["--helo", "client.test", "--timeout", "20", tls])
+                .args(["--auth", mech, "--auth-user", &login, "--auth-password", p])
+                .args(["--quit-after", "AUTH"]));
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("235 2.7.0"),
+                "swaks {mech} as {login}: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
     lap("(e) sasldb2 users, every mechanism");
 
