@@ -1049,6 +1049,23 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         logs.contains("too many failed AUTH attempts across the cluster"),
         "no node logged the cluster block"
     );
+    // The nodes saw the real client (PROXY v2 from HAProxy), never the balancer as one.
+    let (peer, lb) = (format!("peer={c31}:"), format!("balancer={}:", net.addr(2)));
+    for n in &nodes {
+        let log = n.server.stderr_log();
+        assert!(
+            log.lines()
+                .any(|l| l.contains(" connect") && l.contains(&peer) && l.contains(&lb)),
+            "{} has no connect line from {c31} through {}",
+            n.name,
+            net.addr(2)
+        );
+        assert!(
+            !log.contains(&format!("peer={}:", net.addr(2))),
+            "{}",
+            n.name
+        );
+    }
     lap("(b) cluster-wide block of one client address");
 
     // (c) Redis stopped: AUTH goes on, every node counts locally; back: recovers.
