@@ -3,7 +3,7 @@
 //!
 //! - a test network 10.231.N.0/24 of its own (N from the pid): a bridge in the root
 //!   namespace holding the "services" addresses (.1 the test itself, the sinks; .5
-//!   PostgreSQL; .6 Redis; .31-.34 the test's clients), and a network namespace per
+//!   PostgreSQL; .6 Redis; .31-.34 and .40-.99 the test's clients), and a network namespace per
 //!   machine, each on a veth into the bridge: `lb` (.2, HAProxy), `n1`..`n3` (.11-.13,
 //!   the tern nodes on the real ports 25, 587, 465 and 9725), `g1`, `g2` (.21, .22, the
 //!   two load generators). Everything is removed on drop, panics included;
@@ -26,7 +26,10 @@
 //! namespaces, reports merged with `tern-loadgen merge`): HAProxy fails over, the node
 //! restarts on its spool, and every message that got a 250 reaches the sink (0 lost;
 //! duplicates reported); (g) a node dies for good with undelivered mail: another adopts
-//! its spool (`tern queue adopt`) and every message is delivered once.
+//! its spool (`tern queue adopt`) and every message is delivered once; (h) a new node
+//! on a fresh disk takes its place: HAProxy's checks bring it in, and it has the users
+//! and the cluster's blocks at once (a block made before Redis restarted included: the
+//! reference redis.conf keeps an append-only file for that reason).
 //!
 //! With `TERN_E2E24_SCALE=SECS` it also measures, for docs/scaling.md, AUTH handshakes/s
 //! and relay msgs/s through HAProxy with 1, 2 and 3 nodes (the others in MAINT), with
