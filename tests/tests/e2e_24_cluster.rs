@@ -1442,7 +1442,7 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         .and_then(|s| s.parse::<f64>().ok())
     {
         let _sink = sink(sink_addr);
-        scale(&net, &cl, &nodes, secs);
+        scale(&net, &cl, &mut nodes, &routes, secs);
     }
     drop(cl);
     drop(nodes);
@@ -1470,12 +1470,81 @@ fn passwd_sasl(db: &Path, user: &str, realm: &str, pw: &str) -> Output {
     child.wait_with_output().unwrap()
 }
 
-/// docs/scaling.md's figures (not assertions): AUTH handshakes/s and relay msgs/s through
-/// HAProxy with 1, 2 and 3 nodes in service, and each node's CPU per operation.
-fn scale(net: &Net, cl: &Cluster, nodes: &[Node], secs: f64) {
-    let backends = ["smtp", "submission", "smtps"];
+/// One measured round for docs/scaling.md: `tern-loadgen SCENARIO` from both generator
+/// namespaces at once through HAProxy's 587, the two reports merged.
+fn load_round(
+    net: &Net,
+    cl: &Cluster,
+    scenario: &str,
+    extra: &[&str],
+    secs: f64,
+    tag: &str,
+) -> json::Value {
     let dir = tempfile::tempdir().unwrap();
+    let runs: Vec<(String, Proc)> = ["g1", "g2"]
+        .iter()
+        .map(|g| {
+            let w = net.exec(g);
+            let p = Proc::spawn(
+                Command::new(&w[0])
+                    .args(&w[1..])
+                    .arg(loadgen_bin())
+                    .arg(scenario)
+                    .args(["-t", &cl.hap.at(587).to_string(), "--allow-remote"])
+                    .args(["--user", "load@example.org", "--password", "load-pw"])
+                    .args(extra)
+                    .args(["--cores", "1", "--no-pin", "-c", "16", "--warmup", "1"])
+                    .args(["-d", &secs.to_string(), "--json", "-q"])
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            );
+            (g.to_string(), p)
+        })
+        .collect();
+    let mut files = Vec::new();
+    for (g, p) in runs {
+        let out = p.wait_output();
+        report(&out, &g);
+        let f = dir.path().join(format!("{tag}-{g}.json"));
+        std::fs::write(&f, &out.stdout).unwrap();
+        files.push(f);
+    }
+    let merged = ok(
+        "tern-loadgen merge",
+        run(Command::new(loadgen_bin())
+            .arg("merge")
+            .args(&files)
+            .arg("--json")),
+    );
+    json::parse(merged.trim()).unwrap()
+}
+
+fn hap_ticks(cl: &Cluster) -> u64 {
+    cl.hap
+        .proc
+        .0
+        .as_ref()
+        .map(|c| cpu_ticks(c.id()))
+        .unwrap_or(0)
+}
+
+/// docs/scaling.md's figures (not assertions): AUTH handshakes/s and relay msgs/s through
+/// HAProxy with 1, 2 and 3 nodes in service, and each node's CPU per operation; then AUTH
+/// with the users in PostgreSQL and in a file, three nodes each, interleaved (the nodes
+/// restarted on the other store between rounds).
+fn scale(net: &Net, cl: &Cluster, nodes: &mut Vec<Node>, routes: &str, secs: f64) {
+    let backends = ["smtp", "submission", "smtps"];
     eprintln!("scale: nodes | scenario | ops/s (merged, 2 generators) | p50 / p99 ms | node CPU ms per op (each node in service) | HAProxy CPU ms per op");
+    let relay = [
+        "--mech",
+        "CRAM-MD5",
+        "--to",
+        "user{n}@example.net",
+        "--msgs-per-conn",
+        "50",
+        "--size",
+        "1024",
+    ];
     for k in 1..=3usize {
         for (i, n) in nodes.iter().enumerate() {
             let state = if i < k { "ready" } else { "maint" };
@@ -1487,66 +1556,10 @@ fn scale(net: &Net, cl: &Cluster, nodes: &[Node], secs: f64) {
         for n in &nodes[..k] {
             cl.hap.wait_status(&n.name, "UP", |s| s == "UP");
         }
-        for (scenario, extra) in [
-            ("auth", &["--mech", "CRAM-MD5"][..]),
-            (
-                "relay",
-                &[
-                    "--mech",
-                    "CRAM-MD5",
-                    "--to",
-                    "user{n}@example.net",
-                    "--msgs-per-conn",
-                    "50",
-                    "--size",
-                    "1024",
-                ][..],
-            ),
-        ] {
+        for (scenario, extra) in [("auth", &["--mech", "CRAM-MD5"][..]), ("relay", &relay[..])] {
             let cpu0: Vec<u64> = nodes.iter().map(|n| cpu_ticks(n.server.pid())).collect();
-            let hap0 = cl
-                .hap
-                .proc
-                .0
-                .as_ref()
-                .map(|c| cpu_ticks(c.id()))
-                .unwrap_or(0);
-            let runs: Vec<(String, Proc)> = ["g1", "g2"]
-                .iter()
-                .map(|g| {
-                    let w = net.exec(g);
-                    let p = Proc::spawn(
-                        Command::new(&w[0])
-                            .args(&w[1..])
-                            .arg(loadgen_bin())
-                            .arg(scenario)
-                            .args(["-t", &cl.hap.at(587).to_string(), "--allow-remote"])
-                            .args(["--user", "load@example.org", "--password", "load-pw"])
-                            .args(extra)
-                            .args(["--cores", "1", "--no-pin", "-c", "16", "--warmup", "1"])
-                            .args(["-d", &secs.to_string(), "--json", "-q"])
-                            .stdout(Stdio::piped())
-                            .stderr(Stdio::piped()),
-                    );
-                    (g.to_string(), p)
-                })
-                .collect();
-            let mut files = Vec::new();
-            for (g, p) in runs {
-                let out = p.wait_output();
-                report(&out, &g);
-                let f = dir.path().join(format!("{scenario}-{k}-{g}.json"));
-                std::fs::write(&f, &out.stdout).unwrap();
-                files.push(f);
-            }
-            let merged = ok(
-                "tern-loadgen merge",
-                run(Command::new(loadgen_bin())
-                    .arg("merge")
-                    .args(&files)
-                    .arg("--json")),
-            );
-            let m = json::parse(merged.trim()).unwrap();
+            let hap0 = hap_ticks(cl);
+            let m = load_round(net, cl, scenario, extra, secs, &format!("{scenario}-{k}"));
             let ops = (num(&m, "ok") + num(&m, "warmup_ok")).max(1) as f64;
             let per_node: Vec<String> = nodes[..k]
                 .iter()
@@ -1556,14 +1569,7 @@ fn scale(net: &Net, cl: &Cluster, nodes: &[Node], secs: f64) {
                     format!("{} {:.2}", n.name, ms / ops)
                 })
                 .collect();
-            let hap = cl
-                .hap
-                .proc
-                .0
-                .as_ref()
-                .map(|c| cpu_ticks(c.id()))
-                .unwrap_or(0)
-                - hap0;
+            let hap = hap_ticks(cl) - hap0;
             eprintln!(
                 "scale: {k} | {scenario} | {:.0} ({} failed) | {:.1} / {:.1} | {} | {:.3}",
                 fnum(&m, "throughput"),
@@ -1578,5 +1584,39 @@ fn scale(net: &Net, cl: &Cluster, nodes: &[Node], secs: f64) {
         wait_for("the queues to empty", Duration::from_secs(120), || {
             nodes.iter().all(|n| n.queued() == 0)
         });
+    }
+
+    // The same user in a file, for the nodes restarted on it.
+    let fdir = tempfile::tempdir().unwrap();
+    let file = fdir.path().join("users.db");
+    let f = file.to_str().unwrap();
+    ok(
+        "tern passwd -c (file)",
+        passwd(&["-c", "-p", "-f", f, "load@example.org"], "load-pw\n"),
+    );
+    let file_set = format!(r#"auth.users="{f}""#);
+    for round in 1..=2 {
+        for store in ["postgresql", "file"] {
+            let mut extra = vec![routes.to_string()];
+            if store == "file" {
+                extra.push(file_set.clone());
+            }
+            for n in nodes.iter_mut() {
+                n.server.kill9();
+            }
+            let fresh: Vec<Node> = (1..=3u8).map(|k| Node::start(net, k, &extra)).collect();
+            *nodes = fresh;
+            for n in nodes.iter() {
+                cl.hap.wait_status(&n.name, "UP", |s| s == "UP");
+            }
+            let m = load_round(net, cl, "auth", &["--mech", "CRAM-MD5"], secs, store);
+            eprintln!(
+                "store: round {round} | {store} | {:.0} AUTH/s ({} failed) | p50 {:.1} / p99 {:.1} ms",
+                fnum(&m, "throughput"),
+                num(&m, "failed"),
+                latency(&m, "p50"),
+                latency(&m, "p99"),
+            );
+        }
     }
 }
