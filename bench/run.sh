@@ -13,6 +13,9 @@
 #   relay 100 KiB messages, same, -c 16
 #   with --with-postfix (or HIGH_RATE=R): tern alone at 5x Postfix's 2 KiB rate (open loop,
 #   64 connections), for the acceptance latency at the issue's 5x load
+# Beside every relay run, the disk's floor in the same seconds on the spool's filesystem:
+# `tern-loadgen fsync-probe` (4 KiB pwrite + fdatasync at PROBE_RATE/s, default 500; 0 = off),
+# its percentiles printed next to the acceptance percentiles.
 # For every run: ops/s, latency percentiles (loadgen), end-to-end relay latency at the sink
 # (relay runs), and server CPU per op (utime+stime from /proc before/after; for Postfix the
 # master, every live child and the master's reaped children (cutime+cstime)). Relay runs
@@ -49,7 +52,7 @@ while [ $# -gt 0 ]; do
         --report) REPORT=$2; shift ;;
         --no-build) BUILD=0 ;;
         --keep) KEEP=1 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
     shift
@@ -283,8 +286,18 @@ run() {
     t0=$(date +%s.%N)
     local extra=()
     if [ $SMOKE = 1 ]; then extra=(-n 20 --cores 1); fi
+    # Relay runs: the disk's floor measured in the same seconds, on the same filesystem
+    # as the spool ($WORK): 4 KiB pwrite + fdatasync at $PROBE_RATE/s.
+    local probe=""
+    if [[ $name == relay-* ]] && [ "${PROBE_RATE:-500}" != 0 ]; then
+        "$LG" fsync-probe --dir "$WORK" --rate "${PROBE_RATE:-500}" \
+            -d "$(awk "BEGIN{print $WARMUP + $DURATION}")" --json \
+            >"$RES/$server-$name.probe.json" 2>>"$WORK/$server-$name.err" &
+        probe=$!
+    fi
     "$LG" "$@" "${extra[@]}" -t "$TARGET" --warmup "$WARMUP" -d "$DURATION" --json -q >"$out" 2>"$WORK/$server-$name.err" || {
         log "$server $name: loadgen failed"; cat "$WORK/$server-$name.err" >&2; }
+    [ -n "$probe" ] && wait "$probe"
     n=$(jq -r '(.ok // 0) + (.warmup_ok // 0)' "$out" 2>/dev/null || echo 0)
     if [ "$drain" = 1 ]; then sink_drain "$n"; fi
     c1=$(server_cpu)
@@ -414,6 +427,9 @@ def row(label, key, name, field, nd=0, higher=True, target=None):
                     v = sk["messages"] / float(f[3])
                 except Exception:
                     v = None
+            elif field.startswith("probe:"):
+                pr = load(f"{s}-{name}.probe.json")
+                v = ((pr or {}).get("latency_ms", {}).get("fdatasync") or {}).get(field.split(":")[1])
             elif field.startswith("sink:"):
                 sk = load(f"{s}-{name}.sink.json")
                 v = (sk or {}).get("relay_latency_ms", {}) or {}
@@ -456,6 +472,9 @@ row("  full-handshake server CPU per handshake, µs", None, "auth-plain-starttls
 row("Relay 2 KiB, msgs/s accepted (c=64, pipelined, 100/conn)", None, "relay-2k", "throughput", target=tgt_ratio(5))
 row("  2 KiB acceptance p50, ms", None, "relay-2k", "lat:accept:p50", 2, False)
 row("  2 KiB acceptance p99, ms", None, "relay-2k", "lat:accept:p99", 2, False, target=tgt_p99)
+row(f"  fdatasync probe beside it (4 KiB, same disk, same seconds) p50, ms", None, "relay-2k", "probe:p50", 2, False)
+row(f"  fdatasync probe p99, ms", None, "relay-2k", "probe:p99", 2, False)
+row(f"  fdatasync probe p99.9, ms", None, "relay-2k", "probe:p999", 2, False)
 row("  2 KiB accepted and delivered to the sink, msgs/s (run start to last arrival)", None, "relay-2k", "delivered")
 row("  2 KiB end-to-end (sink) p50, ms", None, "relay-2k", "sink:p50", 1, False)
 row("  2 KiB end-to-end (sink) p99, ms", None, "relay-2k", "sink:p99", 1, False)
@@ -464,6 +483,9 @@ rate = os.environ.get("RATE", "500")
 row(f"Relay 2 KiB, open loop at {rate} msgs/s offered: msgs/s accepted", None, f"relay-2k-rate{rate}", "throughput")
 row(f"  2 KiB @ {rate}/s acceptance p50, ms (from intended start)", None, f"relay-2k-rate{rate}", "lat:accept:p50", 2, False)
 row(f"  2 KiB @ {rate}/s acceptance p99, ms (from intended start)", None, f"relay-2k-rate{rate}", "lat:accept:p99", 2, False, target=tgt_p99)
+row(f"  fdatasync probe beside it (4 KiB, same disk, same seconds) p50, ms", None, f"relay-2k-rate{rate}", "probe:p50", 2, False)
+row(f"  fdatasync probe p99, ms", None, f"relay-2k-rate{rate}", "probe:p99", 2, False)
+row(f"  fdatasync probe p99.9, ms", None, f"relay-2k-rate{rate}", "probe:p999", 2, False)
 row(f"  2 KiB @ {rate}/s end-to-end (sink) p50, ms", None, f"relay-2k-rate{rate}", "sink:p50", 1, False)
 row(f"  2 KiB @ {rate}/s end-to-end (sink) p99, ms", None, f"relay-2k-rate{rate}", "sink:p99", 1, False)
 row(f"  2 KiB @ {rate}/s server CPU per message (accept + relay), µs", None, f"relay-2k-rate{rate}", "cpu", 0, False)
@@ -472,6 +494,9 @@ if high and load("tern-relay-2k-x5.json"):
     row(f"Relay 2 KiB, open loop at {high} msgs/s offered (5x Postfix's c=64 rate; tern only): msgs/s accepted", None, "relay-2k-x5", "throughput")
     row(f"  2 KiB @ {high}/s acceptance p50, ms (from intended start)", None, "relay-2k-x5", "lat:accept:p50", 2, False)
     row(f"  2 KiB @ {high}/s acceptance p99, ms (from intended start), 64 connections", None, "relay-2k-x5", "lat:accept:p99", 2, False, target=tgt_p99)
+    row(f"  fdatasync probe beside it (4 KiB, same disk, same seconds) p50, ms", None, "relay-2k-x5", "probe:p50", 2, False)
+    row(f"  fdatasync probe p99, ms", None, "relay-2k-x5", "probe:p99", 2, False)
+    row(f"  fdatasync probe p99.9, ms", None, "relay-2k-x5", "probe:p999", 2, False)
     row(f"  2 KiB @ {high}/s end-to-end (sink) p50, ms", None, "relay-2k-x5", "sink:p50", 1, False)
     row(f"  2 KiB @ {high}/s end-to-end (sink) p99, ms", None, "relay-2k-x5", "sink:p99", 1, False)
     row(f"  2 KiB @ {high}/s server CPU per message (accept + relay), µs", None, "relay-2k-x5", "cpu", 0, False)

@@ -61,6 +61,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// DKIM signing keys and what is signed.
     pub dkim: crate::dkim::DkimConfig,
+    /// Content filters (milter protocol 6) run on every accepted message before the 250.
+    pub milter: crate::milter::MilterConfig,
+    /// `[milter]`'s filters, checked and resolved when the configuration is loaded (a
+    /// bad entry fails `check-config`, the start and a reload alike).
+    #[serde(skip)]
+    pub milters: std::sync::Arc<crate::milter::Filters>,
     /// Shared counters for a cluster of nodes.
     pub cluster: ClusterConfig,
     /// `auth.sender_map`, read and parsed when the configuration is loaded (so a map that
@@ -510,6 +516,8 @@ impl Default for Config {
             admin: AdminConfig::default(),
             metrics: MetricsConfig::default(),
             dkim: Default::default(),
+            milter: Default::default(),
+            milters: Default::default(),
             cluster: ClusterConfig::default(),
             senders: Default::default(),
             dkim_signer: Default::default(),
@@ -665,6 +673,9 @@ impl Config {
         cfg.senders = std::sync::Arc::new(cfg.load_sender_map()?);
         cfg.dkim_signer = std::sync::Arc::new(
             crate::dkim::Signer::load(&cfg.dkim).map_err(ConfigError::Invalid)?,
+        );
+        cfg.milters = std::sync::Arc::new(
+            crate::milter::Filters::load(&cfg.milter).map_err(ConfigError::Invalid)?,
         );
         Ok(cfg)
     }

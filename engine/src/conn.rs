@@ -41,7 +41,7 @@ use glommio::net::TcpStream;
 use glommio::timer::Timer;
 
 use crate::shard::{Shard, DRAINING};
-use tern_smtp::session::{reply, Event, ListenerKind, Session, SessionConfig};
+use tern_smtp::session::{reply, Check, Event, ListenerKind, Session, SessionConfig};
 
 /// Per-listener context shared by that listener's connections on one shard.
 pub struct ListenerCtx {
@@ -141,26 +141,39 @@ pub async fn serve(
         tracing::info!(shard = shard.id, %peer, balancer = %sock_peer, listener = kind.name(), "connect");
     }
     let started = Instant::now();
+    // None without filters for this listener: nothing below costs anything then.
+    let mut milters = shard.milters.session(kind, &session_cfg.hostname);
     let mut session = Session::new(
         session_cfg,
         peer,
         kind == ListenerKind::Smtps,
         crate::clock::now(),
     );
+    if milters.is_some() {
+        session.filter_commands();
+    }
     // The TLS paths are boxed so that a plain connection's task carries only its own
     // state (memory per idle connection is bounded and small).
     let result = match kind {
         ListenerKind::Smtps => match Box::pin(handshake(&lst, stream, &shard)).await {
-            Some(tls) => Box::pin(run(tls, &mut session, &shard, true))
-                .await
-                .map(|_| ()),
+            Some(tls) => {
+                if let Some(m) = milters.as_mut() {
+                    m.set_tls(tls_info(tls.get_ref().1));
+                }
+                Box::pin(run(tls, &mut session, &shard, true, &mut milters))
+                    .await
+                    .map(|_| ())
+            }
             None => Ok(()),
         },
-        _ => match run(stream, &mut session, &shard, true).await {
+        _ => match run(stream, &mut session, &shard, true, &mut milters).await {
             Ok(Outcome::StartTls(plain)) => match Box::pin(handshake(&lst, plain, &shard)).await {
                 Some(tls) => {
                     session.tls_started();
-                    Box::pin(run(tls, &mut session, &shard, false))
+                    if let Some(m) = milters.as_mut() {
+                        m.set_tls(tls_info(tls.get_ref().1));
+                    }
+                    Box::pin(run(tls, &mut session, &shard, false, &mut milters))
                         .await
                         .map(|_| ())
                 }
@@ -231,6 +244,7 @@ async fn run<S>(
     session: &mut Session,
     shard: &Shard,
     greet: bool,
+    milters: &mut Option<crate::milter::MilterSession>,
 ) -> std::io::Result<Outcome<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -238,6 +252,20 @@ where
     let mut inbuf = BytesMut::new();
     let mut out = BytesMut::with_capacity(512);
     if greet {
+        if let Some(m) = milters.as_mut() {
+            // The filters' connect stage, before the banner (the real client's address,
+            // after a PROXY header). A refusal ends the session with its reply.
+            let peer = session.peer();
+            if let Some(r) = Box::pin(m.connect(&shard.milters, shard.id, peer)).await {
+                tracing::info!(shard = shard.id, %peer, code = r.code, text = %r.text,
+                    "connection refused by milter");
+                let code = if r.code >= 500 { 554 } else { 421 };
+                reply::line(&mut out, code, &r.enhanced, &r.text);
+                flush(&mut io, &mut out, shard).await?;
+                let _ = io.close().await;
+                return Ok(Outcome::Done);
+            }
+        }
         session.greeting(&mut out);
     }
     session.set_output_limit(OUTPUT_LIMIT);
@@ -260,7 +288,38 @@ where
                 // Let the client see the replies so far while the disk works.
                 replied |= flush(&mut io, &mut out, shard).await?;
                 let t0 = Instant::now();
-                let id = shard.store.store(&mut msg).await;
+                let mut given = None;
+                let mut held = None;
+                if let Some(m) = milters.as_mut() {
+                    // The filters run before the message is signed, committed and
+                    // acknowledged: the spool holds exactly what they accepted.
+                    let id = m.take_queue_id().unwrap_or_else(|| shard.store.next_id());
+                    let outcome =
+                        Box::pin(m.filter(&shard.milters, shard.id, &mut msg, id.as_str())).await;
+                    match outcome {
+                        crate::milter::Outcome::Store { held: h } => {
+                            given = Some(id);
+                            held = h.map(|r| crate::milter::held_reason(&r));
+                        }
+                        crate::milter::Outcome::Discard { filter } => {
+                            tracing::info!(shard = shard.id, id = %id, milter = %filter,
+                                from = %msg.envelope.sender, "discarded by milter");
+                            session.filtered(
+                                250,
+                                "2.0.0",
+                                &format!("Ok: queued as {id}"),
+                                &msg.envelope,
+                                &mut out,
+                            );
+                            continue;
+                        }
+                        crate::milter::Outcome::Refuse(r) => {
+                            session.filtered(r.code, &r.enhanced, &r.text, &msg.envelope, &mut out);
+                            continue;
+                        }
+                    }
+                }
+                let id = shard.store.store_as(&mut msg, given, held.as_deref()).await;
                 match &id {
                     Ok(id) => {
                         shard.metrics.accepted(t0.elapsed());
@@ -276,6 +335,32 @@ where
                     Err(e) => tracing::warn!(shard = shard.id, error = ?e, "message not stored"),
                 }
                 session.stored(id.as_ref().map(|i| i.as_str()).map_err(|e| *e), &mut out);
+                continue;
+            }
+            Event::Check(check) => {
+                // HELO/MAIL/RCPT through the filters before the session answers it.
+                let refusal = match milters.as_mut() {
+                    None => None,
+                    Some(m) => match check {
+                        Check::Helo(name) => {
+                            Box::pin(m.helo(&shard.milters, shard.id, &name)).await
+                        }
+                        Check::Mail(sender) => {
+                            let id = shard.store.next_id();
+                            let login = session.login();
+                            Box::pin(m.mail(&shard.milters, shard.id, id, &sender, login)).await
+                        }
+                        Check::Rcpt(addr) => {
+                            Box::pin(m.rcpt(&shard.milters, shard.id, &addr)).await
+                        }
+                    },
+                };
+                session.checked(
+                    refusal
+                        .as_ref()
+                        .map(|r| (r.code, r.enhanced.as_str(), r.text.as_str())),
+                    &mut out,
+                );
                 continue;
             }
             Event::Etrn(node) => {
@@ -580,6 +665,22 @@ async fn flush<S: AsyncWrite + Unpin>(
             "write timed out",
         )),
     }
+}
+
+/// The milter macros `{tls_version}` and `{cipher}` of an established TLS session.
+fn tls_info(c: &rustls::ServerConnection) -> crate::milter::TlsInfo {
+    let version = match c.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => String::new(),
+    };
+    let cipher = c
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("")
+        .to_string();
+    crate::milter::TlsInfo { version, cipher }
 }
 
 /// Runs `f` for at most `d`.

@@ -43,6 +43,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dkim_thread;
 pub mod metrics;
+pub mod milter;
 pub mod notify;
 pub mod pgusers;
 pub mod privileges;

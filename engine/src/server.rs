@@ -796,6 +796,7 @@ async fn shard_main(
             proxy_timeout: cfg.limits.proxy_timeout,
             drain_started: Cell::new(None),
             drain_delay: cfg.shutdown.drain_delay,
+            milters: crate::milter::ShardMilters::new(&cfg.milters),
         });
         // One SASL state per shard: its own nonces, its own snapshot handle.
         let auth_shared = Rc::new(AuthShared {
@@ -873,6 +874,7 @@ async fn shard_main(
                     }
                     control_shard.peers.set_user_rates(new.user_rates());
                     control_shard.store.set_dkim(new.dkim_signer.clone());
+                    control_shard.milters.set(&new.milters);
                     for ctx in &ctx_list {
                         let (kind, hooks) = {
                             let old = ctx.session.borrow();

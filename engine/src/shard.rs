@@ -56,6 +56,9 @@ pub struct Shard {
     /// Set only by the admin `drain`/`undrain` requests (`admin::server::on_shard`).
     pub drain_started: Cell<Option<std::time::Instant>>,
     pub drain_delay: Duration,
+    /// The shard's milter filters (`milter`): none configured costs one borrow per
+    /// session.
+    pub milters: crate::milter::ShardMilters,
 }
 
 impl Shard {
@@ -129,6 +132,12 @@ impl Shard {
         snap.sync_latency = self.store.group_commit().sync_times();
         snap.draining = self.draining();
         snap.dkim_signed = self.store.dkim_signed();
+        snap.milter = self
+            .milters
+            .counts()
+            .into_iter()
+            .map(|(f, a, n)| ((f, a), n))
+            .collect();
         snap.accepting = !self.store.runner().over_high_water();
         snap
     }

@@ -138,15 +138,33 @@ impl ShardStore {
         &self.commit
     }
 
+    /// A fresh queue id, for a message whose filters (milter macro `i`) must know it
+    /// before it is stored (`store_as`).
+    pub fn next_id(&self) -> MsgId {
+        self.commit.with_spool(|spool| spool.id_gen().next_id())
+    }
+
     /// Makes `msg` durable and returns its queue id (inline: the id is generated on the
     /// stack and copied only into the Received: header, the envelope and the record).
     pub async fn store(&self, msg: &mut Message) -> Result<MsgId, StoreError> {
+        self.store_as(msg, None, None).await
+    }
+
+    /// `store`, with the id given (`next_id`) and, when a filter quarantined the message,
+    /// held: its held state record is committed before the 250 and the runner never
+    /// tries it until `tern queue release`.
+    pub async fn store_as(
+        &self,
+        msg: &mut Message,
+        id: Option<MsgId>,
+        held: Option<&str>,
+    ) -> Result<MsgId, StoreError> {
         if !self.accepting() {
             return Err(StoreError::Full);
         }
         self.sign(msg).await?;
         let prepared = self.commit.with_spool(|spool| {
-            let id = spool.id_gen().next_id();
+            let id = id.unwrap_or_else(|| spool.id_gen().next_id());
             msg.finish(&self.hostname, id.as_str());
             spool.prepare(&msg.envelope, &msg.body).map_err(|e| (id, e))
         });
@@ -165,7 +183,7 @@ impl ShardStore {
         loop {
             let env = &msg.envelope;
             match self
-                .commit_and_enqueue(write, env.arrival_unix_micros, env.recipients.len())
+                .commit_and_enqueue_as(write, env.arrival_unix_micros, env.recipients.len(), held)
                 .await
             {
                 Ok(c) => return Ok(c.id),
@@ -211,6 +229,18 @@ impl ShardStore {
         arrival_unix_micros: u64,
         recipients: usize,
     ) -> Result<tern_queue::Committed, SpoolError> {
+        self.commit_and_enqueue_as(write, arrival_unix_micros, recipients, None)
+            .await
+    }
+
+    /// `commit_and_enqueue`, held when `held` gives a reason (see `store_as`).
+    async fn commit_and_enqueue_as(
+        &self,
+        write: tern_queue::PendingWrite,
+        arrival_unix_micros: u64,
+        recipients: usize,
+        held: Option<&str>,
+    ) -> Result<tern_queue::Committed, SpoolError> {
         let msg = MsgRef {
             shard: self.shard,
             segment: write.segment(),
@@ -225,6 +255,28 @@ impl ShardStore {
                 return Err(e);
             }
         };
+        if let Some(reason) = held {
+            // Quarantine: held before anyone can try it, durably, before the 250. If that
+            // record cannot be written the message is withdrawn and the client told 4xx,
+            // rather than let a quarantined message out.
+            let change = StateChange {
+                msg,
+                id: c.id,
+                updates: Vec::new(),
+                attempts: 0,
+                next_attempt_unix: 0,
+                last_reply: reason.to_string(),
+                warned: false,
+                held: true,
+            };
+            if let Err(e) = self.commit.commit_state(&change).await {
+                self.withdraw(msg, Some(c.id), recipients, &e).await;
+                return Err(e);
+            }
+            self.runner
+                .enqueue_held(msg, c.id.as_str(), arrival_unix_micros, recipients, reason);
+            return Ok(c);
+        }
         // The record is where it was reserved (`msg`).
         self.runner
             .enqueue(msg, c.id.as_str(), arrival_unix_micros, recipients);

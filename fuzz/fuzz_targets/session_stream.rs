@@ -54,6 +54,7 @@ fn run(input: &[u8], step: usize, submission: bool) -> Run {
     let shared = Rc::new(AuthShared {
         users: RefCell::new(users()),
         nonces: RefCell::new(NonceCache::new(64, Duration::from_secs(60))),
+        senders: RefCell::new(Default::default()),
     });
     // One fixed time for both runs: the protocol core reads no clock, so the Received:
     // headers and arrival times of the two runs are identical too.
@@ -84,6 +85,8 @@ fn run(input: &[u8], step: usize, submission: bool) -> Run {
             max_failures: 3,
             tarpit: Duration::from_millis(1),
             required: submission,
+            sender_own: false,
+            check_header_from: false,
             realm: "mx.test".into(),
             shared,
         }),
@@ -112,6 +115,7 @@ fn run(input: &[u8], step: usize, submission: bool) -> Run {
                     break;
                 }
                 Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
+                Event::Check(_) => s.checked(None, &mut out),
                 Event::Message(mut m) => {
                     m.finish("mx.test", "ID");
                     check_received(&m.body[0]);

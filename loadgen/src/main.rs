@@ -8,6 +8,8 @@
 //!   tern-loadgen auth    --target 127.0.0.1:587 --proxy-v2 198.51.100.7   (as if behind HAProxy)
 //!   tern-loadgen sink    --listen 127.0.0.1:2526 --delay 20
 //!   tern-loadgen merge   a.json b.json   (runs made at the same time from several machines)
+//!   tern-loadgen fsync-probe --dir /var/spool/tern --rate 500   (the disk's floor, beside a run)
+//!   tern-loadgen milter-noop --listen 127.0.0.1:8899 --stages all|eom   (a do-nothing milter)
 //!
 //! DESCRIPTION
 //!   One glommio executor per core (`--cores`, default: every CPU this process may run
@@ -22,7 +24,8 @@
 //!   The map: `runner` (executors, schedule) → `scenario` (connect, auth, relay; session
 //!   set-up) → `sasl` (AUTH client) → `conn` (SMTP framing over TCP/TLS); `stats` (per-core
 //!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `merge` (reports of several
-//!   runs into one); `sink` (the receiving end).
+//!   runs into one); `sink` (the receiving end); `milter_noop` (a milter that accepts
+//!   everything, for measuring the protocol's cost to the MTA).
 //!
 //! SECURITY
 //!   Refuses non-loopback targets (and sink listen addresses) unless `--allow-remote`:
@@ -34,6 +37,8 @@
 
 mod conn;
 mod merge;
+mod milter_noop;
+mod probe;
 mod report;
 mod runner;
 mod sasl;
@@ -108,9 +113,14 @@ enum Cmd {
     },
     /// Receive, count and time messages (see `sink --help`).
     Sink(sink::SinkArgs),
+    /// A milter (protocol 6, filter side) that accepts everything: every stage answered
+    /// (`--stages all`) or end-of-message only (`--stages eom`).
+    MilterNoop(milter_noop::MilterNoopArgs),
     /// Combine `--json` reports of runs made at the same time (e.g. from several
     /// machines): counts summed, exact percentiles from the summed histograms, rate over
     /// the union window.
+    /// The disk's floor beside a run: pwrite + fdatasync at a fixed rate, percentiles.
+    FsyncProbe(probe::ProbeArgs),
     Merge {
         /// The `--json` reports, one per run.
         #[arg(required = true, num_args = 1..)]
@@ -418,7 +428,9 @@ fn main() -> ExitCode {
             stop,
         ),
         Cmd::Sink(a) => sink::run(a, stop),
+        Cmd::MilterNoop(a) => milter_noop::run(a, stop),
         Cmd::Merge { reports, json } => merge::run(&reports, json),
+        Cmd::FsyncProbe(a) => probe::run(a, stop),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

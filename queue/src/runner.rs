@@ -218,6 +218,29 @@ impl Runner {
         self.kick();
     }
 
+    /// Indexes a committed message that is held (a filter's quarantine: its held state
+    /// record is durable already). It is not tried until `tern queue release`.
+    pub fn enqueue_held(
+        &self,
+        msg: MsgRef,
+        id: &str,
+        arrival_unix_micros: u64,
+        recipients: usize,
+        reason: &str,
+    ) {
+        let Some(mid) = MsgId::new(id) else {
+            tracing::error!(
+                id,
+                "queue id too long for the index; message left in the spool"
+            );
+            return;
+        };
+        let mut q = QueuedMessage::new(msg, mid, arrival_unix_micros, recipients);
+        q.held = true;
+        q.last_reply = Some(crate::state::intern_reply(reason));
+        self.insert(q);
+    }
+
     /// Makes every queued message due now (`tern queue flush`, ETRN). Returns how many.
     pub fn flush(&self) -> usize {
         let n = self.index.borrow_mut().flush_all();

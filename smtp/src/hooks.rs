@@ -59,10 +59,12 @@ pub enum Reject {
     SenderNotOwned,
     /// A login over its message or recipient rate (450 4.7.1 / 452 4.5.3).
     UserRate,
+    /// A content filter (milter) rejected or deferred the message.
+    Milter,
 }
 
 impl Reject {
-    pub const ALL: [Reject; 12] = [
+    pub const ALL: [Reject; 13] = [
         Reject::Size,
         Reject::BareNewline,
         Reject::LongLine,
@@ -75,6 +77,7 @@ impl Reject {
         Reject::AuthBlocked,
         Reject::SenderNotOwned,
         Reject::UserRate,
+        Reject::Milter,
     ];
 
     pub fn label(self) -> &'static str {
@@ -91,6 +94,7 @@ impl Reject {
             Reject::AuthBlocked => "auth_blocked",
             Reject::SenderNotOwned => "sender_not_owned",
             Reject::UserRate => "user_rate",
+            Reject::Milter => "milter",
         }
     }
 

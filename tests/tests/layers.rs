@@ -217,7 +217,7 @@ fn find_cycle(g: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 fn no_module_cycles_in_any_crate() {
     let root = workspace();
     let mut checked = 0;
-    for krate in ["smtp", "engine", "queue", "loadgen", "tests"] {
+    for krate in ["smtp", "milter", "engine", "queue", "loadgen", "tests"] {
         // The binary's command-line modules sit beside the library in engine/src/cli; they
         // are a crate of their own (the binary), checked on their own below.
         let skip: &[&str] = if krate == "engine" { &["cli"] } else { &[] };
@@ -286,5 +286,32 @@ fn protocol_core_depends_on_no_runtime() {
         );
     }
     let lib = std::fs::read_to_string(workspace().join("smtp/src/lib.rs")).expect("lib.rs");
+    assert!(lib.contains("#![forbid(unsafe_code)]"));
+}
+
+/// The milter client core is sans-I/O too: bytes, memchr, thiserror and nothing else.
+#[test]
+fn milter_core_depends_on_no_runtime() {
+    let manifest =
+        std::fs::read_to_string(workspace().join("milter/Cargo.toml")).expect("manifest");
+    let deps = manifest
+        .split("\n[dependencies]\n")
+        .nth(1)
+        .expect("[dependencies]")
+        .split("\n[")
+        .next()
+        .unwrap_or("");
+    let allowed = ["bytes", "memchr", "thiserror"];
+    for line in deps
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+    {
+        let name = line.split(['=', '.', ' ']).next().unwrap_or("").trim();
+        assert!(
+            allowed.contains(&name),
+            "tern-milter depends on {name:?} (allowed: {allowed:?})"
+        );
+    }
+    let lib = std::fs::read_to_string(workspace().join("milter/src/lib.rs")).expect("lib.rs");
     assert!(lib.contains("#![forbid(unsafe_code)]"));
 }

@@ -103,6 +103,50 @@ pub fn report(cfg: &Config) -> String {
             );
         }
     }
+    if cfg.milters.list.is_empty() {
+        let _ = writeln!(
+            o,
+            "Milter: protocol 6 client; {}",
+            if cfg.milter.enable {
+                "no filters configured"
+            } else {
+                "disabled (milter.enable = false)"
+            }
+        );
+    } else {
+        let _ = writeln!(
+            o,
+            "Milter: protocol 6 client, {} filter(s), run in order at end of data",
+            cfg.milters.list.len()
+        );
+        for f in &cfg.milters.list {
+            let roles: Vec<&str> = ["smtp", "submission", "smtps"]
+                .iter()
+                .zip(f.roles)
+                .filter(|(_, on)| *on)
+                .map(|(r, _)| *r)
+                .collect();
+            let t = f.timeouts;
+            let _ = writeln!(
+                o,
+                "Milter filter: {} at {} default_action {} timeouts C:{}s;S:{}s;R:{}s;E:{}s listeners {}",
+                f.name,
+                match &f.endpoint {
+                    tern_engine::milter::Endpoint::Inet(a) => format!("inet:{a}"),
+                    tern_engine::milter::Endpoint::Unix(p) => format!("unix:{}", p.display()),
+                },
+                match f.default_action {
+                    tern_engine::milter::DefaultAction::Tempfail => "tempfail",
+                    tern_engine::milter::DefaultAction::Accept => "accept",
+                },
+                t.connect.as_secs(),
+                t.send.as_secs(),
+                t.reply.as_secs(),
+                t.eom.as_secs(),
+                roles.join(",")
+            );
+        }
+    }
     if cfg.cluster.redis.is_empty() {
         let _ = writeln!(o, "Cluster counters: node-local (no [cluster] redis)");
     } else {

@@ -115,6 +115,8 @@ pub fn run(cfg: &Config) -> ExitCode {
                 let r = make_durable(cfg, &mut msg);
                 session.stored(r.as_deref().map_err(|e| *e), &mut out);
             }
+            // No content filters here (filter_commands is never set): nothing to ask.
+            Event::Check(_) => session.checked(None, &mut out),
             // STARTTLS is never offered here; the session refuses it before this.
             Event::StartTls | Event::Close => break,
             Event::Etrn(node) => {

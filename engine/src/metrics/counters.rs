@@ -152,6 +152,9 @@ pub struct Snapshot {
     pub recent: Vec<(u64, String)>,
     /// DKIM signatures made, per `dkim::Algorithm::index` (rsa, ed25519).
     pub dkim_signed: [u64; 2],
+    /// Milter outcomes per (filter, action): accept, continue, reject, tempfail, discard,
+    /// quarantine, failed (the default action was taken).
+    pub milter: std::collections::BTreeMap<(String, String), u64>,
 }
 
 /// Copies the shard's counters (on the shard's thread).
@@ -202,6 +205,9 @@ impl Snapshot {
             }
             for (a, b) in t.dkim_signed.iter_mut().zip(s.dkim_signed) {
                 *a += b;
+            }
+            for (k, n) in &s.milter {
+                *t.milter.entry(k.clone()).or_insert(0) += n;
             }
         }
         t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);

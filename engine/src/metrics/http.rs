@@ -183,6 +183,20 @@ pub fn render(shards: &[Snapshot]) -> String {
         },
     );
     family(
+        "tern_milter_actions_total",
+        "counter",
+        "Milter outcomes per filter and action (failed: the filter's default action was taken).",
+        &|id, s, o| {
+            for ((f, a), n) in &s.milter {
+                let _ = writeln!(
+                    o,
+                    "tern_milter_actions_total{{shard=\"{id}\",filter=\"{}\",action=\"{a}\"}} {n}",
+                    f.replace('\\', "\\\\").replace('"', "\\\"")
+                );
+            }
+        },
+    );
+    family(
         "tern_queue_messages",
         "gauge",
         "Messages in the queue.",

@@ -177,6 +177,18 @@ pub enum Event {
     /// ETRN (RFC 1985) for this node: start a queue run, then call `Session::etrn_started`
     /// with how many messages were scheduled.
     Etrn(String),
+    /// A command the session accepted, which content filters must see before it is
+    /// answered (only after `filter_commands`): ask them, then call `Session::checked`.
+    /// No input is consumed meanwhile.
+    Check(Check),
+}
+
+/// What `Event::Check` asks the filters about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    Helo(String),
+    Mail(String),
+    Rcpt(String),
 }
 
 /// A finished message, ready for the spool. `envelope.id` is empty: the spool assigns it.
@@ -299,6 +311,8 @@ enum State {
     },
     /// A message was handed to the driver; waiting for `stored`.
     Storing,
+    /// A command waits for the filters' verdict (`checked`); its reply is not written yet.
+    Checking(CheckKind),
     /// An AUTH exchange is waiting for the client's next response line.
     Auth(Box<Exchange>),
     /// Authenticated; the server-final 334 was sent and the client's (empty) reply is due.
@@ -307,6 +321,15 @@ enum State {
         mech: Mechanism,
     },
     Closed,
+}
+
+/// Which command waits in `State::Checking`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckKind {
+    Helo,
+    Ehlo,
+    Mail,
+    Rcpt,
 }
 
 #[derive(Debug)]
@@ -338,6 +361,8 @@ pub struct Session {
     helo: Option<String>,
     esmtp: bool,
     authenticated: Option<String>,
+    /// The SASL mechanism of the successful AUTH (milter's `{auth_type}`).
+    auth_mechanism: Option<&'static str>,
     /// Whether the mechanism used is trusted for relaying (TRUST_AUTH_MECH).
     auth_trusted: bool,
     txn: Option<Transaction>,
@@ -352,6 +377,10 @@ pub struct Session {
     /// Commands since the last accepted message that moved no mail (see
     /// [`MAX_JUNK_COMMANDS`]).
     junk: u32,
+    /// Content filters see HELO/MAIL/RCPT before they are answered (`Event::Check`).
+    filter_commands: bool,
+    /// The check the last command asked for.
+    pending_check: Option<Check>,
     /// See [`Session::set_output_limit`].
     out_limit: Option<usize>,
     /// `process` stopped because `out` reached `out_limit` with input left.
@@ -373,6 +402,7 @@ impl Session {
             helo: None,
             esmtp: false,
             authenticated: None,
+            auth_mechanism: None,
             auth_trusted: false,
             txn: None,
             state: State::Command,
@@ -382,6 +412,8 @@ impl Session {
             auth_failures: 0,
             delay: None,
             junk: 0,
+            filter_commands: false,
+            pending_check: None,
             out_limit: None,
             output_full: false,
         }
@@ -424,6 +456,62 @@ impl Session {
     /// The authenticated identity, if any.
     pub fn authenticated(&self) -> Option<&str> {
         self.authenticated.as_deref()
+    }
+
+    /// The login and its SASL mechanism, once AUTH succeeded (milter macros).
+    pub fn login(&self) -> Option<(&str, &'static str)> {
+        Some((
+            self.authenticated.as_deref()?,
+            self.auth_mechanism.unwrap_or(""),
+        ))
+    }
+
+    /// The client's address (after a PROXY header: the real client).
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// From now on HELO/EHLO, MAIL and RCPT wait for the content filters
+    /// (`Event::Check`, then `checked`) before they are answered.
+    pub fn filter_commands(&mut self) {
+        self.filter_commands = true;
+    }
+
+    /// The filters' verdict on the command `Event::Check` named: None writes the reply
+    /// the session had for it; a refusal (4xx/5xx, text made safe by the caller) undoes
+    /// the command (no HELO, no transaction, no recipient) and is logged and counted
+    /// like every refusal.
+    pub fn checked(&mut self, refusal: Option<(u16, &str, &str)>, out: &mut BytesMut) {
+        let State::Checking(kind) = self.state else {
+            return;
+        };
+        self.state = State::Command;
+        match (kind, refusal) {
+            (CheckKind::Helo, None) => reply::plain(out, 250, &self.cfg.hostname),
+            (CheckKind::Ehlo, None) => self.ehlo_reply(out),
+            (CheckKind::Mail, None) => reply::line(out, 250, "2.1.0", "Ok"),
+            (CheckKind::Rcpt, None) => reply::line(out, 250, "2.1.5", "Ok"),
+            (CheckKind::Helo | CheckKind::Ehlo, Some((code, enh, text))) => {
+                self.refuse(out, Reject::Milter, "HELO", None, code, enh, text);
+                self.helo = None;
+            }
+            (CheckKind::Mail, Some((code, enh, text))) => {
+                self.refuse(out, Reject::Milter, "MAIL", None, code, enh, text);
+                self.txn = None;
+            }
+            (CheckKind::Rcpt, Some((code, enh, text))) => {
+                let rcpt = self.txn.as_mut().and_then(|t| t.rcpts.pop());
+                self.refuse(
+                    out,
+                    Reject::Milter,
+                    "RCPT",
+                    rcpt.as_ref().map(|r| r.addr.as_str()),
+                    code,
+                    enh,
+                    text,
+                );
+            }
+        }
     }
 
     /// Messages accepted in this session (for the disconnect log line).
@@ -494,6 +582,46 @@ impl Session {
         }
     }
 
+    /// The answer to the last `Event::Message` when a content filter (milter) decided it
+    /// instead of the spool: a 2xx accepts it (a discarded message is answered like a
+    /// stored one, as sendmail and Postfix do), a 4xx/5xx refuses it (counted and logged
+    /// through the hooks like every refusal). The text is the caller's, already made safe.
+    /// `envelope` is the message's (for the log line: sender, the recipient if one).
+    pub fn filtered(
+        &mut self,
+        code: u16,
+        enhanced: &str,
+        text: &str,
+        envelope: &Envelope,
+        out: &mut BytesMut,
+    ) {
+        if !matches!(self.state, State::Storing) {
+            return;
+        }
+        self.state = State::Command;
+        if code < 400 {
+            self.messages += 1;
+            self.junk = 0;
+            reply::line(out, code, enhanced, text);
+            return;
+        }
+        self.cfg.hooks.rejected(&Rejection {
+            why: Reject::Milter,
+            peer: self.peer,
+            stage: "END-OF-MESSAGE",
+            code,
+            enhanced,
+            text,
+            sender: Some(envelope.sender.as_str()),
+            recipient: match envelope.recipients.as_slice() {
+                [r] => Some(r.addr.as_str()),
+                _ => None,
+            },
+            helo: self.helo.as_deref(),
+        });
+        self.error(out, code, enhanced, text);
+    }
+
     /// Handles all complete input, at time `now`. See `Event` for what the driver does
     /// next.
     pub fn process(&mut self, input: &mut BytesMut, out: &mut BytesMut, now: Now) -> Event {
@@ -501,14 +629,17 @@ impl Session {
         loop {
             if self.out_limit.is_some_and(|l| out.len() >= l)
                 && !input.is_empty()
-                && !matches!(self.state, State::Closed | State::Storing)
+                && !matches!(
+                    self.state,
+                    State::Closed | State::Storing | State::Checking(_)
+                )
             {
                 self.output_full = true;
                 return Event::NeedInput;
             }
             match &mut self.state {
                 State::Closed => return Event::Close,
-                State::Storing => return Event::NeedInput,
+                State::Storing | State::Checking(_) => return Event::NeedInput,
                 State::Auth(_) | State::AuthFinal { .. } => {
                     let Some(line) = self.next_line(input, out, sasl::MAX_LINE + 2) else {
                         if matches!(self.state, State::Closed) {
@@ -742,16 +873,34 @@ impl Session {
                 self.reset_transaction();
                 self.helo = Some(name.to_string());
                 self.esmtp = false;
+                if self.filter_commands {
+                    self.state = State::Checking(CheckKind::Helo);
+                    return Some(Event::Check(Check::Helo(name.to_string())));
+                }
                 reply::plain(out, 250, &self.cfg.hostname);
             }
             Command::Ehlo(name) => {
                 self.reset_transaction();
                 self.helo = Some(name.to_string());
                 self.esmtp = true;
+                if self.filter_commands {
+                    self.state = State::Checking(CheckKind::Ehlo);
+                    return Some(Event::Check(Check::Helo(name.to_string())));
+                }
                 self.ehlo_reply(out);
             }
-            Command::Mail(m) => self.mail(m, out),
-            Command::Rcpt(r) => self.rcpt(r, out),
+            Command::Mail(m) => {
+                self.mail(m, out);
+                if let Some(c) = self.pending_check.take() {
+                    return Some(Event::Check(c));
+                }
+            }
+            Command::Rcpt(r) => {
+                self.rcpt(r, out);
+                if let Some(c) = self.pending_check.take() {
+                    return Some(Event::Check(c));
+                }
+            }
             Command::Data => return self.data(out),
             Command::Bdat { size, last } => self.bdat(size, last),
             Command::Rset => {
@@ -928,6 +1077,11 @@ impl Session {
             bdat_nul: false,
             bdat_used: false,
         });
+        if self.filter_commands {
+            self.state = State::Checking(CheckKind::Mail);
+            self.pending_check = Some(Check::Mail(m.path.to_string()));
+            return;
+        }
         reply::line(out, 250, "2.1.0", "Ok");
     }
 
@@ -994,6 +1148,11 @@ impl Session {
             notify: r.notify,
             orcpt: r.orcpt.map(str::to_string),
         });
+        if self.filter_commands {
+            self.state = State::Checking(CheckKind::Rcpt);
+            self.pending_check = Some(Check::Rcpt(r.path.to_string()));
+            return;
+        }
         reply::line(out, 250, "2.1.5", "Ok");
     }
 
@@ -1405,6 +1564,7 @@ impl Session {
             failures: self.auth_failures,
         });
         self.authenticated = Some(identity);
+        self.auth_mechanism = Some(mech.name());
         self.auth_trusted = self
             .cfg
             .auth

@@ -38,6 +38,7 @@ fn drive(s: &mut Session, input: &[u8]) -> (String, Vec<Vec<u8>>) {
         match s.process(&mut inbuf, &mut out, test_now()) {
             Event::NeedInput | Event::Close => break,
             Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
+            Event::Check(_) => s.checked(None, &mut out),
             Event::StartTls => {
                 discard_input(&mut inbuf);
                 break;
@@ -319,6 +320,7 @@ fn drive_split(input: &[u8], cuts: &[usize]) -> (String, Vec<Vec<u8>>) {
                     break;
                 }
                 Event::Etrn(node) => s.etrn_started(&node, 0, &mut out),
+                Event::Check(_) => s.checked(None, &mut out),
                 Event::Message(mut m) => {
                     m.finish("mx.test", "ID");
                     // Leave out the Received: header (it carries the current time).
@@ -777,4 +779,80 @@ fn no_snapshot_yet_tempfails_auth() {
     *s.cfg.auth.as_ref().unwrap().shared.users.borrow_mut() = real;
     let (out, _) = drive(&mut s, b"AUTH PLAIN AHVzZXIAcGVuY2ls\r\n");
     assert!(out.contains("235 2.7.0"), "{out}");
+}
+
+#[test]
+fn filtered_commands_wait_for_the_verdict_and_refusals_undo_them() {
+    let mut s = session();
+    s.filter_commands();
+    let mut inbuf = BytesMut::from(
+        &b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\nRCPT TO:<y@local.test>\r\nDATA\r\n"[..],
+    );
+    let mut out = BytesMut::new();
+    // EHLO: no reply until the verdict, and no input consumed meanwhile.
+    let Event::Check(Check::Helo(h)) = s.process(&mut inbuf, &mut out, test_now()) else {
+        panic!("no HELO check")
+    };
+    assert_eq!(h, "c.test");
+    assert!(out.is_empty());
+    let left = inbuf.len();
+    assert!(matches!(
+        s.process(&mut inbuf, &mut out, test_now()),
+        Event::NeedInput
+    ));
+    assert_eq!(inbuf.len(), left);
+    s.checked(None, &mut out);
+    assert!(String::from_utf8_lossy(&out).starts_with("250-mx.test"));
+    out.clear();
+    assert_eq!(
+        s.process(&mut inbuf, &mut out, test_now()).check(),
+        Some(Check::Mail("a@b.test".into()))
+    );
+    s.checked(None, &mut out);
+    assert_eq!(
+        s.process(&mut inbuf, &mut out, test_now()).check(),
+        Some(Check::Rcpt("x@local.test".into()))
+    );
+    s.checked(Some((550, "5.1.1", "No such user")), &mut out);
+    assert_eq!(
+        s.process(&mut inbuf, &mut out, test_now()).check(),
+        Some(Check::Rcpt("y@local.test".into()))
+    );
+    s.checked(Some((450, "4.7.1", "Later")), &mut out);
+    // Both recipients refused: DATA has none.
+    assert!(matches!(
+        s.process(&mut inbuf, &mut out, test_now()),
+        Event::NeedInput
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "250 2.1.0 Ok\r\n550 5.1.1 No such user\r\n450 4.7.1 Later\r\n554 5.5.1 Error: no valid recipients\r\n"
+    );
+    // A refused MAIL leaves no transaction.
+    out.clear();
+    let mut inbuf =
+        BytesMut::from(&b"RSET\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<x@local.test>\r\n"[..]);
+    assert!(s
+        .process(&mut inbuf, &mut out, test_now())
+        .check()
+        .is_some());
+    s.checked(Some((550, "5.7.1", "Go away")), &mut out);
+    assert!(!s.in_transaction());
+    assert!(matches!(
+        s.process(&mut inbuf, &mut out, test_now()),
+        Event::NeedInput
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        "250 2.0.0 Ok\r\n550 5.7.1 Go away\r\n503 5.5.1 Error: need MAIL command\r\n"
+    );
+}
+
+impl Event {
+    fn check(self) -> Option<Check> {
+        match self {
+            Event::Check(c) => Some(c),
+            _ => None,
+        }
+    }
 }
