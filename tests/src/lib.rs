@@ -9,6 +9,8 @@
 //! - `tests/e2e_13_floods.rs`     idle floods, never-reading pipeliners, slowloris: memory and cut-offs
 //! - `tests/e2e_14_faults.rs`     disk full (tmpfs), fdatasync EIO (LD_PRELOAD shim), bad next hops, TLS leaks
 //! - `tests/e2e_16_haproxy.rs`    two nodes behind a real HAProxy: PROXY v1/v2, real client addresses, rolling restart under load
+//! - `tests/e2e_24_cluster.rs`    the reference cluster (packaging/cluster/): three nodes in network
+//!   namespaces behind HAProxy, users in PostgreSQL, counters in Redis, kill -9, adoption
 //! - `tests/security.rs`          the security regression suite in one place: smuggling,
 //!   STARTTLS injection, AUTH/NUL/length abuse, header injection
 //!
@@ -139,6 +141,12 @@ pub struct Server {
     sets: Vec<String>,
     /// Extra environment of the process (e.g. LD_PRELOAD for fault injection).
     env: Vec<(String, String)>,
+    /// `Some(file)`: `tern serve --config file` with only the test's `sets` (no harness
+    /// defaults), instead of `tern demo --dir`.
+    config: Option<PathBuf>,
+    /// A command the server runs under (e.g. `ip netns exec NS`), kept for restarts; it
+    /// must exec tern in its own process, so that the pid is tern's.
+    wrapper: Vec<String>,
     pub smtp: SocketAddr,
     pub submission: SocketAddr,
     pub smtps: SocketAddr,
@@ -183,6 +191,32 @@ impl Server {
             metrics: None,
             shards: 0,
             stderr: Arc::new(Mutex::new(Vec::new())),
+            config: None,
+            wrapper: Vec::new(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// `wrapper... tern serve --config CONFIG --set ...` with `dir` as the server's
+    /// directory (kept; its spool is wherever CONFIG says, see [`Server::spool`]): for
+    /// tests that run a configuration file as an operator would (e.g. the reference
+    /// cluster's, inside a network namespace). No harness defaults are added.
+    pub fn serve(wrapper: &[&str], dir: &Path, config: &Path, sets: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+            sets: sets.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            smtp: ([0, 0, 0, 0], 0).into(),
+            submission: ([0, 0, 0, 0], 0).into(),
+            smtps: ([0, 0, 0, 0], 0).into(),
+            metrics: None,
+            shards: 0,
+            stderr: Arc::new(Mutex::new(Vec::new())),
+            config: Some(config.to_path_buf()),
+            wrapper: wrapper.iter().map(|s| s.to_string()).collect(),
         };
         s.spawn();
         s
@@ -195,9 +229,25 @@ impl Server {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "server already running");
-        let mut cmd = Command::new(tern_bin());
-        cmd.arg("demo").arg("--dir").arg(&self.dir);
-        for s in DEFAULT_SETS
+        let mut cmd = match self.wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(tern_bin());
+                c
+            }
+            None => Command::new(tern_bin()),
+        };
+        let defaults = match &self.config {
+            Some(file) => {
+                cmd.arg("serve").arg("--config").arg(file);
+                &[][..]
+            }
+            None => {
+                cmd.arg("demo").arg("--dir").arg(&self.dir);
+                DEFAULT_SETS
+            }
+        };
+        for s in defaults
             .iter()
             .copied()
             .chain(self.sets.iter().map(String::as_str))

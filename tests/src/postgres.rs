@@ -48,6 +48,8 @@ pub struct Postgres {
     /// The Unix socket directory.
     pub sock: PathBuf,
     pub port: u16,
+    /// listen_addresses when TCP is on.
+    listen: String,
     log: PathBuf,
     running: bool,
     /// The server's certificate and key once [`Postgres::enable_tls`] ran.
@@ -76,6 +78,16 @@ fn check(what: &str, o: Output) -> Output {
 impl Postgres {
     /// initdb, start, create the `tern` role and database.
     pub fn start() -> Postgres {
+        Postgres::start_listening("127.0.0.1", crate::free_port())
+    }
+
+    /// [`Postgres::start`] listening on `addr:port` (e.g. a test network's address and
+    /// the standard 5432), its Unix socket still in its temporary directory.
+    pub fn start_on(addr: &str, port: u16) -> Postgres {
+        Postgres::start_listening(addr, port)
+    }
+
+    fn start_listening(listen: &str, port: u16) -> Postgres {
         let bin = bin_dir().expect("PostgreSQL binaries");
         let tmp = tempfile::Builder::new()
             .prefix("tern-pg-")
@@ -131,7 +143,8 @@ impl Postgres {
             bin,
             data,
             sock,
-            port: crate::free_port(),
+            port,
+            listen: listen.to_string(),
             log,
             running: false,
             tls: None,
@@ -147,7 +160,7 @@ impl Postgres {
             "-p {} -k {} -c listen_addresses={} -c fsync=off",
             self.port,
             self.sock.display(),
-            if tcp { "127.0.0.1" } else { "''" }
+            if tcp { self.listen.as_str() } else { "''" }
         );
         if let Some((cert, key)) = &self.tls {
             opts.push_str(&format!(
@@ -268,6 +281,50 @@ impl Postgres {
             ),
         );
         String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs SQL as `role` (trusted on the Unix socket) in database `db`.
+    pub fn psql_as(&self, db: &str, role: &str, sql: &str) -> String {
+        let o = check(
+            "psql",
+            as_postgres(
+                &self.bin,
+                "psql",
+                &[
+                    "-h",
+                    self.sock.to_str().unwrap(),
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    role,
+                    "-d",
+                    db,
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-At",
+                    "-c",
+                    sql,
+                ],
+            ),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// A URL over the Unix socket as `user` in database `db` (trusted: no password).
+    pub fn socket_url_as(&self, db: &str, user: &str) -> String {
+        format!(
+            "postgresql:///{db}?host={}&port={}&user={user}",
+            self.sock.display(),
+            self.port
+        )
+    }
+
+    /// Puts `lines` at the top of pg_hba.conf (first match wins) and reloads.
+    pub fn prepend_hba(&self, lines: &str) {
+        let path = self.data.join("pg_hba.conf");
+        let old = std::fs::read_to_string(&path).expect("pg_hba.conf");
+        std::fs::write(&path, format!("{lines}\n{old}")).expect("write pg_hba.conf");
+        self.psql("SELECT pg_reload_conf()");
     }
 
     /// The server's log so far.
