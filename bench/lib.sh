@@ -4,6 +4,7 @@
 # and Postfix from bench/postfix/ (PF_EXTRA_PACKAGES, PF_EXTRA_MAIN_CF for additions).
 # Expects ROOT, TERN and LG; optional BENCH_NAME, LOG_TAG, KEEP, PF_PORT.
 # shellcheck shell=bash
+PF_PORT=${PF_PORT:-10587}
 
 WORK=$(mktemp -d "/tmp/${BENCH_NAME:-tern-bench}.XXXXXX")
 RES=$WORK/results
