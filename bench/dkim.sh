@@ -54,14 +54,6 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-TERN=$TARGET_DIR/release/tern
-LG=$TARGET_DIR/release/tern-loadgen
-if [ $BUILD = 1 ]; then
-    (cd "$ROOT" && cargo build --release -p tern-engine --bin tern && cargo build --release -p tern-loadgen)
-fi
-command -v jq >/dev/null || { echo "bench/dkim.sh needs jq" >&2; exit 2; }
-
 BENCH_NAME=tern-dkim-bench
 LOG_TAG=dkim-bench
 # shellcheck source=bench/lib.sh

@@ -2,9 +2,18 @@
 # the work directory and its cleanup, logging, waiting, CPU accounting (tern, or Postfix's
 # processes plus EXTRA_CPU_PIDS), the tern-loadgen sink, a `tern demo` server under test,
 # and Postfix from bench/postfix/ (PF_EXTRA_PACKAGES, PF_EXTRA_MAIN_CF for additions).
-# Expects ROOT, TERN and LG; optional BENCH_NAME, LOG_TAG, KEEP, PF_PORT.
+# Expects ROOT; optional BUILD (1: build the release binaries first), BENCH_NAME, LOG_TAG,
+# KEEP, PF_PORT. Sets TERN and LG.
 # shellcheck shell=bash
 PF_PORT=${PF_PORT:-10587}
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+TERN=$TARGET_DIR/release/tern
+LG=$TARGET_DIR/release/tern-loadgen
+if [ "${BUILD:-1}" = 1 ]; then
+    (cd "$ROOT" && cargo build --release -p tern-engine --bin tern && cargo build --release -p tern-loadgen)
+fi
+command -v jq >/dev/null || { echo "$0 needs jq" >&2; exit 2; }
 
 WORK=$(mktemp -d "/tmp/${BENCH_NAME:-tern-bench}.XXXXXX")
 RES=$WORK/results

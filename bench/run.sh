@@ -61,13 +61,6 @@ if awk "BEGIN{exit !($DURATION > 10)}"; then
     echo "--duration is capped at 10 s" >&2; exit 2
 fi
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-TERN=$TARGET_DIR/release/tern
-LG=$TARGET_DIR/release/tern-loadgen
-if [ $BUILD = 1 ]; then
-    (cd "$ROOT" && cargo build --release -p tern-engine -p tern-loadgen --bin tern --bin tern-loadgen)
-fi
-
 BENCH_NAME=tern-bench
 LOG_TAG=bench
 # shellcheck source=bench/lib.sh
