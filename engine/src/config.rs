@@ -623,26 +623,7 @@ impl Config {
         };
         let cfg = Self::from_toml_str(&text, &name, sets)?;
         if let Some(mode) = mode {
-            check_secret_mode(&text, &name, mode)?;
-        }
-        // A database password in the file makes the file a secret, checked like the user
-        // store file itself (userstore::load): owner-only.
-        let urls = [
-            match cfg.auth.user_store() {
-                UserStore::Postgres(u) => Some(u),
-                UserStore::File(_) => None,
-            },
-            cfg.auth.sender_map_db(),
-        ];
-        for url in urls.into_iter().flatten() {
-            let Some(mode) = mode else { break };
-            if url.has_password() && text.contains(url.secret()) && mode & 0o077 != 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "{name}: mode {mode:04o} lets group or others read it, and auth.users \
-                     holds a database password; run `chmod 600 {name}` (or give the \
-                     password another way, e.g. peer authentication over the Unix socket)"
-                )));
-            }
+            check_secret_mode(&cfg, &text, &name, mode)?;
         }
         Ok(cfg)
     }
@@ -889,21 +870,42 @@ impl Config {
     }
 }
 
-/// A configuration file holding a password (in `cluster.redis`) must not be readable by
-/// group or others, as the user store must not (`userstore::load`). A password given by
-/// `--set` is the command line's business.
-fn check_secret_mode(text: &str, name: &str, mode: u32) -> Result<(), ConfigError> {
-    // The file's own value, not one a --set overrode.
-    let in_file = toml::from_str::<toml::Table>(text)
+/// A configuration file holding a password (a `cluster.redis` URL, or a database URL in
+/// `auth.users` or `auth.sender_map`) must not be readable by group or others, as the user
+/// store file must not (`userstore::load`). Only the file's own values count: a password
+/// given by `--set` is the command line's business.
+fn check_secret_mode(cfg: &Config, text: &str, name: &str, mode: u32) -> Result<(), ConfigError> {
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    let redis_in_file = toml::from_str::<toml::Table>(text)
         .ok()
         .and_then(|t| t.get("cluster")?.get("redis")?.as_str().map(str::to_string))
         .is_some_and(|u| url_has_password(&u));
-    if in_file && mode & 0o077 != 0 {
-        return Err(ConfigError::Invalid(format!(
-            "{name}: holds a password (cluster.redis) but is readable by group or others (mode {mode:04o}): chmod 600 it"
-        )));
+    let db_in_file = |url: Option<crate::pgusers::PgUrl>| {
+        url.is_some_and(|u| u.has_password() && text.contains(u.secret()))
+    };
+    let users = match cfg.auth.user_store() {
+        UserStore::Postgres(u) => Some(u),
+        UserStore::File(_) => None,
+    };
+    let holders: Vec<&str> = [
+        ("cluster.redis", redis_in_file),
+        ("auth.users", db_in_file(users)),
+        ("auth.sender_map", db_in_file(cfg.auth.sender_map_db())),
+    ]
+    .into_iter()
+    .filter_map(|(key, has)| has.then_some(key))
+    .collect();
+    if holders.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    Err(ConfigError::Invalid(format!(
+        "{name}: mode {mode:04o} lets group or others read it, and {} holds a password; run \
+         `chmod 600 {name}` (or give the password another way, e.g. peer authentication \
+         over the Unix socket for PostgreSQL)",
+        holders.join(" and ")
+    )))
 }
 
 /// Applies one `key.path=value` override. The value is read as a TOML value when it parses
