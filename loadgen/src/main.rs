@@ -110,6 +110,12 @@ enum Cmd {
         /// Recipient template; {n} becomes the recipient's number.
         #[arg(long, default_value = "user{n}@demo.test")]
         to: String,
+        /// Write the Message-ID of every message whose body was sent, one per line with
+        /// its outcome: `250 <id>`, the reply code, or `-` when no reply came (the
+        /// connection died or timed out after the final dot: the server may have it).
+        /// Diffed against `sink --ids`, it names a lost or duplicated message.
+        #[arg(long, value_name = "FILE")]
+        ids: Option<PathBuf>,
     },
     /// Receive, count and time messages (see `sink --help`).
     Sink(sink::SinkArgs),
@@ -255,6 +261,7 @@ fn generate(
     relay: RelayCfg,
     stop: Arc<AtomicBool>,
 ) -> Result<(), String> {
+    let ids_file = relay.ids.clone();
     let target = resolve(&c.target, c.allow_remote)?;
     let tls = if c.tls {
         TlsMode::Implicit
@@ -354,6 +361,19 @@ fn generate(
     if let Some(p) = &c.hlog {
         report::write_hlog(p, &out.stats, headline, start)?;
     }
+    if let Some(p) = &ids_file {
+        let mut text = String::with_capacity(out.stats.ids.len() * 64);
+        for (code, id) in &out.stats.ids {
+            match code {
+                0 => text.push('-'),
+                c => text.push_str(&c.to_string()),
+            }
+            text.push(' ');
+            text.push_str(id);
+            text.push('\n');
+        }
+        std::fs::write(p, text).map_err(|e| format!("--ids {}: {e}", p.display()))?;
+    }
     if let Some(p) = &c.plot {
         let hists: Vec<(&str, &hdrhistogram::Histogram<u64>)> =
             out.stats.hists.iter().map(|(k, h)| (*k, h)).collect();
@@ -398,6 +418,7 @@ fn main() -> ExitCode {
         bdat: false,
         from: String::new(),
         to: String::new(),
+        ids: None,
     };
     let res = match cli.cmd {
         Cmd::Connect(c) => generate(Kind::Connect, c, None, no_relay(), stop),
@@ -412,6 +433,7 @@ fn main() -> ExitCode {
             bdat,
             from,
             to,
+            ids,
         } => generate(
             Kind::Relay,
             common,
@@ -424,6 +446,7 @@ fn main() -> ExitCode {
                 bdat,
                 from,
                 to,
+                ids,
             },
             stop,
         ),

@@ -17,7 +17,7 @@
 //! SECURITY: a test tool; it accepts any sender and recipient and keeps nothing. With
 //! `--starttls` and no `--cert` it uses a freshly generated self-signed certificate.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -73,6 +73,11 @@ pub struct SinkArgs {
     /// (a message delivered twice, e.g. across a restart, is counted, never hidden).
     #[arg(long)]
     pub dedup: bool,
+    /// Write every distinct Message-ID received, one per line with how many times it
+    /// arrived (`1 <id>`); implies `--dedup`. Diffed against the generator's
+    /// `relay --ids`, it names a lost or duplicated message.
+    #[arg(long, value_name = "FILE")]
+    pub ids: Option<std::path::PathBuf>,
     /// Refuse to listen on a non-loopback address unless given.
     #[arg(long)]
     pub allow_remote: bool,
@@ -145,8 +150,9 @@ struct Ctx {
     seen: Option<Arc<std::sync::Mutex<Seen>>>,
 }
 
-/// `--dedup`: the Message-IDs seen so far and how many arrived again.
-type Seen = (HashSet<Vec<u8>>, u64);
+/// `--dedup`: the Message-IDs seen so far (with how many times each arrived) and how
+/// many arrivals repeated one.
+type Seen = (HashMap<Vec<u8>, u32>, u64);
 
 pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     if !args.allow_remote && !args.listen.ip().is_loopback() {
@@ -168,7 +174,7 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
     };
     let cores = args.cores.max(1);
     let messages = Arc::new(AtomicU64::new(0));
-    let seen = args.dedup.then(Default::default);
+    let seen = (args.dedup || args.ids.is_some()).then(Default::default);
     let core_stop = Arc::new(AtomicBool::new(false));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel::<Result<SocketAddr, String>>();
     let mut handles = Vec::new();
@@ -289,6 +295,14 @@ pub fn run(args: SinkArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
         let dups = seen.lock().map(|g| g.1).unwrap_or(0);
         report.duplicates = Some(dups);
         report.unique_messages = Some(total.messages - dups);
+        if let Some(p) = &args.ids {
+            let g = seen.lock().unwrap_or_else(|e| e.into_inner());
+            let mut text = String::with_capacity(g.0.len() * 64);
+            for (id, n) in &g.0 {
+                text.push_str(&format!("{n} {}\n", String::from_utf8_lossy(id)));
+            }
+            std::fs::write(p, text).map_err(|e| format!("--ids {}: {e}", p.display()))?;
+        }
     }
     if args.json {
         println!(
@@ -552,7 +566,9 @@ async fn finish(
     }
     if let (Some(seen), Some(id)) = (&ctx.seen, id) {
         let mut g = seen.lock().unwrap_or_else(|e| e.into_inner());
-        if !g.0.insert(id) {
+        let n = g.0.entry(id).or_insert(0);
+        *n += 1;
+        if *n > 1 {
             g.1 += 1;
         }
     }

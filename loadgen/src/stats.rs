@@ -62,6 +62,9 @@ pub struct Stats {
     /// Open loop: slots due before the deadline that were never started because every
     /// worker was still busy when the run ended (a lower bound; only claimed slots count).
     pub unstarted: u64,
+    /// `relay --ids`: `(outcome, Message-ID)` of every message whose body was sent,
+    /// warm-up included; outcome is the reply code, or 0 when no reply came.
+    pub ids: Vec<(u16, String)>,
 }
 
 const MAX_SAMPLES: usize = 8;
@@ -133,6 +136,7 @@ impl Stats {
         self.tls_full += other.tls_full;
         self.tls_resumed += other.tls_resumed;
         self.connections += other.connections;
+        self.ids.extend(other.ids);
         self.bytes += other.bytes;
         self.unstarted += other.unstarted;
     }

@@ -258,15 +258,53 @@ fn loadgen_bin() -> PathBuf {
     bin
 }
 
-/// A `tern-loadgen sink --dedup` on `addr`.
-fn sink(addr: SocketAddr) -> Proc {
-    Proc::spawn(
-        Command::new(loadgen_bin())
-            .args(["sink", "--listen", &addr.to_string()])
-            .args(["--dedup", "--allow-remote", "--json", "-q"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
+/// A `tern-loadgen sink --dedup` on `addr`, writing the Message-IDs it received to
+/// `ids` when given.
+fn sink(addr: SocketAddr, ids: Option<&Path>) -> Proc {
+    let mut c = Command::new(loadgen_bin());
+    c.args(["sink", "--listen", &addr.to_string()])
+        .args(["--dedup", "--allow-remote", "--json", "-q"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(p) = ids {
+        c.arg("--ids").arg(p);
+    }
+    Proc::spawn(&mut c)
+}
+
+/// `(outcome, Message-ID)` lines of a `tern-loadgen relay --ids` or `sink --ids` file.
+fn id_lines(p: &Path) -> Vec<(String, String)> {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
+}
+
+/// Where `needle` occurs in the files under `dir` (spool segments hold each message's
+/// bytes), as `file@offset`: says whether a missing message ever reached a disk.
+fn find_in_files(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(data) = std::fs::read(&p) {
+                for (i, w) in data.windows(needle.len()).enumerate() {
+                    if w == needle {
+                        hits.push(format!("{}@{i}", p.display()));
+                    }
+                }
+            }
+        }
+    }
+    hits
 }
 
 fn report(out: &Output, what: &str) -> json::Value {
@@ -445,6 +483,34 @@ impl Redis {
         if let Some(mut p) = self.proc.take() {
             p.kill();
         }
+    }
+
+    /// Removes what a stopped Redis persisted (its append-only files): a Redis that
+    /// comes back empty, as one without persistence, a new instance, or one killed
+    /// inside its fsync interval on a busy disk does.
+    fn lose_data(&self) {
+        assert!(self.proc.is_none(), "stop Redis first");
+        for e in std::fs::read_dir(self._dir.path()).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                std::fs::remove_dir_all(&p).unwrap();
+            } else if p.extension().is_some_and(|x| x == "rdb" || x == "aof") {
+                std::fs::remove_file(&p).unwrap();
+            }
+        }
+    }
+
+    /// Whether `member` is in the cluster's set of blocks (ZSCORE over a raw socket).
+    fn blocked(&self, member: &str) -> bool {
+        let Ok(mut s) = TcpStream::connect(self.addr) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let cmd = format!("ZSCORE tern:blocks {member}\r\n");
+        let mut buf = [0u8; 64];
+        s.write_all(cmd.as_bytes()).is_ok()
+            && s.read(&mut buf)
+                .is_ok_and(|n| n > 0 && buf[0] == b'$' && buf[1] != b'-')
     }
 }
 
@@ -916,7 +982,9 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         SocketAddr::new(net.addr(1), tern_tests::free_port()),
         SocketAddr::new(net.addr(1), tern_tests::free_port()),
     );
-    let sink_proc = sink(sink_addr);
+    let ids_dir = tempfile::tempdir().unwrap();
+    let sink_ids = ids_dir.path().join("sink.ids");
+    let sink_proc = sink(sink_addr, Some(&sink_ids));
     // held.test goes to a next hop that is down until part (g).
     let routes = format!(
         r#"queue.routes={{"held.test"="smtp:[{}]:{}","*"="smtp:[{}]:{}"}}"#,
@@ -1071,8 +1139,11 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
     }
     lap("(b) cluster-wide block of one client address");
 
-    // (c) Redis stopped: AUTH goes on, every node counts locally; back: recovers.
+    // (c) Redis stopped: AUTH goes on, every node counts locally; back: recovers. It
+    // comes back having lost its data: the nodes write the blocks they know back (the
+    // block of .31 must still reach a node that starts later, in (h)).
     redis.stop();
+    redis.lose_data();
     for n in &nodes {
         wait_for(
             "the node to see Redis gone",
@@ -1093,6 +1164,11 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
             || n.metric("tern_cluster_redis_up") == Some(1.0),
         );
     }
+    wait_for(
+        "the nodes to write the block of .31 back into the empty Redis",
+        Duration::from_secs(10),
+        || redis.blocked(&format!("ip:{c31}")),
+    );
     for _ in 0..4 {
         assert_eq!(
             auth(&cl, c33, "CRAM-MD5", "bob@example.org", "wrong").1,
@@ -1247,6 +1323,8 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
                 ])
                 .arg("--hlog")
                 .arg(gdir.path().join(format!("{g}.hlog")))
+                .arg("--ids")
+                .arg(gdir.path().join(format!("{g}.ids")))
                 .args(["--json", "-q"])
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
@@ -1340,6 +1418,42 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         "(f) kill -9 under load: {ok_total} answered 250, {failed_total} failed at the client; \
          sink {got} received, {unique} distinct, {dups} duplicate(s)"
     );
+    // Message by message: every Message-ID answered 250 arrived. A missing one is looked
+    // for in every node's spool, so a failure says whether it ever reached a disk.
+    let arrived: std::collections::HashMap<String, u32> = id_lines(&sink_ids)
+        .into_iter()
+        .map(|(n, id)| (id, n.parse().unwrap_or(0)))
+        .collect();
+    let mut sent = Vec::new();
+    for g in ["g1", "g2"] {
+        sent.extend(id_lines(&gdir.path().join(format!("{g}.ids"))));
+    }
+    let acked: Vec<&String> = sent
+        .iter()
+        .filter(|(o, _)| o == "250")
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(acked.len() as u64, ok_total, "--ids lists every 250");
+    let missing: Vec<&String> = acked
+        .iter()
+        .copied()
+        .filter(|id| !arrived.contains_key(*id))
+        .collect();
+    for id in &missing {
+        let on_disk: Vec<String> = nodes
+            .iter()
+            .flat_map(|n| find_in_files(&n.server.spool(), id.as_bytes()))
+            .collect();
+        eprintln!("(f) answered 250, never arrived: {id}; in spools: {on_disk:?}");
+    }
+    let unsure: Vec<&(String, String)> = sent.iter().filter(|(o, _)| o != "250").collect();
+    for (o, id) in unsure.iter().take(20) {
+        eprintln!(
+            "(f) outcome {o} at the client, {} at the sink: {id}",
+            arrived.get(id).copied().unwrap_or(0)
+        );
+    }
+    assert!(missing.is_empty(), "lost mail: {missing:?}");
     assert!(
         unique >= ok_total,
         "lost mail: {ok_total} got a 250, {unique} arrived"
@@ -1393,7 +1507,7 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
             .arg(nodes[0].sock())),
     );
     assert!(again.contains("adopted already"), "{again}");
-    let held = sink(held_addr);
+    let held = sink(held_addr, None);
     for n in &nodes[..2] {
         n.ctl(&["status"]);
         ok(
@@ -1441,7 +1555,7 @@ fn three_nodes_behind_haproxy_with_postgresql_and_redis() {
         .ok()
         .and_then(|s| s.parse::<f64>().ok())
     {
-        let _sink = sink(sink_addr);
+        let _sink = sink(sink_addr, None);
         scale(&net, &cl, &mut nodes, &routes, secs);
     }
     drop(cl);

@@ -69,6 +69,8 @@ pub struct RelayCfg {
     pub from: String,
     /// Recipient template; `{n}` is replaced by the recipient's number (1..=rcpts).
     pub to: String,
+    /// `--ids FILE`: keep each sent message's Message-ID and outcome (`Stats::ids`).
+    pub ids: Option<std::path::PathBuf>,
 }
 
 /// Everything a core needs to run a scenario; shared read-only by all cores.

@@ -38,20 +38,28 @@ pub fn unix_nanos() -> u128 {
 }
 
 /// A message of exactly `size` bytes where possible (never less than its headers), ending
-/// in CRLF, with no line starting with a dot (so no dot-stuffing is needed).
-fn build_message(core: &Core) -> Vec<u8> {
+/// in CRLF, with no line starting with a dot (so no dot-stuffing is needed), and its
+/// Message-ID.
+fn build_message(core: &Core) -> (Vec<u8>, String) {
     let cfg = &core.cfg.relay;
     let seq = core.seq.get();
     core.seq.set(seq + 1);
     let nanos = unix_nanos();
+    // The process id keeps two generators started at the same time (one per machine or
+    // namespace, merged later) from ever sharing an id: the sink's duplicate count and
+    // `--ids` diffs rely on one id per message.
+    let id = format!(
+        "<{nanos}.{}.{}.{seq}@tern-loadgen>",
+        std::process::id(),
+        core.index
+    );
     let mut head = String::with_capacity(256);
     let _ = write!(
         head,
         "From: <{}>\r\nTo: <{}>\r\nSubject: tern-loadgen {}-{seq}\r\n\
-         Message-ID: <{nanos}.{}.{seq}@tern-loadgen>\r\n{SENT_HEADER}: {nanos}\r\n\r\n",
+         Message-ID: {id}\r\n{SENT_HEADER}: {nanos}\r\n\r\n",
         cfg.from,
         cfg.to.replace("{n}", "1"),
-        core.index,
         core.index,
     );
     let mut msg = Vec::with_capacity(cfg.size.max(head.len()) + 8);
@@ -64,7 +72,7 @@ fn build_message(core: &Core) -> Vec<u8> {
         msg.extend(std::iter::repeat_n(b'y', part - 2));
         msg.extend_from_slice(b"\r\n");
     }
-    msg
+    (msg, id)
 }
 
 pub async fn op(
@@ -112,7 +120,7 @@ pub async fn op(
 
 async fn transaction(core: &Core, s: &mut Session, measured: bool) -> Result<(), OpError> {
     let cfg = &core.cfg.relay;
-    let mut msg = build_message(core);
+    let (mut msg, id) = build_message(core);
     let mut cmds = format!("MAIL FROM:<{}>\r\n", cfg.from);
     for n in 1..=cfg.rcpts {
         let _ = write!(
@@ -187,6 +195,17 @@ async fn transaction(core: &Core, s: &mut Session, measured: bool) -> Result<(),
         return Err(OpError::Reply(code));
     }
     c.write_all(&msg).await?;
-    c.read_reply().await?.expect(250)?;
+    // Noted before the reply is awaited: a timeout drops this future mid-read, and
+    // such a message (outcome 0, unknown) is exactly the one a diff must show.
+    let slot = cfg.ids.is_some().then(|| {
+        let mut st = core.stats.borrow_mut();
+        st.ids.push((0, id));
+        st.ids.len() - 1
+    });
+    let reply = c.read_reply().await?;
+    if let Some(i) = slot {
+        core.stats.borrow_mut().ids[i].0 = reply.code;
+    }
+    reply.expect(250)?;
     Ok(())
 }
