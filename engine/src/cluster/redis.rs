@@ -161,6 +161,21 @@ fn run(
             Ok(outcome) => {
                 if !status.up.swap(true, Ordering::Relaxed) {
                     backoff = BACKOFF_MIN;
+                    // A Redis that comes back may have lost its set of blocks (no
+                    // append-only file, a crash inside the fsync interval, a new
+                    // instance): a node that starts later would learn nothing of them.
+                    // Every running node writes back what it knows; ZADD GT keeps the
+                    // longest end, so several nodes doing it at once agree.
+                    if let Some(p) = restore_pipeline(&known, now) {
+                        if let Err(e) = p.query::<()>(c) {
+                            tracing::debug!(error = %e, "writing the known blocks back to redis failed; the next reconnect retries");
+                        } else {
+                            tracing::info!(
+                                blocks = known.len(),
+                                "wrote this node's known blocks back to redis"
+                            );
+                        }
+                    }
                     if std::mem::replace(&mut in_outage, false) {
                         tracing::info!(redis = %status.url, "redis reachable again: counting across the cluster");
                     } else {
@@ -415,6 +430,39 @@ fn round_trip(
     Ok(outcome)
 }
 
+/// After a reconnect: ZADD GT every block this node knows that has not ended (`known`:
+/// member → end in ms), with the set's expiry as `block_pipeline` sets it; None when
+/// there is nothing to write.
+pub fn restore_pipeline(known: &HashMap<String, u64>, now: u64) -> Option<redis::Pipeline> {
+    let live: Vec<(&String, u64)> = known
+        .iter()
+        .filter(|(_, until)| **until > now)
+        .map(|(m, u)| (m, *u))
+        .collect();
+    let last = live.iter().map(|(_, u)| *u).max()?;
+    let mut p = redis::pipe();
+    for (member, until) in live {
+        p.cmd("ZADD")
+            .arg(Keys::BLOCKS)
+            .arg("GT")
+            .arg(until)
+            .arg(member)
+            .ignore();
+    }
+    let ttl = last.saturating_sub(now).max(1);
+    p.cmd("PEXPIRE")
+        .arg(Keys::BLOCKS)
+        .arg(ttl)
+        .arg("NX")
+        .ignore();
+    p.cmd("PEXPIRE")
+        .arg(Keys::BLOCKS)
+        .arg(ttl)
+        .arg("GT")
+        .ignore();
+    Some(p)
+}
+
 /// ZADD GT each tripped subject into `tern:blocks` (the set expires after its last
 /// block: PEXPIRE NX, then GT), and DEL the AUTH-failure counters that tripped.
 pub fn block_pipeline(batch: &Batch, tripped: &[(Subject, u64)]) -> redis::Pipeline {
@@ -586,6 +634,36 @@ mod tests {
                 "ZADD tern:blocks",
                 "PEXPIRE tern:blocks",
                 "PEXPIRE tern:blocks"
+            ]
+        );
+    }
+
+    #[test]
+    fn known_blocks_are_written_back_after_a_reconnect() {
+        let args = |p: &redis::Pipeline| -> Vec<String> {
+            p.cmd_iter()
+                .map(|c| {
+                    c.args_iter()
+                        .filter_map(|a| match a {
+                            redis::Arg::Simple(s) => Some(String::from_utf8_lossy(s).into_owned()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .collect()
+        };
+        let mut known = HashMap::new();
+        assert!(restore_pipeline(&known, 1_000).is_none(), "nothing known");
+        known.insert("ip:192.0.2.7".to_string(), 901_000u64);
+        known.insert("login:bob".to_string(), 500u64); // ended: not written back
+        let p = restore_pipeline(&known, 1_000).expect("one live block");
+        assert_eq!(
+            args(&p),
+            [
+                "ZADD tern:blocks GT 901000 ip:192.0.2.7",
+                "PEXPIRE tern:blocks 900000 NX",
+                "PEXPIRE tern:blocks 900000 GT",
             ]
         );
     }
