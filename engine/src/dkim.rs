@@ -88,6 +88,11 @@ pub enum SignerMode {
     /// On one signing thread per shard; the session waits for it like for its commit,
     /// and the shard serves its other sessions meanwhile.
     Thread,
+    /// RSA signatures on the shard's signing thread while it keeps up (fewer than
+    /// `dkim_thread::AUTO_MAX_IN_FLIGHT` waiting), on the shard's own thread when it
+    /// falls behind (the shard is saturated: the niced thread would starve) and always
+    /// for Ed25519-only keys (cheaper than the hand-off).
+    Auto,
 }
 
 impl Default for DkimConfig {
@@ -386,9 +391,20 @@ impl Signer {
 
     /// Whether [`Signer::sign_body`] would sign this body (its From: domain has keys).
     pub fn has_keys_for(&self, body: &[Bytes]) -> bool {
+        self.keys_for(body).is_some()
+    }
+
+    /// Whether this body's From: domain has an RSA key (a millisecond-class signature)
+    /// among its keys; None when it has no keys (not signed).
+    pub fn needs_rsa(&self, body: &[Bytes]) -> Option<bool> {
+        self.keys_for(body)
+            .map(|keys| keys.iter().any(|k| k.key.algorithm() == Algorithm::Rsa))
+    }
+
+    fn keys_for(&self, body: &[Bytes]) -> Option<&Vec<LoadedKey>> {
         tern_smtp::sender::header_section(body)
             .and_then(|h| from_domain(&h))
-            .is_some_and(|d| self.domains.contains_key(&d))
+            .and_then(|d| self.domains.get(&d))
     }
 
     /// The `DKIM-Signature:` fields for `msg` (one per key of its From: domain), or none

@@ -1,4 +1,5 @@
-//! The shard's DKIM signing thread (`dkim.signer = "thread"`).
+//! The shard's DKIM signing thread (`dkim.signer = "thread"`, and `"auto"` while it keeps
+//! up).
 //!
 //! Owns: one OS thread per shard, started at the shard's first message to sign, that
 //! computes signatures ([`Signer::sign_body`]) for the shard's sessions one after the
@@ -25,6 +26,13 @@ type Answer = Result<Vec<(Algorithm, Bytes)>, SignError>;
 /// against a busy nice-0 one, and lets a waking shard preempt it.
 const SIGNER_NICE: libc::c_int = 10;
 
+/// `dkim.signer = "auto"`: signatures waiting for (or on) the thread beyond which the
+/// shard signs on its own thread. Two means the thread is a whole signature behind: at
+/// moderate load that almost never happens (300 RSA signatures/s keep it busy ~14% of
+/// the time, two at once ~2%), at saturation it is the common case, and the niced
+/// thread would only get the CPU the shards leave over (docs/benchmarks.md).
+pub const AUTO_MAX_IN_FLIGHT: usize = 2;
+
 struct Job {
     signer: Arc<Signer>,
     body: Vec<Bytes>,
@@ -34,6 +42,17 @@ struct Job {
 /// A shard's handle on its signing thread.
 pub struct SigningThread {
     tx: crossbeam::channel::Sender<Job>,
+    /// Jobs sent and not yet answered (or given up by their session); shard-local.
+    in_flight: std::rc::Rc<std::cell::Cell<usize>>,
+}
+
+/// Counts a job in flight until its session has the answer or went away.
+struct InFlight(std::rc::Rc<std::cell::Cell<usize>>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 impl SigningThread {
@@ -59,7 +78,15 @@ impl SigningThread {
                     let _ = job.done.send(answer);
                 }
             })?;
-        Ok(SigningThread { tx })
+        Ok(SigningThread {
+            tx,
+            in_flight: Default::default(),
+        })
+    }
+
+    /// Signatures sent to the thread and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.get()
     }
 
     /// The signatures of `body` with `signer`'s keys, computed on the signing thread.
@@ -70,6 +97,8 @@ impl SigningThread {
             selector: String::new(),
             why: "the signing thread has stopped".into(),
         };
+        self.in_flight.set(self.in_flight.get() + 1);
+        let _counted = InFlight(self.in_flight.clone());
         self.tx
             .send(Job { signer, body, done })
             .map_err(|_| gone())?;

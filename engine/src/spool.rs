@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tern_smtp::session::{Message, StoreError};
 
 use crate::dkim::{Algorithm, Signer, SignerMode};
-use crate::dkim_thread::SigningThread;
+use crate::dkim_thread::{SigningThread, AUTO_MAX_IN_FLIGHT};
 
 /// Cloneable, shard-local handle.
 #[derive(Clone)]
@@ -98,6 +98,18 @@ impl ShardStore {
                 Some(t) => t.sign(signer, msg.body.to_vec()).await,
                 // No thread could be started: sign here rather than refuse mail.
                 None => signer.sign_body(&msg.body),
+            },
+            SignerMode::Auto => match signer.needs_rsa(&msg.body) {
+                None => Ok(Vec::new()),
+                // Ed25519 alone costs about what the hand-off would.
+                Some(false) => signer.sign_body(&msg.body),
+                Some(true) => match self.signing_thread() {
+                    Some(t) if t.in_flight() < AUTO_MAX_IN_FLIGHT => {
+                        t.sign(signer, msg.body.to_vec()).await
+                    }
+                    // Behind (a saturated shard starves the niced thread): here.
+                    _ => signer.sign_body(&msg.body),
+                },
             },
         };
         let fields = signed.map_err(|e| {

@@ -168,6 +168,12 @@ fn signed_on_the_signing_thread_verifies_too() {
     signed_mail_verifies("thread");
 }
 
+/// The same messages with `dkim.signer = "auto"` (RSA on the thread while it keeps up).
+#[test]
+fn signed_in_auto_mode_verifies_too() {
+    signed_mail_verifies("auto");
+}
+
 /// `GET path` on the metrics endpoint: the body.
 fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};

@@ -90,6 +90,7 @@ pub fn report(cfg: &Config) -> String {
             match signer.mode() {
                 tern_engine::dkim::SignerMode::Inline => "inline",
                 tern_engine::dkim::SignerMode::Thread => "thread",
+                tern_engine::dkim::SignerMode::Auto => "auto",
             }
         );
         for k in signer.keys() {
