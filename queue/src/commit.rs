@@ -22,19 +22,25 @@
 use std::cell::RefCell;
 use std::rc::{Rc, Weak};
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 
 use crate::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError, StateChange};
 
-type Waiter = oneshot::Sender<Result<Committed, SpoolError>>;
+/// Where a write's result goes, with the instant the committer sent it (the session
+/// measures from there how long it waited for the CPU).
+type Waiter = oneshot::Sender<(Result<Committed, SpoolError>, Instant)>;
 
-/// One batch for the syncer thread, and where its results go (with the time the disk
-/// work took).
-type SyncJob = (
-    Vec<PendingWrite>,
-    oneshot::Sender<(Vec<Result<Committed, SpoolError>>, std::time::Duration)>,
-);
+/// What the syncer thread sends back: the results, and when it started and finished the
+/// disk work (so the committer can split the hand-offs from the write + fdatasync).
+type SyncReply = (Vec<Result<Committed, SpoolError>>, Instant, Instant);
+
+/// One batch for the syncer thread, and where its results go.
+type SyncJob = (Vec<PendingWrite>, oneshot::Sender<SyncReply>);
+
+/// A queued write: the record, its waiter, when it was queued.
+type Queued = (PendingWrite, Waiter, Instant);
 
 struct Inner {
     spool: ShardSpool,
@@ -43,12 +49,15 @@ struct Inner {
     /// Joined when the `GroupCommit` goes, so the spool (and its flock) outlives any batch
     /// still being written.
     syncer_thread: Option<std::thread::JoinHandle<()>>,
-    queue: Vec<(PendingWrite, Waiter)>,
+    queue: Vec<Queued>,
     /// The committer task's waker while it waits for writes (`None` while it is working
     /// on a batch, or before it first ran: it then finds the queue on its own).
     committer: Option<Waker>,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
     sync_times: Histogram,
+    /// Where each message record's commit time goes (metrics: `tern_commit_wait_seconds`,
+    /// `tern_commit_batch_records`).
+    stats: CommitStats,
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets; +Inf is implied.
@@ -88,6 +97,122 @@ impl Histogram {
     }
 }
 
+/// Upper bounds (seconds) of the commit-phase histograms' buckets: finer than
+/// [`LATENCY_BUCKETS`], down to the microseconds a thread hand-off takes, so that p50,
+/// p99 and p99.9 can be read off them (interpolated within a bucket); +Inf is implied.
+pub const PHASE_BUCKETS: [f64; 24] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.0015,
+    0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 2.5,
+];
+
+/// A histogram over [`PHASE_BUCKETS`] (not cumulative; the last entry is the overflow).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PhaseHistogram {
+    pub counts: [u64; PHASE_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl PhaseHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = PHASE_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(PHASE_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += s;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &PhaseHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// Upper bounds of the records-per-batch histograms' buckets; +Inf is implied.
+pub const COUNT_BUCKETS: [u64; 9] = [0, 1, 2, 4, 8, 16, 32, 64, 128];
+
+/// A histogram of small counts over [`COUNT_BUCKETS`] (not cumulative).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CountHistogram {
+    pub counts: [u64; COUNT_BUCKETS.len() + 1],
+    pub sum: u64,
+    pub count: u64,
+}
+
+impl CountHistogram {
+    pub fn observe(&mut self, n: u64) {
+        let i = COUNT_BUCKETS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(COUNT_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += n;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &CountHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// The phases of one message record's commit, in order (label `phase` of
+/// `tern_commit_wait_seconds`).
+pub const PHASES: [&str; 6] = [
+    "queued",
+    "to_syncer",
+    "disk",
+    "from_syncer",
+    "resume",
+    "total",
+];
+
+/// Where a shard's commit time goes. Observed per message record (kind 1: what a 250
+/// waits for; state records only count in the per-batch figures).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitStats {
+    /// Per [`PHASES`]: queued (waiting for the batch in flight to finish and this one to
+    /// be taken), to_syncer (hand-off to the syncer thread), disk (its batch's write +
+    /// fdatasync), from_syncer (the syncer's reply until the committer task runs),
+    /// resume (the committer's reply until the waiting session runs: waiting for the
+    /// CPU), total (`commit` called to `commit` returning).
+    pub phases: [PhaseHistogram; PHASES.len()],
+    /// Message records per batch.
+    pub batch_messages: CountHistogram,
+    /// State records per batch.
+    pub batch_states: CountHistogram,
+    /// Message records whose batch also carried state records (they shared its write
+    /// and fdatasync).
+    pub messages_sharing: u64,
+    /// Message records that were queued while a batch carrying state records was in
+    /// flight (they waited for it before their own batch could start).
+    pub messages_behind_state: u64,
+    /// ... of those, behind a batch of state records only.
+    pub messages_behind_state_only: u64,
+}
+
+impl CommitStats {
+    pub fn merge(&mut self, other: &CommitStats) {
+        for (a, b) in self.phases.iter_mut().zip(other.phases.iter()) {
+            a.merge(b);
+        }
+        self.batch_messages.merge(&other.batch_messages);
+        self.batch_states.merge(&other.batch_states);
+        self.messages_sharing += other.messages_sharing;
+        self.messages_behind_state += other.messages_behind_state;
+        self.messages_behind_state_only += other.messages_behind_state_only;
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the channel ends the syncer after the batch it is writing, if any.
@@ -119,13 +244,13 @@ impl GroupCommit {
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
             // Ends when every sender is gone (the GroupCommit was dropped).
             for (writes, done) in rx {
-                let t0 = std::time::Instant::now();
+                let t0 = Instant::now();
                 // A panic must not take the thread (and every later batch) with it: the
                 // batch fails instead, and its writers get no 250.
                 let r =
                     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(writes)))
                         .unwrap_or_default();
-                let _ = done.send((r, t0.elapsed()));
+                let _ = done.send((r, t0, Instant::now()));
             }
         });
         let syncer_thread = match spawned {
@@ -143,6 +268,7 @@ impl GroupCommit {
             queue: Vec::new(),
             committer: None,
             sync_times: Histogram::default(),
+            stats: CommitStats::default(),
         }));
         // One long-lived task (not one per batch). It holds the `Inner` only weakly while
         // it waits, so dropping the last handle still closes the syncer and the spool.
@@ -159,6 +285,11 @@ impl GroupCommit {
     /// Latencies of the group commits so far (write + fdatasync of one batch).
     pub fn sync_times(&self) -> Histogram {
         self.inner.borrow().sync_times.clone()
+    }
+
+    /// Where the commit time of this shard's message records went so far.
+    pub fn stats(&self) -> CommitStats {
+        self.inner.borrow().stats.clone()
     }
 
     /// Makes a state change durable: `prepare_state`, then [`GroupCommit::commit`]. A
@@ -180,16 +311,26 @@ impl GroupCommit {
     /// Must be called inside the shard's glommio executor.
     pub async fn commit(&self, write: PendingWrite) -> Result<Committed, SpoolError> {
         let (tx, rx) = oneshot::channel();
+        let queued = Instant::now();
+        let message = !write.is_state();
         let idle_committer = {
             let mut inner = self.inner.borrow_mut();
-            inner.queue.push((write, tx));
+            inner.queue.push((write, tx, queued));
             inner.committer.take()
         };
         if let Some(w) = idle_committer {
             w.wake();
         }
         match rx.await {
-            Ok(r) => r,
+            Ok((r, sent)) => {
+                if message {
+                    let now = Instant::now();
+                    let stats = &mut self.inner.borrow_mut().stats;
+                    stats.phases[4].observe(now.saturating_duration_since(sent));
+                    stats.phases[5].observe(now.saturating_duration_since(queued));
+                }
+                r
+            }
             Err(_) => Err(SpoolError::Invalid(
                 "group committer dropped the write".into(),
             )),
@@ -201,6 +342,9 @@ impl GroupCommit {
 /// them as one batch, completes each waiter with its own result; the next batch gathers
 /// meanwhile. Ends when the `GroupCommit` is gone.
 async fn committer(inner: Weak<RefCell<Inner>>) {
+    // The previous batch: when it finished and how many (message, state) records it had,
+    // to tell which messages waited behind state records.
+    let mut previous: Option<(Instant, usize, usize)> = None;
     loop {
         let batch = std::future::poll_fn(|cx| {
             let Some(inner) = inner.upgrade() else {
@@ -218,32 +362,74 @@ async fn committer(inner: Weak<RefCell<Inner>>) {
         let Some(batch) = batch else {
             return;
         };
-        let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let n = writes.len();
+        let taken = Instant::now();
+        let n = batch.len();
+        let mut writes = Vec::with_capacity(n);
+        let mut waiters = Vec::with_capacity(n);
+        // Per record: queued at, and whether it is a message record (observed) or not.
+        let mut queued = Vec::with_capacity(n);
+        for (w, tx, at) in batch {
+            queued.push((at, !w.is_state()));
+            writes.push(w);
+            waiters.push(tx);
+        }
+        let messages = queued.iter().filter(|(_, m)| *m).count();
+        let states = n - messages;
         // Timed on the syncer thread, around the disk work only. The reply comes back
         // over a oneshot whose waker glommio accepts from a foreign thread.
         let (done_tx, done_rx) = oneshot::channel();
+        let sent_at = Instant::now();
         let sent = inner.upgrade().is_some_and(|i| {
             i.borrow()
                 .syncer
                 .as_ref()
                 .is_some_and(|s| s.send((writes, done_tx)).is_ok())
         });
-        let (results, took) = match (sent, done_rx.await) {
+        let (results, started, finished) = match (sent, done_rx.await) {
             (true, Ok(r)) => r,
-            _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below
+            _ => (Vec::new(), sent_at, sent_at), // every waiter fails below
         };
+        let resumed = Instant::now();
         if let Some(i) = inner.upgrade() {
-            i.borrow_mut().sync_times.observe(took);
+            let mut i = i.borrow_mut();
+            let disk = finished.saturating_duration_since(started);
+            i.sync_times.observe(disk);
+            let st = &mut i.stats;
+            st.batch_messages.observe(messages as u64);
+            st.batch_states.observe(states as u64);
+            if states > 0 {
+                st.messages_sharing += messages as u64;
+            }
+            let to_syncer = started.saturating_duration_since(sent_at);
+            let from_syncer = resumed.saturating_duration_since(finished);
+            for &(at, message) in &queued {
+                if !message {
+                    continue;
+                }
+                st.phases[0].observe(taken.saturating_duration_since(at));
+                st.phases[1].observe(to_syncer);
+                st.phases[2].observe(disk);
+                st.phases[3].observe(from_syncer);
+                if let Some((prev_done, prev_msgs, prev_states)) = previous {
+                    if at < prev_done && prev_states > 0 {
+                        st.messages_behind_state += 1;
+                        if prev_msgs == 0 {
+                            st.messages_behind_state_only += 1;
+                        }
+                    }
+                }
+            }
         }
+        previous = Some((resumed, messages, states));
         let mut results = results.into_iter();
+        let replied = Instant::now();
         for tx in waiters {
             let r = results.next().unwrap_or_else(|| {
                 Err(SpoolError::Invalid(
                     "commit batch returned too few results".into(),
                 ))
             });
-            let _ = tx.send(r);
+            let _ = tx.send((r, replied));
         }
         tracing::trace!(batch = n, "spool group commit");
     }

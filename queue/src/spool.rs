@@ -296,6 +296,10 @@ impl PendingWrite {
     pub fn id(&self) -> &str {
         self.id.as_str()
     }
+    /// A delivery-state record (kind 2), not a message.
+    pub fn is_state(&self) -> bool {
+        self.header.kind == KIND_STATE
+    }
     /// The record's queue id, inline.
     pub fn msg_id(&self) -> MsgId {
         self.id
