@@ -47,6 +47,7 @@ BENCH_NAME=tern-tail
 LOG_TAG=tail
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
+TERN=${TERN_BIN:-$TERN}   # TERN_BIN: another tern binary to measure (e.g. a saved build, side by side)
 
 metrics_addr() { awk '$1=="listening:" && $2=="metrics" {print $3; exit}' "$WORK/tern-$1.log"; }
 

@@ -739,7 +739,8 @@ async fn shard_main(
             corrupt_skipped = recovered.corrupt_skipped,
             "spool recovered"
         );
-        let commit = tern_queue::GroupCommit::new(spool);
+        let commit =
+            tern_queue::GroupCommit::with_commits_in_flight(spool, cfg.spool.commits_in_flight);
         let runner_cfg = crate::delivery::runner_config(&cfg, cfg.shard_count())
             .map_err(|e| format!("queue: {e}"))?;
         let runner =

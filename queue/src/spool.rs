@@ -923,9 +923,10 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
 
 /// Writes and syncs a batch of prepared records (call it on a blocking thread).
 ///
-/// Per shard, run one `commit_batch` at a time (while it syncs, the next batch
-/// accumulates): that is group commit, and it keeps a sync failure from being reported
-/// to one batch while a concurrent batch on the same file sees a success.
+/// Per shard, run one `commit_batch` at a time, or release concurrent batches strictly in
+/// the order they started and fail a finished batch whose segment got retired meanwhile
+/// (what `commit::GroupCommit` does): otherwise a sync failure could be reported to one
+/// batch while a concurrent batch on the same file sees a success.
 ///
 /// Every record is written with pwritev at its reserved offset; then one fdatasync per
 /// distinct segment. Results are in batch order. If any fdatasync fails, EVERY record of
@@ -933,6 +934,15 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
 /// after a failed fdatasync the kernel may have thrown the dirty pages away, so nothing
 /// written since the last good sync may be reported durable ("fsyncgate").
 pub fn commit_batch(batch: Vec<PendingWrite>) -> Vec<Result<Committed, SpoolError>> {
+    commit(batch, true).0
+}
+
+/// [`commit_batch`], also returning the segments the batch wrote to, so that a committer
+/// with several batches in flight can fail a finished batch whose segment an earlier
+/// batch's failure retired meanwhile (`commit::fail_retired`).
+pub(crate) fn commit_batch_touching(
+    batch: Vec<PendingWrite>,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
     commit(batch, true)
 }
 
@@ -942,10 +952,13 @@ pub fn commit_batch(batch: Vec<PendingWrite>) -> Vec<Result<Committed, SpoolErro
 pub fn commit_batch_unsynced_for_bench(
     batch: Vec<PendingWrite>,
 ) -> Vec<Result<Committed, SpoolError>> {
-    commit(batch, false)
+    commit(batch, false).0
 }
 
-fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolError>> {
+fn commit(
+    batch: Vec<PendingWrite>,
+    sync: bool,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
     let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(batch.len());
     // Distinct segments written to, in first-use order (a batch rarely spans more than two).
     let mut touched: Vec<Arc<SegmentHandle>> = Vec::new();
@@ -962,7 +975,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
         }));
     }
     if !sync {
-        return results;
+        return (results, touched);
     }
     let mut sync_failure: Option<(u64, std::io::Error)> = None;
     for seg in &touched {
@@ -1002,7 +1015,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
             }
         }
     }
-    results
+    (results, touched)
 }
 
 fn write_one(pw: &mut PendingWrite) -> Result<(), SpoolError> {

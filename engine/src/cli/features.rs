@@ -180,9 +180,10 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "Spool: {} (segments of {} octets)",
+        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard)",
         cfg.spool.dir.display(),
-        cfg.spool.segment_size
+        cfg.spool.segment_size,
+        cfg.spool.commits_in_flight
     );
     for (role, addrs) in [
         ("smtp", &cfg.listeners.smtp),

@@ -269,6 +269,14 @@ pub fn render(shards: &[Snapshot]) -> String {
             }
         },
     );
+    family(
+        "tern_commit_batches_overlapped_total",
+        "counter",
+        "Spool group commits started while another batch was still in flight (spool.commits_in_flight = 2).",
+        &simple("tern_commit_batches_overlapped_total", |s| {
+            s.commit.batches_overlapped as f64
+        }),
+    );
     o
 }
 
