@@ -144,6 +144,34 @@ pub struct SpoolConfig {
     /// arriving while a batch syncs starts its own write + fdatasync at once (results are
     /// still released in order). See docs/decisions.md (issue 17).
     pub commits_in_flight: usize,
+    /// How batches reach the disk: "thread" (pwritev + fdatasync on the shard's syncer
+    /// threads) or "uring" (on the shard's own io_uring, no thread hop). See
+    /// docs/decisions.md (issue 17).
+    pub commit: SpoolCommit,
+}
+
+/// `spool.commit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolCommit {
+    #[default]
+    Thread,
+    Uring,
+}
+
+impl SpoolCommit {
+    pub fn path(self) -> tern_queue::commit::CommitPath {
+        match self {
+            SpoolCommit::Thread => tern_queue::commit::CommitPath::Thread,
+            SpoolCommit::Uring => tern_queue::commit::CommitPath::Uring,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            SpoolCommit::Thread => "thread",
+            SpoolCommit::Uring => "uring",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -563,6 +591,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("spool"),
             segment_size: 32 * 1024 * 1024,
             commits_in_flight: tern_queue::commit::DEFAULT_COMMITS_IN_FLIGHT,
+            commit: SpoolCommit::Thread,
         }
     }
 }

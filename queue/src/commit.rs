@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 
+use crate::commit_uring::{self, UringFiles};
 use crate::segment::SegmentHandle;
 use crate::spool::commit_batch_touching;
 use crate::{Committed, PendingWrite, ShardSpool, SpoolError, StateChange};
@@ -71,6 +72,17 @@ type SyncJob = (Vec<PendingWrite>, oneshot::Sender<SyncReply>);
 /// A queued write: the record, its waiter, when it was queued.
 type Queued = (PendingWrite, Waiter, Instant);
 
+/// How a shard's batches reach the disk (`spool.commit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitPath {
+    /// pwritev + fdatasync on the shard's syncer threads (one per slot).
+    #[default]
+    Thread,
+    /// Writes + fdatasync on the shard's own glommio io_uring, completed on the executor
+    /// (`commit_uring`): no thread hop.
+    Uring,
+}
+
 /// `spool.commits_in_flight` when not configured.
 pub const DEFAULT_COMMITS_IN_FLIGHT: usize = 2;
 /// The most batches a shard may have in flight (one syncer thread each).
@@ -87,8 +99,11 @@ struct Syncer {
 
 struct Inner {
     spool: ShardSpool,
-    /// One per batch that may be in flight (`commits_in_flight`).
+    /// One per batch that may be in flight (`commits_in_flight`); none on the io_uring
+    /// path.
     syncers: Vec<Syncer>,
+    /// The io_uring path's write handles (`CommitPath::Uring`).
+    uring: Option<Rc<UringFiles>>,
     queue: Vec<Queued>,
     /// Message records (kind 1) in `queue`.
     queued_messages: usize,
@@ -303,11 +318,23 @@ impl GroupCommit {
     /// Like [`GroupCommit::new`], with up to `slots` batches in flight at once (clamped
     /// to 1..=[`MAX_COMMITS_IN_FLIGHT`]).
     pub fn with_commits_in_flight(spool: ShardSpool, slots: usize) -> Self {
+        Self::with_options(spool, slots, CommitPath::Thread)
+    }
+
+    /// Like [`GroupCommit::with_commits_in_flight`], on the given commit path.
+    pub fn with_options(spool: ShardSpool, slots: usize, path: CommitPath) -> Self {
         let slots = slots.clamp(1, MAX_COMMITS_IN_FLIGHT);
-        let syncers = (0..slots).map(|i| spawn_syncer(spool.shard(), i)).collect();
+        let (syncers, uring) = match path {
+            CommitPath::Thread => (
+                (0..slots).map(|i| spawn_syncer(spool.shard(), i)).collect(),
+                None,
+            ),
+            CommitPath::Uring => (Vec::new(), Some(Rc::new(UringFiles::default()))),
+        };
         let inner = Rc::new(RefCell::new(Inner {
             spool,
             syncers,
+            uring,
             queue: Vec::new(),
             queued_messages: 0,
             committer: None,
@@ -502,7 +529,17 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                 if let Some(rc) = inner.upgrade() {
                     let i = rc.borrow();
                     // Slots are freed in order, so syncer `started % slots` is idle.
-                    if let Some(tx) = i.syncers.get(started % slots).and_then(|s| s.tx.as_ref()) {
+                    let syncer = i.syncers.get(started % slots).and_then(|s| s.tx.as_ref());
+                    if let Some(files) = i.uring.clone() {
+                        // On the shard's own ring: a task of its own per batch, so that
+                        // two batches can be in flight; its result goes the same way.
+                        glommio::spawn_local(async move {
+                            let t0 = Instant::now();
+                            let (r, touched) = commit_uring::commit_batch(&files, writes).await;
+                            let _ = done_tx.send((r, touched, t0, Instant::now()));
+                        })
+                        .detach();
+                    } else if let Some(tx) = syncer {
                         let _ = tx.send((writes, done_tx));
                     }
                 }

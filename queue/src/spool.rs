@@ -296,6 +296,33 @@ impl PendingWrite {
     pub fn id(&self) -> &str {
         self.id.as_str()
     }
+    /// The whole record as one buffer for a positional write (header with the body's
+    /// checksum, envelope, body, zero padding), with its segment, offset and id: for the
+    /// io_uring commit path (`commit_uring`), whose writes own their buffers. Fails
+    /// without writing if the segment was retired (as `commit_batch` does).
+    pub(crate) fn into_buffer(
+        mut self,
+    ) -> Result<(Arc<SegmentHandle>, u64, MsgId, Vec<u8>), SpoolError> {
+        if self.seg.is_retired() {
+            return Err(SpoolError::SegmentUnusable {
+                segment: self.seg.number,
+            });
+        }
+        let body_crc = self
+            .body
+            .iter()
+            .fold(0u32, |crc, b| crc32c::crc32c_append(crc, b));
+        self.header.body_crc = body_crc;
+        self.header
+            .encode_into(&mut self.head, self.seg.salt, self.offset);
+        let mut buf = self.head;
+        buf.reserve(self.header.body_len as usize + self.pad);
+        for b in &self.body {
+            buf.extend_from_slice(b);
+        }
+        buf.resize(buf.len() + self.pad, 0);
+        Ok((self.seg, self.offset, self.id, buf))
+    }
     /// A delivery-state record (kind 2), not a message.
     pub fn is_state(&self) -> bool {
         self.header.kind == KIND_STATE
@@ -1000,22 +1027,32 @@ fn commit(
         }
     }
     if let Some((segment, e)) = sync_failure {
-        for r in results.iter_mut() {
-            if r.is_ok() {
-                *r = Err(if is_no_space(&e) {
-                    SpoolError::Full {
-                        context: format!("syncing spool segment {segment}"),
-                    }
-                } else {
-                    SpoolError::SyncFailed {
-                        segment,
-                        source: clone_io_error(&e),
-                    }
-                });
-            }
-        }
+        fail_all(&mut results, segment, &e);
     }
     (results, touched)
+}
+
+/// After a failed fdatasync of `segment`: every record of the batch that was written
+/// fails (nothing written since the last good sync may be reported durable).
+pub(crate) fn fail_all(
+    results: &mut [Result<Committed, SpoolError>],
+    segment: u64,
+    e: &std::io::Error,
+) {
+    for r in results.iter_mut() {
+        if r.is_ok() {
+            *r = Err(if is_no_space(e) {
+                SpoolError::Full {
+                    context: format!("syncing spool segment {segment}"),
+                }
+            } else {
+                SpoolError::SyncFailed {
+                    segment,
+                    source: clone_io_error(e),
+                }
+            });
+        }
+    }
 }
 
 fn write_one(pw: &mut PendingWrite) -> Result<(), SpoolError> {

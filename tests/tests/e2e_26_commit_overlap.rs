@@ -6,7 +6,8 @@
 //! times, each time right after its metrics show batches overlapping (so commits are in
 //! flight on both syncers at the kill), and restarted on the same spool. Every message
 //! that got a 250 must arrive at the next hop (lost: 0), and duplicates are bounded by
-//! what can be in flight at a kill.
+//! what can be in flight at a kill. Once on the syncer threads (`spool.commit = "thread"`)
+//! and once on the shards' own io_uring (`"uring"`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -93,6 +94,17 @@ fn send_one(addr: SocketAddr, subject: &str) -> std::io::Result<bool> {
 
 #[test]
 fn kill9_with_overlapped_commits_in_flight_loses_nothing_acknowledged() {
+    kill9_rounds("thread");
+}
+
+/// The same on the io_uring commit path (`spool.commit = "uring"`): kill -9 while batches
+/// are in flight on the shards' own rings.
+#[test]
+fn kill9_with_commits_in_flight_on_io_uring_loses_nothing_acknowledged() {
+    kill9_rounds("uring");
+}
+
+fn kill9_rounds(commit: &str) {
     const N: u32 = 1200;
     const SENDERS: u32 = 16;
     const ROUNDS: u32 = 5;
@@ -106,6 +118,7 @@ fn kill9_with_overlapped_commits_in_flight_loses_nothing_acknowledged() {
         &route,
         r#"relay.trusted_networks=["127.0.0.0/8"]"#,
         "spool.commits_in_flight=2",
+        &format!("spool.commit=\"{commit}\""),
         "queue.retry_interval=1s",
         "queue.max_retry_interval=2s",
         "queue.connect_timeout=2s",
@@ -182,7 +195,7 @@ fn kill9_with_overlapped_commits_in_flight_loses_nothing_acknowledged() {
     }
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     eprintln!(
-        "overlap crash rounds: {ROUNDS}, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
+        "overlap crash rounds ({commit}): {ROUNDS}, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
         acked.len(),
         counts.len()
     );
