@@ -638,3 +638,48 @@ fn fail_retired(
     }
     results
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MsgId;
+
+    fn committed(segment: u64, offset: u64) -> Result<Committed, SpoolError> {
+        Ok(Committed {
+            id: MsgId::new("Q1").expect("short id"),
+            segment,
+            offset,
+        })
+    }
+
+    /// The in-order release rule: a batch that finished fine but whose segment an earlier
+    /// (or concurrent) batch's failure retired meanwhile fails on that segment only.
+    #[test]
+    fn a_finished_batch_fails_on_a_segment_retired_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("tern-fail-retired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let seg = |n: u64| {
+            let path = dir.join(format!("seg-{n}"));
+            let file = std::fs::File::create(&path).expect("segment file");
+            Arc::new(SegmentHandle::new(n, file, 7, 4096, path))
+        };
+        let (s1, s2) = (seg(1), seg(2));
+        let results = || vec![committed(1, 0), committed(2, 64), committed(1, 128)];
+        // Nothing retired: every success stands.
+        let r = fail_retired(results(), &[s1.clone(), s2.clone()]);
+        assert!(r.iter().all(|r| r.is_ok()));
+        // Segment 1 retired by another batch's failed fdatasync: its records fail.
+        s1.retire();
+        let r = fail_retired(results(), &[s1, s2]);
+        assert!(matches!(
+            r[0],
+            Err(SpoolError::SyncFailed { segment: 1, .. })
+        ));
+        assert!(r[1].is_ok());
+        assert!(matches!(
+            r[2],
+            Err(SpoolError::SyncFailed { segment: 1, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
