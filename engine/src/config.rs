@@ -140,6 +140,38 @@ pub struct SpoolConfig {
     pub dir: PathBuf,
     /// Size of each preallocated segment file, in octets.
     pub segment_size: u64,
+    /// Group commits a shard may have in flight at once (1 or 2): with 2, a message
+    /// arriving while a batch syncs starts its own write + fdatasync at once (results are
+    /// still released in order). See docs/decisions.md (issue 17).
+    pub commits_in_flight: usize,
+    /// How batches reach the disk: "thread" (pwritev + fdatasync on the shard's syncer
+    /// threads) or "uring" (on the shard's own io_uring, no thread hop). See
+    /// docs/decisions.md (issue 17).
+    pub commit: SpoolCommit,
+}
+
+/// `spool.commit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpoolCommit {
+    #[default]
+    Thread,
+    Uring,
+}
+
+impl SpoolCommit {
+    pub fn path(self) -> tern_queue::commit::CommitPath {
+        match self {
+            SpoolCommit::Thread => tern_queue::commit::CommitPath::Thread,
+            SpoolCommit::Uring => tern_queue::commit::CommitPath::Uring,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            SpoolCommit::Thread => "thread",
+            SpoolCommit::Uring => "uring",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -558,6 +590,8 @@ impl Default for SpoolConfig {
         SpoolConfig {
             dir: PathBuf::from("spool"),
             segment_size: 32 * 1024 * 1024,
+            commits_in_flight: tern_queue::commit::DEFAULT_COMMITS_IN_FLIGHT,
+            commit: SpoolCommit::Thread,
         }
     }
 }
@@ -827,6 +861,13 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "spool.segment_size must be at least 1 MiB".into(),
             ));
+        }
+        if !(1..=tern_queue::commit::MAX_COMMITS_IN_FLIGHT).contains(&self.spool.commits_in_flight)
+        {
+            return Err(ConfigError::Invalid(format!(
+                "spool.commits_in_flight must be 1 or {}",
+                tern_queue::commit::MAX_COMMITS_IN_FLIGHT
+            )));
         }
         if self.spool.segment_size > tern_queue::spool::MAX_SEGMENT_SIZE {
             return Err(ConfigError::Invalid(

@@ -739,7 +739,11 @@ async fn shard_main(
             corrupt_skipped = recovered.corrupt_skipped,
             "spool recovered"
         );
-        let commit = tern_queue::GroupCommit::new(spool);
+        let commit = tern_queue::GroupCommit::with_options(
+            spool,
+            cfg.spool.commits_in_flight,
+            cfg.spool.commit.path(),
+        );
         let runner_cfg = crate::delivery::runner_config(&cfg, cfg.shard_count())
             .map_err(|e| format!("queue: {e}"))?;
         let runner =

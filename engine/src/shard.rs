@@ -130,6 +130,7 @@ impl Shard {
         snap.spool_bytes = self.store.group_commit().with_spool(|s| s.disk_bytes());
         snap.oldest_arrival_unix_micros = runner.oldest_arrival_unix_micros();
         snap.sync_latency = self.store.group_commit().sync_times();
+        snap.commit = self.store.group_commit().stats();
         snap.draining = self.draining();
         snap.dkim_signed = self.store.dkim_signed();
         snap.milter = self

@@ -2,53 +2,119 @@
 //!
 //! Sessions (accepted messages) and the queue runner (delivery state) hand a
 //! `PendingWrite` to `GroupCommit::commit` and wait. One committer task per shard, started
-//! with the `GroupCommit` and woken whenever a write is queued while it is idle, takes
-//! every queued write at once, runs `commit_batch` (pwritev + one fdatasync per segment) on
-//! the shard's own syncer thread, and wakes each waiter with its own result. While a batch
-//! is being synced the next one accumulates, so concurrent writers share one fdatasync and
-//! at most one `commit_batch` runs per shard at a time (which `commit_batch` requires).
+//! with the `GroupCommit` and woken whenever a write is queued, takes every queued write at
+//! once as a batch, has one of the shard's syncer threads run `commit_batch` (pwritev + one
+//! fdatasync per segment), and wakes each waiter with its own result.
 //!
-//! Why a thread of its own rather than glommio's `spawn_blocking`: the blocking pool is
+//! Up to `commits_in_flight` batches (`spool.commits_in_flight`, 1 or 2) are in flight at
+//! once, each on a syncer thread of its own: with 2, a write queued while a batch is being
+//! synced starts its own write + fdatasync at once instead of waiting for that batch to
+//! finish first (issue 17: a message arriving behind a batch of delivery state records
+//! used to pay two fdatasyncs). Batches complete strictly in the order they started: a
+//! batch's results are released only after every earlier batch's, and a record whose
+//! segment was retired meanwhile (an earlier or concurrent batch's write or fdatasync on
+//! that file failed) fails too. Two fdatasyncs on one file race for its writeback error
+//! (the kernel reports it once per open file, "fsyncgate"): the one that returns success
+//! may have had its own pages lost, so success counts only once the earlier batch has
+//! been seen to succeed. With 1 in flight this is the classic group commit: the next batch
+//! gathers while one syncs.
+//!
+//! Delivery state records (the runner's sent/deferred/bounced) are exactly as durable as
+//! message records (their writers wait for the fdatasync), but they never hold a slot a
+//! message needs: a batch of state records only starts when no batch is in flight;
+//! otherwise they wait and go with the next batch that carries a message (sharing its
+//! fdatasync costs a message one small pwrite).
+//!
+//! Why threads of their own rather than glommio's `spawn_blocking`: the blocking pool is
 //! shared with other slow work (Maildir deliveries fsync each file and directory), and a
 //! batch queued behind those would hold every waiting `250` (measured: acceptance p50
-//! 60 ms while the demo delivered into its Maildir). The syncer does nothing else, so a
-//! batch waits only for the previous batch.
+//! 60 ms while the demo delivered into its Maildir). The syncers do nothing else.
 //!
 //! Owns: the shard's `ShardSpool` (behind `with_spool`), its commit queue and its syncer
-//! thread (which ends when the `GroupCommit` is dropped). Shard-local (`Rc`): it must never
-//! cross threads. Must never report success for a record whose fdatasync failed, or run
-//! disk I/O on the executor thread.
+//! threads (which end when the `GroupCommit` is dropped), and the commit-phase statistics.
+//! Shard-local (`Rc`): it must never cross threads. Must never report success for a record
+//! whose fdatasync failed, release a batch before an earlier one, or run disk I/O on the
+//! executor thread.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 
-use crate::{commit_batch, Committed, PendingWrite, ShardSpool, SpoolError, StateChange};
+use crate::commit_uring::{self, UringFiles};
+use crate::segment::SegmentHandle;
+use crate::spool::commit_batch_touching;
+use crate::{Committed, PendingWrite, ShardSpool, SpoolError, StateChange};
 
-type Waiter = oneshot::Sender<Result<Committed, SpoolError>>;
+/// Where a write's result goes, with the instant the committer sent it (the session
+/// measures from there how long it waited for the CPU).
+type Waiter = oneshot::Sender<(Result<Committed, SpoolError>, Instant)>;
 
-/// One batch for the syncer thread, and where its results go (with the time the disk
-/// work took).
-type SyncJob = (
-    Vec<PendingWrite>,
-    oneshot::Sender<(Vec<Result<Committed, SpoolError>>, std::time::Duration)>,
+/// What a syncer thread sends back: the results, the segments the batch wrote to, and
+/// when it started and finished the disk work (so the committer can split the hand-offs
+/// from the write + fdatasync).
+type SyncReply = (
+    Vec<Result<Committed, SpoolError>>,
+    Vec<Arc<SegmentHandle>>,
+    Instant,
+    Instant,
 );
+
+/// One batch for the syncer thread, and where its results go.
+type SyncJob = (Vec<PendingWrite>, oneshot::Sender<SyncReply>);
+
+/// A queued write: the record, its waiter, when it was queued.
+type Queued = (PendingWrite, Waiter, Instant);
+
+/// How a shard's batches reach the disk (`spool.commit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CommitPath {
+    /// pwritev + fdatasync on the shard's syncer threads (one per slot).
+    #[default]
+    Thread,
+    /// Writes + fdatasync on the shard's own glommio io_uring, completed on the executor
+    /// (`commit_uring`): no thread hop.
+    Uring,
+}
+
+/// `spool.commits_in_flight` when not configured.
+pub const DEFAULT_COMMITS_IN_FLIGHT: usize = 2;
+/// The most batches a shard may have in flight (one syncer thread each).
+pub const MAX_COMMITS_IN_FLIGHT: usize = 2;
+
+/// One syncer thread and the channel to it.
+struct Syncer {
+    /// `None` only while dropping.
+    tx: Option<crossbeam::channel::Sender<SyncJob>>,
+    /// Joined when the `GroupCommit` goes, so the spool (and its flock) outlives any batch
+    /// still being written.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 struct Inner {
     spool: ShardSpool,
-    /// `None` only while dropping.
-    syncer: Option<crossbeam::channel::Sender<SyncJob>>,
-    /// Joined when the `GroupCommit` goes, so the spool (and its flock) outlives any batch
-    /// still being written.
-    syncer_thread: Option<std::thread::JoinHandle<()>>,
-    queue: Vec<(PendingWrite, Waiter)>,
+    /// One per batch that may be in flight (`commits_in_flight`); none on the io_uring
+    /// path.
+    syncers: Vec<Syncer>,
+    /// The io_uring path's write handles (`CommitPath::Uring`).
+    uring: Option<Rc<UringFiles>>,
+    queue: Vec<Queued>,
+    /// Message records (kind 1) in `queue`.
+    queued_messages: usize,
     /// The committer task's waker while it waits for writes (`None` while it is working
     /// on a batch, or before it first ran: it then finds the queue on its own).
     committer: Option<Waker>,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
     sync_times: Histogram,
+    /// Where each message record's commit time goes (metrics: `tern_commit_wait_seconds`,
+    /// `tern_commit_batch_records`).
+    stats: CommitStats,
 }
 
 /// Upper bounds (seconds) of the latency histograms' buckets; +Inf is implied.
@@ -88,16 +154,148 @@ impl Histogram {
     }
 }
 
+/// Upper bounds (seconds) of the commit-phase histograms' buckets: finer than
+/// [`LATENCY_BUCKETS`], down to the microseconds a thread hand-off takes, so that p50,
+/// p99 and p99.9 can be read off them (interpolated within a bucket); +Inf is implied.
+pub const PHASE_BUCKETS: [f64; 24] = [
+    0.000_005, 0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.000_75, 0.001, 0.0015,
+    0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 2.5,
+];
+
+/// A histogram over [`PHASE_BUCKETS`] (not cumulative; the last entry is the overflow).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PhaseHistogram {
+    pub counts: [u64; PHASE_BUCKETS.len() + 1],
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl PhaseHistogram {
+    pub fn observe(&mut self, d: Duration) {
+        let s = d.as_secs_f64();
+        let i = PHASE_BUCKETS
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(PHASE_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += s;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &PhaseHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// Upper bounds of the records-per-batch histograms' buckets; +Inf is implied.
+pub const COUNT_BUCKETS: [u64; 9] = [0, 1, 2, 4, 8, 16, 32, 64, 128];
+
+/// A histogram of small counts over [`COUNT_BUCKETS`] (not cumulative).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CountHistogram {
+    pub counts: [u64; COUNT_BUCKETS.len() + 1],
+    pub sum: u64,
+    pub count: u64,
+}
+
+impl CountHistogram {
+    pub fn observe(&mut self, n: u64) {
+        let i = COUNT_BUCKETS
+            .iter()
+            .position(|&b| n <= b)
+            .unwrap_or(COUNT_BUCKETS.len());
+        self.counts[i] += 1;
+        self.sum += n;
+        self.count += 1;
+    }
+
+    pub fn merge(&mut self, other: &CountHistogram) {
+        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
+            *a += b;
+        }
+        self.sum += other.sum;
+        self.count += other.count;
+    }
+}
+
+/// The phases of one message record's commit, in order (label `phase` of
+/// `tern_commit_wait_seconds`).
+pub const PHASES: [&str; 7] = [
+    "queued",
+    "to_syncer",
+    "disk",
+    "in_order",
+    "from_syncer",
+    "resume",
+    "total",
+];
+const QUEUED: usize = 0;
+const TO_SYNCER: usize = 1;
+const DISK: usize = 2;
+const IN_ORDER: usize = 3;
+const FROM_SYNCER: usize = 4;
+const RESUME: usize = 5;
+const TOTAL: usize = 6;
+
+/// Where a shard's commit time goes. Observed per message record (kind 1: what a 250
+/// waits for; state records only count in the per-batch figures).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CommitStats {
+    /// Per [`PHASES`]: queued (waiting for a free commit slot, i.e. for a batch in flight,
+    /// and for the committer to take it), to_syncer (hand-off to the syncer thread), disk
+    /// (its batch's write + fdatasync), in_order (done, but waiting for an earlier batch
+    /// still in flight), from_syncer (the syncer's reply until the committer task runs),
+    /// resume (the committer's reply until the waiting session runs: waiting for the
+    /// CPU), total (`commit` called to `commit` returning).
+    pub phases: [PhaseHistogram; PHASES.len()],
+    /// Message records per batch.
+    pub batch_messages: CountHistogram,
+    /// State records per batch.
+    pub batch_states: CountHistogram,
+    /// Message records whose batch also carried state records (they shared its write
+    /// and fdatasync).
+    pub messages_sharing: u64,
+    /// Message records that waited for a batch carrying state records (queued while it
+    /// held the commit slot, or done before it and released after it).
+    pub messages_behind_state: u64,
+    /// ... of those, behind a batch of state records only.
+    pub messages_behind_state_only: u64,
+    /// Batches started while another batch was still in flight (`commits_in_flight` 2).
+    pub batches_overlapped: u64,
+}
+
+impl CommitStats {
+    pub fn merge(&mut self, other: &CommitStats) {
+        for (a, b) in self.phases.iter_mut().zip(other.phases.iter()) {
+            a.merge(b);
+        }
+        self.batch_messages.merge(&other.batch_messages);
+        self.batch_states.merge(&other.batch_states);
+        self.messages_sharing += other.messages_sharing;
+        self.messages_behind_state += other.messages_behind_state;
+        self.messages_behind_state_only += other.messages_behind_state_only;
+        self.batches_overlapped += other.batches_overlapped;
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the channel ends the syncer after the batch it is writing, if any.
-        self.syncer.take();
+        // Closing the channels ends each syncer after the batch it is writing, if any.
+        for s in &mut self.syncers {
+            s.tx.take();
+        }
         // The committer, waiting for writes, finds the GroupCommit gone and ends.
         if let Some(w) = self.committer.take() {
             w.wake();
         }
-        if let Some(t) = self.syncer_thread.take() {
-            let _ = t.join();
+        for s in &mut self.syncers {
+            if let Some(t) = s.thread.take() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -114,39 +312,38 @@ impl GroupCommit {
     /// committer running in the runner's lower-share delivery queue would hold every
     /// session's 250 at that lower share.
     pub fn new(spool: ShardSpool) -> Self {
-        let (tx, rx) = crossbeam::channel::unbounded::<SyncJob>();
-        let name = format!("tern-sync-{}", spool.shard());
-        let spawned = std::thread::Builder::new().name(name).spawn(move || {
-            // Ends when every sender is gone (the GroupCommit was dropped).
-            for (writes, done) in rx {
-                let t0 = std::time::Instant::now();
-                // A panic must not take the thread (and every later batch) with it: the
-                // batch fails instead, and its writers get no 250.
-                let r =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| commit_batch(writes)))
-                        .unwrap_or_default();
-                let _ = done.send((r, t0.elapsed()));
-            }
-        });
-        let syncer_thread = match spawned {
-            Ok(h) => Some(h),
-            Err(e) => {
-                // Every commit will fail (no 250 without a disk write).
-                tracing::error!(error = %e, "cannot start the spool's syncer thread");
-                None
-            }
+        Self::with_commits_in_flight(spool, DEFAULT_COMMITS_IN_FLIGHT)
+    }
+
+    /// Like [`GroupCommit::new`], with up to `slots` batches in flight at once (clamped
+    /// to 1..=[`MAX_COMMITS_IN_FLIGHT`]).
+    pub fn with_commits_in_flight(spool: ShardSpool, slots: usize) -> Self {
+        Self::with_options(spool, slots, CommitPath::Thread)
+    }
+
+    /// Like [`GroupCommit::with_commits_in_flight`], on the given commit path.
+    pub fn with_options(spool: ShardSpool, slots: usize, path: CommitPath) -> Self {
+        let slots = slots.clamp(1, MAX_COMMITS_IN_FLIGHT);
+        let (syncers, uring) = match path {
+            CommitPath::Thread => (
+                (0..slots).map(|i| spawn_syncer(spool.shard(), i)).collect(),
+                None,
+            ),
+            CommitPath::Uring => (Vec::new(), Some(Rc::new(UringFiles::default()))),
         };
         let inner = Rc::new(RefCell::new(Inner {
             spool,
-            syncer: Some(tx),
-            syncer_thread,
+            syncers,
+            uring,
             queue: Vec::new(),
+            queued_messages: 0,
             committer: None,
             sync_times: Histogram::default(),
+            stats: CommitStats::default(),
         }));
         // One long-lived task (not one per batch). It holds the `Inner` only weakly while
-        // it waits, so dropping the last handle still closes the syncer and the spool.
-        glommio::spawn_local(committer(Rc::downgrade(&inner))).detach();
+        // it waits, so dropping the last handle still closes the syncers and the spool.
+        glommio::spawn_local(committer(Rc::downgrade(&inner), slots)).detach();
         GroupCommit { inner }
     }
 
@@ -159,6 +356,11 @@ impl GroupCommit {
     /// Latencies of the group commits so far (write + fdatasync of one batch).
     pub fn sync_times(&self) -> Histogram {
         self.inner.borrow().sync_times.clone()
+    }
+
+    /// Where the commit time of this shard's message records went so far.
+    pub fn stats(&self) -> CommitStats {
+        self.inner.borrow().stats.clone()
     }
 
     /// Makes a state change durable: `prepare_state`, then [`GroupCommit::commit`]. A
@@ -180,16 +382,27 @@ impl GroupCommit {
     /// Must be called inside the shard's glommio executor.
     pub async fn commit(&self, write: PendingWrite) -> Result<Committed, SpoolError> {
         let (tx, rx) = oneshot::channel();
+        let queued = Instant::now();
+        let message = !write.is_state();
         let idle_committer = {
             let mut inner = self.inner.borrow_mut();
-            inner.queue.push((write, tx));
+            inner.queue.push((write, tx, queued));
+            inner.queued_messages += usize::from(message);
             inner.committer.take()
         };
         if let Some(w) = idle_committer {
             w.wake();
         }
         match rx.await {
-            Ok(r) => r,
+            Ok((r, sent)) => {
+                if message {
+                    let now = Instant::now();
+                    let stats = &mut self.inner.borrow_mut().stats;
+                    stats.phases[RESUME].observe(now.saturating_duration_since(sent));
+                    stats.phases[TOTAL].observe(now.saturating_duration_since(queued));
+                }
+                r
+            }
             Err(_) => Err(SpoolError::Invalid(
                 "group committer dropped the write".into(),
             )),
@@ -197,54 +410,276 @@ impl GroupCommit {
     }
 }
 
-/// The shard's committer: waits for queued writes, has the syncer thread write and sync
-/// them as one batch, completes each waiter with its own result; the next batch gathers
-/// meanwhile. Ends when the `GroupCommit` is gone.
-async fn committer(inner: Weak<RefCell<Inner>>) {
-    loop {
-        let batch = std::future::poll_fn(|cx| {
-            let Some(inner) = inner.upgrade() else {
-                return Poll::Ready(None);
-            };
-            let mut inner = inner.borrow_mut();
-            if inner.queue.is_empty() {
-                inner.committer = Some(cx.waker().clone());
-                Poll::Pending
-            } else {
-                Poll::Ready(Some(std::mem::take(&mut inner.queue)))
+/// Starts syncer thread `i` of shard `shard`: it writes and syncs each batch it is sent,
+/// and replies with the results. Without a thread every commit fails (no 250 without a
+/// disk write).
+fn spawn_syncer(shard: u16, i: usize) -> Syncer {
+    let (tx, rx) = crossbeam::channel::unbounded::<SyncJob>();
+    let name = if i == 0 {
+        format!("tern-sync-{shard}")
+    } else {
+        format!("tern-sync-{shard}.{i}")
+    };
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        // Ends when every sender is gone (the GroupCommit was dropped).
+        for (writes, done) in rx {
+            let t0 = Instant::now();
+            // A panic must not take the thread (and every later batch) with it: the batch
+            // fails instead, and its writers get no 250.
+            let (r, touched) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                commit_batch_touching(writes)
+            }))
+            .unwrap_or_default();
+            let _ = done.send((r, touched, t0, Instant::now()));
+        }
+    });
+    match spawned {
+        Ok(h) => Syncer {
+            tx: Some(tx),
+            thread: Some(h),
+        },
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a spool syncer thread");
+            Syncer {
+                tx: None,
+                thread: None,
             }
+        }
+    }
+}
+
+/// A batch handed to a syncer, not yet released to its waiters.
+struct Flight {
+    done: oneshot::Receiver<SyncReply>,
+    waiters: Vec<Waiter>,
+    /// Per record: when it was queued, and whether it is a message record.
+    queued: Vec<(Instant, bool)>,
+    taken: Instant,
+    sent_at: Instant,
+    messages: usize,
+    states: usize,
+}
+
+enum Step {
+    Start(Vec<Queued>),
+    Done(Option<SyncReply>),
+    Gone,
+}
+
+/// The shard's committer: takes the queued writes as one batch whenever a commit slot is
+/// free, hands it to a syncer thread, and releases finished batches to their waiters in
+/// the order they started (see the module doc). Ends when the `GroupCommit` is gone.
+async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
+    let mut flights: VecDeque<Flight> = VecDeque::new();
+    let mut started: usize = 0;
+    // The batch released last: when, and how many (message, state) records it had, to
+    // tell which messages waited behind state records.
+    let mut previous: Option<(Instant, usize, usize)> = None;
+    loop {
+        let step = std::future::poll_fn(|cx| {
+            let Some(rc) = inner.upgrade() else {
+                return Poll::Ready(Step::Gone);
+            };
+            // Only the oldest batch can be released; a later one that finished first is
+            // found ready as soon as the oldest is gone.
+            if let Some(f) = flights.front_mut() {
+                if let Poll::Ready(r) = Pin::new(&mut f.done).poll(cx) {
+                    return Poll::Ready(Step::Done(r.ok()));
+                }
+            }
+            let mut i = rc.borrow_mut();
+            if flights.len() < slots {
+                // State records never take the last free slot from a message: alone they
+                // start only when nothing is in flight; otherwise they ride with the next
+                // batch that carries a message (same fdatasync), or wait for the idle.
+                if i.queued_messages > 0 || (!i.queue.is_empty() && flights.is_empty()) {
+                    i.queued_messages = 0;
+                    return Poll::Ready(Step::Start(std::mem::take(&mut i.queue)));
+                }
+                i.committer = Some(cx.waker().clone());
+            }
+            // All slots busy: the oldest batch's completion wakes us.
+            Poll::Pending
         })
         .await;
-        let Some(batch) = batch else {
-            return;
-        };
-        let (writes, waiters): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
-        let n = writes.len();
-        // Timed on the syncer thread, around the disk work only. The reply comes back
-        // over a oneshot whose waker glommio accepts from a foreign thread.
-        let (done_tx, done_rx) = oneshot::channel();
-        let sent = inner.upgrade().is_some_and(|i| {
-            i.borrow()
-                .syncer
-                .as_ref()
-                .is_some_and(|s| s.send((writes, done_tx)).is_ok())
-        });
-        let (results, took) = match (sent, done_rx.await) {
-            (true, Ok(r)) => r,
-            _ => (Vec::new(), std::time::Duration::ZERO), // every waiter fails below
-        };
-        if let Some(i) = inner.upgrade() {
-            i.borrow_mut().sync_times.observe(took);
+        match step {
+            Step::Gone => return,
+            Step::Start(batch) => {
+                let taken = Instant::now();
+                if !flights.is_empty() {
+                    if let Some(rc) = inner.upgrade() {
+                        rc.borrow_mut().stats.batches_overlapped += 1;
+                    }
+                }
+                let n = batch.len();
+                let mut writes = Vec::with_capacity(n);
+                let mut waiters = Vec::with_capacity(n);
+                let mut queued = Vec::with_capacity(n);
+                for (w, tx, at) in batch {
+                    queued.push((at, !w.is_state()));
+                    writes.push(w);
+                    waiters.push(tx);
+                }
+                let messages = queued.iter().filter(|(_, m)| *m).count();
+                // The reply comes back over a oneshot whose waker glommio accepts from a
+                // foreign thread. If the batch cannot be sent, `done_tx` is dropped with
+                // it and every waiter fails when the batch is released.
+                let (done_tx, done_rx) = oneshot::channel();
+                let sent_at = Instant::now();
+                if let Some(rc) = inner.upgrade() {
+                    let i = rc.borrow();
+                    // Slots are freed in order, so syncer `started % slots` is idle.
+                    let syncer = i.syncers.get(started % slots).and_then(|s| s.tx.as_ref());
+                    if let Some(files) = i.uring.clone() {
+                        // On the shard's own ring: a task of its own per batch, so that
+                        // two batches can be in flight; its result goes the same way.
+                        glommio::spawn_local(async move {
+                            let t0 = Instant::now();
+                            let (r, touched) = commit_uring::commit_batch(&files, writes).await;
+                            let _ = done_tx.send((r, touched, t0, Instant::now()));
+                        })
+                        .detach();
+                    } else if let Some(tx) = syncer {
+                        let _ = tx.send((writes, done_tx));
+                    }
+                }
+                started = started.wrapping_add(1);
+                flights.push_back(Flight {
+                    done: done_rx,
+                    waiters,
+                    queued,
+                    taken,
+                    sent_at,
+                    messages,
+                    states: n - messages,
+                });
+            }
+            Step::Done(reply) => {
+                let Some(f) = flights.pop_front() else {
+                    continue;
+                };
+                let released = Instant::now();
+                let (results, touched, began, finished) =
+                    reply.unwrap_or((Vec::new(), Vec::new(), f.sent_at, f.sent_at));
+                let results = fail_retired(results, &touched);
+                if let Some(rc) = inner.upgrade() {
+                    let mut i = rc.borrow_mut();
+                    let disk = finished.saturating_duration_since(began);
+                    i.sync_times.observe(disk);
+                    let st = &mut i.stats;
+                    st.batch_messages.observe(f.messages as u64);
+                    st.batch_states.observe(f.states as u64);
+                    if f.states > 0 {
+                        st.messages_sharing += f.messages as u64;
+                    }
+                    let to_syncer = began.saturating_duration_since(f.sent_at);
+                    // Released only after the previous batch: from this batch's finish
+                    // to the previous release it waited for the order.
+                    let prev_release = previous.map_or(finished, |p| p.0);
+                    let in_order = prev_release.saturating_duration_since(finished);
+                    let from_syncer =
+                        released.saturating_duration_since(finished.max(prev_release));
+                    for &(at, message) in &f.queued {
+                        if !message {
+                            continue;
+                        }
+                        st.phases[QUEUED].observe(f.taken.saturating_duration_since(at));
+                        st.phases[TO_SYNCER].observe(to_syncer);
+                        st.phases[DISK].observe(disk);
+                        st.phases[IN_ORDER].observe(in_order);
+                        st.phases[FROM_SYNCER].observe(from_syncer);
+                        if let Some((prev_at, prev_msgs, prev_states)) = previous {
+                            let waited_for_slot = at < prev_at && prev_at <= f.taken;
+                            if prev_states > 0 && (waited_for_slot || !in_order.is_zero()) {
+                                st.messages_behind_state += 1;
+                                if prev_msgs == 0 {
+                                    st.messages_behind_state_only += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+                previous = Some((released, f.messages, f.states));
+                let mut results = results.into_iter();
+                let replied = Instant::now();
+                for tx in f.waiters {
+                    let r = results.next().unwrap_or_else(|| {
+                        Err(SpoolError::Invalid(
+                            "commit batch returned too few results".into(),
+                        ))
+                    });
+                    let _ = tx.send((r, replied));
+                }
+                tracing::trace!(batch = f.queued.len(), "spool group commit");
+            }
         }
-        let mut results = results.into_iter();
-        for tx in waiters {
-            let r = results.next().unwrap_or_else(|| {
-                Err(SpoolError::Invalid(
-                    "commit batch returned too few results".into(),
-                ))
-            });
-            let _ = tx.send(r);
+    }
+}
+
+/// A record reported durable by its own batch fails after all if its segment has been
+/// retired by the time the batch is released: an earlier (or concurrent) batch's write or
+/// fdatasync on that file failed, and that fdatasync may have consumed the writeback error
+/// that also covered this record's pages.
+fn fail_retired(
+    mut results: Vec<Result<Committed, SpoolError>>,
+    touched: &[Arc<SegmentHandle>],
+) -> Vec<Result<Committed, SpoolError>> {
+    for seg in touched.iter().filter(|s| s.is_retired()) {
+        for r in results.iter_mut() {
+            if matches!(r, Ok(c) if c.segment == seg.number) {
+                *r = Err(SpoolError::SyncFailed {
+                    segment: seg.number,
+                    source: std::io::Error::other(
+                        "segment retired: a write or fdatasync of another batch on it failed",
+                    ),
+                });
+            }
         }
-        tracing::trace!(batch = n, "spool group commit");
+    }
+    results
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MsgId;
+
+    fn committed(segment: u64, offset: u64) -> Result<Committed, SpoolError> {
+        Ok(Committed {
+            id: MsgId::new("Q1").expect("short id"),
+            segment,
+            offset,
+        })
+    }
+
+    /// The in-order release rule: a batch that finished fine but whose segment an earlier
+    /// (or concurrent) batch's failure retired meanwhile fails on that segment only.
+    #[test]
+    fn a_finished_batch_fails_on_a_segment_retired_meanwhile() {
+        let dir = std::env::temp_dir().join(format!("tern-fail-retired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let seg = |n: u64| {
+            let path = dir.join(format!("seg-{n}"));
+            let file = std::fs::File::create(&path).expect("segment file");
+            Arc::new(SegmentHandle::new(n, file, 7, 4096, path))
+        };
+        let (s1, s2) = (seg(1), seg(2));
+        let results = || vec![committed(1, 0), committed(2, 64), committed(1, 128)];
+        // Nothing retired: every success stands.
+        let r = fail_retired(results(), &[s1.clone(), s2.clone()]);
+        assert!(r.iter().all(|r| r.is_ok()));
+        // Segment 1 retired by another batch's failed fdatasync: its records fail.
+        s1.retire();
+        let r = fail_retired(results(), &[s1, s2]);
+        assert!(matches!(
+            r[0],
+            Err(SpoolError::SyncFailed { segment: 1, .. })
+        ));
+        assert!(r[1].is_ok());
+        assert!(matches!(
+            r[2],
+            Err(SpoolError::SyncFailed { segment: 1, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

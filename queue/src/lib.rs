@@ -69,6 +69,7 @@
 
 pub mod client;
 pub mod commit;
+pub mod commit_uring;
 pub mod config;
 mod deliver;
 pub mod dsn;

@@ -296,6 +296,37 @@ impl PendingWrite {
     pub fn id(&self) -> &str {
         self.id.as_str()
     }
+    /// The whole record as one buffer for a positional write (header with the body's
+    /// checksum, envelope, body, zero padding), with its segment, offset and id: for the
+    /// io_uring commit path (`commit_uring`), whose writes own their buffers. Fails
+    /// without writing if the segment was retired (as `commit_batch` does).
+    pub(crate) fn into_buffer(
+        mut self,
+    ) -> Result<(Arc<SegmentHandle>, u64, MsgId, Vec<u8>), SpoolError> {
+        if self.seg.is_retired() {
+            return Err(SpoolError::SegmentUnusable {
+                segment: self.seg.number,
+            });
+        }
+        let body_crc = self
+            .body
+            .iter()
+            .fold(0u32, |crc, b| crc32c::crc32c_append(crc, b));
+        self.header.body_crc = body_crc;
+        self.header
+            .encode_into(&mut self.head, self.seg.salt, self.offset);
+        let mut buf = self.head;
+        buf.reserve(self.header.body_len as usize + self.pad);
+        for b in &self.body {
+            buf.extend_from_slice(b);
+        }
+        buf.resize(buf.len() + self.pad, 0);
+        Ok((self.seg, self.offset, self.id, buf))
+    }
+    /// A delivery-state record (kind 2), not a message.
+    pub fn is_state(&self) -> bool {
+        self.header.kind == KIND_STATE
+    }
     /// The record's queue id, inline.
     pub fn msg_id(&self) -> MsgId {
         self.id
@@ -919,9 +950,10 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
 
 /// Writes and syncs a batch of prepared records (call it on a blocking thread).
 ///
-/// Per shard, run one `commit_batch` at a time (while it syncs, the next batch
-/// accumulates): that is group commit, and it keeps a sync failure from being reported
-/// to one batch while a concurrent batch on the same file sees a success.
+/// Per shard, run one `commit_batch` at a time, or release concurrent batches strictly in
+/// the order they started and fail a finished batch whose segment got retired meanwhile
+/// (what `commit::GroupCommit` does): otherwise a sync failure could be reported to one
+/// batch while a concurrent batch on the same file sees a success.
 ///
 /// Every record is written with pwritev at its reserved offset; then one fdatasync per
 /// distinct segment. Results are in batch order. If any fdatasync fails, EVERY record of
@@ -929,6 +961,15 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
 /// after a failed fdatasync the kernel may have thrown the dirty pages away, so nothing
 /// written since the last good sync may be reported durable ("fsyncgate").
 pub fn commit_batch(batch: Vec<PendingWrite>) -> Vec<Result<Committed, SpoolError>> {
+    commit(batch, true).0
+}
+
+/// [`commit_batch`], also returning the segments the batch wrote to, so that a committer
+/// with several batches in flight can fail a finished batch whose segment an earlier
+/// batch's failure retired meanwhile (`commit::fail_retired`).
+pub(crate) fn commit_batch_touching(
+    batch: Vec<PendingWrite>,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
     commit(batch, true)
 }
 
@@ -938,10 +979,13 @@ pub fn commit_batch(batch: Vec<PendingWrite>) -> Vec<Result<Committed, SpoolErro
 pub fn commit_batch_unsynced_for_bench(
     batch: Vec<PendingWrite>,
 ) -> Vec<Result<Committed, SpoolError>> {
-    commit(batch, false)
+    commit(batch, false).0
 }
 
-fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolError>> {
+fn commit(
+    batch: Vec<PendingWrite>,
+    sync: bool,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
     let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(batch.len());
     // Distinct segments written to, in first-use order (a batch rarely spans more than two).
     let mut touched: Vec<Arc<SegmentHandle>> = Vec::new();
@@ -958,7 +1002,7 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
         }));
     }
     if !sync {
-        return results;
+        return (results, touched);
     }
     let mut sync_failure: Option<(u64, std::io::Error)> = None;
     for seg in &touched {
@@ -983,22 +1027,32 @@ fn commit(batch: Vec<PendingWrite>, sync: bool) -> Vec<Result<Committed, SpoolEr
         }
     }
     if let Some((segment, e)) = sync_failure {
-        for r in results.iter_mut() {
-            if r.is_ok() {
-                *r = Err(if is_no_space(&e) {
-                    SpoolError::Full {
-                        context: format!("syncing spool segment {segment}"),
-                    }
-                } else {
-                    SpoolError::SyncFailed {
-                        segment,
-                        source: clone_io_error(&e),
-                    }
-                });
-            }
+        fail_all(&mut results, segment, &e);
+    }
+    (results, touched)
+}
+
+/// After a failed fdatasync of `segment`: every record of the batch that was written
+/// fails (nothing written since the last good sync may be reported durable).
+pub(crate) fn fail_all(
+    results: &mut [Result<Committed, SpoolError>],
+    segment: u64,
+    e: &std::io::Error,
+) {
+    for r in results.iter_mut() {
+        if r.is_ok() {
+            *r = Err(if is_no_space(e) {
+                SpoolError::Full {
+                    context: format!("syncing spool segment {segment}"),
+                }
+            } else {
+                SpoolError::SyncFailed {
+                    segment,
+                    source: clone_io_error(e),
+                }
+            });
         }
     }
-    results
 }
 
 fn write_one(pw: &mut PendingWrite) -> Result<(), SpoolError> {

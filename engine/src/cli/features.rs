@@ -181,9 +181,11 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "Spool: {} (segments of {} octets)",
+        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard, commit path {})",
         cfg.spool.dir.display(),
-        cfg.spool.segment_size
+        cfg.spool.segment_size,
+        cfg.spool.commits_in_flight,
+        cfg.spool.commit.name()
     );
     for (role, addrs) in [
         ("smtp", &cfg.listeners.smtp),

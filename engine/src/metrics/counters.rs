@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tern_queue::commit::Histogram;
+use tern_queue::commit::{CommitStats, Histogram};
 
 pub use tern_smtp::hooks::Reject;
 use tern_smtp::hooks::Rejection;
@@ -148,6 +148,8 @@ pub struct Snapshot {
     pub oldest_arrival_unix_micros: Option<u64>,
     pub accept_latency: Histogram,
     pub sync_latency: Histogram,
+    /// Where the spool commits' time went (per message record) and what the batches held.
+    pub commit: CommitStats,
     /// (unix seconds, "shard N: text"), rejections and delivery failures.
     pub recent: Vec<(u64, String)>,
     /// DKIM signatures made, per `dkim::Algorithm::index` (rsa, ed25519).
@@ -197,6 +199,7 @@ impl Snapshot {
                 };
             t.accept_latency.merge(&s.accept_latency);
             t.sync_latency.merge(&s.sync_latency);
+            t.commit.merge(&s.commit);
             t.draining |= s.draining;
             for k in 0..2 {
                 for o in 0..2 {

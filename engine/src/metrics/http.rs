@@ -25,7 +25,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::channel::mpsc::UnboundedSender;
-use tern_queue::commit::{Histogram, LATENCY_BUCKETS};
+use tern_queue::commit::{
+    CountHistogram, Histogram, PhaseHistogram, COUNT_BUCKETS, LATENCY_BUCKETS, PHASES,
+    PHASE_BUCKETS,
+};
 
 use super::counters::{Reject, Snapshot, RECENT};
 use crate::shard::Control;
@@ -229,7 +232,100 @@ pub fn render(shards: &[Snapshot]) -> String {
         "Spool group commit: write and fdatasync of one batch.",
         &|id, s, o| histogram(o, "tern_spool_sync_seconds", id, &s.sync_latency),
     );
+    family(
+        "tern_commit_wait_seconds",
+        "histogram",
+        "Where a message record's spool commit time goes, per phase: queued (waiting for the batch in flight), to_syncer and from_syncer (hand-offs to and from the syncer thread), disk (its batch's write + fdatasync), resume (the committer's reply until the session runs), total.",
+        &|id, s, o| {
+            for (phase, h) in PHASES.iter().zip(s.commit.phases.iter()) {
+                phase_histogram(o, "tern_commit_wait_seconds", id, phase, h);
+            }
+        },
+    );
+    family(
+        "tern_commit_batch_records",
+        "histogram",
+        "Records per spool group commit, by kind (message: accepted messages and bounces; state: delivery state records).",
+        &|id, s, o| {
+            count_histogram(o, "tern_commit_batch_records", id, "message", &s.commit.batch_messages);
+            count_histogram(o, "tern_commit_batch_records", id, "state", &s.commit.batch_states);
+        },
+    );
+    family(
+        "tern_commit_messages_with_state_total",
+        "counter",
+        "Message records whose commit involved state records: shared (state records in the same batch), behind (queued while a batch with state records was in flight), behind_state_only (... a batch of state records only).",
+        &|id, s, o| {
+            let c = &s.commit;
+            for (how, n) in [
+                ("shared", c.messages_sharing),
+                ("behind", c.messages_behind_state),
+                ("behind_state_only", c.messages_behind_state_only),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "tern_commit_messages_with_state_total{{shard=\"{id}\",how=\"{how}\"}} {n}"
+                );
+            }
+        },
+    );
+    family(
+        "tern_commit_batches_overlapped_total",
+        "counter",
+        "Spool group commits started while another batch was still in flight (spool.commits_in_flight = 2).",
+        &simple("tern_commit_batches_overlapped_total", |s| {
+            s.commit.batches_overlapped as f64
+        }),
+    );
     o
+}
+
+fn phase_histogram(o: &mut String, name: &str, id: &str, phase: &str, h: &PhaseHistogram) {
+    let mut cum = 0;
+    for (b, c) in PHASE_BUCKETS.iter().zip(h.counts.iter()) {
+        cum += c;
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{shard=\"{id}\",phase=\"{phase}\",le=\"{b}\"}} {cum}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{name}_bucket{{shard=\"{id}\",phase=\"{phase}\",le=\"+Inf\"}} {}",
+        h.count
+    );
+    let _ = writeln!(
+        o,
+        "{name}_sum{{shard=\"{id}\",phase=\"{phase}\"}} {}",
+        h.sum
+    );
+    let _ = writeln!(
+        o,
+        "{name}_count{{shard=\"{id}\",phase=\"{phase}\"}} {}",
+        h.count
+    );
+}
+
+fn count_histogram(o: &mut String, name: &str, id: &str, kind: &str, h: &CountHistogram) {
+    let mut cum = 0;
+    for (b, c) in COUNT_BUCKETS.iter().zip(h.counts.iter()) {
+        cum += c;
+        let _ = writeln!(
+            o,
+            "{name}_bucket{{shard=\"{id}\",kind=\"{kind}\",le=\"{b}\"}} {cum}"
+        );
+    }
+    let _ = writeln!(
+        o,
+        "{name}_bucket{{shard=\"{id}\",kind=\"{kind}\",le=\"+Inf\"}} {}",
+        h.count
+    );
+    let _ = writeln!(o, "{name}_sum{{shard=\"{id}\",kind=\"{kind}\"}} {}", h.sum);
+    let _ = writeln!(
+        o,
+        "{name}_count{{shard=\"{id}\",kind=\"{kind}\"}} {}",
+        h.count
+    );
 }
 
 fn histogram(o: &mut String, name: &str, id: &str, h: &Histogram) {
@@ -644,12 +740,31 @@ mod tests {
             ..Default::default()
         };
         a.accept_latency.observe(Duration::from_millis(3));
-        let b = Snapshot {
+        a.commit.phases[2].observe(Duration::from_micros(400));
+        a.commit.batch_states.observe(3);
+        a.commit.messages_sharing = 2;
+        let mut b = Snapshot {
             shard: 1,
             accepted: 1,
             ..Default::default()
         };
+        b.commit.phases[2].observe(Duration::from_micros(40));
+        b.commit.messages_sharing = 1;
         let text = render(&[a, b]);
+        // The commit phases: fine buckets, one series per phase, summed over shards.
+        assert!(text.contains(
+            "tern_commit_wait_seconds_bucket{shard=\"total\",phase=\"disk\",le=\"0.00005\"} 1\n"
+        ));
+        assert!(text.contains(
+            "tern_commit_wait_seconds_bucket{shard=\"total\",phase=\"disk\",le=\"0.0005\"} 2\n"
+        ));
+        assert!(text.contains("tern_commit_wait_seconds_count{shard=\"0\",phase=\"queued\"} 0\n"));
+        assert!(text
+            .contains("tern_commit_batch_records_bucket{shard=\"0\",kind=\"state\",le=\"2\"} 0\n"));
+        assert!(text
+            .contains("tern_commit_batch_records_bucket{shard=\"0\",kind=\"state\",le=\"4\"} 1\n"));
+        assert!(text
+            .contains("tern_commit_messages_with_state_total{shard=\"total\",how=\"shared\"} 3\n"));
         assert!(text.contains("tern_messages_accepted_total{shard=\"total\"} 3\n"));
         assert!(
             text.contains("tern_acceptance_latency_seconds_bucket{shard=\"0\",le=\"0.005\"} 1\n")

@@ -1,0 +1,163 @@
+//! The io_uring commit path (`spool.commit = "uring"`, issue 17): a batch's record writes
+//! and then one fdatasync per segment, submitted on the shard's own glommio io_uring and
+//! completed on the shard's executor, instead of handing the batch to a syncer thread.
+//!
+//! `commit::GroupCommit` calls [`commit_batch`] from a task of its own per batch (the same
+//! in-order release and retirement rules as the thread path apply to its result). The
+//! writes of a batch go out together; the fdatasync starts once they are all done (a
+//! write that is still in flight is not covered by an fdatasync).
+//!
+//! Owns: write handles (glommio `BufferedFile`, a second descriptor per segment: the
+//! kernel reports a writeback error to every open file, so it is seen here too) of the
+//! shard's newest segments. Must never: report success for a record whose write or
+//! fdatasync failed, block the executor, or keep a handle on an old segment (a deleted
+//! segment's space stays in use while it is open).
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use glommio::io::{BufferedFile, OpenOptions};
+
+use crate::segment::SegmentHandle;
+use crate::spool::fail_all;
+use crate::{Committed, PendingWrite, SpoolError};
+
+/// How many segments' write handles a shard keeps (the active one, the one before it
+/// whose records may still be in flight, and a spare).
+const KEEP: usize = 3;
+
+/// The shard's write handles, newest segments only. Shard-local.
+#[derive(Default)]
+pub struct UringFiles {
+    files: RefCell<Vec<(u64, Rc<BufferedFile>)>>,
+}
+
+impl UringFiles {
+    async fn get(&self, seg: &SegmentHandle) -> std::io::Result<Rc<BufferedFile>> {
+        let cached = self
+            .files
+            .borrow()
+            .iter()
+            .find(|(n, _)| *n == seg.number)
+            .map(|(_, f)| f.clone());
+        if let Some(f) = cached {
+            return Ok(f);
+        }
+        let f = Rc::new(
+            OpenOptions::new()
+                .write(true)
+                .buffered_open(&seg.path)
+                .await
+                .map_err(std::io::Error::from)?,
+        );
+        let mut files = self.files.borrow_mut();
+        if let Some((_, g)) = files.iter().find(|(n, _)| *n == seg.number) {
+            // Opened meanwhile by another batch: use that one, this one closes on drop.
+            return Ok(g.clone());
+        }
+        files.push((seg.number, f.clone()));
+        files.sort_by_key(|(n, _)| *n);
+        while files.len() > KEEP {
+            files.remove(0);
+        }
+        Ok(f)
+    }
+}
+
+/// Writes `buf` at `offset`. A short write (the kernel took fewer bytes: out of space on
+/// a preallocated segment means something is badly wrong) fails like any write error.
+async fn write_all(f: &BufferedFile, buf: Vec<u8>, offset: u64) -> std::io::Result<()> {
+    let len = buf.len();
+    let n = f
+        .write_at(buf, offset)
+        .await
+        .map_err(std::io::Error::from)?;
+    if n < len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::WriteZero,
+            format!("short write: {n} of {len} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`crate::commit_batch`] on the shard's io_uring: results in batch order and the
+/// segments written to. Any failed write retires its segment; any failed fdatasync fails
+/// every record of the batch and retires the segment.
+pub async fn commit_batch(
+    files: &UringFiles,
+    batch: Vec<PendingWrite>,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
+    let mut results: Vec<Result<Committed, SpoolError>> = Vec::with_capacity(batch.len());
+    let mut writes = Vec::with_capacity(batch.len());
+    for pw in batch {
+        match pw.into_buffer() {
+            Ok((seg, offset, id, buf)) => {
+                results.push(Ok(Committed {
+                    id,
+                    segment: seg.number,
+                    offset,
+                }));
+                writes.push((results.len() - 1, seg, offset, buf));
+            }
+            Err(e) => results.push(Err(e)),
+        }
+    }
+    let done =
+        futures::future::join_all(writes.into_iter().map(|(i, seg, offset, buf)| async move {
+            let r = match files.get(&seg).await {
+                Ok(f) => write_all(&f, buf, offset).await,
+                Err(e) => Err(e),
+            };
+            (i, seg, offset, r)
+        }))
+        .await;
+    let mut touched: Vec<Arc<SegmentHandle>> = Vec::new();
+    for (i, seg, offset, r) in done {
+        match r {
+            Ok(()) => {
+                if !touched.iter().any(|s| Arc::ptr_eq(s, &seg)) {
+                    touched.push(seg);
+                }
+            }
+            Err(e) => {
+                // A failed write leaves the range in an unknown state; stop appending here.
+                seg.retire();
+                results[i] = Err(SpoolError::io(
+                    format!(
+                        "writing a record to segment {} at offset {offset}",
+                        seg.number
+                    ),
+                    e,
+                ));
+            }
+        }
+    }
+    let mut sync_failure: Option<(u64, std::io::Error)> = None;
+    for seg in &touched {
+        let synced = match files.get(seg).await {
+            Ok(f) => f.fdatasync().await.map_err(std::io::Error::from),
+            Err(e) => Err(e),
+        }
+        .and_then(|()| {
+            if seg.is_retired() {
+                Err(std::io::Error::other(
+                    "segment retired after a failed write or a concurrent failed fdatasync",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = synced {
+            seg.retire();
+            tracing::error!(segment = seg.number, path = %seg.path.display(), error = %e,
+                "fdatasync (io_uring) failed; segment retired, the whole batch fails");
+            sync_failure.get_or_insert((seg.number, e));
+        }
+    }
+    if let Some((segment, e)) = sync_failure {
+        fail_all(&mut results, segment, &e);
+    }
+    (results, touched)
+}
