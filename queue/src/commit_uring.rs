@@ -136,21 +136,16 @@ pub async fn commit_batch(
     }
     let mut sync_failure: Option<(u64, std::io::Error)> = None;
     for seg in &touched {
-        let synced = match files.get(seg).await {
-            Ok(f) => f.fdatasync().await.map_err(std::io::Error::from),
-            Err(e) => Err(e),
-        }
-        .and_then(|()| {
-            if seg.is_retired() {
-                Err(std::io::Error::other(
-                    "segment retired after a failed write or a concurrent failed fdatasync",
-                ))
-            } else {
-                Ok(())
-            }
-        });
+        // Serialised per segment with the other batch's sync (see `sync_checked`).
+        let synced = seg
+            .sync_checked_async(async {
+                match files.get(seg).await {
+                    Ok(f) => f.fdatasync().await.map_err(std::io::Error::from),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
         if let Err(e) = synced {
-            seg.retire();
             tracing::error!(segment = seg.number, path = %seg.path.display(), error = %e,
                 "fdatasync (io_uring) failed; segment retired, the whole batch fails");
             sync_failure.get_or_insert((seg.number, e));

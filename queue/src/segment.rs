@@ -92,6 +92,16 @@ pub struct SegmentHandle {
     /// kernel may have dropped the dirty pages and cleared the error, so a later sync
     /// could "succeed" without the data on disk (fsyncgate, 2018): never append again.
     retired: AtomicBool,
+    /// Held across "fdatasync → retire on failure → check retired" (thread path). With
+    /// two batches in flight on one file, a writeback error is reported to whichever
+    /// fdatasync comes first (once per open file description): without this, batch B
+    /// could take the error covering batch A's pages while A's sync returns 0 and A is
+    /// released before B has retired the segment. Serialised, the second sync always
+    /// sees the first one's retirement. Syncer threads only; never a shard.
+    sync_lock: std::sync::Mutex<()>,
+    /// The same rule for the io_uring path, whose syncs are tasks of one executor (an
+    /// async lock: a blocking one would deadlock the executor).
+    async_sync_lock: futures::lock::Mutex<()>,
 }
 
 impl SegmentHandle {
@@ -103,7 +113,44 @@ impl SegmentHandle {
             size,
             path,
             retired: AtomicBool::new(false),
+            sync_lock: std::sync::Mutex::new(()),
+            async_sync_lock: futures::lock::Mutex::new(()),
         }
+    }
+
+    /// Runs `sync` (this file's fdatasync) under the segment's sync lock and answers
+    /// whether this batch's writes are durable: the sync succeeded *and* no sync of
+    /// another batch retired the segment (having consumed an error that may cover our
+    /// pages). A failure retires the segment before the lock is released.
+    pub fn sync_checked(&self, sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
+        let _serial = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.checked(sync())
+    }
+
+    /// [`SegmentHandle::sync_checked`] for an asynchronous sync (the io_uring path).
+    pub async fn sync_checked_async<F>(&self, sync: F) -> std::io::Result<()>
+    where
+        F: std::future::Future<Output = std::io::Result<()>>,
+    {
+        let _serial = self.async_sync_lock.lock().await;
+        let r = sync.await;
+        self.checked(r)
+    }
+
+    fn checked(&self, synced: std::io::Result<()>) -> std::io::Result<()> {
+        let r = synced.and_then(|()| {
+            if self.is_retired() {
+                Err(std::io::Error::other(
+                    "segment retired after a failed write or a concurrent failed fdatasync",
+                ))
+            } else {
+                Ok(())
+            }
+        });
+        if r.is_err() {
+            self.retire();
+        }
+        r
     }
     pub fn is_retired(&self) -> bool {
         self.retired.load(Ordering::Acquire)
@@ -327,6 +374,44 @@ pub fn zero_range(file: &File, start: u64, end: u64) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two batches in flight on one segment: B's fdatasync takes the writeback error
+    /// (which covered A's pages too) while A's, made at the same time, returns 0. A must
+    /// not be reported durable, whichever thread finishes first (review finding F1).
+    #[test]
+    fn a_sync_that_follows_another_batchs_failed_sync_fails_too() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s");
+        let f = File::create(&path).unwrap();
+        let seg = std::sync::Arc::new(SegmentHandle::new(1, f, 0, 0, path));
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let b = {
+            let seg = seg.clone();
+            std::thread::spawn(move || {
+                seg.sync_checked(|| {
+                    entered_tx.send(()).unwrap();
+                    // B's sync is slow to return its EIO: A arrives meanwhile.
+                    go_rx.recv().unwrap();
+                    Err(std::io::Error::from_raw_os_error(libc::EIO))
+                })
+            })
+        };
+        entered_rx.recv().unwrap();
+        let a = {
+            let seg = seg.clone();
+            std::thread::spawn(move || seg.sync_checked(|| Ok(())))
+        };
+        go_tx.send(()).unwrap();
+        assert!(b.join().unwrap().is_err(), "B's own failure");
+        assert!(
+            a.join().unwrap().is_err(),
+            "A must fail: B consumed the error"
+        );
+        assert!(seg.is_retired());
+        // And after a failure, a later sync never succeeds on this segment.
+        assert!(seg.sync_checked(|| Ok(())).is_err());
+    }
 
     #[test]
     fn names_round_trip() {

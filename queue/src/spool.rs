@@ -1006,21 +1006,13 @@ fn commit(
     }
     let mut sync_failure: Option<(u64, std::io::Error)> = None;
     for seg in &touched {
-        let synced = fdatasync(&seg.file).and_then(|()| {
-            // The segment was retired by a failed write in this batch, or by another
-            // batch's failed fdatasync on this file, which may have consumed a writeback
-            // error that also covered our pages (it is reported once per open file):
-            // then our "success" proves nothing.
-            if seg.is_retired() {
-                Err(std::io::Error::other(
-                    "segment retired after a failed write or a concurrent failed fdatasync",
-                ))
-            } else {
-                Ok(())
-            }
-        });
+        // The segment may have been retired by a failed write in this batch, or by another
+        // batch's failed fdatasync on this file, which may have consumed a writeback error
+        // that also covered our pages (it is reported once per open file): then our
+        // "success" proves nothing. `sync_checked` serialises the syncs of one segment so
+        // that the check always follows the other batch's retirement.
+        let synced = seg.sync_checked(|| fdatasync(&seg.file));
         if let Err(e) = synced {
-            seg.retire();
             tracing::error!(segment = seg.number, path = %seg.path.display(), error = %e,
                 "fdatasync failed; segment retired, the whole batch fails");
             sync_failure.get_or_insert((seg.number, e));
