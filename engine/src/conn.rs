@@ -183,6 +183,10 @@ pub async fn serve(
             Err(e) => Err(e),
         },
     };
+    if let Some(m) = milters.as_mut() {
+        // Filter connections that may carry another session go back to the shard's pool.
+        m.finish(&shard.milters);
+    }
     match result {
         Ok(()) => tracing::info!(
             shard = shard.id,

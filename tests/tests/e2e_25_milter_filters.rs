@@ -11,6 +11,8 @@
 //!   keys from a `TestPublicKeys` file: no DNS) on tern B. Mail goes client → A (signed
 //!   by OpenDKIM through the milter, then by tern's own `[dkim]` key) → B, whose
 //!   verifier must add `Authentication-Results: ... dkim=pass` for both signatures.
+//! - Connection reuse (`SMFIC_QUIT_NC`): rspamd's connection carries every session on
+//!   the shard; OpenDKIM's is not reused (libmilter would ignore QUIT_NC where it is left).
 //! - clamav-milter: skipped (with a message): its virus database cannot be had offline.
 
 use std::io::Read;
@@ -120,6 +122,36 @@ fn send(smtp: SocketAddr, from: &str, to: &str, body: &str) -> tern_tests::Reply
     c.read_reply()
 }
 
+/// `tern_milter_connections_total{shard="total",filter=NAME,how=HOW}` from /metrics.
+fn conns(metrics: SocketAddr, name: &str, how: &str) -> u64 {
+    use std::io::Write;
+    let mut s = TcpStream::connect(metrics).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    let key = format!(
+        "tern_milter_connections_total{{shard=\"total\",filter=\"{name}\",how=\"{how}\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the server has ended `n` sessions (their filter connections are back in
+/// the shard's pool before the next session starts).
+fn ended(s: &Server, n: usize) {
+    wait_for("the session's end", Duration::from_secs(10), || {
+        s.stderr_log().matches(" disconnect").count() >= n
+    });
+}
+
 const GTUBE: &str = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X";
 
 #[test]
@@ -194,18 +226,21 @@ fn rspamd_rejects_gtube_and_tags_clean_mail() {
     let filters = format!(
         r#"milter.filters=[{{name="rspamd",socket="inet:127.0.0.1:{proxy}",timeouts="R:60s;E:60s"}}]"#
     );
+    // One shard: every session meets the connection the previous one left, if any.
     let s = Server::start(
         Some(&dir),
         &[
             &route,
             r#"relay.trusted_networks=["127.0.0.0/8"]"#,
             &filters,
+            "shards=1",
         ],
     );
     let spam = format!(
         "From: a@example.org\r\nTo: b@example.net\r\nSubject: gtube\r\nMessage-ID: <1@example.org>\r\n\r\n{GTUBE}\r\n"
     );
     send(s.smtp, "a@example.org", "b@example.net", &spam).check(554, "5.7.1 Gtube pattern");
+    ended(&s, 1);
     let clean = "From: a@example.org\r\nTo: b@example.net\r\nSubject: hello\r\nMessage-ID: <2@example.org>\r\nDate: Thu, 3 Dec 2026 10:00:00 +0000\r\n\r\nJust a normal note.\r\n";
     let r = send(s.smtp, "a@example.org", "b@example.net", clean);
     r.check(250, "2.0.0");
@@ -216,6 +251,32 @@ fn rspamd_rejects_gtube_and_tags_clean_mail() {
     assert!(m.contains("X-Spamd-Result: default: False"), "{m}");
     assert!(m.contains(&format!("X-Rspamd-Queue-Id: {id}")), "{m}");
     assert!(m.ends_with("\nJust a normal note.\n"), "{m}");
+
+    // More sessions: each message scanned on its own (rspamd's headers carry each one's
+    // own queue id), whether the connection was reused or not.
+    ended(&s, 2);
+    let mut ids = vec![id];
+    for n in 3..=4 {
+        let r = send(s.smtp, "a@example.org", "b@example.net", clean);
+        r.check(250, "2.0.0");
+        ids.push(r.queued_id());
+        ended(&s, n);
+    }
+    let got = maildir(&dir, 3);
+    for id in &ids {
+        assert_eq!(
+            got.iter()
+                .filter(|m| m.contains(&format!("X-Rspamd-Queue-Id: {id}")))
+                .count(),
+            1,
+            "{got:?}"
+        );
+    }
+    // rspamd negotiates SMFIP_NR_UNKN: every session after the first (the GTUBE reject,
+    // the accepts) reuses the one connection, walked to QUIT_NC through SMFIC_UNKNOWN.
+    let metrics = s.metrics.expect("metrics endpoint");
+    assert_eq!(conns(metrics, "rspamd", "opened"), 1);
+    assert_eq!(conns(metrics, "rspamd", "reused"), 3);
 }
 
 /// `tern dkim keygen`: (key file, "selector._domainkey.example.org", TXT value).
@@ -338,10 +399,26 @@ fn opendkim_signs_and_a_second_opendkim_verifies_both_signatures() {
         r#"relay.trusted_networks=["127.0.0.0/8"]"#,
         &a_milter,
         &a_dkim,
+        "shards=1",
     ]);
     let msg = "From: Sender <sender@example.org>\r\nTo: rcpt@example.net\r\nSubject: signed twice\r\nDate: Thu, 3 Dec 2026 10:00:00 +0000\r\nMessage-ID: <dkim@example.org>\r\n\r\nHello,\r\n  with   some  spacing\t\r\n\r\n";
     send(a.smtp, "sender@example.org", "rcpt@example.net", msg).check(250, "2.0.0");
-    let got = maildir(&b_dir, 1);
+    ended(&a, 1);
+    send(a.smtp, "sender@example.org", "rcpt@example.net", msg).check(250, "2.0.0");
+    ended(&a, 2);
+    // OpenDKIM (libmilter, no unknown-command callback) answers end-of-message with
+    // "accept": libmilter is then where it ignores QUIT_NC, so each session opens its own
+    // connection, and both messages are signed.
+    let metrics = a.metrics.expect("metrics endpoint");
+    let name = format!("inet:127.0.0.1:{sign_port}");
+    assert_eq!(conns(metrics, &name, "opened"), 2);
+    assert_eq!(conns(metrics, &name, "reused"), 0);
+    let got = maildir(&b_dir, 2);
+    assert!(
+        got[1].contains("s=od1"),
+        "no OpenDKIM signature: {}",
+        got[1]
+    );
     let m = &got[0];
     assert!(m.contains("s=od1"), "no OpenDKIM signature: {m}");
     assert!(m.contains("s=tern1"), "no tern signature: {m}");
