@@ -410,9 +410,14 @@ impl ShardMilters {
             // The session started before a reload moved the filter.
             return None;
         }
-        let mut c = pool.idle.pop()?;
-        c.proven = false;
-        Some(c)
+        while let Some(mut c) = pool.idle.pop() {
+            if c.closed_while_idle() {
+                continue;
+            }
+            c.proven = false;
+            return Some(c);
+        }
+        None
     }
 
     /// A session is done with `c`: kept for the next session if it may be reused, the
@@ -1219,6 +1224,38 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
 }
 
 impl Conn {
+    /// Did the filter close this idle connection (restart, its own idle timeout), or send
+    /// something unasked? One non-blocking `MSG_PEEK` on a TCP socket: a filter whose
+    /// first stage is end-of-message would otherwise show a dead connection only there,
+    /// too late to retry. (glommio's unix sockets expose no descriptor: those rely on the
+    /// retry at the first answered stage.)
+    fn closed_while_idle(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let Stream::Tcp(s) = &self.io else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        let mut b = [0u8; 1];
+        // SAFETY: recv into a 1-byte buffer we own, on a descriptor the stream owns;
+        // MSG_PEEK | MSG_DONTWAIT neither consumes nor blocks.
+        let r = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error().kind();
+            return e != io::ErrorKind::WouldBlock && e != io::ErrorKind::Interrupted;
+        }
+        // 0: the filter closed it; > 0: bytes nobody asked for.
+        true
+    }
+
     /// Queues the macros of a stage the filter wants (those it asked for, or all).
     fn macros(&mut self, stage: Stage, pairs: &[(&str, &str)]) {
         if !self.neg.sends(stage) && stage != Stage::Eom {

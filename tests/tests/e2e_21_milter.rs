@@ -992,6 +992,26 @@ fn sessions_reuse_the_shards_filter_connection_and_a_dead_one_is_replaced() {
     for id in &ids {
         assert!(s.stored_by_id(id).body.ends_with(MSG));
     }
+    drop(s);
+
+    // A filter that asks for end-of-message only has nothing answered before it: a dead
+    // idle connection is noticed when it is taken from the pool, not at the message.
+    let f = FakeMilter::start(Script {
+        protocol: 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x200,
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    ended(&s, 1);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    ended(&s, 2);
+    assert_eq!(f.conns().len(), 1);
+    f.kill_connections();
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    let conns = f.conns();
+    assert_eq!(conns.len(), 2);
+    assert_eq!(order(&conns[1]), "OE");
+    assert_eq!(s.stored().len(), 3);
 }
 
 #[test]

@@ -529,6 +529,10 @@ fn clamav_milter_rejects_eicar_with_an_offline_signature() {
     send(s.smtp, "a@example.org", "b@example.net", clean).check(250, "2.0.0");
     let got = maildir(&dir, 1);
     assert_eq!(got.len(), 1, "the infected message was delivered: {got:?}");
-    assert!(got[0].contains("X-Virus-Scanned: clamav-milter"), "{}", got[0]);
+    assert!(
+        got[0].contains("X-Virus-Scanned: clamav-milter"),
+        "{}",
+        got[0]
+    );
     assert!(got[0].contains("X-Virus-Status: Clean"), "{}", got[0]);
 }
