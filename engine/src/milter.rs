@@ -12,7 +12,8 @@
 //!
 //! The conversation follows the session: CONNECT before the banner, HELO, MAIL and RCPT
 //! before the session answers them (`tern_smtp::session::Event::Check`: a refusal is the
-//! reply to that very command), then at end of data DATA, the header fields, EOH, the
+//! reply to that very command; only when some filter took one of those stages in its
+//! negotiation, else the session answers them itself at no cost), then at end of data DATA, the header fields, EOH, the
 //! body in chunks of at most 65535 bytes taken from the message's own slices, and
 //! end-of-message. A stage the filter declined in negotiation is not sent; one it said it
 //! will not answer is not waited for. Several filters run in order (sendmail's
@@ -869,6 +870,21 @@ impl MilterSession {
         tracing::debug!(shard = shard_id, milter = %f.name, stage = stage.name(),
             "idle milter connection was closed by the filter; opening a new one");
         true
+    }
+
+    /// After CONNECT, with every filter's negotiation known: must HELO, MAIL and RCPT go
+    /// through the filters before the session answers them? Not when no filter still in
+    /// the conversation takes any of them (an end-of-message-only filter): the session
+    /// then answers them itself, pipelined batches stay whole, and the skipped stages cost
+    /// nothing at all. (Nothing is lost: a filter that declined a stage gets neither its
+    /// packet nor its macros; the message's queue id is chosen at end of data instead.)
+    pub fn checks_commands(&self) -> bool {
+        self.state.iter().any(|st| {
+            st.session.is_none()
+                && st.conn.as_ref().is_none_or(|c| {
+                    c.neg.sends(Stage::Helo) || c.neg.sends(Stage::Mail) || c.neg.sends(Stage::Rcpt)
+                })
+        })
     }
 
     /// The session is over: each connection that may carry another session goes back to

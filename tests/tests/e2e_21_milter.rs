@@ -1099,8 +1099,9 @@ fn loadgen_noop_milter_is_a_valid_filter() {
             .expect("listening line")
             .to_string();
         let s = server_with(&[(format!("inet:{addr}"), "")], &[]);
-        for _ in 0..3 {
+        for n in 1..=3 {
             send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+            ended(&s, n);
         }
         drop(s);
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
