@@ -149,9 +149,6 @@ pub async fn serve(
         kind == ListenerKind::Smtps,
         crate::clock::now(),
     );
-    if milters.is_some() {
-        session.filter_commands();
-    }
     // The TLS paths are boxed so that a plain connection's task carries only its own
     // state (memory per idle connection is bounded and small).
     let result = match kind {
@@ -183,6 +180,10 @@ pub async fn serve(
             Err(e) => Err(e),
         },
     };
+    if let Some(m) = milters.as_mut() {
+        // Filter connections that may carry another session go back to the shard's pool.
+        m.finish(&shard.milters);
+    }
     match result {
         Ok(()) => tracing::info!(
             shard = shard.id,
@@ -264,6 +265,10 @@ where
                 flush(&mut io, &mut out, shard).await?;
                 let _ = io.close().await;
                 return Ok(Outcome::Done);
+            }
+            // HELO/MAIL/RCPT wait for the filters only if one of them takes those stages.
+            if m.checks_commands() {
+                session.filter_commands();
             }
         }
         session.greeting(&mut out);

@@ -2,16 +2,18 @@
 //! each accepted message, before it is signed, committed and acknowledged.
 //!
 //! Owns: the `[milter]` configuration (filters, default actions, sendmail-style
-//! timeouts, listener roles), the per-session connections to each filter (opened at the
-//! session's first message, on the shard's executor like any other socket, reused for the
-//! session's later messages with `SMFIC_ABORT` between them when a conversation was cut
-//! short, closed with the session), the conversation itself (the protocol is
+//! timeouts, listener roles), the shard's connections to each filter (sockets on the
+//! shard's executor like any other; one per session at a time, taken at the session's
+//! CONNECT from the shard's pool of idle negotiated connections or opened, used for the
+//! session's messages with `SMFIC_ABORT` between them when a conversation was cut short,
+//! and given back at the session's end), the conversation itself (the protocol is
 //! `tern_milter`; this module does the I/O and the timers), and the application of the
 //! filters' verdicts and edits to the message.
 //!
 //! The conversation follows the session: CONNECT before the banner, HELO, MAIL and RCPT
 //! before the session answers them (`tern_smtp::session::Event::Check`: a refusal is the
-//! reply to that very command), then at end of data DATA, the header fields, EOH, the
+//! reply to that very command; only when some filter took one of those stages in its
+//! negotiation, else the session answers them itself at no cost), then at end of data DATA, the header fields, EOH, the
 //! body in chunks of at most 65535 bytes taken from the message's own slices, and
 //! end-of-message. A stage the filter declined in negotiation is not sent; one it said it
 //! will not answer is not waited for. Several filters run in order (sendmail's
@@ -19,10 +21,22 @@
 //! A filter that accepts a message is not asked about it again; one that accepts (or
 //! refuses) at CONNECT/HELO has decided for the whole session.
 //!
-//! XXX no connection is shared between sessions: `SMFIC_QUIT_NC` (reuse for a new SMTP
-//! connection) is not implemented by every filter library, so each session opens its own
-//! (Postfix does the same). Connections live exactly as long as the session, on its
-//! shard.
+//! The pool (per shard, per filter, `pool_idle` deep; an `Rc`/`RefCell` of the shard's,
+//! no lock, no other thread): a session's connection goes back to it with
+//! `SMFIC_QUIT_NC` ("quit, a new connection follows": the filter runs its close callback
+//! and expects the next CONNECT, negotiation being per connection) only where the filter
+//! is known to take that packet. libmilter takes QUIT_NC only after an end-of-message it
+//! answered "continue", or after an unknown command; anywhere else it silently ignores
+//! QUIT_NC and the CONNECT after it, which would then never be answered. So a connection
+//! is kept when its last message ended in "continue", or when the filter negotiated
+//! `SMFIP_NR_UNKN` without `SMFIP_NOUNKNOWN` (rspamd does), in which case an unanswered
+//! `SMFIC_UNKNOWN` takes it there first. Everything else (an accept or refusal at
+//! end-of-message from OpenDKIM and most libmilter filters, a session that ended
+//! mid-conversation, any failure) closes the connection with its session, Postfix's
+//! model. Postfix and sendmail never send QUIT_NC. A pooled connection the filter closed
+//! while idle fails on its first exchange: the stage is retried once on a fresh connection
+//! and the filter's other idle connections are dropped. A reload that removes or moves a
+//! filter drops its idle connections.
 //!
 //! Must never: hold a connection across threads or behind a lock (everything is the
 //! shard's), wait without a timer, let a filter's text reach the client or a header
@@ -31,7 +45,7 @@
 //! and its connection is dropped.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -74,6 +88,9 @@ pub struct MilterConfig {
     pub listeners: Vec<String>,
     /// The filters, run in this order.
     pub filters: Vec<FilterConfig>,
+    /// Default for every filter: how many idle, negotiated connections each shard keeps
+    /// to it for the next SMTP sessions (0: one connection per session, closed with it).
+    pub pool_idle: usize,
 }
 
 impl Default for MilterConfig {
@@ -84,9 +101,17 @@ impl Default for MilterConfig {
             timeouts: DEFAULT_TIMEOUTS.into(),
             listeners: vec!["smtp".into(), "submission".into(), "smtps".into()],
             filters: Vec::new(),
+            pool_idle: DEFAULT_POOL_IDLE,
         }
     }
 }
+
+/// Idle connections a shard keeps per filter. A shard serves its sessions one stage at a
+/// time, so the connections in use at once are the shard's concurrent sessions; the idle
+/// ones are what is left when a burst ends. 16 per shard covers the usual concurrency of
+/// an edge relay without holding hundreds of filter-side threads (libmilter runs one per
+/// connection) open for nothing.
+pub const DEFAULT_POOL_IDLE: usize = 16;
 
 /// sendmail's defaults are C:5m;S:10s;R:10s;E:5m; Postfix's are 30s/30s/300s. A filter
 /// that cannot be reached within 30 s is better given up on while the client waits.
@@ -110,6 +135,9 @@ pub struct FilterConfig {
     /// Off: this filter is skipped.
     #[serde(default = "yes")]
     pub enable: bool,
+    /// Overrides `[milter].pool_idle` for this filter.
+    #[serde(default)]
+    pub pool_idle: Option<usize>,
 }
 
 fn yes() -> bool {
@@ -171,6 +199,8 @@ pub struct Filter {
     pub timeouts: Timeouts,
     /// Indexed by `role_index`.
     pub roles: [bool; 3],
+    /// Idle connections kept per shard.
+    pub pool_idle: usize,
 }
 
 // Rc<str> in an Arc-shared list: the list is built once and then only read; each shard
@@ -189,6 +219,7 @@ pub struct FilterSpec {
     pub default_action: DefaultAction,
     pub timeouts: Timeouts,
     pub roles: [bool; 3],
+    pub pool_idle: usize,
 }
 
 fn role_index(kind: ListenerKind) -> usize {
@@ -302,6 +333,7 @@ impl Filters {
                 default_action: f.default_action.unwrap_or(cfg.default_action),
                 timeouts: t,
                 roles: r,
+                pool_idle: f.pool_idle.unwrap_or(cfg.pool_idle),
             });
         }
         Ok(Filters { list })
@@ -317,15 +349,30 @@ impl Filters {
                 default_action: f.default_action,
                 timeouts: f.timeouts,
                 roles: f.roles,
+                pool_idle: f.pool_idle,
             })
             .collect()
     }
 }
 
-/// The shard's filters (replaced whole on reload) and its per-filter action counts.
+/// The shard's filters (replaced whole on reload), its idle connections to them and its
+/// per-filter action counts.
 pub struct ShardMilters {
     filters: RefCell<Rc<[Filter]>>,
     counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
+    /// Idle connections per filter name, each negotiated and left by its last session in
+    /// a state where `SMFIC_QUIT_NC` is valid (see `Conn::reusable`). Only this shard's
+    /// sessions touch them, one at a time: a `RefCell`, never a lock.
+    pools: RefCell<HashMap<Rc<str>, Pool>>,
+    /// Connections per (filter, "opened" | "reused").
+    conn_counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
+}
+
+/// One filter's idle connections on one shard.
+struct Pool {
+    /// Where they lead: a reload that moves the filter drops them.
+    endpoint: Endpoint,
+    idle: Vec<Conn>,
 }
 
 impl ShardMilters {
@@ -333,12 +380,96 @@ impl ShardMilters {
         ShardMilters {
             filters: RefCell::new(f.for_shard()),
             counts: RefCell::new(BTreeMap::new()),
+            pools: RefCell::new(HashMap::new()),
+            conn_counts: RefCell::new(BTreeMap::new()),
         }
     }
 
-    /// A reloaded configuration: sessions that start from now on use these filters.
+    /// A reloaded configuration: sessions that start from now on use these filters. The
+    /// idle connections of a filter that is gone or now listens elsewhere are closed;
+    /// those of an unchanged filter stay (negotiation is per connection, and a changed
+    /// timeout or role does not change what the filter negotiated).
     pub fn set(&self, f: &Filters) {
-        *self.filters.borrow_mut() = f.for_shard();
+        let new = f.for_shard();
+        self.pools
+            .borrow_mut()
+            .retain(|name, pool| match new.iter().find(|f| f.name == *name) {
+                Some(f) if f.endpoint == pool.endpoint => {
+                    pool.idle.truncate(f.pool_idle);
+                    true
+                }
+                _ => false,
+            });
+        *self.filters.borrow_mut() = new;
+    }
+
+    /// An idle connection to `f`, if the shard has one.
+    fn take(&self, f: &Filter) -> Option<Conn> {
+        let mut pools = self.pools.borrow_mut();
+        let pool = pools.get_mut(&f.name)?;
+        if pool.endpoint != f.endpoint {
+            // The session started before a reload moved the filter.
+            return None;
+        }
+        while let Some(mut c) = pool.idle.pop() {
+            if c.closed_while_idle() {
+                continue;
+            }
+            c.proven = false;
+            return Some(c);
+        }
+        None
+    }
+
+    /// A session is done with `c`: kept for the next session if it may be reused, the
+    /// filter is still configured there and the pool has room; closed otherwise.
+    fn give(&self, f: &Filter, mut c: Conn) {
+        // Elsewhere than libmilter's end-of-message state, an `SMFIC_UNKNOWN` takes it to
+        // its "unknown command" state, from which QUIT_NC is valid too (from every state:
+        // mid-message, libmilter first falls back to HELO and runs the filter's abort
+        // callback). Only for a filter that takes that packet and does not answer it (it
+        // negotiated SMFIP_NR_UNKN and not SMFIP_NOUNKNOWN, as rspamd does): free, and
+        // within what it asked for. Others (OpenDKIM, most libmilter filters) are reused
+        // only after a message they answered with "continue".
+        let bridge = !c.reusable && c.neg.takes_unknown_silently();
+        if (!c.reusable && !bridge) || !c.rbuf.is_empty() {
+            return;
+        }
+        let filters = self.filters.borrow();
+        let Some(now) = filters
+            .iter()
+            .find(|x| x.name == f.name && x.endpoint == f.endpoint)
+        else {
+            return;
+        };
+        let mut pools = self.pools.borrow_mut();
+        let pool = pools.entry(f.name.clone()).or_insert_with(|| Pool {
+            endpoint: f.endpoint.clone(),
+            idle: Vec::new(),
+        });
+        if pool.endpoint != f.endpoint || pool.idle.len() >= now.pool_idle {
+            return;
+        }
+        // SMFIC_QUIT_NC: "this SMTP session is over, a new one follows on this
+        // connection" (the filter runs its close callback and expects CONNECT next, with
+        // no new negotiation). Queued, not sent: it goes out in the same write as the next
+        // session's CONNECT, so a reuse costs no system call of its own.
+        c.out.clear();
+        if bridge {
+            if std::mem::take(&mut c.in_message) {
+                // The abandoned message: the filter's abort callback, as before a MAIL.
+                codec::bare(&mut c.out, cmd::ABORT);
+            }
+            codec::unknown(&mut c.out, "QUIT");
+        }
+        codec::bare(&mut c.out, cmd::QUIT_NC);
+        c.reusable = false;
+        pool.idle.push(c);
+    }
+
+    /// Every idle connection to `name` is suspect (one of them was found dead).
+    fn drop_pool(&self, name: &str) {
+        self.pools.borrow_mut().remove(name);
     }
 
     /// The filters a new session on a `kind` listener runs; None (nothing allocated, no
@@ -368,6 +499,23 @@ impl ShardMilters {
             .counts
             .borrow_mut()
             .entry((filter.clone(), action))
+            .or_insert(0) += 1;
+    }
+
+    /// (filter, "opened" | "reused", count) for the metrics scrape.
+    pub fn conn_counts(&self) -> Vec<(String, String, u64)> {
+        self.conn_counts
+            .borrow()
+            .iter()
+            .map(|((f, h), n)| (f.to_string(), h.to_string(), *n))
+            .collect()
+    }
+
+    fn count_conn(&self, filter: &Rc<str>, how: &'static str) {
+        *self
+            .conn_counts
+            .borrow_mut()
+            .entry((filter.clone(), how))
             .or_insert(0) += 1;
     }
 
@@ -450,6 +598,16 @@ struct Conn {
     /// A message conversation is open (MAIL sent, end-of-message not answered):
     /// SMFIC_ABORT before the next MAIL.
     in_message: bool,
+    /// The filter is where libmilter accepts `SMFIC_QUIT_NC`: its last command was
+    /// end-of-message, answered "continue" (libmilter's ST_ENDM). libmilter takes
+    /// QUIT_NC only there (or after an unknown command): after an accept or a refusal it
+    /// falls back to its HELO state, where it silently ignores QUIT_NC and then the next
+    /// CONNECT, which would never be answered. Any other state: the connection is closed
+    /// with its session.
+    reusable: bool,
+    /// A response was read on it in this session (a pooled connection that fails before
+    /// that was probably closed by the filter while idle: retried on a fresh one).
+    proven: bool,
 }
 
 /// A filter's decision on a stage, a message or the whole session.
@@ -501,6 +659,8 @@ pub struct TlsInfo {
 #[derive(Default)]
 struct FilterState {
     conn: Option<Conn>,
+    /// `conn` came from the shard's pool and has not answered anything yet.
+    pooled: bool,
     /// The filter decided for the whole session (accept: never asked again; discard or
     /// a reply: every message gets it), or failed (its default action, sticky).
     session: Option<Verdict>,
@@ -574,7 +734,10 @@ impl MilterSession {
                 (Some(_), _) | (None, Some(_)) => continue,
                 (None, None) => {}
             }
-            let r = self.step(i, &f, stage, encode).await;
+            let mut r = self.step(shard, i, &f, stage, encode).await;
+            if r.is_err() && self.retry_fresh(shard, shard_id, i, &f, stage) {
+                r = self.step(shard, i, &f, stage, encode).await;
+            }
             let v = match r {
                 Ok(v) => v,
                 Err(e) => {
@@ -629,13 +792,19 @@ impl MilterSession {
     /// wait for the verdict if the filter answers this stage.
     async fn step(
         &mut self,
+        shard: &ShardMilters,
         i: usize,
         f: &Filter,
         stage: Stage,
         encode: Encode<'_>,
     ) -> Result<Verdict, Failure> {
         if self.state[i].conn.is_none() {
-            let mut c = open(f).await?;
+            let (mut c, pooled) = match shard.take(f) {
+                Some(c) => (c, true),
+                None => (open(f).await?, false),
+            };
+            shard.count_conn(&f.name, if pooled { "reused" } else { "opened" });
+            self.state[i].pooled = pooled;
             // A connection opened after CONNECT (a filter added by a reload never is;
             // this is the first stage of a fresh session) starts with the session's story.
             if stage != Stage::Connect {
@@ -661,6 +830,9 @@ impl MilterSession {
         let Some(c) = self.state[i].conn.as_mut() else {
             return Err(Failure::Protocol("no connection".into()));
         };
+        // Anything but a completed end-of-message leaves libmilter where QUIT_NC is
+        // not valid (see `Conn::reusable`).
+        c.reusable = false;
         if stage == Stage::Mail && std::mem::take(&mut c.in_message) {
             codec::bare(&mut c.out, cmd::ABORT);
         }
@@ -669,6 +841,60 @@ impl MilterSession {
         }
         encode(c);
         c.stage(stage, f.timeouts).await
+    }
+
+    /// A pooled connection failed before answering anything in this session: the filter
+    /// closed it while it sat idle (restart, idle timeout). Nothing was decided on it, so
+    /// the stage is tried once more on a fresh connection (which replays CONNECT and
+    /// HELO), and the shard's other idle connections to the filter are dropped (after a
+    /// restart they are all dead). Only up to MAIL: a later stage would need the earlier
+    /// unanswered ones replayed too.
+    // XXX a filter that answers none of CONNECT, HELO and MAIL (every `SMFIP_NR_*`) shows
+    // a dead pooled connection only at RCPT or DATA: its default action is taken then.
+    fn retry_fresh(
+        &mut self,
+        shard: &ShardMilters,
+        shard_id: usize,
+        i: usize,
+        f: &Filter,
+        stage: Stage,
+    ) -> bool {
+        let st = &mut self.state[i];
+        let unproven = st.pooled && st.conn.as_ref().is_some_and(|c| !c.proven);
+        if !unproven || !matches!(stage, Stage::Connect | Stage::Helo | Stage::Mail) {
+            return false;
+        }
+        st.conn = None;
+        st.pooled = false;
+        shard.drop_pool(&f.name);
+        tracing::debug!(shard = shard_id, milter = %f.name, stage = stage.name(),
+            "idle milter connection was closed by the filter; opening a new one");
+        true
+    }
+
+    /// After CONNECT, with every filter's negotiation known: must HELO, MAIL and RCPT go
+    /// through the filters before the session answers them? Not when no filter still in
+    /// the conversation takes any of them (an end-of-message-only filter): the session
+    /// then answers them itself, pipelined batches stay whole, and the skipped stages cost
+    /// nothing at all. (Nothing is lost: a filter that declined a stage gets neither its
+    /// packet nor its macros; the message's queue id is chosen at end of data instead.)
+    pub fn checks_commands(&self) -> bool {
+        self.state.iter().any(|st| {
+            st.session.is_none()
+                && st.conn.as_ref().is_none_or(|c| {
+                    c.neg.sends(Stage::Helo) || c.neg.sends(Stage::Mail) || c.neg.sends(Stage::Rcpt)
+                })
+        })
+    }
+
+    /// The session is over: each connection that may carry another session goes back to
+    /// the shard's pool, the others are closed.
+    pub fn finish(&mut self, shard: &ShardMilters) {
+        for (f, st) in self.filters.iter().zip(&mut self.state) {
+            if let Some(c) = st.conn.take() {
+                shard.give(f, c);
+            }
+        }
     }
 
     fn encode_connect(&self, c: &mut Conn) {
@@ -923,6 +1149,7 @@ impl MilterSession {
         codec::bare(&mut c.out, cmd::BODYEOB);
         let v = c.eom(m, msg, t, held).await?;
         c.in_message = false;
+        c.reusable = v == Verdict::Continue;
         Ok(v)
     }
 }
@@ -994,6 +1221,8 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
         rbuf: BytesMut::new(),
         out: BytesMut::new(),
         in_message: false,
+        reusable: false,
+        proven: false,
     };
     codec::optneg(&mut c.out);
     c.flush(t).await?;
@@ -1011,6 +1240,38 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
 }
 
 impl Conn {
+    /// Did the filter close this idle connection (restart, its own idle timeout), or send
+    /// something unasked? One non-blocking `MSG_PEEK` on a TCP socket: a filter whose
+    /// first stage is end-of-message would otherwise show a dead connection only there,
+    /// too late to retry. (glommio's unix sockets expose no descriptor: those rely on the
+    /// retry at the first answered stage.)
+    fn closed_while_idle(&self) -> bool {
+        if !self.rbuf.is_empty() {
+            return true;
+        }
+        let Stream::Tcp(s) = &self.io else {
+            return false;
+        };
+        use std::os::fd::AsRawFd;
+        let mut b = [0u8; 1];
+        // SAFETY: recv into a 1-byte buffer we own, on a descriptor the stream owns;
+        // MSG_PEEK | MSG_DONTWAIT neither consumes nor blocks.
+        let r = unsafe {
+            libc::recv(
+                s.as_raw_fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error().kind();
+            return e != io::ErrorKind::WouldBlock && e != io::ErrorKind::Interrupted;
+        }
+        // 0: the filter closed it; > 0: bytes nobody asked for.
+        true
+    }
+
     /// Queues the macros of a stage the filter wants (those it asked for, or all).
     fn macros(&mut self, stage: Stage, pairs: &[(&str, &str)]) {
         if !self.neg.sends(stage) && stage != Stage::Eom {
@@ -1041,6 +1302,7 @@ impl Conn {
             if let Some(r) =
                 Response::decode(&mut self.rbuf).map_err(|e| Failure::Protocol(e.to_string()))?
             {
+                self.proven = true;
                 return Ok(r);
             }
             let mut chunk = [0u8; 4096];

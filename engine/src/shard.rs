@@ -139,6 +139,12 @@ impl Shard {
             .into_iter()
             .map(|(f, a, n)| ((f, a), n))
             .collect();
+        snap.milter_conns = self
+            .milters
+            .conn_counts()
+            .into_iter()
+            .map(|(f, a, n)| ((f, a), n))
+            .collect();
         snap.accepting = !self.store.runner().over_high_water();
         snap
     }

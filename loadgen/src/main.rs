@@ -25,7 +25,8 @@
 //!   set-up) → `sasl` (AUTH client) → `conn` (SMTP framing over TCP/TLS); `stats` (per-core
 //!   histograms, merged) → `report` (summary, JSON, hlog, SVG); `merge` (reports of several
 //!   runs into one); `sink` (the receiving end); `milter_noop` (a milter that accepts
-//!   everything, for measuring the protocol's cost to the MTA).
+//!   everything, for measuring the protocol's cost to the MTA); `milter_pingpong` (the
+//!   floor: CPU per bare round trip to it).
 //!
 //! SECURITY
 //!   Refuses non-loopback targets (and sink listen addresses) unless `--allow-remote`:
@@ -38,6 +39,7 @@
 mod conn;
 mod merge;
 mod milter_noop;
+mod milter_pingpong;
 mod probe;
 mod report;
 mod runner;
@@ -122,6 +124,9 @@ enum Cmd {
     /// A milter (protocol 6, filter side) that accepts everything: every stage answered
     /// (`--stages all`) or end-of-message only (`--stages eom`).
     MilterNoop(milter_noop::MilterNoopArgs),
+    /// The floor under a milter conversation: CPU per bare request/response round trip
+    /// to a `milter-noop` over TCP loopback or a unix socket.
+    MilterPingpong(milter_pingpong::PingPongArgs),
     /// Combine `--json` reports of runs made at the same time (e.g. from several
     /// machines): counts summed, exact percentiles from the summed histograms, rate over
     /// the union window.
@@ -452,6 +457,7 @@ fn main() -> ExitCode {
         ),
         Cmd::Sink(a) => sink::run(a, stop),
         Cmd::MilterNoop(a) => milter_noop::run(a, stop),
+        Cmd::MilterPingpong(a) => milter_pingpong::run(a, stop),
         Cmd::Merge { reports, json } => merge::run(&reports, json),
         Cmd::FsyncProbe(a) => probe::run(a, stop),
     };

@@ -7,14 +7,18 @@
 //! round trip per message). Either way it asks for no edits and answers "continue".
 //!
 //! One thread per connection with blocking sockets: the filter's own cost is not what is
-//! measured (run it on its own core with `taskset`). Prints `listening: ADDR` on stderr,
-//! and on SIGINT/SIGTERM a summary (connections, messages) on stdout.
+//! measured (run it on its own core with `taskset`). Listens on TCP, or with `--unix PATH`
+//! on a unix socket. Prints `listening: ADDR` (`listening: unix:PATH`) on stderr, and on
+//! SIGINT/SIGTERM a summary on stdout: connections, messages (end-of-message packets) and
+//! replies (every answer sent but the negotiation's: the round trips the MTA waited for,
+//! which divided by messages is the conversation's round trips per message).
 //!
 //! SECURITY: a test tool; it refuses a non-loopback listen address unless
 //! `--allow-remote`, and reads at most 1 MiB + 5 bytes per packet.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +42,9 @@ pub struct MilterNoopArgs {
     /// Allow a non-loopback listen address.
     #[arg(long)]
     allow_remote: bool,
+    /// Listen on this unix socket instead (a stale socket file there is replaced).
+    #[arg(long)]
+    unix: Option<std::path::PathBuf>,
 }
 
 /// SMFIP_NOCONNECT | NOHELO | NOMAIL | NORCPT | NOBODY | NOHDRS | NOEOH | NOUNKNOWN | NODATA.
@@ -51,25 +58,55 @@ pub fn run(a: MilterNoopArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
             a.listen
         ));
     }
-    let l = TcpListener::bind(a.listen).map_err(|e| format!("bind {}: {e}", a.listen))?;
-    let addr = l.local_addr().map_err(|e| e.to_string())?;
-    l.set_nonblocking(true).map_err(|e| e.to_string())?;
-    eprintln!("listening: {addr}");
     let protocol = match a.stages {
         Stages::All => 0,
         Stages::Eom => ONLY_EOM,
     };
     let conns = Arc::new(AtomicU64::new(0));
-    let messages = Arc::new(AtomicU64::new(0));
+    let counts = Arc::new(Counts::default());
+    enum L {
+        Tcp(TcpListener),
+        Unix(UnixListener),
+    }
+    let l = match &a.unix {
+        Some(p) => {
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket()) {
+                let _ = std::fs::remove_file(p);
+            }
+            let l = UnixListener::bind(p).map_err(|e| format!("bind {}: {e}", p.display()))?;
+            eprintln!("listening: unix:{}", p.display());
+            L::Unix(l)
+        }
+        None => {
+            let l = TcpListener::bind(a.listen).map_err(|e| format!("bind {}: {e}", a.listen))?;
+            eprintln!("listening: {}", l.local_addr().map_err(|e| e.to_string())?);
+            L::Tcp(l)
+        }
+    };
+    match &l {
+        L::Tcp(l) => l.set_nonblocking(true),
+        L::Unix(l) => l.set_nonblocking(true),
+    }
+    .map_err(|e| e.to_string())?;
     while !stop.load(Ordering::Relaxed) {
-        match l.accept() {
-            Ok((s, _)) => {
+        let r = match &l {
+            L::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nonblocking(false);
+                let _ = s.set_nodelay(true);
+                Box::new(s) as Box<dyn ReadWrite>
+            }),
+            L::Unix(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nonblocking(false);
+                Box::new(s) as Box<dyn ReadWrite>
+            }),
+        };
+        match r {
+            Ok(s) => {
                 conns.fetch_add(1, Ordering::Relaxed);
-                let messages = messages.clone();
+                let counts = counts.clone();
                 std::thread::spawn(move || {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_nodelay(true);
-                    let _ = serve(s, protocol, &messages);
+                    let _ = serve(s, protocol, &counts);
                 });
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -78,12 +115,25 @@ pub fn run(a: MilterNoopArgs, stop: Arc<AtomicBool>) -> Result<(), String> {
             Err(e) => return Err(format!("accept: {e}")),
         }
     }
+    if let Some(p) = &a.unix {
+        let _ = std::fs::remove_file(p);
+    }
     println!(
-        "connections {} messages {}",
+        "connections {} messages {} replies {}",
         conns.load(Ordering::Relaxed),
-        messages.load(Ordering::Relaxed)
+        counts.messages.load(Ordering::Relaxed),
+        counts.replies.load(Ordering::Relaxed)
     );
     Ok(())
+}
+
+trait ReadWrite: Read + Write + Send {}
+impl<T: Read + Write + Send> ReadWrite for T {}
+
+#[derive(Default)]
+struct Counts {
+    messages: AtomicU64,
+    replies: AtomicU64,
 }
 
 fn packet(code: u8, data: &[u8]) -> Vec<u8> {
@@ -93,7 +143,7 @@ fn packet(code: u8, data: &[u8]) -> Vec<u8> {
     p
 }
 
-fn serve(mut s: TcpStream, protocol: u32, messages: &AtomicU64) -> std::io::Result<()> {
+fn serve(mut s: Box<dyn ReadWrite>, protocol: u32, counts: &Counts) -> std::io::Result<()> {
     let cont = packet(b'c', b"");
     let mut buf = Vec::new();
     loop {
@@ -116,10 +166,14 @@ fn serve(mut s: TcpStream, protocol: u32, messages: &AtomicU64) -> std::io::Resu
             b'D' | b'A' | b'K' => None,
             b'Q' => return Ok(()),
             b'E' => {
-                messages.fetch_add(1, Ordering::Relaxed);
+                counts.messages.fetch_add(1, Ordering::Relaxed);
+                counts.replies.fetch_add(1, Ordering::Relaxed);
                 Some(cont.clone())
             }
-            _ => Some(cont.clone()),
+            _ => {
+                counts.replies.fetch_add(1, Ordering::Relaxed);
+                Some(cont.clone())
+            }
         };
         if let Some(r) = reply {
             s.write_all(&r)?;

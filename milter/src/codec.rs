@@ -34,6 +34,7 @@ pub mod cmd {
     pub const QUIT: u8 = b'Q';
     pub const RCPT: u8 = b'R';
     pub const DATA: u8 = b'T';
+    pub const UNKNOWN: u8 = b'U';
 }
 
 /// Message edits a filter may ask for (`SMFIF_*`), offered all.
@@ -210,6 +211,12 @@ impl Negotiated {
     pub fn replies(&self, s: Stage) -> bool {
         let bit = s.no_reply_bit();
         bit == 0 || self.protocol & bit == 0
+    }
+
+    /// Takes `SMFIC_UNKNOWN` without answering it (it did not decline the step, and
+    /// negotiated `SMFIP_NR_UNKN`).
+    pub fn takes_unknown_silently(&self) -> bool {
+        self.protocol & proto::NOUNKNOWN == 0 && self.protocol & proto::NR_UNKN != 0
     }
 
     /// May the filter make this `SMFIF_*` edit?
@@ -671,6 +678,13 @@ pub fn envelope_addr(out: &mut BytesMut, command: u8, addr: &str, args: &[&str])
     for a in args {
         put_cstr(out, a.as_bytes());
     }
+    finish(out, at);
+}
+
+/// `SMFIC_UNKNOWN`: an SMTP command line the MTA did not handle itself.
+pub fn unknown(out: &mut BytesMut, line: &str) {
+    let at = begin(out, cmd::UNKNOWN);
+    put_cstr(out, line.as_bytes());
     finish(out, at);
 }
 

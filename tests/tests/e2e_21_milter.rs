@@ -11,7 +11,11 @@
 //! told, CONNECT/HELO/MAIL/RCPT/headers/body), that skipped and unanswered stages cost
 //! nothing, every edit as it lands in the spool, every verdict as the client sees it (with
 //! a filter's CR/LF never reaching it), quarantine (held in the queue), and the failures:
-//! the default action taken, exactly one reply per message, nothing stored twice.
+//! the default action taken, exactly one reply per message, nothing stored twice. And the
+//! shard's connection pool: sessions reuse a connection (`SMFIC_QUIT_NC`, no new
+//! negotiation) only where libmilter's state machine takes QUIT_NC, a connection the
+//! filter closed while idle is replaced without losing or answering a message twice, and
+//! a reload that moves a filter drops its idle connections.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -78,6 +82,8 @@ type Log = Arc<Mutex<Vec<Vec<(u8, Vec<u8>)>>>>;
 struct FakeMilter {
     addr: SocketAddr,
     log: Log,
+    /// Every accepted connection (to kill them all: a filter restart).
+    socks: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl FakeMilter {
@@ -86,8 +92,13 @@ impl FakeMilter {
         let addr = l.local_addr().unwrap();
         let log: Log = Arc::default();
         let log2 = log.clone();
+        let socks: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let socks2 = socks.clone();
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
+                if let Ok(c) = s.try_clone() {
+                    socks2.lock().unwrap().push(c);
+                }
                 let idx = {
                     let mut g = log2.lock().unwrap();
                     g.push(Vec::new());
@@ -95,10 +106,24 @@ impl FakeMilter {
                 };
                 let log3 = log2.clone();
                 let sc = script.clone();
-                std::thread::spawn(move || serve(s, sc, log3, idx));
+                std::thread::spawn(move || {
+                    // `socks` holds a clone: a conversation that ends closes it here.
+                    let end = s.try_clone();
+                    serve(s, sc, log3, idx);
+                    if let Ok(e) = end {
+                        let _ = e.shutdown(std::net::Shutdown::Both);
+                    }
+                });
             }
         });
-        FakeMilter { addr, log }
+        FakeMilter { addr, log, socks }
+    }
+
+    /// Closes every connection, as a filter that restarts does.
+    fn kill_connections(&self) {
+        for s in self.socks.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     fn socket(&self) -> String {
@@ -156,6 +181,7 @@ fn serve(mut s: TcpStream, sc: Script, log: Log, idx: usize) {
                     b'L' => 0x80,
                     b'N' => 0x40000,
                     b'B' => 0x80000,
+                    b'U' => 0x20000,
                     _ => 0,
                 };
                 if sc.protocol & nr != 0 {
@@ -784,7 +810,9 @@ fn sighup_swaps_filters_and_refuses_a_bad_milter_section() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("tern.toml");
     let section = |sock: &str| {
-        format!("[milter]\ntimeouts = \"C:5s;E:30s\"\n[[milter.filters]]\nsocket = \"{sock}\"\n")
+        // One name throughout: a reload that moves "f" must not hand out connections to
+        // where "f" was.
+        format!("[milter]\ntimeouts = \"C:5s;E:30s\"\n[[milter.filters]]\nname = \"f\"\nsocket = \"{sock}\"\n")
     };
     write_config(&cfg, dir.path(), &section(&rejecting.socket()));
     let mut child = Command::new(tern_bin())
@@ -864,7 +892,183 @@ fn sighup_swaps_filters_and_refuses_a_bad_milter_section() {
     assert!(log.lock().unwrap().contains("milter.timeouts"));
     mail(250);
     assert_eq!(rejecting.conns().len(), 1);
-    assert_eq!(tagging.conns().len(), 2);
+    // Two sessions after the reload, over one or two connections (two shards, each with
+    // its own pool: a tagged message ends in a state where the connection is reused).
+    let tagged = tagging.conns();
+    assert!(
+        (1..=2).contains(&tagged.len()),
+        "{} connections",
+        tagged.len()
+    );
+    let connects = tagged.iter().flatten().filter(|(c, _)| *c == b'C').count();
+    assert_eq!(connects, 2);
+    // "f" moves back: the idle connections to the tagging filter are dropped, the next
+    // session talks to the rejecting one.
+    let reloads = log
+        .lock()
+        .unwrap()
+        .matches("configuration reloaded")
+        .count();
+    write_config(&cfg, dir.path(), &section(&rejecting.socket()));
+    unsafe { libc::kill(pid, libc::SIGHUP) };
+    wait_for("the third reload", Duration::from_secs(10), || {
+        log.lock()
+            .unwrap()
+            .matches("configuration reloaded")
+            .count()
+            > reloads
+    });
+    mail(550);
+    mail(550);
+    assert_eq!(rejecting.conns().len(), 3);
+    let connects = tagging
+        .conns()
+        .iter()
+        .flatten()
+        .filter(|(c, _)| *c == b'C')
+        .count();
+    assert_eq!(connects, 2);
+}
+
+/// Waits until the server has ended `n` sessions (a session gives its filter connections
+/// back after its client is gone; the next one must not start before that).
+fn ended(s: &Server, n: usize) {
+    wait_for("the session's end", Duration::from_secs(10), || {
+        s.stderr_log().matches(" disconnect").count() >= n
+    });
+}
+
+fn order(conv: &[(u8, Vec<u8>)]) -> String {
+    conv.iter()
+        .map(|(c, _)| *c as char)
+        .filter(|c| *c != 'D')
+        .collect()
+}
+
+#[test]
+fn sessions_reuse_the_shards_filter_connection_and_a_dead_one_is_replaced() {
+    let f = FakeMilter::start(Script::default());
+    // One shard: one pool, so every session finds the connection the last one left.
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+        r.check(250, "2.0.0");
+        ids.push(r.queued_id());
+        ended(&s, n);
+    }
+    let conns = f.conns();
+    assert_eq!(conns.len(), 1, "three sessions, one filter connection");
+    // Negotiated once; each later session starts with SMFIC_QUIT_NC and its own CONNECT,
+    // with its own macros.
+    assert_eq!(
+        order(&conns[0]),
+        "OCHMRTLLLNBE".to_string() + "KCHMRTLLLNBE" + "KCHMRTLLLNBE"
+    );
+    let mail_ids: Vec<String> = conns[0]
+        .iter()
+        .filter(|(c, d)| *c == b'D' && d.first() == Some(&b'M'))
+        .filter_map(|(_, d)| get(&macros(&[(b'D', d.clone())], b'M'), "i"))
+        .collect();
+    assert_eq!(mail_ids, ids);
+    let connect_macros = conns[0]
+        .iter()
+        .filter(|(c, d)| *c == b'D' && d.first() == Some(&b'C'))
+        .count();
+    assert_eq!(connect_macros, 3);
+
+    // The filter restarts between sessions: the idle connection is dead. The next
+    // session gets a fresh one (negotiated again), its message is filtered and
+    // acknowledged once, and stored once.
+    f.kill_connections();
+    let r = send(&s, "a@example.org", &["b@example.net"], MSG);
+    r.check(250, "2.0.0");
+    ids.push(r.queued_id());
+    let conns = f.conns();
+    assert_eq!(conns.len(), 2);
+    assert_eq!(order(&conns[1]), "OCHMRTLLLNBE");
+    let stored = s.stored();
+    assert_eq!(stored.len(), 4);
+    for id in &ids {
+        assert!(s.stored_by_id(id).body.ends_with(MSG));
+    }
+    drop(s);
+
+    // A filter that asks for end-of-message only has nothing answered before it: a dead
+    // idle connection is noticed when it is taken from the pool, not at the message.
+    let f = FakeMilter::start(Script {
+        protocol: 0x1 | 0x2 | 0x4 | 0x8 | 0x10 | 0x20 | 0x40 | 0x100 | 0x200,
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    ended(&s, 1);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    ended(&s, 2);
+    assert_eq!(f.conns().len(), 1);
+    f.kill_connections();
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    let conns = f.conns();
+    assert_eq!(conns.len(), 2);
+    assert_eq!(order(&conns[1]), "OE");
+    assert_eq!(s.stored().len(), 3);
+}
+
+#[test]
+fn quit_nc_is_sent_only_where_libmilter_takes_it() {
+    // Accept at end-of-message puts libmilter back in its HELO state, where it ignores
+    // SMFIC_QUIT_NC and the next CONNECT: such a connection closes with its session.
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'a', b""),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    for n in 1..=2 {
+        send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+        ended(&s, n);
+    }
+    // A session without a message (the filter saw CONNECT and HELO only) too.
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.quit();
+    ended(&s, 3);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    let conns = f.conns();
+    assert_eq!(conns.len(), 4);
+    assert!(conns.iter().all(|c| !order(c).contains('K')));
+    assert_eq!(s.stored().len(), 3);
+    drop(s);
+
+    // A filter that takes SMFIC_UNKNOWN without answering it (SMFIP_NR_UNKN, as rspamd
+    // negotiates) is walked to libmilter's "unknown command" state, from which QUIT_NC is
+    // valid: reused after an accept, after a session without a message, and after one
+    // that left mid-message (aborted first).
+    let f = FakeMilter::start(Script {
+        verdict: packet(b'a', b""),
+        protocol: 0x20000,
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    ended(&s, 1);
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.quit();
+    ended(&s, 2);
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@example.net>", 250, "2.1.5");
+    drop(c);
+    ended(&s, 3);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    let conns = f.conns();
+    assert_eq!(conns.len(), 1);
+    assert_eq!(
+        order(&conns[0]),
+        "OCHMRTLLLNBE".to_string() + "UK" + "CH" + "UK" + "CHMR" + "AUK" + "CHMRTLLLNBE"
+    );
+    assert_eq!(s.stored().len(), 2);
 }
 
 /// `tern-loadgen milter-noop` (the benchmarks' no-op filter) works with tern, in both
@@ -895,16 +1099,19 @@ fn loadgen_noop_milter_is_a_valid_filter() {
             .expect("listening line")
             .to_string();
         let s = server_with(&[(format!("inet:{addr}"), "")], &[]);
-        for _ in 0..3 {
+        for n in 1..=3 {
             send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+            ended(&s, n);
         }
         drop(s);
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let out = child.wait_with_output().unwrap();
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout).trim(),
-            "connections 3 messages 3",
-            "--stages {stages}"
+        // Three sessions over one or two connections (two shards, one pool each).
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            text.starts_with("connections 1 messages 3 replies ")
+                || text.starts_with("connections 2 messages 3 replies "),
+            "--stages {stages}: {text}"
         );
     }
 }

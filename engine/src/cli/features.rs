@@ -130,7 +130,7 @@ pub fn report(cfg: &Config) -> String {
             let t = f.timeouts;
             let _ = writeln!(
                 o,
-                "Milter filter: {} at {} default_action {} timeouts C:{}s;S:{}s;R:{}s;E:{}s listeners {}",
+                "Milter filter: {} at {} default_action {} timeouts C:{}s;S:{}s;R:{}s;E:{}s listeners {} pool_idle {}",
                 f.name,
                 match &f.endpoint {
                     tern_engine::milter::Endpoint::Inet(a) => format!("inet:{a}"),
@@ -144,7 +144,8 @@ pub fn report(cfg: &Config) -> String {
                 t.send.as_secs(),
                 t.reply.as_secs(),
                 t.eom.as_secs(),
-                roles.join(",")
+                roles.join(","),
+                f.pool_idle
             );
         }
     }

@@ -157,6 +157,9 @@ pub struct Snapshot {
     /// Milter outcomes per (filter, action): accept, continue, reject, tempfail, discard,
     /// quarantine, failed (the default action was taken).
     pub milter: std::collections::BTreeMap<(String, String), u64>,
+    /// Milter connections per (filter, how): opened (connect + negotiation) or reused
+    /// (taken from the shard's pool, `SMFIC_QUIT_NC`).
+    pub milter_conns: std::collections::BTreeMap<(String, String), u64>,
 }
 
 /// Copies the shard's counters (on the shard's thread).
@@ -211,6 +214,9 @@ impl Snapshot {
             }
             for (k, n) in &s.milter {
                 *t.milter.entry(k.clone()).or_insert(0) += n;
+            }
+            for (k, n) in &s.milter_conns {
+                *t.milter_conns.entry(k.clone()).or_insert(0) += n;
             }
         }
         t.accepting = !all.is_empty() && all.iter().all(|s| s.accepting);

@@ -200,6 +200,20 @@ pub fn render(shards: &[Snapshot]) -> String {
         },
     );
     family(
+        "tern_milter_connections_total",
+        "counter",
+        "Milter connections per filter: opened (connect and negotiation) or reused (from the shard's idle pool).",
+        &|id, s, o| {
+            for ((f, h), n) in &s.milter_conns {
+                let _ = writeln!(
+                    o,
+                    "tern_milter_connections_total{{shard=\"{id}\",filter=\"{}\",how=\"{h}\"}} {n}",
+                    f.replace('\\', "\\\\").replace('"', "\\\"")
+                );
+            }
+        },
+    );
+    family(
         "tern_queue_messages",
         "gauge",
         "Messages in the queue.",
