@@ -49,6 +49,7 @@ use crate::ratelimit::{RateLimit, TokenBucket};
 use crate::route::Destination;
 use crate::state::{MsgId, MsgRef, QueuedMessage, RcptState, StateChange};
 use crate::tls_configs::TrustKey;
+use crate::SpoolError;
 // Re-exported where the engine has always found it; defined below `deliver`, which reads it too.
 pub use crate::config::RunnerConfig;
 use crate::{BodyType, DeliverByMode, Envelope, NOTIFY_DELAY, NOTIFY_NEVER, NOTIFY_SUCCESS};
@@ -468,9 +469,11 @@ impl Runner {
                 _ => None,
             })
             .collect();
-        if !failed.is_empty() {
-            self.bounce(&env, &body, &failed, DsnKind::Failure).await;
-        }
+        // A failure that cannot be reported is not final yet: if its DSN could not be
+        // queued, the recipients stay pending and are tried (and bounced) again later,
+        // rather than marked failed with nobody told.
+        let failures_reported =
+            failed.is_empty() || self.bounce(&env, &body, &failed, DsnKind::Failure).await;
 
         let mut change = q.change(Vec::new());
         change.attempts = q.attempts + 1;
@@ -485,6 +488,11 @@ impl Runner {
                         tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "sent", reply = %reply, "delivery");
                         change.updates.push((*i as u32, RcptState::Delivered));
                         counts.sent += 1;
+                    }
+                    Outcome::Failed { line, .. } if !failures_reported => {
+                        tracing::warn!(id = %q.id, to = %to, reply = %line, "delivery failed but its DSN could not be queued; the recipient stays pending");
+                        last = format!("failed ({line}); DSN not queued yet");
+                        counts.deferred += 1;
                     }
                     Outcome::Failed { line, .. } => {
                         tracing::info!(id = %q.id, to = %to, delay_secs = age.as_secs(), status = "bounced", reply = %line, "delivery");
@@ -503,9 +511,10 @@ impl Runner {
                 }
             }
         }
-        let still_pending = outcomes
-            .iter()
-            .any(|(_, o)| matches!(o, Outcome::Deferred(_)));
+        let still_pending = !failures_reported
+            || outcomes
+                .iter()
+                .any(|(_, o)| matches!(o, Outcome::Deferred(_)));
         change.last_reply = last;
         change.next_attempt_unix = if still_pending {
             let next = now_unix() + self.backoff(change.attempts).as_secs();
@@ -763,18 +772,41 @@ impl Runner {
         body: &Bytes,
         failed: &[(usize, Reply, Option<String>)],
         kind: DsnKind,
-    ) {
+    ) -> bool {
         if env.sender.is_empty() {
-            return; // never bounce a bounce
+            return true; // never bounce a bounce
         }
         // NOTIFY (absent = FAILURE only, NEVER = nothing) is applied by dsn::bounce.
         let wanted = failed;
         let Some(dsn) = crate::deliver::build_dsn(&self.cfg.hostname, env, wanted, kind, body)
         else {
-            return;
+            return true;
         };
         let size = dsn.len() as u64;
         let bounce_body = [Bytes::from(dsn)];
+        // A segment retired under us (a failed write or sync elsewhere): prepare again on
+        // a fresh one, as a client's message is.
+        for attempt in 0..3 {
+            match self.queue_dsn(env, &bounce_body, size, kind).await {
+                Ok(()) => return true,
+                Err(SpoolError::SegmentUnusable { .. }) if attempt < 2 => continue,
+                Err(e) => {
+                    tracing::error!(orig = %env.id, error = %e, "cannot queue DSN");
+                    return false;
+                }
+            }
+        }
+        false
+    }
+
+    /// Prepares and commits one DSN (`bounce`), then queues it for delivery.
+    async fn queue_dsn(
+        &self,
+        env: &Envelope,
+        bounce_body: &[Bytes; 1],
+        size: u64,
+        kind: DsnKind,
+    ) -> Result<(), SpoolError> {
         let prepared = self.commit.with_spool(|s| {
             let id = s.id_gen().next();
             let benv = Envelope {
@@ -796,28 +828,23 @@ impl Runner {
                 client_helo: self.cfg.hostname.clone(),
                 client_addr: "local (bounce)".into(),
             };
-            s.prepare(&benv, &bounce_body)
+            s.prepare(&benv, bounce_body)
                 .map(|w| (w, id, benv.arrival_unix_micros))
         });
-        match prepared {
-            Ok((w, id, arrival)) => match self.commit.commit(w).await {
-                Ok(c) => {
-                    tracing::info!(id = %id, orig = %env.id, to = %env.sender, kind = ?kind, "DSN queued");
-                    self.enqueue(
-                        MsgRef {
-                            shard: self.shard,
-                            segment: c.segment,
-                            offset: c.offset,
-                        },
-                        &id,
-                        arrival,
-                        1,
-                    );
-                }
-                Err(e) => tracing::error!(orig = %env.id, error = %e, "cannot queue DSN"),
+        let (w, id, arrival) = prepared?;
+        let c = self.commit.commit(w).await?;
+        tracing::info!(id = %id, orig = %env.id, to = %env.sender, kind = ?kind, "DSN queued");
+        self.enqueue(
+            MsgRef {
+                shard: self.shard,
+                segment: c.segment,
+                offset: c.offset,
             },
-            Err(e) => tracing::error!(orig = %env.id, error = %e, "cannot queue DSN"),
-        }
+            &id,
+            arrival,
+            1,
+        );
+        Ok(())
     }
 }
 
