@@ -442,25 +442,33 @@ pub fn restore_pipeline(known: &HashMap<String, u64>, now: u64) -> Option<redis:
     let last = live.iter().map(|(_, u)| *u).max()?;
     let mut p = redis::pipe();
     for (member, until) in live {
-        p.cmd("ZADD")
+        zadd_block(&mut p, member, until);
+    }
+    expire_blocks(&mut p, last, now);
+    Some(p)
+}
+
+/// ZADD GT: the block of `member` ends at `until` (ms), unless it ends later already.
+fn zadd_block(p: &mut redis::Pipeline, member: &str, until: u64) {
+    p.cmd("ZADD")
+        .arg(Keys::BLOCKS)
+        .arg("GT")
+        .arg(until)
+        .arg(member)
+        .ignore();
+}
+
+/// The set of blocks expires after its last block (`last`, ms): PEXPIRE NX for a new
+/// set, then GT to lengthen an existing one.
+fn expire_blocks(p: &mut redis::Pipeline, last: u64, now: u64) {
+    let ttl = last.saturating_sub(now).max(1);
+    for when in ["NX", "GT"] {
+        p.cmd("PEXPIRE")
             .arg(Keys::BLOCKS)
-            .arg("GT")
-            .arg(until)
-            .arg(member)
+            .arg(ttl)
+            .arg(when)
             .ignore();
     }
-    let ttl = last.saturating_sub(now).max(1);
-    p.cmd("PEXPIRE")
-        .arg(Keys::BLOCKS)
-        .arg(ttl)
-        .arg("NX")
-        .ignore();
-    p.cmd("PEXPIRE")
-        .arg(Keys::BLOCKS)
-        .arg(ttl)
-        .arg("GT")
-        .ignore();
-    Some(p)
 }
 
 /// ZADD GT each tripped subject into `tern:blocks` (the set expires after its last
@@ -470,12 +478,7 @@ pub fn block_pipeline(batch: &Batch, tripped: &[(Subject, u64)]) -> redis::Pipel
     let now = unix_ms();
     let mut last = 0;
     for (s, until) in tripped {
-        p.cmd("ZADD")
-            .arg(Keys::BLOCKS)
-            .arg("GT")
-            .arg(*until)
-            .arg(s.member())
-            .ignore();
+        zadd_block(&mut p, &s.member(), *until);
         last = last.max(*until);
         if let Some(c) = batch
             .counters
@@ -485,17 +488,7 @@ pub fn block_pipeline(batch: &Batch, tripped: &[(Subject, u64)]) -> redis::Pipel
             p.cmd("DEL").arg(&c.key).ignore();
         }
     }
-    let ttl = last.saturating_sub(now).max(1);
-    p.cmd("PEXPIRE")
-        .arg(Keys::BLOCKS)
-        .arg(ttl)
-        .arg("NX")
-        .ignore();
-    p.cmd("PEXPIRE")
-        .arg(Keys::BLOCKS)
-        .arg(ttl)
-        .arg("GT")
-        .ignore();
+    expire_blocks(&mut p, last, now);
     p
 }
 
