@@ -4,7 +4,9 @@
 //!   random moments (three rounds, during accept and during delivery to the next hop)
 //!   and restarted on the same spool. Every message that got a 250 must arrive at the
 //!   next hop (lost: 0); duplicates (at-least-once delivery) are counted and bounded by
-//!   what can be in flight at a kill.
+//!   what can be in flight at a kill. The same with two group commits in flight per
+//!   shard (issue 17), killed right after the metrics show batches overlapping, on the
+//!   syncer threads and on the shards' own io_uring (five rounds, sixteen clients each).
 //! - With the next hop down, the queue's high-water mark turns new mail away with
 //!   452 4.3.1; once the queue drains, mail is accepted again.
 //! - 20 rounds of SIGKILL and an immediate restart on the same fixed ports and spool (what
@@ -12,7 +14,7 @@
 //!   the same spool or the same ports is still refused while the first runs.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -77,9 +79,74 @@ fn send_one(addr: SocketAddr, subject: &str) -> std::io::Result<bool> {
 
 #[test]
 fn kill9_rounds_lose_nothing_acknowledged() {
-    const N: u32 = 1000;
-    const SENDERS: u32 = 4;
-    const ROUNDS: u32 = 3;
+    // Three SIGKILL rounds at pseudo-random moments, during accept and delivery.
+    let mut seed = 0x1234_5678u64;
+    kill9_rounds(
+        "crash",
+        Rounds {
+            messages: 1000,
+            senders: 4,
+            rounds: 3,
+        },
+        &[],
+        |_, _| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 600));
+        },
+    );
+}
+
+/// Two group commits in flight per shard (`spool.commits_in_flight = 2`, issue 17): each
+/// kill comes right after the server's metrics show batches overlapping, so commits are
+/// in flight on both syncers at the kill.
+#[test]
+fn kill9_with_overlapped_commits_in_flight_loses_nothing_acknowledged() {
+    overlapped_rounds("thread");
+}
+
+/// The same on the io_uring commit path (`spool.commit = "uring"`): kill -9 while batches
+/// are in flight on the shards' own rings.
+#[test]
+fn kill9_with_commits_in_flight_on_io_uring_loses_nothing_acknowledged() {
+    overlapped_rounds("uring");
+}
+
+fn overlapped_rounds(commit: &str) {
+    kill9_rounds(
+        &format!("overlap-{commit}"),
+        Rounds {
+            messages: 1200,
+            senders: 16,
+            rounds: 5,
+        },
+        &[
+            "spool.commits_in_flight=2",
+            &format!("spool.commit=\"{commit}\""),
+        ],
+        |_, relay| {
+            let metrics = relay.metrics.expect("the demo prints its metrics address");
+            wait_for("overlapped group commits", Duration::from_secs(30), || {
+                metric_total(metrics, "tern_commit_batches_overlapped_total") >= 3
+            });
+        },
+    );
+}
+
+/// The size of a crash run.
+struct Rounds {
+    messages: u32,
+    senders: u32,
+    rounds: u32,
+}
+
+/// `r.senders` clients send `r.messages` messages (subject `{tag}-{n}`) through a relay
+/// with `extra` settings to a next hop; `r.rounds` times, once `before_kill` returns, the
+/// relay is killed with SIGKILL and restarted on the same spool. Every message that got
+/// a 250 must arrive at the next hop (lost: 0); duplicates are counted and bounded by
+/// what can be in flight at a kill.
+fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMut(u32, &Server)) {
     // Deliveries in flight to the one destination, per shard (set below, the default).
     const DEST_CONCURRENCY: u32 = 20;
     let hop = next_hop(None, &["limits.connections_per_ip=1000"]);
@@ -87,29 +154,34 @@ fn kill9_rounds_lose_nothing_acknowledged() {
         r#"queue.routes={{"*"="smtp:[127.0.0.1]:{}"}}"#,
         hop.server.smtp.port()
     );
-    let mut relay = Server::with(&[
-        &route,
+    let dest = format!("queue.destination_concurrency={DEST_CONCURRENCY}");
+    let mut sets = vec![
+        route.as_str(),
         r#"relay.trusted_networks=["127.0.0.0/8"]"#,
         "queue.retry_interval=1s",
         "queue.max_retry_interval=2s",
         "queue.connect_timeout=2s",
         "limits.connections_per_ip=1000",
-        &format!("queue.destination_concurrency={DEST_CONCURRENCY}"),
-    ]);
+        dest.as_str(),
+    ];
+    sets.extend_from_slice(extra);
+    let mut relay = Server::with(&sets);
     let addr = Arc::new(Mutex::new(relay.smtp));
     let next = Arc::new(AtomicU32::new(0));
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    let senders: Vec<_> = (0..SENDERS)
+    let n_messages = r.messages;
+    let senders: Vec<_> = (0..r.senders)
         .map(|_| {
             let (addr, next, acked) = (addr.clone(), next.clone(), acked.clone());
+            let tag = tag.to_string();
             std::thread::spawn(move || loop {
                 let n = next.fetch_add(1, Ordering::SeqCst);
-                if n >= N {
+                if n >= n_messages {
                     return;
                 }
                 for _ in 0..100 {
                     let a = *addr.lock().unwrap();
-                    match send_one(a, &format!("crash-{n}")) {
+                    match send_one(a, &format!("{tag}-{n}")) {
                         Ok(true) => {
                             acked.lock().unwrap().insert(n);
                             break;
@@ -120,34 +192,30 @@ fn kill9_rounds_lose_nothing_acknowledged() {
             })
         })
         .collect();
-    // Three SIGKILL rounds at pseudo-random moments.
-    let mut seed = 0x1234_5678u64;
-    for round in 0..ROUNDS {
-        seed = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        std::thread::sleep(Duration::from_millis(200 + (seed >> 33) % 600));
+    for round in 0..r.rounds {
+        before_kill(round, &relay);
         relay.kill9();
         relay.restart();
         *addr.lock().unwrap() = relay.smtp;
-        eprintln!("round {round}: killed and restarted");
+        eprintln!("{tag} round {round}: killed and restarted");
     }
     for s in senders {
         s.join().unwrap();
     }
     let acked = acked.lock().unwrap().clone();
     assert!(
-        acked.len() as u32 > N / 2,
+        acked.len() as u32 > r.messages / 2,
         "too few messages acknowledged: {}",
         acked.len()
     );
     // Everything drains to the next hop.
+    let prefix = format!("{tag}-");
     let start = Instant::now();
     loop {
         let got = maildir_subjects(hop.server.dir());
         let have: HashSet<u32> = got
             .iter()
-            .filter_map(|s| s.strip_prefix("crash-")?.parse().ok())
+            .filter_map(|s| s.strip_prefix(prefix.as_str())?.parse().ok())
             .collect();
         if acked.is_subset(&have) && relay.queue_list().is_empty() {
             break;
@@ -167,7 +235,8 @@ fn kill9_rounds_lose_nothing_acknowledged() {
     }
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     eprintln!(
-        "crash rounds: {ROUNDS}, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
+        "{tag}: {} kill rounds, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
+        r.rounds,
         acked.len(),
         counts.len()
     );
@@ -175,11 +244,33 @@ fn kill9_rounds_lose_nothing_acknowledged() {
     // one transaction per sender (stored, its 250 lost, sent again); on the delivering
     // side, the deliveries the next hop took but the relay had not recorded yet, at most
     // the destination's concurrency on every shard. The next hop itself is never killed.
-    let bound = ROUNDS * (SENDERS + relay.shards as u32 * DEST_CONCURRENCY);
+    let bound = r.rounds * (r.senders + relay.shards as u32 * DEST_CONCURRENCY);
     assert!(
         duplicates <= bound,
-        "{duplicates} duplicates after {ROUNDS} kills: more than the {bound} that can be in flight"
+        "{duplicates} duplicates after {} kills: more than the {bound} that can be in flight",
+        r.rounds
     );
+}
+
+/// `name{shard="total"}` from the server's /metrics (0 when the endpoint cannot be read,
+/// e.g. the server was just killed).
+fn metric_total(addr: SocketAddr, name: &str) -> u64 {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return 0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return 0;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    let prefix = format!("{name}{{shard=\"total\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0) as u64
 }
 
 #[test]
