@@ -1335,3 +1335,35 @@ pub fn sessions_active(metrics: std::net::SocketAddr) -> u64 {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .expect("tern_sessions_active total") as u64
 }
+
+/// `tern dkim keygen --domain example.org --selector S --algorithm A --dir D`: (the key
+/// file, the record's name without the final dot, e.g. `S._domainkey.example.org`, and
+/// the TXT value with its character-strings joined).
+pub fn dkim_keygen(dir: &Path, selector: &str, alg: &str) -> (PathBuf, String, String) {
+    let out = Command::new(tern_bin())
+        .args(["dkim", "keygen", "--domain", "example.org", "--selector"])
+        .arg(selector)
+        .args(["--algorithm", alg, "--dir"])
+        .arg(dir)
+        .output()
+        .expect("tern dkim keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8(out.stdout).expect("UTF-8 record");
+    let (name, rest) = line.split_once(" IN TXT ").expect("a TXT record line");
+    let value: String = rest
+        .trim()
+        .split('"')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s)
+        .collect();
+    (
+        dir.join(format!("example.org.{selector}.{alg}.pem")),
+        name.trim_end_matches('.').to_string(),
+        value,
+    )
+}

@@ -51,34 +51,12 @@ fn dkimpy_available() -> bool {
 
 /// `tern dkim keygen`: (key path, "name" -> TXT value joined).
 fn keygen(dir: &Path, selector: &str, alg: &str) -> (PathBuf, String, String) {
-    let out = Command::new(tern_bin())
-        .args(["dkim", "keygen", "--domain", "example.org", "--selector"])
-        .arg(selector)
-        .args(["--algorithm", alg, "--dir"])
-        .arg(dir)
-        .output()
-        .expect("tern dkim keygen");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
-    let (name, rest) = line.split_once(" IN TXT ").expect("a TXT record line");
-    assert_eq!(name, format!("{selector}._domainkey.example.org."));
-    // Join the quoted character-strings.
-    let value: String = rest
-        .trim()
-        .split('"')
-        .enumerate()
-        .filter(|(i, _)| i % 2 == 1)
-        .map(|(_, s)| s)
-        .collect();
+    let (key, name, value) = tern_tests::dkim_keygen(dir, selector, alg);
+    assert_eq!(name, format!("{selector}._domainkey.example.org"));
     assert!(
         value.starts_with(&format!("v=DKIM1; k={alg}; p=")),
         "{value}"
     );
-    let key = dir.join(format!("example.org.{selector}.{alg}.pem"));
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);
@@ -95,7 +73,7 @@ fn keygen(dir: &Path, selector: &str, alg: &str) -> (PathBuf, String, String) {
             String::from_utf8_lossy(&o.stderr)
         );
     }
-    (key, name.trim_end_matches('.').to_string(), value)
+    (key, name, value)
 }
 
 /// The Maildir's files, raw.

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::{require_tool, tern_bin, wait_for, Server};
+use tern_tests::{require_tool, wait_for, Server};
 
 /// A filter process in its own process group, stopped (group-wide, by its id) on drop.
 struct Filter {
@@ -282,40 +282,9 @@ fn rspamd_rejects_gtube_and_tags_clean_mail() {
     assert_eq!(conns(metrics, "rspamd", "reused"), 3);
 }
 
-/// `tern dkim keygen`: (key file, "selector._domainkey.example.org", TXT value).
+/// `tern dkim keygen` (RSA): (key file, "selector._domainkey.example.org", TXT value).
 fn keygen(dir: &Path, selector: &str) -> (PathBuf, String, String) {
-    let out = Command::new(tern_bin())
-        .args([
-            "dkim",
-            "keygen",
-            "--domain",
-            "example.org",
-            "--algorithm",
-            "rsa",
-        ])
-        .args(["--selector", selector, "--dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = String::from_utf8(out.stdout).unwrap();
-    let (name, rest) = line.split_once(" IN TXT ").expect("a TXT record line");
-    let value: String = rest
-        .trim()
-        .split('"')
-        .enumerate()
-        .filter(|(i, _)| i % 2 == 1)
-        .map(|(_, s)| s)
-        .collect();
-    (
-        dir.join(format!("example.org.{selector}.rsa.pem")),
-        name.trim_end_matches('.').to_string(),
-        value,
-    )
+    tern_tests::dkim_keygen(dir, selector, "rsa")
 }
 
 fn opendkim(dir: &Path, name: &'static str, port: u16, lines: &str) -> Filter {
