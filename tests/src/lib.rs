@@ -1367,3 +1367,70 @@ pub fn dkim_keygen(dir: &Path, selector: &str, alg: &str) -> (PathBuf, String, S
         value,
     )
 }
+
+/// HAProxy's runtime API (its stats socket `sock`): one command, its answer.
+pub fn haproxy_cmd(sock: &Path, cmd: &str) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("haproxy runtime socket");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// `show stat` rows of HAProxy's servers (not the FRONTEND/BACKEND summary rows), each as
+/// column name → value (`pxname`, `svname`, `status`, `check_status`, `scur`, `stot`...).
+pub fn haproxy_servers(sock: &Path) -> Vec<std::collections::HashMap<String, String>> {
+    let out = haproxy_cmd(sock, "show stat");
+    let mut lines = out.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            header
+                .iter()
+                .zip(l.split(','))
+                .map(|(h, v)| (h.to_string(), v.to_string()))
+                .collect::<std::collections::HashMap<_, _>>()
+        })
+        .filter(|row| {
+            row.get("svname")
+                .is_some_and(|s| s != "FRONTEND" && s != "BACKEND")
+        })
+        .collect()
+}
+
+/// Waits (30 s at most) until server `node` is in `backends` backends and `ok` holds for
+/// its status in each (e.g. "UP", "DOWN", "DRAIN", "MAINT"); panics with the table if not.
+pub fn haproxy_wait_status(
+    sock: &Path,
+    node: &str,
+    backends: usize,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) {
+    let statuses = || -> Vec<String> {
+        haproxy_servers(sock)
+            .into_iter()
+            .filter(|r| r.get("svname").is_some_and(|s| s == node))
+            .filter_map(|mut r| r.remove("status"))
+            .collect()
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(30) {
+        let st = statuses();
+        if st.len() == backends && st.iter().all(|s| ok(s)) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "HAProxy did not see {node} {what} within 30 s: {:?}",
+        statuses()
+    );
+}

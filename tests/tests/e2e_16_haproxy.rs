@@ -28,7 +28,6 @@
 //! serving new connections that long, and refuse only after the balancer has taken them
 //! out.
 
-use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -263,77 +262,8 @@ defaults
         self.child.id()
     }
 
-    /// One runtime API command; its answer.
-    fn cmd(&self, cmd: &str) -> String {
-        let mut s = UnixStream::connect(&self.sock).expect("haproxy runtime socket");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
-    }
-
-    /// `show stat`: (backend, server) -> (status, check_status, current sessions).
-    fn servers(&self) -> Vec<(String, String, String, String, u64)> {
-        let out = self.cmd("show stat");
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("# ")
-            .split(',')
-            .collect();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| *h == name)
-                .unwrap_or_else(|| panic!("no {name} in show stat: {out}"))
-        };
-        let (px, sv, st, ck, scur) = (
-            col("pxname"),
-            col("svname"),
-            col("status"),
-            col("check_status"),
-            col("scur"),
-        );
-        lines
-            .filter(|l| !l.is_empty())
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.len() > ck && f[sv] != "FRONTEND" && f[sv] != "BACKEND")
-            .map(|f| {
-                (
-                    f[px].to_string(),
-                    f[sv].to_string(),
-                    f[st].to_string(),
-                    f[ck].to_string(),
-                    f[scur].parse().unwrap_or(0),
-                )
-            })
-            .collect()
-    }
-
-    /// The status of `node` in every backend (e.g. "UP", "DOWN", "DRAIN", "MAINT").
-    fn statuses(&self, node: &str) -> Vec<String> {
-        self.servers()
-            .into_iter()
-            .filter(|s| s.1 == node)
-            .map(|s| s.2)
-            .collect()
-    }
-
     fn wait_status(&self, node: &str, what: &str, ok: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(30) {
-            let st = self.statuses(node);
-            if st.len() == BACKENDS.len() && st.iter().all(|s| ok(s)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "HAProxy did not see node {node} {what} within 30 s: {:?}",
-            self.servers()
-        );
+        tern_tests::haproxy_wait_status(&self.sock, node, BACKENDS.len(), what, ok)
     }
 
     /// utime + stime of the HAProxy process, in clock ticks.

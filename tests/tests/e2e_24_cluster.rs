@@ -577,60 +577,23 @@ impl HaProxy {
     }
 
     fn cmd(&self, cmd: &str) -> String {
-        let mut s = UnixStream::connect(&self.sock).expect("haproxy runtime socket");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out
+        tern_tests::haproxy_cmd(&self.sock, cmd)
     }
 
     /// `show stat` rows of the servers: (backend, server, status, total sessions).
     fn servers(&self) -> Vec<(String, String, String, u64)> {
-        let out = self.cmd("show stat");
-        let mut lines = out.lines();
-        let header: Vec<&str> = lines
-            .next()
-            .unwrap_or("")
-            .trim_start_matches("# ")
-            .split(',')
-            .collect();
-        let col = |name: &str| {
-            header
-                .iter()
-                .position(|h| *h == name)
-                .unwrap_or_else(|| panic!("no {name} in show stat: {out}"))
-        };
-        let (px, sv, st, stot) = (col("pxname"), col("svname"), col("status"), col("stot"));
-        lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.len() > stot && f[sv] != "FRONTEND" && f[sv] != "BACKEND")
-            .map(|f| {
-                (
-                    f[px].to_string(),
-                    f[sv].to_string(),
-                    f[st].to_string(),
-                    f[stot].parse().unwrap_or(0),
-                )
+        tern_tests::haproxy_servers(&self.sock)
+            .into_iter()
+            .map(|mut r| {
+                let mut take = |k: &str| r.remove(k).unwrap_or_default();
+                let (px, sv, st) = (take("pxname"), take("svname"), take("status"));
+                (px, sv, st, take("stot").parse().unwrap_or(0))
             })
             .collect()
     }
 
     fn wait_status(&self, node: &str, what: &str, ok: impl Fn(&str) -> bool) {
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(30) {
-            let st: Vec<String> = self
-                .servers()
-                .into_iter()
-                .filter(|s| s.1 == node)
-                .map(|s| s.2)
-                .collect();
-            if st.len() == 3 && st.iter().all(|s| ok(s)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("HAProxy did not see {node} {what}: {:?}", self.servers());
+        tern_tests::haproxy_wait_status(&self.sock, node, 3, what, ok)
     }
 
     /// Sessions HAProxy sent to `node` on 587 so far.
