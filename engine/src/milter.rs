@@ -34,8 +34,10 @@
 //! end-of-message from OpenDKIM and most libmilter filters, a session that ended
 //! mid-conversation, any failure) closes the connection with its session, Postfix's
 //! model. Postfix and sendmail never send QUIT_NC. A pooled connection the filter closed
-//! while idle fails on its first exchange: the stage is retried once on a fresh connection
-//! and the filter's other idle connections are dropped. A reload that removes or moves a
+//! while idle is noticed when taken on TCP (`closed_while_idle`); otherwise it fails on
+//! its first exchange: up to MAIL the stage is retried once on a fresh connection and the
+//! filter's other idle connections are dropped (on a unix socket, an end-of-message-only
+//! filter shows it only at DATA, where its default action is taken: documented). A reload that removes or moves a
 //! filter drops its idle connections.
 //!
 //! Must never: hold a connection across threads or behind a lock (everything is the
@@ -453,7 +455,8 @@ impl ShardMilters {
         // SMFIC_QUIT_NC: "this SMTP session is over, a new one follows on this
         // connection" (the filter runs its close callback and expects CONNECT next, with
         // no new negotiation). Queued, not sent: it goes out in the same write as the next
-        // session's CONNECT, so a reuse costs no system call of its own.
+        // session's CONNECT, so the QUIT_NC costs no write of its own (on TCP the take
+        // checks the idle socket with one recv(MSG_PEEK); see `closed_while_idle`).
         c.out.clear();
         if bridge {
             if std::mem::take(&mut c.in_message) {
@@ -735,7 +738,10 @@ impl MilterSession {
                 (None, None) => {}
             }
             let mut r = self.step(shard, i, &f, stage, encode).await;
-            if r.is_err() && self.retry_fresh(shard, shard_id, i, &f, stage) {
+            // A dead idle connection fails at once (EOF, reset, broken pipe); a slow filter
+            // times out, and trying it again would only double the client's wait.
+            let dead = matches!(r, Err(Failure::Io(_) | Failure::Protocol(_)));
+            if dead && self.retry_fresh(shard, shard_id, i, &f, stage) {
                 r = self.step(shard, i, &f, stage, encode).await;
             }
             let v = match r {
@@ -1111,6 +1117,13 @@ impl MilterSession {
         let Some(c) = self.state[i].conn.as_mut() else {
             return Err(Failure::Protocol("no connection".into()));
         };
+        // From here until an end-of-message "continue", libmilter would ignore QUIT_NC
+        // (a refusal at DATA, a header, EOH or the body sends it back to its HELO state):
+        // not reusable, and a message in progress for the UNKNOWN bridge to abort. Set
+        // here too, not only in `step`, because a filter that takes none of HELO, MAIL
+        // and RCPT never passes through `step` for a message.
+        c.reusable = false;
+        c.in_message = true;
         c.macros(Stage::Data, &[("i", queue_id)]);
         if c.neg.sends(Stage::Data) {
             codec::bare(&mut c.out, cmd::DATA);

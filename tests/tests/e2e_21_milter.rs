@@ -46,6 +46,8 @@ struct Script {
     eom: Vec<Vec<u8>>,
     verdict: Vec<u8>,
     misbehave: Misbehave,
+    /// A header (`SMFIC_HEADER`) whose bytes contain this is rejected ('r').
+    refuse_header: Option<&'static [u8]>,
 }
 
 impl Default for Script {
@@ -57,6 +59,7 @@ impl Default for Script {
             eom: Vec::new(),
             verdict: packet(b'c', b""),
             misbehave: Misbehave::None,
+            refuse_header: None,
         }
     }
 }
@@ -166,6 +169,12 @@ fn serve(mut s: TcpStream, sc: Script, log: Log, idx: usize) {
                     let _ = s.write_all(p);
                 }
                 Some(sc.verdict.clone())
+            }
+            b'L' if sc
+                .refuse_header
+                .is_some_and(|n| data.windows(n.len()).any(|w| w == n)) =>
+            {
+                Some(packet(b'r', b""))
             }
             b'B' if sc.misbehave == Misbehave::DieAtBody => return,
             b'B' if sc.misbehave == Misbehave::GarbageAtBody => {
@@ -1068,6 +1077,38 @@ fn quit_nc_is_sent_only_where_libmilter_takes_it() {
         order(&conns[0]),
         "OCHMRTLLLNBE".to_string() + "UK" + "CH" + "UK" + "CHMR" + "AUK" + "CHMRTLLLNBE"
     );
+    assert_eq!(s.stored().len(), 2);
+}
+
+/// A filter that takes none of HELO, MAIL and RCPT (libmilter turns absent callbacks
+/// into SMFIP_NO*): its first message ends in "continue" (QUIT_NC would be valid), the
+/// second is refused at a header, which puts libmilter back in its HELO state. The
+/// connection must then close with the session, not go back to the pool with a QUIT_NC
+/// libmilter would ignore (review finding: `message` left the first message's
+/// "reusable" standing).
+#[test]
+fn a_message_refused_mid_way_after_a_clean_one_is_not_reused() {
+    let f = FakeMilter::start(Script {
+        protocol: 0x2 | 0x4 | 0x8,
+        refuse_header: Some(b"refuse-me"),
+        ..Script::default()
+    });
+    let s = server_with(&[(f.socket(), "")], &["shards=1"]);
+    let mut c = s.smtp();
+    c.ehlo("client.example");
+    c.send_mail("a@example.org", &["b@example.net"], MSG);
+    c.expect("MAIL FROM:<a@example.org>", 250, "2.1.0");
+    c.expect("RCPT TO:<b@example.net>", 250, "2.1.5");
+    c.expect("DATA", 354, "");
+    c.send(b"Subject: refuse-me\r\n\r\nbody\r\n.\r\n");
+    let r = c.read_reply();
+    assert_eq!(r.code / 100, 5, "refused at the header: {r:?}");
+    c.quit();
+    ended(&s, 1);
+    send(&s, "a@example.org", &["b@example.net"], MSG).check(250, "2.0.0");
+    let conns = f.conns();
+    assert_eq!(conns.len(), 2, "the first connection was reused");
+    assert!(!order(&conns[0]).contains('K'), "{}", order(&conns[0]));
     assert_eq!(s.stored().len(), 2);
 }
 

@@ -157,6 +157,7 @@ fn run(
             next_poll = Instant::now() + POLL;
         }
         let now = unix_ms();
+        let mut restore_failed: Option<String> = None;
         match round_trip(c, &batch, poll, now, &status) {
             Ok(outcome) => {
                 if !status.up.swap(true, Ordering::Relaxed) {
@@ -167,13 +168,13 @@ fn run(
                     // Every running node writes back what it knows; ZADD GT keeps the
                     // longest end, so several nodes doing it at once agree.
                     if let Some(p) = restore_pipeline(&known, now) {
-                        if let Err(e) = p.query::<()>(c) {
-                            tracing::debug!(error = %e, "writing the known blocks back to redis failed; the next reconnect retries");
-                        } else {
-                            tracing::info!(
+                        match p.query::<()>(c) {
+                            Ok(()) => tracing::info!(
                                 blocks = known.len(),
                                 "wrote this node's known blocks back to redis"
-                            );
+                            ),
+                            // Handled below, after this round's news.
+                            Err(e) => restore_failed = Some(e.to_string()),
                         }
                     }
                     if std::mem::replace(&mut in_outage, false) {
@@ -185,6 +186,17 @@ fn run(
                 status.ops.fetch_add(ops, Ordering::Relaxed);
                 for n in outcome.news(&mut known, now) {
                     deliver(n);
+                }
+                if let Some(e) = restore_failed.take() {
+                    // A fresh connection after the backoff writes them back again (and
+                    // the replies of a half-read pipeline never meet the next one).
+                    conn = None;
+                    down(
+                        &mut in_outage,
+                        &format!("writing the known blocks back: {e}"),
+                    );
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
             Err(e) => {
