@@ -1320,19 +1320,27 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The value of one series (`name` with its labels, e.g. `tern_sessions_active{shard="total"}`,
+/// or an unlabelled name) on the /metrics endpoint at `addr`; None when the endpoint
+/// cannot be read (a server just killed) or has no such series.
+pub fn metric_value(addr: std::net::SocketAddr, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let prefix = format!("{series} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+}
+
 /// `tern_sessions_active{shard="total"}` from a server's /metrics endpoint: sessions still
 /// open (tests that check nothing leaked).
 pub fn sessions_active(metrics: std::net::SocketAddr) -> u64 {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(metrics).expect("connect to /metrics");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix("tern_sessions_active{shard=\"total\"} "))
-        .and_then(|v| v.trim().parse::<f64>().ok())
+    metric_value(metrics, "tern_sessions_active{shard=\"total\"}")
         .expect("tern_sessions_active total") as u64
 }
 

@@ -14,7 +14,7 @@
 //!   the same spool or the same ports is still refused while the first runs.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -255,22 +255,7 @@ fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMu
 /// `name{shard="total"}` from the server's /metrics (0 when the endpoint cannot be read,
 /// e.g. the server was just killed).
 fn metric_total(addr: SocketAddr, name: &str) -> u64 {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return 0;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
-    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return 0;
-    }
-    let mut body = String::new();
-    let _ = s.read_to_string(&mut body);
-    let prefix = format!("{name}{{shard=\"total\"}} ");
-    body.lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    tern_tests::metric_value(addr, &format!("{name}{{shard=\"total\"}}")).unwrap_or(0.0) as u64
 }
 
 #[test]

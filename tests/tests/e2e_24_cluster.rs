@@ -741,15 +741,7 @@ impl Node {
 
     /// An unlabelled series of the node's /metrics.
     fn metric(&self, name: &str) -> Option<f64> {
-        let mut c = TcpStream::connect((self.ip, 9725)).ok()?;
-        c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut body = String::new();
-        c.read_to_string(&mut body).ok()?;
-        body.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
+        tern_tests::metric_value(SocketAddr::new(self.ip, 9725), name)
     }
 }
 
