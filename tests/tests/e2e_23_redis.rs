@@ -15,7 +15,7 @@
 //!   Redis back: both nodes recover by themselves and count across the cluster again.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -138,16 +138,7 @@ fn auth_from(s: &Server, src: &str, line: &str) -> u16 {
 
 /// The value of an unlabelled series on a node's /metrics.
 fn metric(s: &Server, name: &str) -> Option<f64> {
-    let addr: SocketAddr = s.metrics?;
-    let mut c = TcpStream::connect(addr).ok()?;
-    c.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    c.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
+    tern_tests::metric_value(s.metrics?, name)
 }
 
 fn ctl(s: &Server, args: &[&str]) -> String {
@@ -407,7 +398,12 @@ fn nodes_fall_back_to_local_counting_and_recover() {
     wait_for("node a's local block", Duration::from_secs(10), || {
         auth_from(&a, "127.0.0.5", GOOD) == 454
     });
-    assert!(local_block_logged(&a));
+    // The harness copies the server's stderr on a thread of its own: wait for the line.
+    wait_for(
+        "node a's log of its local block",
+        Duration::from_secs(10),
+        || local_block_logged(&a),
+    );
     // Redis back on the same port: both nodes reconnect by themselves.
     redis.spawn();
     for s in [&a, &b] {
@@ -415,7 +411,11 @@ fn nodes_fall_back_to_local_counting_and_recover() {
             metric(s, "tern_cluster_redis_up") == Some(1.0)
         });
     }
-    assert!(a.stderr_log().contains("redis reachable again"));
+    wait_for(
+        "node a's log of the recovery",
+        Duration::from_secs(10),
+        || a.stderr_log().contains("redis reachable again"),
+    );
     // And counts across the cluster again: 2 + 2 from a new address block it on both.
     for s in [&a, &b, &a, &b] {
         assert_eq!(auth_from(s, "127.0.0.6", BAD), 535);
