@@ -495,6 +495,13 @@ fn two_nodes_behind_haproxy() {
 
     // (b) The logs name the real client, and the balancer beside it.
     for n in [&a, &b] {
+        // The harness copies the server's stderr on a thread of its own: wait for the
+        // last of the lines this checks before reading the log.
+        wait_for("the NOQUEUE line", Duration::from_secs(10), || {
+            n.server
+                .stderr_log()
+                .contains("NOQUEUE: reject: RCPT from [127.0.0.30]")
+        });
         let log = n.server.stderr_log();
         let connect = log
             .lines()
