@@ -361,13 +361,13 @@ impl Filters {
 /// per-filter action counts.
 pub struct ShardMilters {
     filters: RefCell<Rc<[Filter]>>,
-    counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
+    counts: Counts,
     /// Idle connections per filter name, each negotiated and left by its last session in
     /// a state where `SMFIC_QUIT_NC` is valid (see `Conn::reusable`). Only this shard's
     /// sessions touch them, one at a time: a `RefCell`, never a lock.
     pools: RefCell<HashMap<Rc<str>, Pool>>,
     /// Connections per (filter, "opened" | "reused").
-    conn_counts: RefCell<BTreeMap<(Rc<str>, &'static str), u64>>,
+    conn_counts: Counts,
 }
 
 /// One filter's idle connections on one shard.
@@ -498,38 +498,40 @@ impl ShardMilters {
     }
 
     fn count(&self, filter: &Rc<str>, action: &'static str) {
-        *self
-            .counts
-            .borrow_mut()
-            .entry((filter.clone(), action))
-            .or_insert(0) += 1;
+        bump(&self.counts, filter, action);
     }
 
     /// (filter, "opened" | "reused", count) for the metrics scrape.
     pub fn conn_counts(&self) -> Vec<(String, String, u64)> {
-        self.conn_counts
-            .borrow()
-            .iter()
-            .map(|((f, h), n)| (f.to_string(), h.to_string(), *n))
-            .collect()
+        snapshot(&self.conn_counts)
     }
 
     fn count_conn(&self, filter: &Rc<str>, how: &'static str) {
-        *self
-            .conn_counts
-            .borrow_mut()
-            .entry((filter.clone(), how))
-            .or_insert(0) += 1;
+        bump(&self.conn_counts, filter, how);
     }
 
     /// (filter, action, count) for the metrics scrape.
     pub fn counts(&self) -> Vec<(String, String, u64)> {
-        self.counts
-            .borrow()
-            .iter()
-            .map(|((f, a), n)| (f.to_string(), a.to_string(), *n))
-            .collect()
+        snapshot(&self.counts)
     }
+}
+
+/// A shard's counters per (filter, label).
+type Counts = RefCell<BTreeMap<(Rc<str>, &'static str), u64>>;
+
+fn bump(counts: &Counts, filter: &Rc<str>, label: &'static str) {
+    *counts
+        .borrow_mut()
+        .entry((filter.clone(), label))
+        .or_insert(0) += 1;
+}
+
+fn snapshot(counts: &Counts) -> Vec<(String, String, u64)> {
+    counts
+        .borrow()
+        .iter()
+        .map(|((f, l), n)| (f.to_string(), l.to_string(), *n))
+        .collect()
 }
 
 /// A socket to a filter.

@@ -1442,3 +1442,22 @@ pub fn haproxy_wait_status(
         statuses()
     );
 }
+
+/// Reads `r` (a child's stderr) to its end on a thread of its own, so a full pipe never
+/// blocks the child; the text so far is in the returned buffer.
+pub fn drain_text(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    text
+}

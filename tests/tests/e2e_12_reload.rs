@@ -1,9 +1,8 @@
 //! 12: SIGHUP reloads the configuration file: new sessions get the new limits while an
 //! open session keeps its own, and settings that need a restart are reported as such.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tern_tests::{tern_bin, wait_for, Client};
@@ -37,22 +36,7 @@ fn sighup_applies_new_limits_to_new_sessions_only() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let log = Arc::new(Mutex::new(String::new()));
-    {
-        let log = log.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-    }
+    let log = tern_tests::drain_text(child.stderr.take().unwrap());
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut smtp = None;
     let start = Instant::now();

@@ -838,22 +838,7 @@ fn sighup_swaps_filters_and_refuses_a_bad_milter_section() {
             let _ = self.0.wait();
         }
     }
-    let log = Arc::new(Mutex::new(String::new()));
-    {
-        let log = log.clone();
-        let mut err = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = err.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                log.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-    }
+    let log = tern_tests::drain_text(child.stderr.take().unwrap());
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let pid = child.id() as i32;
     let _kill = Kill(child);
