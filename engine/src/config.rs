@@ -370,6 +370,10 @@ pub struct QueueConfig {
     pub routes: std::collections::BTreeMap<String, String>,
     /// Outbound STARTTLS: "opportunistic", "required" or "never".
     pub starttls: String,
+    /// Send bodies with BDAT (RFC 3030), pipelined with MAIL and RCPT, to next hops that
+    /// offer CHUNKING and PIPELINING (one round trip per message instead of two); false:
+    /// DATA, and BDAT only for BINARYMIME. Exim's `hosts_try_chunking`.
+    pub chunking: bool,
     /// Verify next hops' certificates (off by default: opportunistic TLS, as Postfix's "may").
     pub tls_verify: bool,
     /// CA certificates (PEM) to verify next hops against; empty = the system bundle.
@@ -406,6 +410,7 @@ impl Default for QueueConfig {
             destination_burst: 0,
             routes: Default::default(),
             starttls: "opportunistic".into(),
+            chunking: true,
             tls_verify: false,
             tls_ca_file: PathBuf::new(),
             tls_policy: Default::default(),

@@ -31,6 +31,7 @@ pub fn runner_config(cfg: &Config, shards: usize) -> Result<RunnerConfig, String
         "never" => StarttlsPolicy::Never,
         _ => StarttlsPolicy::Opportunistic,
     };
+    client.chunking = q.chunking;
     client.verify_certs = q.tls_verify;
     client.ca_file = (!q.tls_ca_file.as_os_str().is_empty()).then(|| q.tls_ca_file.clone());
     // RFC 5321 §4.5.3.2 timeouts, capped by command_timeout (tests shorten it).

@@ -991,6 +991,101 @@ fn service_closing_421_is_a_connection_error() {
 }
 
 #[test]
+fn chunking_server_gets_mail_rcpt_bdat_and_the_unstuffed_body_in_one_write() {
+    let body: &'static [u8] = b"Subject: c\r\n\r\n.leading dot\r\n.\r\nend\r\n";
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING", "8BITMIME"]);
+        let mut expected = format!(
+            "MAIL FROM:<from@example.org>\r\nRCPT TO:<a@x>\r\nRCPT TO:<b@x>\r\nBDAT {} LAST\r\n",
+            body.len()
+        )
+        .into_bytes();
+        expected.extend_from_slice(body);
+        let mut got = p.read_once();
+        while got.len() < expected.len() && p.fill() > 0 {
+            got.append(&mut p.buf);
+        }
+        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+        p.say("250 ok\r\n250 ok\r\n451 4.3.0 later\r\n250 2.0.0 chunked ok\r\n");
+        p.quit();
+    });
+    let addr = srv.addr;
+    let r = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        let r = c.send(&env(&["a@x", "b@x"]), &[0, 1], body).await.unwrap();
+        c.quit().await;
+        r
+    });
+    let mut r = codes(&r);
+    r.sort();
+    assert_eq!(r, [(0, 250), (1, 451)]);
+    srv.finish();
+}
+
+#[test]
+fn chunking_with_every_recipient_refused_reads_the_bdat_reply_and_keeps_the_connection() {
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING"]);
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<a@x>");
+        let bdat = p.line();
+        let n: usize = bdat.trim_start_matches("BDAT ").trim_end_matches(" LAST").parse().unwrap();
+        p.exact(n);
+        // RFC 3030: the server consumes the chunk and refuses it.
+        p.say("250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n");
+        // The same connection carries the next message, in step.
+        p.expect("RSET");
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<b@x>");
+        let bdat = p.line();
+        let n: usize = bdat.trim_start_matches("BDAT ").trim_end_matches(" LAST").parse().unwrap();
+        assert_eq!(p.exact(n), BODY);
+        p.say("250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 second ok\r\n");
+        p.quit();
+    });
+    let addr = srv.addr;
+    let (first, second) = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        let first = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        assert!(c.is_usable());
+        let second = c.send(&env(&["b@x"]), &[0], BODY).await.unwrap();
+        c.quit().await;
+        (first, second)
+    });
+    assert_eq!(codes(&first), [(0, 550)]);
+    assert_eq!(codes(&second), [(0, 250)]);
+    assert_eq!(second[0].1.text, "second ok");
+    srv.finish();
+}
+
+#[test]
+fn chunking_off_sends_data_although_the_server_offers_chunking() {
+    let srv = server(|p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING"]);
+        let batch = String::from_utf8(p.read_once()).unwrap();
+        assert_eq!(batch, "MAIL FROM:<from@example.org>\r\nRCPT TO:<a@x>\r\nDATA\r\n");
+        p.say("250 ok\r\n250 ok\r\n354 go\r\n");
+        assert_eq!(p.data(), b"Subject: t\r\n\r\nhello\r\n.\r\n");
+        p.say("250 2.0.0 data ok\r\n");
+        p.quit();
+    });
+    let addr = srv.addr;
+    let r = run(async move {
+        let mut o = opts();
+        o.chunking = false;
+        let mut c = connect(addr, &o).await.unwrap();
+        let r = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        c.quit().await;
+        r
+    });
+    assert_eq!(r[0].1.text, "data ok");
+    srv.finish();
+}
+
+#[test]
 fn bdat_for_binarymime() {
     let body: &'static [u8] = b"Subject: bin\r\n\r\n\x00\x01.\r\n.\r\n\xff";
     let srv = server(move |p| {
