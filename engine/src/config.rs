@@ -148,6 +148,11 @@ pub struct SpoolConfig {
     /// threads) or "uring" (on the shard's own io_uring, no thread hop). See
     /// docs/decisions.md (issue 17).
     pub commit: SpoolCommit,
+    /// How long delivery state records with no message record to share a commit with
+    /// wait for one before taking an fdatasync of their own ("0s": never wait). See
+    /// docs/decisions.md (issue 17).
+    #[serde(with = "humantime_serde")]
+    pub state_commit_delay: Duration,
 }
 
 /// `spool.commit`.
@@ -597,6 +602,7 @@ impl Default for SpoolConfig {
             segment_size: 32 * 1024 * 1024,
             commits_in_flight: tern_queue::commit::DEFAULT_COMMITS_IN_FLIGHT,
             commit: SpoolCommit::Thread,
+            state_commit_delay: tern_queue::commit::DEFAULT_STATE_COMMIT_DELAY,
         }
     }
 }
@@ -873,6 +879,11 @@ impl Config {
                 "spool.commits_in_flight must be 1 or {}",
                 tern_queue::commit::MAX_COMMITS_IN_FLIGHT
             )));
+        }
+        if self.spool.state_commit_delay > Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "spool.state_commit_delay must be at most 1s (deliveries hold their slot while it runs)".into(),
+            ));
         }
         if self.spool.segment_size > tern_queue::spool::MAX_SEGMENT_SIZE {
             return Err(ConfigError::Invalid(

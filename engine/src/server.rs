@@ -744,6 +744,7 @@ async fn shard_main(
             cfg.spool.commits_in_flight,
             cfg.spool.commit.path(),
         );
+        commit.set_state_commit_delay(cfg.spool.state_commit_delay);
         let runner_cfg = crate::delivery::runner_config(&cfg, cfg.shard_count())
             .map_err(|e| format!("queue: {e}"))?;
         let runner =

@@ -23,7 +23,10 @@
 //! message records (their writers wait for the fdatasync), but they never hold a slot a
 //! message needs: a batch of state records only starts when no batch is in flight;
 //! otherwise they wait and go with the next batch that carries a message (sharing its
-//! fdatasync costs a message one small pwrite).
+//! fdatasync costs a message one small pwrite). Even when nothing is in flight, state
+//! records queued alone first wait up to `spool.state_commit_delay` for a message to
+//! ride with: at low rates a delivery would otherwise cost a second fdatasync per
+//! message (the runner's bookkeeping waits; no session does).
 //!
 //! Why threads of their own rather than glommio's `spawn_blocking`: the blocking pool is
 //! shared with other slow work (Maildir deliveries fsync each file and directory), and a
@@ -83,6 +86,11 @@ pub enum CommitPath {
     Uring,
 }
 
+/// `spool.state_commit_delay` when not configured: how long delivery state records queued
+/// alone wait for a message record to share its fdatasync before starting a batch of
+/// their own.
+pub const DEFAULT_STATE_COMMIT_DELAY: Duration = Duration::from_millis(10);
+
 /// `spool.commits_in_flight` when not configured.
 pub const DEFAULT_COMMITS_IN_FLIGHT: usize = 2;
 /// The most batches a shard may have in flight (one syncer thread each).
@@ -110,6 +118,9 @@ struct Inner {
     /// The committer task's waker while it waits for writes (`None` while it is working
     /// on a batch, or before it first ran: it then finds the queue on its own).
     committer: Option<Waker>,
+    /// How long state records queued alone wait for a message to ride with
+    /// ([`GroupCommit::set_state_commit_delay`]).
+    state_delay: Duration,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
     sync_times: Histogram,
     /// Where each message record's commit time goes (metrics: `tern_commit_wait_seconds`,
@@ -338,6 +349,7 @@ impl GroupCommit {
             queue: Vec::new(),
             queued_messages: 0,
             committer: None,
+            state_delay: DEFAULT_STATE_COMMIT_DELAY,
             sync_times: Histogram::default(),
             stats: CommitStats::default(),
         }));
@@ -345,6 +357,17 @@ impl GroupCommit {
         // it waits, so dropping the last handle still closes the syncers and the spool.
         glommio::spawn_local(committer(Rc::downgrade(&inner), slots)).detach();
         GroupCommit { inner }
+    }
+
+    /// How long delivery state records queued with no message record wait for one to
+    /// share its fdatasync (`spool.state_commit_delay`); zero: they start a batch of their
+    /// own as soon as no batch is in flight. At low rates a delivery otherwise costs a
+    /// second fdatasync per message (half the disk flushes and a good part of the CPU
+    /// at 500 msgs/s, docs/benchmarks.md); waiting delays only the runner's bookkeeping
+    /// (the next hop already has the message) and widens the window in which a crash
+    /// redelivers a delivered message by as much.
+    pub fn set_state_commit_delay(&self, d: Duration) {
+        self.inner.borrow_mut().state_delay = d;
     }
 
     /// Runs `f` with the shard's spool (id generation, `prepare`, `prepare_state`...).
@@ -475,6 +498,10 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
     // The batch released last: when, and how many (message, state) records it had, to
     // tell which messages waited behind state records.
     let mut previous: Option<(Instant, usize, usize)> = None;
+    // Armed while state records wait alone for a message (`state_delay`): when it fires,
+    // they start on their own. Keyed by its deadline so it is re-armed only when the
+    // oldest waiting record changes.
+    let mut linger: Option<(Instant, Pin<Box<glommio::timer::Timer>>)> = None;
     loop {
         let step = std::future::poll_fn(|cx| {
             let Some(rc) = inner.upgrade() else {
@@ -492,7 +519,28 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                 // State records never take the last free slot from a message: alone they
                 // start only when nothing is in flight; otherwise they ride with the next
                 // batch that carries a message (same fdatasync), or wait for the idle.
-                if i.queued_messages > 0 || (!i.queue.is_empty() && flights.is_empty()) {
+                // Alone and idle, they first wait up to `state_delay` for a message to
+                // ride with.
+                let mut start = i.queued_messages > 0;
+                if !start && flights.is_empty() {
+                    if let Some(&(_, _, oldest)) = i.queue.first() {
+                        let due = oldest + i.state_delay;
+                        let now = Instant::now();
+                        if now >= due {
+                            start = true;
+                        } else {
+                            if linger.as_ref().is_none_or(|(d, _)| *d != due) {
+                                linger =
+                                    Some((due, Box::pin(glommio::timer::Timer::new(due - now))));
+                            }
+                            if let Some((_, t)) = linger.as_mut() {
+                                start = t.as_mut().poll(cx).is_ready();
+                            }
+                        }
+                    }
+                }
+                if start {
+                    linger = None;
                     i.queued_messages = 0;
                     return Poll::Ready(Step::Start(std::mem::take(&mut i.queue)));
                 }

@@ -1006,7 +1006,10 @@ fn chunking_server_gets_mail_rcpt_bdat_and_the_unstuffed_body_in_one_write() {
         while got.len() < expected.len() && p.fill() > 0 {
             got.append(&mut p.buf);
         }
-        assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            String::from_utf8_lossy(&expected)
+        );
         p.say("250 ok\r\n250 ok\r\n451 4.3.0 later\r\n250 2.0.0 chunked ok\r\n");
         p.quit();
     });
@@ -1031,7 +1034,11 @@ fn chunking_with_every_recipient_refused_reads_the_bdat_reply_and_keeps_the_conn
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<a@x>");
         let bdat = p.line();
-        let n: usize = bdat.trim_start_matches("BDAT ").trim_end_matches(" LAST").parse().unwrap();
+        let n: usize = bdat
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
         p.exact(n);
         // RFC 3030: the server consumes the chunk and refuses it.
         p.say("250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n");
@@ -1040,7 +1047,11 @@ fn chunking_with_every_recipient_refused_reads_the_bdat_reply_and_keeps_the_conn
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<b@x>");
         let bdat = p.line();
-        let n: usize = bdat.trim_start_matches("BDAT ").trim_end_matches(" LAST").parse().unwrap();
+        let n: usize = bdat
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
         assert_eq!(p.exact(n), BODY);
         p.say("250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 second ok\r\n");
         p.quit();
@@ -1066,7 +1077,10 @@ fn chunking_off_sends_data_although_the_server_offers_chunking() {
         p.say("220 mx.test\r\n");
         p.ehlo(&["PIPELINING", "CHUNKING"]);
         let batch = String::from_utf8(p.read_once()).unwrap();
-        assert_eq!(batch, "MAIL FROM:<from@example.org>\r\nRCPT TO:<a@x>\r\nDATA\r\n");
+        assert_eq!(
+            batch,
+            "MAIL FROM:<from@example.org>\r\nRCPT TO:<a@x>\r\nDATA\r\n"
+        );
         p.say("250 ok\r\n250 ok\r\n354 go\r\n");
         assert_eq!(p.data(), b"Subject: t\r\n\r\nhello\r\n.\r\n");
         p.say("250 2.0.0 data ok\r\n");

@@ -182,11 +182,12 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard, commit path {})",
+        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard, commit path {}, state records wait up to {:?} for a message's commit)",
         cfg.spool.dir.display(),
         cfg.spool.segment_size,
         cfg.spool.commits_in_flight,
-        cfg.spool.commit.name()
+        cfg.spool.commit.name(),
+        cfg.spool.state_commit_delay
     );
     for (role, addrs) in [
         ("smtp", &cfg.listeners.smtp),

@@ -775,20 +775,14 @@ impl Connection {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let plan = match transaction::plan(
-            env,
-            rcpts,
-            body.len(),
-            &self.ext,
-            self.chunking,
-            now_micros,
-        ) {
-            Ok(p) => p,
-            Err(reply) => {
-                tracing::info!(peer = %self.peer, id = %env.id, %reply, "not sent");
-                return Ok(rcpts.iter().map(|&i| (i, reply.clone())).collect());
-            }
-        };
+        let plan =
+            match transaction::plan(env, rcpts, body.len(), &self.ext, self.chunking, now_micros) {
+                Ok(p) => p,
+                Err(reply) => {
+                    tracing::info!(peer = %self.peer, id = %env.id, %reply, "not sent");
+                    return Ok(rcpts.iter().map(|&i| (i, reply.clone())).collect());
+                }
+            };
         if env.body_type == BodyType::EightBitMime
             && !self.ext.eightbitmime
             && transaction::has_8bit(body)

@@ -528,8 +528,9 @@ mod tests {
         // 10.2 s after arrival: 11 s count as spent (rounded up).
         let now = 1_000_000_000 + 10_200_000;
         let mail = |e: &Envelope, x: &Extensions| plan(e, &[0], 10, x, true, now).map(|p| p.mail);
-        let rcpt =
-            |e: &Envelope, x: &Extensions| plan(e, &[0], 10, x, true, now).unwrap().rcpts[0].1.clone();
+        let rcpt = |e: &Envelope, x: &Extensions| {
+            plan(e, &[0], 10, x, true, now).unwrap().rcpts[0].1.clone()
+        };
 
         let e = by_env(100, DeliverByMode::Return, 0);
         assert_eq!(mail(&e, &with).unwrap(), "MAIL FROM:<s@x> BY=89;R\r\n");
