@@ -67,6 +67,7 @@ pub fn drop_privileges(cfg: &Config, also_own: &[&Path]) -> Result<(), PrivError
             chown(p, uid, gid)?;
         }
     }
+    raise_nice_limit(cfg.spool.syncer_nice);
     // SAFETY: plain syscalls on integers; order matters (groups and gid while still root).
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0 {
@@ -88,6 +89,34 @@ pub fn drop_privileges(cfg: &Config, also_own: &[&Path]) -> Result<(), PrivError
     }
     tracing::info!(user = %cfg.user, uid, gid, "dropped privileges");
     Ok(())
+}
+
+/// While still root: lets the unprivileged user set `nice` (the spool syncers' negative
+/// nice value) after the drop, through RLIMIT_NICE (allowed nice = 20 - limit), which
+/// survives setuid where CAP_SYS_NICE does not. Failure only costs the syncers their
+/// priority (they warn), so it is logged, not fatal.
+fn raise_nice_limit(nice: i32) {
+    if nice >= 0 {
+        return;
+    }
+    let want = (20 - nice) as libc::rlim_t;
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write/read only the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NICE, &mut cur) == 0 && cur.rlim_cur >= want {
+            return;
+        }
+        let lim = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(cur.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NICE, &lim) != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NICE for the spool syncer threads");
+        }
+    }
 }
 
 fn lookup_user(name: &str) -> Result<(u32, u32), PrivError> {

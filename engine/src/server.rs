@@ -739,10 +739,11 @@ async fn shard_main(
             corrupt_skipped = recovered.corrupt_skipped,
             "spool recovered"
         );
-        let commit = tern_queue::GroupCommit::with_options(
+        let commit = tern_queue::GroupCommit::with_syncer_nice(
             spool,
             cfg.spool.commits_in_flight,
             cfg.spool.commit.path(),
+            Some(cfg.spool.syncer_nice),
         );
         commit.set_state_commit_delay(cfg.spool.state_commit_delay);
         let runner_cfg = crate::delivery::runner_config(&cfg, cfg.shard_count())

@@ -182,12 +182,13 @@ pub fn report(cfg: &Config) -> String {
     );
     let _ = writeln!(
         o,
-        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard, commit path {}, state records wait up to {:?} for a message's commit)",
+        "Spool: {} (segments of {} octets, {} group commit(s) in flight per shard, commit path {}, state records wait up to {:?} for a message's commit, syncer nice {})",
         cfg.spool.dir.display(),
         cfg.spool.segment_size,
         cfg.spool.commits_in_flight,
         cfg.spool.commit.name(),
-        cfg.spool.state_commit_delay
+        cfg.spool.state_commit_delay,
+        cfg.spool.syncer_nice
     );
     for (role, addrs) in [
         ("smtp", &cfg.listeners.smtp),
