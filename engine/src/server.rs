@@ -737,6 +737,7 @@ async fn shard_main(
             segments_deleted = recovered.segments_deleted,
             torn_tails_cut = recovered.torn_tails_cut,
             corrupt_skipped = recovered.corrupt_skipped,
+            interrupted_skipped = recovered.interrupted_skipped,
             "spool recovered"
         );
         let commit = tern_queue::GroupCommit::with_options(

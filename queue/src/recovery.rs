@@ -17,8 +17,29 @@
 //!   alignment. Found: the bytes in between are a hole (all zero: a reservation whose
 //!   write never happened, e.g. a failed batch) or a corrupt region; not found: stop.
 //!
-//! The data ends after the last good record. Corrupt regions before that are reported as
-//! skipped; any non-zero bytes after it are the torn tail of an interrupted write.
+//! The data ends after the last good record. Bad regions before that are skipped (every
+//! good record after them is kept: with two batches in flight on one segment, a later
+//! batch's records may be durable, and acknowledged, behind an earlier batch's write that
+//! never reached the disk); any non-zero bytes after it are the torn tail of an
+//! interrupted write.
+//!
+//! # Interrupted writes and corruption (not from an RFC: our own rule)
+//! A bad region before the data end is either an *interrupted write* or *corruption*, and
+//! the difference decides whether its segment may be recycled. Segments are created full
+//! of zeros and a record's range is written once, so a write that did not complete leaves
+//! each part of its range either written or still zero: after kill -9 a prefix (the
+//! kernel stops a write at a page boundary), after a power loss any subset of sectors.
+//! Such a record never got its 250: that needs an fdatasync covering its whole range to
+//! have returned success, after which no part of it is zero any more. So a bad region
+//! holding a whole 512-byte sector of zeros (or, at its start or end, a piece of one of at
+//! least [`RECORD_ALIGN`] bytes: longer than a record's padding) is an interrupted write
+//! ([`SegmentScan::interrupted`]): skipped, and no obstacle to deleting the segment once
+//! its good records are finished. Any other bad region is corruption
+//! ([`SegmentScan::corrupt`]): possibly a message that was acknowledged and can no longer
+//! be read, so its segment is kept for the operator. Neither is ever read as a record.
+//! XXX The rule can call corruption "interrupted" when a damaged record's body held an
+//! aligned run of 512 zero bytes (binary content); the segment is then recycled after its
+//! other messages, losing only the unreadable record's remains, which were logged.
 
 use crate::envelope::Envelope;
 use crate::record::{
@@ -57,8 +78,13 @@ pub struct BadRegion {
 pub struct SegmentScan {
     pub header: SegmentHeader,
     pub records: Vec<ScannedRecord>,
-    /// Corrupt regions before `data_end`: skipped, the records after them are kept.
+    /// Corrupt regions before `data_end`: skipped, the records after them are kept; the
+    /// segment is evidence (see the module doc).
     pub corrupt: Vec<BadRegion>,
+    /// Interrupted writes before `data_end` (records that never got a 250: a sector of
+    /// them was never written): skipped, the records after them are kept; the segment is
+    /// recycled like a clean one.
+    pub interrupted: Vec<BadRegion>,
     /// First byte after the last good record (8-aligned); appends continue here.
     pub data_end: u64,
     /// Non-zero bytes at or after `data_end`: a torn write to cut (zero) before appending.
@@ -122,8 +148,11 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
         // total_len was checked when the header was accepted.
         r.offset + r.header.total_len().unwrap_or(0)
     });
-    let (corrupt, after): (Vec<BadRegion>, Vec<BadRegion>) =
+    let (before, after): (Vec<BadRegion>, Vec<BadRegion>) =
         bad.into_iter().partition(|b| b.start < data_end);
+    let (interrupted, corrupt): (Vec<BadRegion>, Vec<BadRegion>) = before
+        .into_iter()
+        .partition(|b| has_unwritten_sector(bytes, b.start, b.end));
     let torn = bytes
         .get(data_end as usize..limit as usize)
         .and_then(|tail| tail.iter().rposition(|&b| b != 0))
@@ -145,10 +174,34 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
         header,
         records,
         corrupt,
+        interrupted,
         data_end,
         torn,
         truncated: file_len < header.size,
     })
+}
+
+/// The sector size an interrupted write is judged by: the smallest unit a disk writes
+/// atomically (a page-cache page, 4096, is a multiple of it).
+const SECTOR: u64 = 512;
+
+/// Whether `[start, end)` holds a piece that was evidently never written: cut at
+/// [`SECTOR`] boundaries, some piece is all zeros and at least [`RECORD_ALIGN`] bytes long
+/// (a record's own zero padding is shorter). See the module doc.
+fn has_unwritten_sector(bytes: &[u8], start: u64, end: u64) -> bool {
+    let mut p = start;
+    while p < end {
+        let q = ((p / SECTOR + 1) * SECTOR).min(end);
+        if q - p >= RECORD_ALIGN
+            && bytes
+                .get(p as usize..q as usize)
+                .is_some_and(|piece| piece.iter().all(|&b| b == 0))
+        {
+            return true;
+        }
+        p = q;
+    }
+    false
 }
 
 /// A valid record header at `pos` whose record fits below `limit`: (header, total length).
@@ -272,6 +325,96 @@ mod tests {
             client_addr: "192.0.2.1:1".into(),
         };
         crate::record::serialize_envelope(&env).unwrap().to_vec()
+    }
+
+    /// Writes `seg`'s final length into its header (the declared size).
+    fn seal(seg: &mut [u8]) {
+        let len = seg.len() as u64;
+        seg[..SEGMENT_HEADER_SIZE as usize].copy_from_slice(&segment_header(len));
+    }
+
+    fn offsets(scan: &SegmentScan) -> Vec<u64> {
+        scan.records.iter().map(|r| r.offset).collect()
+    }
+
+    /// Review finding F2: two batches in flight on one segment, kill -9. Batch A's record
+    /// is only partly on disk (its header and first page written, the rest still zero),
+    /// batch B's later record is complete and may have been acknowledged. B is recovered,
+    /// A is an interrupted write (not corruption: its segment may be recycled), and
+    /// appends continue after B.
+    #[test]
+    fn a_torn_record_in_the_middle_is_an_interrupted_write_and_what_follows_is_kept() {
+        let env = envelope(9000);
+        let body: Vec<u8> = (0..9000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut seg = segment_header(0);
+        let first = push(&mut seg, &envelope(5), b"first", 5);
+        let torn = push(&mut seg, &env, &body, 9000);
+        let torn_end = seg.len();
+        let after = push(&mut seg, &envelope(5), b"after", 5);
+        seal(&mut seg);
+        // The write of `torn` stopped at the first page boundary past its start.
+        let cut = (torn / 4096 + 1) * 4096;
+        seg[cut as usize..torn_end].fill(0);
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(offsets(&scan), [first, after]);
+        assert!(scan.corrupt.is_empty(), "{:?}", scan.corrupt);
+        assert_eq!(scan.interrupted.len(), 1);
+        assert_eq!(
+            (scan.interrupted[0].start, scan.interrupted[0].end),
+            (torn, torn_end as u64)
+        );
+        assert_eq!(scan.interrupted[0].reason, "body checksum mismatch");
+        assert_eq!(scan.data_end, seg.len() as u64);
+        assert!(scan.torn.is_none());
+    }
+
+    /// The same with the torn record's header sector lost (a power loss writes sectors in
+    /// any order) but its later sectors written: no header to skip it by, so the walk
+    /// resynchronises on the next sealed header, and the gap is an interrupted write.
+    #[test]
+    fn a_record_whose_header_sector_was_never_written_is_an_interrupted_write() {
+        let body: Vec<u8> = (0..3000u32).map(|i| b'A' + (i % 26) as u8).collect();
+        let mut seg = segment_header(0);
+        let first = push(&mut seg, &envelope(5), b"first", 5);
+        let torn = push(&mut seg, &envelope(3000), &body, 3000);
+        let torn_end = seg.len();
+        let after = push(&mut seg, &envelope(5), b"after", 5);
+        seal(&mut seg);
+        let sector_end = ((torn / 512 + 1) * 512) as usize;
+        seg[torn as usize..sector_end].fill(0);
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(offsets(&scan), [first, after]);
+        assert!(scan.corrupt.is_empty(), "{:?}", scan.corrupt);
+        assert_eq!(scan.interrupted.len(), 1);
+        assert_eq!(
+            (scan.interrupted[0].start, scan.interrupted[0].end),
+            (torn, torn_end as u64)
+        );
+    }
+
+    /// A record that was written whole and then damaged (no zero sector in it) stays
+    /// corruption: never read as a record, and its segment is kept as evidence. So do
+    /// garbage bytes where a header should be.
+    #[test]
+    fn damage_without_an_unwritten_sector_stays_corruption() {
+        let body: Vec<u8> = (0..3000u32).map(|i| b'A' + (i % 26) as u8).collect();
+        let mut seg = segment_header(0);
+        push(&mut seg, &envelope(5), b"first", 5);
+        let flipped = push(&mut seg, &envelope(3000), &body, 3000);
+        let garbled = push(&mut seg, &envelope(3000), &body, 3000);
+        let after = push(&mut seg, &envelope(5), b"after", 5);
+        seal(&mut seg);
+        seg[flipped as usize + 1000] ^= 0x20;
+        seg[garbled as usize..garbled as usize + 16].fill(0xEE);
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(scan.records.last().map(|r| r.offset), Some(after));
+        assert_eq!(scan.records.len(), 2);
+        assert!(scan.interrupted.is_empty(), "{:?}", scan.interrupted);
+        let starts: Vec<u64> = scan.corrupt.iter().map(|c| c.start).collect();
+        assert_eq!(starts, [flipped, garbled]);
+        // Zeros only where a record has them anyway (its padding, the header's reserved
+        // fields) are not taken for an unwritten sector.
+        assert!(!has_unwritten_sector(&seg, flipped, after));
     }
 
     /// Found by the spool_segment fuzz target (minimised, 2026-11-29), kept as the
