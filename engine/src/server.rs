@@ -925,6 +925,9 @@ async fn shard_main(
     while shard.connections.get() > 0 {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    // Every batch still in flight (on the io_uring path: tasks of this executor, which
+    // end with it) completes and reaches its waiters before the shard goes.
+    shard.store.group_commit().close().await;
     tracing::debug!(shard = id, "shard stopped");
 }
 

@@ -339,6 +339,11 @@ impl PendingWrite {
     pub fn segment(&self) -> u64 {
         self.seg.number
     }
+    /// The segment the record is reserved in (the committer retires it if the batch's
+    /// commit panics).
+    pub(crate) fn segment_handle(&self) -> &Arc<SegmentHandle> {
+        &self.seg
+    }
     pub fn offset(&self) -> u64 {
         self.offset
     }
