@@ -30,15 +30,25 @@
 //! each part of its range either written or still zero: after kill -9 a prefix (the
 //! kernel stops a write at a page boundary), after a power loss any subset of sectors.
 //! Such a record never got its 250: that needs an fdatasync covering its whole range to
-//! have returned success, after which no part of it is zero any more. So a bad region
-//! holding a whole 512-byte sector of zeros (or, at its start or end, a piece of one of at
-//! least [`RECORD_ALIGN`] bytes: longer than a record's padding) is an interrupted write
+//! have returned success, after which no part of it is zero any more. So a bad region with
+//! a part that is all zeros where the record has data is an interrupted write
 //! ([`SegmentScan::interrupted`]): skipped, and no obstacle to deleting the segment once
-//! its good records are finished. Any other bad region is corruption
-//! ([`SegmentScan::corrupt`]): possibly a message that was acknowledged and can no longer
-//! be read, so its segment is kept for the operator. Neither is ever read as a record.
-//! XXX The rule can call corruption "interrupted" when a damaged record's body held an
-//! aligned run of 512 zero bytes (binary content); the segment is then recycled after its
+//! its good records are finished. Judged on the range cut at 512-byte (sector) offsets:
+//! - a record whose sealed header is valid (the header itself was written whole): a
+//!   whole zero sector after the header, or a zero piece from the last sector boundary
+//!   to the end of its data (padding excluded) — a kill -9 stops a write at a page
+//!   boundary, so this catches every prefix-torn record, however short its lost tail;
+//! - a region without a valid header (its header sector was lost): a whole zero sector,
+//!   or a zero piece of at least [`RECORD_ALIGN`] bytes at its start or end (longer than
+//!   a record's padding).
+//!
+//! Any other bad region is corruption ([`SegmentScan::corrupt`]): possibly a message that
+//! was acknowledged and can no longer be read, so its segment is kept for the operator.
+//! Neither is ever read as a record: only a sealed header with matching checksums is.
+//!
+//! XXX The rule can call corruption "interrupted" when a damaged record's data held an
+//! aligned run of 512 zero bytes, or ended in zero bytes just past a sector boundary
+//! (binary content only: text bodies end in CRLF); the segment is then recycled after its
 //! other messages, losing only the unreadable record's remains, which were logged.
 
 use crate::envelope::Envelope;
@@ -108,7 +118,8 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
     let limit = file_len.min(header.size);
     let salt = header.salt;
     let mut records = Vec::new();
-    let mut bad: Vec<BadRegion> = Vec::new();
+    // Each bad region, and whether it is an interrupted write (see the module doc).
+    let mut bad: Vec<(BadRegion, bool)> = Vec::new();
     let mut pos = SEGMENT_HEADER_SIZE;
     while pos + RECORD_HEADER_SIZE as u64 <= limit {
         match header_at(bytes, pos, limit, salt) {
@@ -120,11 +131,25 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
                         header: h,
                         payload,
                     }),
-                    Err(reason) => bad.push(BadRegion {
-                        start: pos,
-                        end,
-                        reason,
-                    }),
+                    Err(reason) => {
+                        // The sealed header was written whole: judge the bytes after it,
+                        // up to the end of the record's data (its zero padding excluded).
+                        let data = if h.body_len == 0 {
+                            RECORD_HEADER_SIZE as u64 + u64::from(h.env_len)
+                        } else {
+                            h.envelope_end() + h.body_len
+                        };
+                        let from = pos + RECORD_HEADER_SIZE as u64;
+                        let unwritten = unwritten_piece(bytes, from, pos + data, u64::MAX, 1);
+                        bad.push((
+                            BadRegion {
+                                start: pos,
+                                end,
+                                reason,
+                            },
+                            unwritten,
+                        ))
+                    }
                 }
                 pos = end;
             }
@@ -132,11 +157,17 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
                 Some(next) => {
                     let gap = &bytes[pos as usize..next as usize];
                     if gap.iter().any(|&b| b != 0) {
-                        bad.push(BadRegion {
-                            start: pos,
-                            end: next,
-                            reason: "bytes without a valid record header (corrupted region)".into(),
-                        });
+                        let unwritten =
+                            unwritten_piece(bytes, pos, next, RECORD_ALIGN, RECORD_ALIGN);
+                        bad.push((
+                            BadRegion {
+                                start: pos,
+                                end: next,
+                                reason: "bytes without a valid record header (corrupted region)"
+                                    .into(),
+                            },
+                            unwritten,
+                        ));
                     }
                     pos = next;
                 }
@@ -148,11 +179,12 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
         // total_len was checked when the header was accepted.
         r.offset + r.header.total_len().unwrap_or(0)
     });
-    let (before, after): (Vec<BadRegion>, Vec<BadRegion>) =
-        bad.into_iter().partition(|b| b.start < data_end);
-    let (interrupted, corrupt): (Vec<BadRegion>, Vec<BadRegion>) = before
-        .into_iter()
-        .partition(|b| has_unwritten_sector(bytes, b.start, b.end));
+    let (before, after): (Vec<_>, Vec<_>) = bad.into_iter().partition(|b| b.0.start < data_end);
+    let (interrupted, corrupt): (Vec<_>, Vec<_>) = before.into_iter().partition(|b| b.1);
+    let (interrupted, corrupt): (Vec<BadRegion>, Vec<BadRegion>) = (
+        interrupted.into_iter().map(|b| b.0).collect(),
+        corrupt.into_iter().map(|b| b.0).collect(),
+    );
     let torn = bytes
         .get(data_end as usize..limit as usize)
         .and_then(|tail| tail.iter().rposition(|&b| b != 0))
@@ -162,7 +194,7 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
                 .min(limit);
             let reason = after.first().map_or_else(
                 || "non-zero bytes after the last record".to_string(),
-                |b| b.reason.clone(),
+                |b| b.0.reason.clone(),
             );
             BadRegion {
                 start: data_end,
@@ -185,14 +217,28 @@ pub fn scan_segment(bytes: &[u8]) -> Result<SegmentScan, String> {
 /// atomically (a page-cache page, 4096, is a multiple of it).
 const SECTOR: u64 = 512;
 
-/// Whether `[start, end)` holds a piece that was evidently never written: cut at
-/// [`SECTOR`] boundaries, some piece is all zeros and at least [`RECORD_ALIGN`] bytes long
-/// (a record's own zero padding is shorter). See the module doc.
-fn has_unwritten_sector(bytes: &[u8], start: u64, end: u64) -> bool {
+/// Whether `[start, end)` holds a part that was evidently never written: cut at
+/// [`SECTOR`]-aligned offsets, a whole sector of zeros, or a zero piece at the start (at
+/// least `first_min` bytes) or at the end (at least `last_min` bytes) of the range. The
+/// edge minimums keep zeros a record legitimately holds from counting: where the range
+/// may end in a record's padding or start in a header's reserved fields, `RECORD_ALIGN`
+/// (longer than either); where the caller cut the range to the record's data after its
+/// validated header, nothing at the start and one byte at the end. See the module doc.
+fn unwritten_piece(bytes: &[u8], start: u64, end: u64, first_min: u64, last_min: u64) -> bool {
     let mut p = start;
     while p < end {
         let q = ((p / SECTOR + 1) * SECTOR).min(end);
-        if q - p >= RECORD_ALIGN
+        let len = q - p;
+        let counts = match (p % SECTOR == 0, q % SECTOR == 0) {
+            (true, true) => true,
+            // From a sector boundary to the end of the range.
+            (true, false) => len >= last_min,
+            // From the start of the range to a sector boundary.
+            (false, true) => len >= first_min,
+            // The whole range inside one sector (written atomically).
+            (false, false) => len >= first_min.max(last_min),
+        };
+        if counts
             && bytes
                 .get(p as usize..q as usize)
                 .is_some_and(|piece| piece.iter().all(|&b| b == 0))
@@ -392,6 +438,34 @@ mod tests {
         );
     }
 
+    /// The tear is at the last sector boundary of a record: only its last few data bytes
+    /// are missing. Still an interrupted write (the zero piece is data, not padding).
+    #[test]
+    fn a_record_missing_only_its_last_data_bytes_is_an_interrupted_write() {
+        let mut seg = segment_header(0);
+        let first = push(&mut seg, &envelope(5), b"first", 5);
+        let env = envelope(0);
+        // A body that ends 3 bytes past a sector boundary.
+        let probe = seg.len() + RECORD_HEADER_SIZE + env.len().div_ceil(8) * 8;
+        let body_len = (probe / 512 + 2) * 512 + 3 - probe;
+        let body = vec![b'z'; body_len];
+        let torn = push(&mut seg, &envelope(body_len as u64), &body, body_len as u64);
+        let data_end = seg.len() - (8 - 3);
+        let after = push(&mut seg, &envelope(5), b"after", 5);
+        seal(&mut seg);
+        assert_eq!(data_end % 512, 3, "the test's own layout");
+        seg[data_end - 3..data_end].fill(0);
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!(offsets(&scan), [first, after]);
+        assert!(scan.corrupt.is_empty(), "{:?}", scan.corrupt);
+        assert_eq!(scan.interrupted.len(), 1);
+        assert_eq!(scan.interrupted[0].start, torn);
+        // A flipped byte there instead is corruption.
+        seg[data_end - 3..data_end].fill(b'y');
+        let scan = scan_segment(&seg).unwrap();
+        assert_eq!((scan.corrupt.len(), scan.interrupted.len()), (1, 0));
+    }
+
     /// A record that was written whole and then damaged (no zero sector in it) stays
     /// corruption: never read as a record, and its segment is kept as evidence. So do
     /// garbage bytes where a header should be.
@@ -414,7 +488,7 @@ mod tests {
         assert_eq!(starts, [flipped, garbled]);
         // Zeros only where a record has them anyway (its padding, the header's reserved
         // fields) are not taken for an unwritten sector.
-        assert!(!has_unwritten_sector(&seg, flipped, after));
+        assert!(!unwritten_piece(&seg, flipped, after, 8, 8));
     }
 
     /// Found by the spool_segment fuzz target (minimised, 2026-11-29), kept as the

@@ -7,6 +7,9 @@
 //!   what can be in flight at a kill. The same with two group commits in flight per
 //!   shard (issue 17), killed right after the metrics show batches overlapping, on the
 //!   syncer threads and on the shards' own io_uring (five rounds, sixteen clients each).
+//!   Every recovery after a kill must find no corrupt region: a kill -9 can only leave
+//!   interrupted writes (records that never got a 250, counted separately, segments
+//!   recycled); a "corrupt" one would keep its segment on disk forever.
 //! - With the next hop down, the queue's high-water mark turns new mail away with
 //!   452 4.3.1; once the queue drains, mail is accepted again.
 //! - 20 rounds of SIGKILL and an immediate restart on the same fixed ports and spool (what
@@ -192,12 +195,31 @@ fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMu
             })
         })
         .collect();
+    let mut interrupted = 0;
     for round in 0..r.rounds {
         before_kill(round, &relay);
         relay.kill9();
         relay.restart();
         *addr.lock().unwrap() = relay.smtp;
-        eprintln!("{tag} round {round}: killed and restarted");
+        // (The log reaches us through a pipe: wait for every shard's recovery line.)
+        wait_for(
+            "every shard's recovery line",
+            Duration::from_secs(10),
+            || relay.stderr_log().matches("spool recovered").count() >= relay.shards,
+        );
+        let log = relay.stderr_log();
+        let (corrupt, cut) = (
+            recovery_field(&log, "corrupt_skipped"),
+            recovery_field(&log, "interrupted_skipped"),
+        );
+        assert_eq!(
+            corrupt, 0,
+            "{tag} round {round}: a kill -9 left a region recovery calls corrupt (its segment is never recycled)"
+        );
+        interrupted += cut;
+        eprintln!(
+            "{tag} round {round}: killed and restarted; interrupted writes skipped mid-segment: {cut}"
+        );
     }
     for s in senders {
         s.join().unwrap();
@@ -235,7 +257,7 @@ fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMu
     }
     let duplicates: u32 = counts.values().map(|c| c - 1).sum();
     eprintln!(
-        "{tag}: {} kill rounds, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}",
+        "{tag}: {} kill rounds, acknowledged: {}, delivered: {}, lost: 0, duplicates: {duplicates}, interrupted writes mid-segment: {interrupted}",
         r.rounds,
         acked.len(),
         counts.len()
@@ -250,6 +272,21 @@ fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMu
         "{duplicates} duplicates after {} kills: more than the {bound} that can be in flight",
         r.rounds
     );
+}
+
+/// The sum of `field=N` over the "spool recovered" lines of a log (one per shard).
+fn recovery_field(log: &str, field: &str) -> usize {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains("spool recovered"))
+        .filter_map(|l| {
+            let v = &l[l.find(&key)? + key.len()..];
+            v.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum()
 }
 
 /// `name{shard="total"}` from the server's /metrics (0 when the endpoint cannot be read,
