@@ -113,8 +113,9 @@ async fn write_all(f: &BufferedFile, buf: Vec<u8>, offset: u64) -> std::io::Resu
 /// retry of a message that was in fact stored, and the engine withdraws that record with
 /// a state record (so it is not delivered twice); a per-segment verdict would save those
 /// retries in a case that needs a failing disk, at the price of a second rule to get right.
-/// A failed write fails its batch the same way: its segment is retired, so the other
-/// records on it fail the retirement check after their sync.
+/// A failed write fails its own record and retires its segment; if other records of the
+/// batch were written there, that segment's sync then fails the retirement check, and
+/// with it the whole batch (as on the thread path).
 pub async fn commit_batch(
     files: &UringFiles,
     batch: Vec<PendingWrite>,
