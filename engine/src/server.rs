@@ -737,6 +737,7 @@ async fn shard_main(
             segments_deleted = recovered.segments_deleted,
             torn_tails_cut = recovered.torn_tails_cut,
             corrupt_skipped = recovered.corrupt_skipped,
+            interrupted_skipped = recovered.interrupted_skipped,
             "spool recovered"
         );
         let commit = tern_queue::GroupCommit::with_syncer_nice(
@@ -926,6 +927,9 @@ async fn shard_main(
     while shard.connections.get() > 0 {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
+    // Every batch still in flight (on the io_uring path: tasks of this executor, which
+    // end with it) completes and reaches its waiters before the shard goes.
+    shard.store.group_commit().close().await;
     tracing::debug!(shard = id, "shard stopped");
 }
 

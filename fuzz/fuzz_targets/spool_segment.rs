@@ -238,7 +238,7 @@ fn check_invariants(seg: &[u8]) -> Option<tern_queue::recovery::SegmentScan> {
     }
     assert_eq!(scan.data_end, prev_end);
     assert!(scan.data_end <= limit.max(SEGMENT_HEADER_SIZE));
-    for c in &scan.corrupt {
+    for c in scan.corrupt.iter().chain(&scan.interrupted) {
         assert!(c.start < c.end && c.start < scan.data_end, "{c:?}");
     }
     if let Some(t) = &scan.torn {

@@ -33,6 +33,11 @@
 //! batch queued behind those would hold every waiting `250` (measured: acceptance p50
 //! 60 ms while the demo delivered into its Maildir). The syncers do nothing else.
 //!
+//! A batch whose commit panics (on a syncer thread, or in its task on the io_uring path)
+//! fails exactly as if its fdatasync had failed: no 250 for any of its records, and every
+//! segment it touched is retired (`fail_panicked`). At shutdown the shard awaits
+//! [`GroupCommit::close`], so no batch in flight is dropped with its executor.
+//!
 //! Owns: the shard's `ShardSpool` (behind `with_spool`), its commit queue and its syncer
 //! threads (which end when the `GroupCommit` is dropped), and the commit-phase statistics.
 //! Shard-local (`Rc`): it must never cross threads. Must never report success for a record
@@ -49,6 +54,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
+use futures::FutureExt;
 
 use crate::commit_uring::{self, UringFiles};
 use crate::segment::SegmentHandle;
@@ -128,6 +134,10 @@ struct Inner {
     /// How long state records queued alone wait for a message to ride with
     /// ([`GroupCommit::set_state_commit_delay`]).
     state_delay: Duration,
+    /// Batches started and not yet released to their waiters (kept by the committer).
+    in_flight: usize,
+    /// Tasks waiting in [`GroupCommit::close`] for the queue and the flights to empty.
+    closers: Vec<Waker>,
     /// Time of each batch's write + fdatasync (metrics: `tern_spool_sync_seconds`).
     sync_times: Histogram,
     /// Where each message record's commit time goes (metrics: `tern_commit_wait_seconds`,
@@ -371,6 +381,8 @@ impl GroupCommit {
             queued_messages: 0,
             committer: None,
             state_delay: DEFAULT_STATE_COMMIT_DELAY,
+            in_flight: 0,
+            closers: Vec::new(),
             sync_times: Histogram::default(),
             stats: CommitStats::default(),
         }));
@@ -420,6 +432,25 @@ impl GroupCommit {
                 r => return r,
             }
         }
+    }
+
+    /// Waits until every write queued so far has been committed and released to its
+    /// waiter (queue empty, no batch in flight). The shard calls it at shutdown once its
+    /// sessions are gone, before its executor ends: a batch in flight on the io_uring path
+    /// is a task of that executor, and would otherwise be dropped half-way (no 250 lost,
+    /// since a 250 follows only a finished batch, but its writes abandoned mid-flight and a
+    /// delivery state record that was being made durable not made so). Writes queued
+    /// while it waits are waited for too.
+    pub async fn close(&self) {
+        std::future::poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            if i.queue.is_empty() && i.in_flight == 0 {
+                return Poll::Ready(());
+            }
+            i.closers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await;
     }
 
     /// Queues `write` for the next batch and waits until it is durable (or failed).
@@ -472,11 +503,12 @@ fn spawn_syncer(shard: u16, i: usize, nice: Option<i32>) -> Syncer {
         for (writes, done) in rx {
             let t0 = Instant::now();
             // A panic must not take the thread (and every later batch) with it: the batch
-            // fails instead, and its writers get no 250.
+            // fails as if its fdatasync had failed (see `fail_panicked`).
+            let segs = record_segments(&writes);
             let (r, touched) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 commit_batch_touching(writes)
             }))
-            .unwrap_or_default();
+            .unwrap_or_else(|_| fail_panicked(segs));
             let _ = done.send((r, touched, t0, Instant::now()));
         }
     });
@@ -623,10 +655,24 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                     if let Some(files) = i.uring.clone() {
                         // On the shard's own ring: a task of its own per batch, so that
                         // two batches can be in flight; its result goes the same way.
+                        // The task holds the `Inner` (the spool, so its flock, and the
+                        // committer that releases the result) until its writes and
+                        // fdatasync are done, even if every handle is dropped meanwhile:
+                        // never writes into a directory another process may own by then.
+                        let keep = rc.clone();
                         glommio::spawn_local(async move {
                             let t0 = Instant::now();
-                            let (r, touched) = commit_uring::commit_batch(&files, writes).await;
+                            let segs = record_segments(&writes);
+                            // A panic in the commit (or the sync) must neither take the
+                            // shard's executor down nor leave the segments appendable.
+                            let r = std::panic::AssertUnwindSafe(commit_uring::commit_batch(
+                                &files, writes,
+                            ))
+                            .catch_unwind()
+                            .await;
+                            let (r, touched) = r.unwrap_or_else(|_| fail_panicked(segs));
                             let _ = done_tx.send((r, touched, t0, Instant::now()));
+                            drop(keep);
                         })
                         .detach();
                     } else if let Some(tx) = syncer {
@@ -634,6 +680,9 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                     }
                 }
                 started = started.wrapping_add(1);
+                if let Some(rc) = inner.upgrade() {
+                    rc.borrow_mut().in_flight = flights.len() + 1;
+                }
                 flights.push_back(Flight {
                     done: done_rx,
                     waiters,
@@ -701,9 +750,56 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                     let _ = tx.send((r, replied));
                 }
                 tracing::trace!(batch = f.queued.len(), "spool group commit");
+                if let Some(rc) = inner.upgrade() {
+                    let closers = {
+                        let mut i = rc.borrow_mut();
+                        i.in_flight = flights.len();
+                        std::mem::take(&mut i.closers)
+                    };
+                    // Each re-checks (and re-registers if writes are still pending).
+                    for w in closers {
+                        w.wake();
+                    }
+                }
             }
         }
     }
+}
+
+/// The segment of each record of a batch, in batch order (kept aside in case the commit
+/// panics and takes the batch with it).
+fn record_segments(writes: &[PendingWrite]) -> Vec<Arc<SegmentHandle>> {
+    writes.iter().map(|w| w.segment_handle().clone()).collect()
+}
+
+/// The results of a batch whose commit panicked (review finding F3): exactly what a failed
+/// fdatasync gives. Nothing is known about which of its writes reached the file or
+/// whether its sync ran, so every record fails (no 250; the engine then withdraws the
+/// record with a state record in a newer segment, as after any sync failure) and every
+/// segment it touched is retired: no later batch appends to, or is reported durable on, a
+/// file whose state is unknown (`fail_retired` fails a concurrent batch on it too).
+fn fail_panicked(
+    segs: Vec<Arc<SegmentHandle>>,
+) -> (Vec<Result<Committed, SpoolError>>, Vec<Arc<SegmentHandle>>) {
+    let mut touched: Vec<Arc<SegmentHandle>> = Vec::new();
+    let results = segs
+        .iter()
+        .map(|seg| {
+            seg.retire();
+            if !touched.iter().any(|t| Arc::ptr_eq(t, seg)) {
+                tracing::error!(segment = seg.number, path = %seg.path.display(),
+                    "spool commit panicked; segment retired, the whole batch fails");
+                touched.push(seg.clone());
+            }
+            Err(SpoolError::SyncFailed {
+                segment: seg.number,
+                source: std::io::Error::other(
+                    "the spool commit panicked: its writes and fdatasync are in an unknown state",
+                ),
+            })
+        })
+        .collect();
+    (results, touched)
 }
 
 /// A record reported durable by its own batch fails after all if its segment has been
@@ -771,5 +867,151 @@ mod tests {
             Err(SpoolError::SyncFailed { segment: 1, .. })
         ));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// The commit paths end to end on a real spool and a real glommio executor, with faults
+/// injected into one segment's sync (`SegmentHandle::inject`: the io_uring path never
+/// calls libc's fdatasync, so the LD_PRELOAD shim of e2e 14 cannot reach it).
+#[cfg(test)]
+mod fault_tests {
+    use super::*;
+    use crate::segment::SyncFault;
+    use crate::{BodyType, Envelope, SpoolOptions};
+    use bytes::Bytes;
+    use glommio::{LocalExecutorBuilder, Placement};
+
+    fn run<T: 'static>(f: impl Future<Output = T> + 'static) -> T {
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .ring_depth(64)
+            .io_memory(128 << 10)
+            .make()
+            .expect("executor")
+            .run(f)
+    }
+
+    fn envelope(id: String, size: u64) -> Envelope {
+        Envelope {
+            id,
+            sender: "s@example.org".into(),
+            recipients: Vec::new(),
+            arrival_unix_micros: 0,
+            size,
+            body_type: BodyType::SevenBit,
+            smtputf8: false,
+            ret: None,
+            envid: None,
+            deliver_by: None,
+            auth: None,
+            client_helo: "h".into(),
+            client_addr: "192.0.2.1:1".into(),
+        }
+    }
+
+    fn prepare(commit: &GroupCommit) -> PendingWrite {
+        commit.with_spool(|s| {
+            let id = s.id_gen().next();
+            s.prepare(&envelope(id, 5), &[Bytes::from_static(b"hello")])
+                .expect("prepare")
+        })
+    }
+
+    fn open(dir: &std::path::Path) -> ShardSpool {
+        let opts = SpoolOptions {
+            segment_size: 1 << 20,
+        };
+        ShardSpool::open(dir, 0, opts).expect("open").0
+    }
+
+    /// Two records in one batch on a segment whose sync hits `fault`: neither gets a
+    /// success, the segment is retired, and the next record goes to a new segment and
+    /// commits (the committer, its syncers and the executor survived).
+    fn faulty_sync(path: CommitPath, fault: SyncFault) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let dir = d.path().to_path_buf();
+        run(async move {
+            let commit = GroupCommit::with_options(open(&dir), 2, path);
+            let (w1, w2) = (prepare(&commit), prepare(&commit));
+            let seg = w1.segment_handle().clone();
+            assert!(Arc::ptr_eq(&seg, w2.segment_handle()));
+            seg.inject(fault);
+            let (r1, r2) = futures::join!(commit.commit(w1), commit.commit(w2));
+            for r in [&r1, &r2] {
+                assert!(
+                    matches!(r, Err(SpoolError::SyncFailed { segment, .. }) if *segment == seg.number),
+                    "{path:?} {fault:?}: {r:?}"
+                );
+            }
+            assert!(seg.is_retired(), "{path:?} {fault:?}: segment not retired");
+            let w3 = prepare(&commit);
+            assert_ne!(w3.segment(), seg.number, "a retired segment took a record");
+            let c = commit.commit(w3).await.expect("commit after the fault");
+            assert!(c.segment > seg.number);
+        });
+    }
+
+    /// Review finding F3: a panic in the syncer thread's commit (here: in its sync).
+    #[test]
+    fn a_panic_in_the_thread_path_sync_fails_the_batch_and_retires_the_segment() {
+        faulty_sync(CommitPath::Thread, SyncFault::Panic);
+    }
+
+    /// Review finding F3 on the io_uring path: the panic happens on the shard's executor.
+    #[test]
+    fn a_panic_in_the_io_uring_sync_fails_the_batch_and_retires_the_segment() {
+        faulty_sync(CommitPath::Uring, SyncFault::Panic);
+    }
+
+    /// fdatasync failing on the io_uring path: no success, segment retired.
+    #[test]
+    fn a_failed_io_uring_fdatasync_fails_the_batch_and_retires_the_segment() {
+        faulty_sync(CommitPath::Uring, SyncFault::Eio);
+    }
+
+    /// The same through the hook on the thread path (e2e 14 tests it with the libc shim).
+    #[test]
+    fn a_failed_thread_path_fdatasync_fails_the_batch_and_retires_the_segment() {
+        faulty_sync(CommitPath::Thread, SyncFault::Eio);
+    }
+
+    /// Review finding F6: `close` returns only once every queued write has its result, so
+    /// a shard that awaits it before its executor ends abandons no batch; every record
+    /// reported committed is found after a restart.
+    #[test]
+    fn close_waits_for_every_batch_in_flight() {
+        for path in [CommitPath::Uring, CommitPath::Thread] {
+            let d = tempfile::tempdir().expect("tempdir");
+            let dir = d.path().to_path_buf();
+            let committed = run(async move {
+                let commit = GroupCommit::with_options(open(&dir), 2, path);
+                let results: Rc<RefCell<Vec<Result<Committed, SpoolError>>>> = Rc::default();
+                for _ in 0..40 {
+                    let (commit, results) = (commit.clone(), results.clone());
+                    glommio::spawn_local(async move {
+                        let w = prepare(&commit);
+                        let r = commit.commit(w).await;
+                        results.borrow_mut().push(r);
+                    })
+                    .detach();
+                }
+                // Let the writers queue (they run when this task yields).
+                glommio::yield_if_needed().await;
+                futures_lite::future::yield_now().await;
+                commit.close().await;
+                let results = results.borrow();
+                assert_eq!(results.len(), 40, "{path:?}: close returned early");
+                results
+                    .iter()
+                    .map(|r| r.as_ref().map(|c| c.id).expect("committed"))
+                    .collect::<Vec<_>>()
+            });
+            let (_s, rec) = ShardSpool::open(d.path(), 0, SpoolOptions::default()).expect("reopen");
+            for id in committed {
+                assert!(
+                    rec.messages.iter().any(|m| m.envelope.id == id.as_str()),
+                    "{path:?}: {id} reported committed, not recovered"
+                );
+            }
+        }
     }
 }

@@ -102,6 +102,21 @@ pub struct SegmentHandle {
     /// The same rule for the io_uring path, whose syncs are tasks of one executor (an
     /// async lock: a blocking one would deadlock the executor).
     async_sync_lock: futures::lock::Mutex<()>,
+    /// Unit tests only: a fault to inject into this segment's next syncs (see
+    /// [`SyncFault`]), on either commit path, where no libc shim can reach (the io_uring
+    /// path never calls libc's fdatasync).
+    #[cfg(test)]
+    fault: std::sync::atomic::AtomicU8,
+}
+
+/// A fault a unit test makes every sync of one segment hit (`SegmentHandle::inject`).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SyncFault {
+    /// The sync fails with EIO, as an fdatasync whose writeback failed does.
+    Eio = 1,
+    /// The sync panics (a bug in the commit path).
+    Panic = 2,
 }
 
 impl SegmentHandle {
@@ -115,7 +130,26 @@ impl SegmentHandle {
             retired: AtomicBool::new(false),
             sync_lock: std::sync::Mutex::new(()),
             async_sync_lock: futures::lock::Mutex::new(()),
+            #[cfg(test)]
+            fault: std::sync::atomic::AtomicU8::new(0),
         }
+    }
+
+    /// Unit tests: every later sync of this segment hits `fault`.
+    #[cfg(test)]
+    pub(crate) fn inject(&self, fault: SyncFault) {
+        self.fault.store(fault as u8, Ordering::Release);
+    }
+
+    /// The injected fault's outcome instead of the real sync (unit tests only).
+    fn injected(&self) -> Option<std::io::Result<()>> {
+        #[cfg(test)]
+        match self.fault.load(Ordering::Acquire) {
+            1 => return Some(Err(std::io::Error::from_raw_os_error(libc::EIO))),
+            2 => panic!("injected panic in the sync of segment {}", self.number),
+            _ => {}
+        }
+        None
     }
 
     /// Runs `sync` (this file's fdatasync) under the segment's sync lock and answers
@@ -124,7 +158,11 @@ impl SegmentHandle {
     /// pages). A failure retires the segment before the lock is released.
     pub fn sync_checked(&self, sync: impl FnOnce() -> std::io::Result<()>) -> std::io::Result<()> {
         let _serial = self.sync_lock.lock().unwrap_or_else(|e| e.into_inner());
-        self.checked(sync())
+        let r = match self.injected() {
+            Some(r) => r,
+            None => sync(),
+        };
+        self.checked(r)
     }
 
     /// [`SegmentHandle::sync_checked`] for an asynchronous sync (the io_uring path).
@@ -133,7 +171,10 @@ impl SegmentHandle {
         F: std::future::Future<Output = std::io::Result<()>>,
     {
         let _serial = self.async_sync_lock.lock().await;
-        let r = sync.await;
+        let r = match self.injected() {
+            Some(r) => r,
+            None => sync.await,
+        };
         self.checked(r)
     }
 

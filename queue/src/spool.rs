@@ -116,8 +116,13 @@ pub struct Recovered {
     pub segments: usize,
     /// Segments whose tail held a torn (partially written) record, now zeroed.
     pub torn_tails_cut: usize,
-    /// Corrupted records/regions skipped in the middle of segments (each logged).
+    /// Corrupted records/regions skipped in the middle of segments (each logged); their
+    /// segments are kept (evidence) until the operator removes them.
     pub corrupt_skipped: usize,
+    /// Interrupted writes skipped in the middle of segments (each logged): records that
+    /// never got a 250 (see `recovery.rs`), typically an earlier batch's write cut short
+    /// by a crash while a later batch's was complete. Their segments are recycled as usual.
+    pub interrupted_skipped: usize,
     /// Segment files whose header was unreadable: left untouched, never appended to.
     pub unreadable_segments: usize,
 }
@@ -333,6 +338,11 @@ impl PendingWrite {
     }
     pub fn segment(&self) -> u64 {
         self.seg.number
+    }
+    /// The segment the record is reserved in (the committer retires it if the batch's
+    /// commit panics).
+    pub(crate) fn segment_handle(&self) -> &Arc<SegmentHandle> {
+        &self.seg
     }
     pub fn offset(&self) -> u64 {
         self.offset
@@ -946,6 +956,10 @@ fn report_corruption(path: &Path, scan: &SegmentScan) {
         tracing::warn!(path = %path.display(), offset = c.start, end = c.end, reason = %c.reason,
             "skipping corrupted spool record");
     }
+    for c in &scan.interrupted {
+        tracing::warn!(path = %path.display(), offset = c.start, end = c.end, reason = %c.reason,
+            "skipping an interrupted write in the middle of a segment (a record that was never acknowledged; the records after it are kept)");
+    }
 }
 
 /// Writes and syncs a batch of prepared records (call it on a blocking thread).
@@ -1217,6 +1231,7 @@ fn replay(
         seen.insert(number);
         report_corruption(&path, &scan);
         out.rec.corrupt_skipped += scan.corrupt.len();
+        out.rec.interrupted_skipped += scan.interrupted.len();
         if let Some(torn) = &scan.torn {
             if mode == ReplayMode::Recover {
                 tracing::warn!(path = %path.display(), offset = torn.start, end = torn.end, reason = %torn.reason,
@@ -1299,6 +1314,7 @@ fn replay(
             header: scan.header,
             data_end: scan.data_end,
             truncated: scan.truncated,
+            // Interrupted writes do not count: they never held acknowledged mail.
             corrupt: !scan.corrupt.is_empty(),
         });
     }

@@ -259,6 +259,56 @@ fn torn_state_record_at_the_tail_is_cut() {
     assert!(rec.queue.is_empty());
 }
 
+/// Review finding F2: kill -9 with two batches in flight on one segment left the earlier
+/// batch's record half-written (a page of it never reached the file) in the middle of the
+/// segment, and the later batch's record complete behind it. Recovery keeps the later
+/// record (it may have been acknowledged), counts the torn one as an interrupted write,
+/// not corruption, and the segment is deleted once its messages are delivered, like a
+/// clean one (before, it was kept forever as "corrupt").
+#[test]
+fn interrupted_write_mid_segment_keeps_what_follows_and_the_segment_is_recycled() {
+    let d = tempfile::tempdir().unwrap();
+    let (mut spool, _) = open(d.path());
+    let a = put(&mut spool, 1, 100);
+    let torn = put(&mut spool, 2, 1500);
+    let c = put(&mut spool, 1, 100);
+    assert_eq!((a.r.segment, c.r.segment), (torn.r.segment, torn.r.segment));
+    let fill = roll_over(&mut spool);
+    drop(spool);
+    // The torn record's write stopped at a sector boundary: the rest is still zeros.
+    let from = (torn.r.offset + 64).div_ceil(512) * 512;
+    assert!(from < c.r.offset);
+    patch(
+        &seg_path(d.path(), torn.r.segment),
+        from,
+        &vec![0; (c.r.offset - from) as usize],
+    );
+    let (mut spool, rec) = open(d.path());
+    assert_eq!(
+        (
+            rec.interrupted_skipped,
+            rec.corrupt_skipped,
+            rec.torn_tails_cut
+        ),
+        (1, 0, 0)
+    );
+    assert!(queued(&rec, &a).is_some() && queued(&rec, &c).is_some());
+    assert!(queued(&rec, &torn).is_none(), "a torn record is never read");
+    let (_, body) = spool.load(c.r).unwrap();
+    assert_eq!(&body[..], &c.body[..]);
+    let seg = torn.r.segment;
+    finish(&mut spool, &a);
+    for m in fill.iter().filter(|m| m.r.segment == seg) {
+        finish(&mut spool, m);
+    }
+    assert!(seg_exists(d.path(), seg), "c is not delivered yet");
+    finish(&mut spool, &c);
+    assert!(
+        !seg_exists(d.path(), seg),
+        "every message delivered: the segment must be recycled"
+    );
+}
+
 #[test]
 fn corrupted_state_record_in_the_middle_is_skipped() {
     let d = tempfile::tempdir().unwrap();

@@ -7,7 +7,7 @@
 //! - `tests/e2e_03_durability.rs` kill -9 after the 250, graceful stop, 1000 connections
 //! - `tests/e2e_04_interop.rs`    Python smtplib, curl, swaks against a live server
 //! - `tests/e2e_13_floods.rs`     idle floods, never-reading pipeliners, slowloris: memory and cut-offs
-//! - `tests/e2e_14_faults.rs`     disk full (tmpfs), fdatasync EIO (LD_PRELOAD shim), bad next hops, TLS leaks
+//! - `tests/e2e_14_faults.rs`     disk full (tmpfs), fdatasync EIO (LD_PRELOAD shim; io_uring path: FUSE), bad next hops, TLS leaks
 //! - `tests/e2e_16_haproxy.rs`    two nodes behind a real HAProxy: PROXY v1/v2, real client addresses, rolling restart under load
 //! - `tests/e2e_24_cluster.rs`    the reference cluster (packaging/cluster/): three nodes in network
 //!   namespaces behind HAProxy, users in PostgreSQL, counters in Redis, kill -9, adoption

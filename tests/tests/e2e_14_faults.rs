@@ -10,14 +10,19 @@
 //!   (the spool's commit path calls libc's fdatasync on a blocking thread, not
 //!   io_uring). No 250 while it fails; the failed segment never takes another record;
 //!   afterwards mail flows and survives a restart;
+//! - the same on the io_uring commit path (`spool.commit = "uring"`), which never calls
+//!   libc's fdatasync: the spool sits on a FUSE pass-through file system
+//!   (`tests/scripts/faultfs.py`, Python fusepy) whose fsync answers EIO while an arm file
+//!   exists, so the failure comes back through the kernel and the shard's own ring;
 //! - a next hop that is silent, answers garbage, or never answers the final dot: the
 //!   message stays queued (deferred, never bounced) and is delivered once a real next
 //!   hop listens on that port;
 //! - hostile and truncated TLS handshakes leave no session behind (`tern_sessions_active`
 //!   back to 0 on /metrics).
 //!
-//! Mounting needs root (CAP_SYS_ADMIN); without it the disk-full test says it is
-//! skipped. The shim needs a C compiler, required in CI.
+//! Mounting needs root (CAP_SYS_ADMIN); without it the disk-full and io_uring tests say
+//! they are skipped. The shim needs a C compiler, the FUSE file system python3 with
+//! fusepy and /dev/fuse; all required in CI.
 
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, Write};
@@ -441,6 +446,191 @@ fn fdatasync_eio_never_gets_a_250_and_retires_the_segment() {
         queued.len(),
         acked.len()
     );
+}
+
+// ------------------------------------------------------------------------------------
+// fdatasync failing with EIO on the io_uring commit path (through FUSE).
+// ------------------------------------------------------------------------------------
+
+/// `tests/scripts/faultfs.py` mounted at `mount` (mirroring `backing`), unmounted and
+/// stopped on drop. Declare it before the server using it, so it is dropped after.
+struct FaultFs {
+    mount: PathBuf,
+    daemon: std::process::Child,
+}
+
+impl FaultFs {
+    /// Err (with the reason) if there is no python3 with fusepy, no /dev/fuse, or this
+    /// process may not mount.
+    fn mount(backing: &Path, mount: &Path, arm: &Path, log: &Path) -> Result<FaultFs, String> {
+        let has_fusepy = std::process::Command::new("python3")
+            .args(["-c", "import importlib.util as u, sys; sys.exit(not (u.find_spec('fuse') or u.find_spec('fusepy')))"])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_fusepy {
+            return Err("python3 with fusepy (pip fusepy, or Debian's python3-fusepy)".into());
+        }
+        if !Path::new("/dev/fuse").exists() {
+            return Err("/dev/fuse".into());
+        }
+        std::fs::create_dir_all(backing).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(mount).map_err(|e| e.to_string())?;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/faultfs.py");
+        let daemon = std::process::Command::new("python3")
+            .arg(&script)
+            .args([backing, mount, arm, log])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", script.display()))?;
+        let mut fs = FaultFs {
+            mount: mount.to_path_buf(),
+            daemon,
+        };
+        // Mounted once the directory is a FUSE file system.
+        let start = std::time::Instant::now();
+        loop {
+            let st = nix_statfs(mount);
+            if st == Some(0x6573_5546) {
+                return Ok(fs);
+            }
+            if let Ok(Some(status)) = fs.daemon.try_wait() {
+                let mut err = String::new();
+                if let Some(mut e) = fs.daemon.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(format!("faultfs exited ({status}): {err}"));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("faultfs did not mount within 10 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The file system type (`f_type`) of `path`.
+fn nix_statfs(path: &Path) -> Option<i64> {
+    let p = CString::new(path.to_str()?).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs(2) with a valid NUL-terminated path and a buffer of its type.
+    let rc = unsafe { libc::statfs(p.as_ptr(), &mut st) };
+    (rc == 0).then_some(st.f_type as i64)
+}
+
+impl Drop for FaultFs {
+    fn drop(&mut self) {
+        let p = CString::new(self.mount.to_str().unwrap()).unwrap();
+        // SAFETY: umount2 with a valid path; MNT_DETACH so open files do not keep it busy.
+        unsafe { libc::umount2(p.as_ptr(), libc::MNT_DETACH) };
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+#[test]
+fn fdatasync_eio_on_the_io_uring_path_never_gets_a_250_and_retires_the_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("spool");
+    let arm = work.path().join("arm");
+    let log = work.path().join("faults.log");
+    // The shard's directory is the mount (the admin socket lives in the spool directory,
+    // and a socket on this FUSE file system is not worth the trouble): one shard.
+    let shard_dir = spool.join("shard-000");
+    let _fs = match FaultFs::mount(&work.path().join("backing"), &shard_dir, &arm, &log) {
+        Ok(fs) => fs,
+        Err(what) => {
+            tern_tests::require(false, &format!("a FUSE mount for the spool: {what}"));
+            return;
+        }
+    };
+    let port = tern_tests::free_port();
+    let mut sets = relay_sets(port);
+    sets.push(r#"spool.commit="uring""#.into());
+    sets.push("spool.segment_size=1048576".into());
+    sets.push("queue.retry_interval=1h".into());
+    sets.push("queue.max_retry_interval=1h".into());
+    let mut relay = Server::start(Some(dir.path()), &refs(&sets));
+    let send_one = |relay: &Server, subject: &str| -> (Reply, Vec<u8>) {
+        let mut c = relay.smtp();
+        c.ehlo("client.test");
+        let b = body(subject, 2000);
+        let r = try_send(&mut c, "a@demo.test", &b);
+        c.quit();
+        (r, b)
+    };
+    let mut acked: Vec<(String, Vec<u8>)> = Vec::new();
+    for i in 0..2 {
+        let (r, b) = send_one(&relay, &format!("before-{i}"));
+        assert_eq!(r.code, 250, "{r}");
+        acked.push((r.queued_id(), b));
+    }
+
+    // Armed: every fsync of a segment fails, whoever asks. Three concurrent senders.
+    std::fs::write(&arm, b"").unwrap();
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let hs: Vec<_> = (0..3)
+            .map(|i| {
+                let relay = &relay;
+                scope.spawn(move || send_one(relay, &format!("failing-{i}")).0)
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    std::fs::remove_file(&arm).unwrap();
+    for r in &replies {
+        r.check(451, "4.3.0");
+    }
+    let failed = failed_segments(&log);
+    assert!(!failed.is_empty(), "faultfs never failed an fsync");
+    wait_for(
+        "the io_uring sync failure in the log",
+        Duration::from_secs(10),
+        || {
+            relay
+                .stderr_log()
+                .contains("fdatasync (io_uring) failed; segment retired")
+        },
+    );
+
+    // Disarmed: mail flows again, into a newer segment than any that failed.
+    let mut later = Vec::new();
+    for i in 0..2 {
+        let (r, b) = send_one(&relay, &format!("after-{i}"));
+        assert_eq!(r.code, 250, "{r}");
+        later.push((r.queued_id(), b));
+    }
+    let scanned = tern_queue::scan_spool(&spool).unwrap();
+    let newest_failed = *failed.last().unwrap();
+    for (id, _) in &later {
+        let seg = scanned
+            .iter()
+            .find(|m| &m.envelope.id == id)
+            .unwrap_or_else(|| panic!("{id} not in the spool"))
+            .segment;
+        assert!(
+            seg > newest_failed,
+            "{id} went to segment {seg}; segments {failed:?} failed an fsync"
+        );
+    }
+    eprintln!(
+        "io_uring: fsync failed on segment(s) {failed:?}: 3 x 451 4.3.0, no 250; later mail in newer segments"
+    );
+
+    // Restart on the same spool: everything acknowledged is there, byte-exact, queued.
+    acked.extend(later);
+    relay.restart();
+    let stored = relay.stored();
+    let queued: Vec<String> = relay.queue_list().into_iter().map(|e| e.id).collect();
+    for (id, b) in &acked {
+        let m = stored
+            .iter()
+            .find(|m| &m.id == id)
+            .unwrap_or_else(|| panic!("{id} lost"));
+        assert_eq!(m.content(), &b[..], "message {id}");
+        assert!(queued.contains(id), "{id} not queued after restart");
+    }
+    relay.kill9();
 }
 
 // ------------------------------------------------------------------------------------
