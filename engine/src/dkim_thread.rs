@@ -11,7 +11,10 @@
 //! shard's thread it delays every other session of the shard by that much; made here, the
 //! kernel time-slices it against the shard, whose sessions keep being served.
 //!
-//! Must never: touch shard state, or outlive its shard's handle.
+//! Must never: touch shard state, or outlive its shard's handle. A signature that panics
+//! fails that one message (its session answers 451) and the thread goes on; if the thread
+//! is gone all the same, [`SigningThread::sign`] says so ([`Gone`]) and the shard signs on
+//! its own thread rather than refuse every later message.
 
 use std::sync::Arc;
 
@@ -21,6 +24,11 @@ use futures::channel::oneshot;
 use crate::dkim::{Algorithm, SignError, Signer};
 
 type Answer = Result<Vec<(Algorithm, Bytes)>, SignError>;
+
+/// The signing thread is not there to answer (it could not take the job, or dropped it
+/// unanswered): the caller signs on its own thread instead.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Gone;
 
 /// The signing thread's nice value: CFS gives a nice-10 thread about a tenth of a core
 /// against a busy nice-0 one, and lets a waking shard preempt it.
@@ -73,7 +81,17 @@ impl SigningThread {
                 }
                 // Ends when the shard's handle (the only sender) is dropped.
                 for job in rx {
-                    let answer = job.signer.sign_body(&job.body);
+                    // A panic fails this message only: the thread must stay for the next.
+                    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        job.signer.sign_body(&job.body)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(SignError {
+                            domain: String::new(),
+                            selector: String::new(),
+                            why: "the signature computation panicked".into(),
+                        })
+                    });
                     // The session may have gone (client timeout): nothing to tell.
                     let _ = job.done.send(answer);
                 }
@@ -89,19 +107,37 @@ impl SigningThread {
         self.in_flight.get()
     }
 
-    /// The signatures of `body` with `signer`'s keys, computed on the signing thread.
-    pub async fn sign(&self, signer: Arc<Signer>, body: Vec<Bytes>) -> Answer {
+    /// The signatures of `body` with `signer`'s keys, computed on the signing thread;
+    /// [`Gone`] if the thread is not there to compute them.
+    pub async fn sign(&self, signer: Arc<Signer>, body: Vec<Bytes>) -> Result<Answer, Gone> {
         let (done, rx) = oneshot::channel();
-        let gone = || SignError {
-            domain: String::new(),
-            selector: String::new(),
-            why: "the signing thread has stopped".into(),
-        };
         self.in_flight.set(self.in_flight.get() + 1);
         let _counted = InFlight(self.in_flight.clone());
-        self.tx
-            .send(Job { signer, body, done })
-            .map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        self.tx.send(Job { signer, body, done }).map_err(|_| Gone)?;
+        rx.await.map_err(|_| Gone)
+    }
+
+    /// A handle whose thread has already ended (tests of the callers' fallback).
+    #[cfg(test)]
+    pub fn stopped() -> SigningThread {
+        let (tx, _) = crossbeam::channel::unbounded::<Job>();
+        SigningThread {
+            tx,
+            in_flight: Default::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_thread_answers_gone_and_counts_nothing_in_flight() {
+        let t = SigningThread::stopped();
+        let signer = Arc::new(Signer::default());
+        let r = futures::executor::block_on(t.sign(signer, vec![Bytes::from_static(b"x")]));
+        assert_eq!(r.err(), Some(Gone));
+        assert_eq!(t.in_flight(), 0);
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use tern_smtp::session::{Message, StoreError};
 
 use crate::dkim::{Algorithm, Signer, SignerMode};
-use crate::dkim_thread::{SigningThread, AUTO_MAX_IN_FLIGHT};
+use crate::dkim_thread::{Gone, SigningThread, AUTO_MAX_IN_FLIGHT};
 
 /// Cloneable, shard-local handle.
 #[derive(Clone)]
@@ -41,6 +41,8 @@ struct DkimState {
     /// The shard's signing thread, started at the first message signed in
     /// `dkim.signer = "thread"` mode.
     thread: std::cell::OnceCell<Option<SigningThread>>,
+    /// The signing thread was found gone (logged once; signatures made inline since).
+    thread_gone: Cell<bool>,
 }
 
 fn map_err(e: &SpoolError) -> StoreError {
@@ -68,6 +70,7 @@ impl ShardStore {
                 signer: RefCell::new(dkim),
                 signed: Default::default(),
                 thread: std::cell::OnceCell::new(),
+                thread_gone: Cell::new(false),
             }),
         }
     }
@@ -95,7 +98,10 @@ impl ShardStore {
             SignerMode::Inline => signer.sign_body(&msg.body),
             SignerMode::Thread if !signer.has_keys_for(&msg.body) => Ok(Vec::new()),
             SignerMode::Thread => match self.signing_thread() {
-                Some(t) => t.sign(signer, msg.body.to_vec()).await,
+                Some(t) => match t.sign(signer.clone(), msg.body.to_vec()).await {
+                    Ok(answer) => answer,
+                    Err(Gone) => self.sign_without_thread(&signer, &msg.body),
+                },
                 // No thread could be started: sign here rather than refuse mail.
                 None => signer.sign_body(&msg.body),
             },
@@ -105,7 +111,10 @@ impl ShardStore {
                 Some(false) => signer.sign_body(&msg.body),
                 Some(true) => match self.signing_thread() {
                     Some(t) if t.in_flight() < AUTO_MAX_IN_FLIGHT => {
-                        t.sign(signer, msg.body.to_vec()).await
+                        match t.sign(signer.clone(), msg.body.to_vec()).await {
+                            Ok(answer) => answer,
+                            Err(Gone) => self.sign_without_thread(&signer, &msg.body),
+                        }
                     }
                     // Behind (a saturated shard starves the niced thread): here.
                     _ => signer.sign_body(&msg.body),
@@ -123,6 +132,22 @@ impl ShardStore {
             c.set(c.get() + 1);
         }
         Ok(())
+    }
+
+    /// Signs on the shard's thread because the signing thread has gone (said once per
+    /// shard): mail keeps being signed and accepted, at the inline mode's cost.
+    fn sign_without_thread(
+        &self,
+        signer: &Signer,
+        body: &[bytes::Bytes],
+    ) -> Result<Vec<(Algorithm, bytes::Bytes)>, crate::dkim::SignError> {
+        if !self.dkim.thread_gone.replace(true) {
+            tracing::error!(
+                shard = self.shard,
+                "the DKIM signing thread has stopped: signing on the shard's thread from now on"
+            );
+        }
+        signer.sign_body(body)
     }
 
     /// The shard's signing thread, started on first use (`None` if the OS refused it,
