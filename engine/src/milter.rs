@@ -984,16 +984,18 @@ impl MilterSession {
         self.queue_id = Some(queue_id);
         let id = queue_id;
         let enc = |c: &mut Conn| {
-            let mut pairs = vec![("i", id.as_str()), ("{mail_addr}", sender)];
-            if let Some((authen, mech)) = login {
-                pairs.push(("{auth_authen}", authen));
-                pairs.push(("{auth_type}", mech));
-            }
-            c.macros(Stage::Mail, &pairs);
+            let (authen, mech) = login.unwrap_or_default();
+            let pairs = [
+                ("i", id.as_str()),
+                ("{mail_addr}", sender),
+                ("{auth_authen}", authen),
+                ("{auth_type}", mech),
+            ];
+            c.macros(Stage::Mail, &pairs[..if login.is_some() { 4 } else { 2 }]);
             if c.neg.sends(Stage::Mail) {
                 let auth = login.map(|(a, _)| format!("AUTH=<{a}>"));
-                let args: Vec<&str> = auth.iter().map(String::as_str).collect();
-                codec::envelope_addr(&mut c.out, cmd::MAIL, sender, &args);
+                let auth = auth.as_deref();
+                codec::envelope_addr(&mut c.out, cmd::MAIL, sender, auth.as_slice());
             }
         };
         self.each(shard, shard_id, Stage::Mail, &enc).await
@@ -1323,6 +1325,12 @@ impl Conn {
         if !self.neg.sends(stage) && stage != Stage::Eom {
             return;
         }
+        // Most filters take every macro (no `SMFIP_` macro list): the stage's pairs go
+        // as they are, with no list built per stage.
+        if pairs.iter().all(|(n, _)| self.neg.wants_macro(stage, n)) {
+            codec::macros(&mut self.out, stage, pairs);
+            return;
+        }
         let wanted: Vec<(&str, &str)> = pairs
             .iter()
             .filter(|(n, _)| self.neg.wants_macro(stage, n))
@@ -1396,28 +1404,29 @@ impl Conn {
     async fn body(&mut self, body: &[Bytes], t: Timeouts) -> Result<Verdict, Failure> {
         const MAX: usize = codec::MAX_BODY_CHUNK;
         if self.neg.replies(Stage::Body) {
-            let mut chunk = BytesMut::with_capacity(MAX.min(body.iter().map(Bytes::len).sum()));
-            let mut pieces = body.iter().flat_map(|b| {
-                (0..b.len().div_ceil(MAX))
-                    .map(move |k| b.slice(k * MAX..((k + 1) * MAX).min(b.len())))
-            });
-            let mut next = pieces.next();
-            while next.is_some() || !chunk.is_empty() {
-                // Fill the chunk.
-                while let Some(p) = next.take() {
-                    let room = MAX - chunk.len();
-                    if p.len() <= room {
-                        chunk.extend_from_slice(&p);
-                        next = pieces.next();
-                    } else {
-                        chunk.extend_from_slice(&p[..room]);
-                        next = Some(p.slice(room..));
-                        break;
+            // Each chunk is copied once, straight into the connection's output buffer
+            // (reused from packet to packet: no buffer of its own per message).
+            let mut left: usize = body.iter().map(Bytes::len).sum();
+            let mut slices = body.iter().map(|b| &b[..]);
+            let mut cur: &[u8] = &[];
+            while left > 0 {
+                let n = left.min(MAX);
+                self.out.extend_from_slice(&codec::body_head(n));
+                let mut need = n;
+                while need > 0 {
+                    if cur.is_empty() {
+                        match slices.next() {
+                            Some(b) => cur = b,
+                            None => break,
+                        }
+                        continue;
                     }
+                    let k = need.min(cur.len());
+                    self.out.extend_from_slice(&cur[..k]);
+                    cur = &cur[k..];
+                    need -= k;
                 }
-                self.out.extend_from_slice(&codec::body_head(chunk.len()));
-                self.out.extend_from_slice(&chunk);
-                chunk.clear();
+                left -= n;
                 self.flush(t).await?;
                 // SMFIR_SKIP (offered with SMFIP_SKIP): the filter has seen enough of the
                 // body; go straight to end-of-message.

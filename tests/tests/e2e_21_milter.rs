@@ -1253,6 +1253,37 @@ fn loadgen_noop_milter_is_a_valid_filter() {
     }
 }
 
+/// A filter that answers every body chunk gets the body whole and in order, in chunks of
+/// 65535 bytes but the last, however the message's slices fall.
+#[test]
+fn a_body_answered_chunk_by_chunk_arrives_whole_and_in_order() {
+    let f = FakeMilter::start(Script::default());
+    let s = server_with(&[(f.socket(), "")], &[]);
+    let mut big = String::from("Subject: big\r\n\r\n");
+    let mut n = 0;
+    while big.len() < 200_000 {
+        big.push_str(&format!("line {n} {}\r\n", "z".repeat(n % 900)));
+        n += 1;
+    }
+    send(&s, "a@example.org", &["b@example.net"], big.as_bytes()).check(250, "2.0.0");
+    let conv = &f.conns()[0];
+    let chunks: Vec<&Vec<u8>> = conv
+        .iter()
+        .filter(|(c, _)| *c == b'B')
+        .map(|(_, d)| d)
+        .collect();
+    assert!(chunks.len() >= 4, "{} chunks", chunks.len());
+    let (last, full) = chunks.split_last().unwrap();
+    assert!(full.iter().all(|d| d.len() == 65535));
+    assert!(!last.is_empty() && last.len() <= 65535);
+    let sent: Vec<u8> = chunks.iter().flat_map(|d| d.iter().copied()).collect();
+    let body = &big.as_bytes()[big.find("\r\n\r\n").unwrap() + 4..];
+    assert!(
+        sent == body,
+        "the body the filter saw differs from the message's"
+    );
+}
+
 #[test]
 fn skip_ends_the_body_early_and_refusals_are_logged_with_the_envelope() {
     let f = FakeMilter::start(Script {
