@@ -1325,8 +1325,9 @@ impl Conn {
         if !self.neg.sends(stage) && stage != Stage::Eom {
             return;
         }
-        // Most filters take every macro (no `SMFIP_` macro list): the stage's pairs go
-        // as they are, with no list built per stage.
+        // Most filters take every macro (they sent no symbol list in the negotiation,
+        // libmilter's `smfi_setsymlist`): the stage's pairs go as they are, with no list
+        // built per stage.
         if pairs.iter().all(|(n, _)| self.neg.wants_macro(stage, n)) {
             codec::macros(&mut self.out, stage, pairs);
             return;
