@@ -34,11 +34,11 @@
 //! end-of-message from OpenDKIM and most libmilter filters, a session that ended
 //! mid-conversation, any failure) closes the connection with its session, Postfix's
 //! model. Postfix and sendmail never send QUIT_NC. A pooled connection the filter closed
-//! while idle is noticed when taken on TCP (`closed_while_idle`); otherwise it fails on
-//! its first exchange: up to MAIL the stage is retried once on a fresh connection and the
-//! filter's other idle connections are dropped (on a unix socket, an end-of-message-only
-//! filter shows it only at DATA, where its default action is taken: documented). A reload that removes or moves a
-//! filter drops its idle connections.
+//! while idle is noticed when taken, on TCP and unix sockets (`closed_while_idle`), and a
+//! fresh one opened; one that dies after the take fails on its first exchange: up to MAIL
+//! the stage is retried once on a fresh connection and the filter's other idle
+//! connections are dropped. A reload that removes or moves a filter drops its idle
+//! connections.
 //!
 //! Must never: hold a connection across threads or behind a lock (everything is the
 //! shard's), wait without a timer, let a filter's text reach the client or a header
@@ -50,7 +50,8 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -537,7 +538,10 @@ fn snapshot(counts: &Counts) -> Vec<(String, String, u64)> {
 /// A socket to a filter.
 enum Stream {
     Tcp(glommio::net::TcpStream),
-    Unix(glommio::net::UnixStream),
+    /// With the descriptor the stream owns (glommio's `UnixStream` does not expose it;
+    /// `closed_while_idle` needs it). Valid exactly as long as the stream: same variant,
+    /// never used after it is dropped.
+    Unix(glommio::net::UnixStream, RawFd),
 }
 
 impl AsyncRead for Stream {
@@ -548,7 +552,7 @@ impl AsyncRead for Stream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Stream::Unix(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s, _) => std::pin::Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -561,7 +565,7 @@ impl AsyncWrite for Stream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Stream::Unix(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s, _) => std::pin::Pin::new(s).poll_write(cx, buf),
         }
     }
     fn poll_write_vectored(
@@ -571,7 +575,7 @@ impl AsyncWrite for Stream {
     ) -> std::task::Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Unix(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s, _) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
     fn poll_flush(
@@ -580,7 +584,7 @@ impl AsyncWrite for Stream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Stream::Unix(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Unix(s, _) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
     fn poll_close(
@@ -589,7 +593,7 @@ impl AsyncWrite for Stream {
     ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(s) => std::pin::Pin::new(s).poll_close(cx),
-            Stream::Unix(s) => std::pin::Pin::new(s).poll_close(cx),
+            Stream::Unix(s, _) => std::pin::Pin::new(s).poll_close(cx),
         }
     }
 }
@@ -857,8 +861,9 @@ impl MilterSession {
     /// HELO), and the shard's other idle connections to the filter are dropped (after a
     /// restart they are all dead). Only up to MAIL: a later stage would need the earlier
     /// unanswered ones replayed too.
-    // XXX a filter that answers none of CONNECT, HELO and MAIL (every `SMFIP_NR_*`) shows
-    // a dead pooled connection only at RCPT or DATA: its default action is taken then.
+    // XXX a filter that answers none of CONNECT, HELO and MAIL (every `SMFIP_NR_*`) and
+    // dies between the take (which checks the idle socket) and its first answer shows
+    // the dead connection only at RCPT or DATA: its default action is taken then.
     fn retry_fresh(
         &mut self,
         shard: &ShardMilters,
@@ -979,16 +984,18 @@ impl MilterSession {
         self.queue_id = Some(queue_id);
         let id = queue_id;
         let enc = |c: &mut Conn| {
-            let mut pairs = vec![("i", id.as_str()), ("{mail_addr}", sender)];
-            if let Some((authen, mech)) = login {
-                pairs.push(("{auth_authen}", authen));
-                pairs.push(("{auth_type}", mech));
-            }
-            c.macros(Stage::Mail, &pairs);
+            let (authen, mech) = login.unwrap_or_default();
+            let pairs = [
+                ("i", id.as_str()),
+                ("{mail_addr}", sender),
+                ("{auth_authen}", authen),
+                ("{auth_type}", mech),
+            ];
+            c.macros(Stage::Mail, &pairs[..if login.is_some() { 4 } else { 2 }]);
             if c.neg.sends(Stage::Mail) {
                 let auth = login.map(|(a, _)| format!("AUTH=<{a}>"));
-                let args: Vec<&str> = auth.iter().map(String::as_str).collect();
-                codec::envelope_addr(&mut c.out, cmd::MAIL, sender, &args);
+                let auth = auth.as_deref();
+                codec::envelope_addr(&mut c.out, cmd::MAIL, sender, auth.as_slice());
             }
         };
         self.each(shard, shard_id, Stage::Mail, &enc).await
@@ -1217,10 +1224,7 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
                 let _ = s.set_nodelay(true);
                 Ok(Stream::Tcp(s))
             }
-            Endpoint::Unix(p) => glommio::net::UnixStream::connect(p)
-                .await
-                .map(Stream::Unix)
-                .map_err(|e| io::Error::other(e.to_string())),
+            Endpoint::Unix(p) => connect_unix(p).await,
         }
     })
     .await?
@@ -1254,26 +1258,55 @@ async fn open(f: &Filter) -> Result<Conn, Failure> {
     }
 }
 
+/// Connects to a filter's unix socket, keeping the descriptor reachable for the idle
+/// check (`closed_while_idle`): glommio's `UnixStream` does not expose it, but takes one
+/// (`from_raw_fd`). The connect is non-blocking: on a unix socket it completes or fails at
+/// once, except when the filter's listen backlog is full (EAGAIN), where it is tried again
+/// shortly (the caller's connect timeout bounds it). The socket is then handed over in
+/// blocking mode, as glommio's own `connect` leaves it (its reads and writes go through
+/// io_uring or carry MSG_DONTWAIT).
+async fn connect_unix(p: &Path) -> io::Result<Stream> {
+    let s = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    let addr = socket2::SockAddr::unix(p)?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match s.connect(&addr) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                Timer::new(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    s.set_nonblocking(false)?;
+    let fd = s.as_raw_fd();
+    // SAFETY: `into_raw_fd` hands the descriptor's ownership to the new stream (which
+    // closes it); `fd` is kept beside that stream only, and used only while it lives.
+    let u = unsafe { glommio::net::UnixStream::from_raw_fd(s.into_raw_fd()) };
+    Ok(Stream::Unix(u, fd))
+}
+
 impl Conn {
     /// Did the filter close this idle connection (restart, its own idle timeout), or send
-    /// something unasked? One non-blocking `MSG_PEEK` on a TCP socket: a filter whose
-    /// first stage is end-of-message would otherwise show a dead connection only there,
-    /// too late to retry. (glommio's unix sockets expose no descriptor: those rely on the
-    /// retry at the first answered stage.)
+    /// something unasked? One non-blocking `MSG_PEEK`, on TCP and unix sockets alike: a
+    /// filter whose first stage is end-of-message would otherwise show a dead connection
+    /// only there, too late to retry.
     fn closed_while_idle(&self) -> bool {
         if !self.rbuf.is_empty() {
             return true;
         }
-        let Stream::Tcp(s) = &self.io else {
-            return false;
+        let fd = match &self.io {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(_, fd) => *fd,
         };
-        use std::os::fd::AsRawFd;
         let mut b = [0u8; 1];
         // SAFETY: recv into a 1-byte buffer we own, on a descriptor the stream owns;
         // MSG_PEEK | MSG_DONTWAIT neither consumes nor blocks.
         let r = unsafe {
             libc::recv(
-                s.as_raw_fd(),
+                fd,
                 b.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
@@ -1290,6 +1323,13 @@ impl Conn {
     /// Queues the macros of a stage the filter wants (those it asked for, or all).
     fn macros(&mut self, stage: Stage, pairs: &[(&str, &str)]) {
         if !self.neg.sends(stage) && stage != Stage::Eom {
+            return;
+        }
+        // Most filters take every macro (they sent no symbol list in the negotiation,
+        // libmilter's `smfi_setsymlist`): the stage's pairs go as they are, with no list
+        // built per stage.
+        if pairs.iter().all(|(n, _)| self.neg.wants_macro(stage, n)) {
+            codec::macros(&mut self.out, stage, pairs);
             return;
         }
         let wanted: Vec<(&str, &str)> = pairs
@@ -1365,28 +1405,29 @@ impl Conn {
     async fn body(&mut self, body: &[Bytes], t: Timeouts) -> Result<Verdict, Failure> {
         const MAX: usize = codec::MAX_BODY_CHUNK;
         if self.neg.replies(Stage::Body) {
-            let mut chunk = BytesMut::with_capacity(MAX.min(body.iter().map(Bytes::len).sum()));
-            let mut pieces = body.iter().flat_map(|b| {
-                (0..b.len().div_ceil(MAX))
-                    .map(move |k| b.slice(k * MAX..((k + 1) * MAX).min(b.len())))
-            });
-            let mut next = pieces.next();
-            while next.is_some() || !chunk.is_empty() {
-                // Fill the chunk.
-                while let Some(p) = next.take() {
-                    let room = MAX - chunk.len();
-                    if p.len() <= room {
-                        chunk.extend_from_slice(&p);
-                        next = pieces.next();
-                    } else {
-                        chunk.extend_from_slice(&p[..room]);
-                        next = Some(p.slice(room..));
-                        break;
+            // Each chunk is copied once, straight into the connection's output buffer
+            // (reused from packet to packet: no buffer of its own per message).
+            let mut left: usize = body.iter().map(Bytes::len).sum();
+            let mut slices = body.iter().map(|b| &b[..]);
+            let mut cur: &[u8] = &[];
+            while left > 0 {
+                let n = left.min(MAX);
+                self.out.extend_from_slice(&codec::body_head(n));
+                let mut need = n;
+                while need > 0 {
+                    if cur.is_empty() {
+                        match slices.next() {
+                            Some(b) => cur = b,
+                            None => break,
+                        }
+                        continue;
                     }
+                    let k = need.min(cur.len());
+                    self.out.extend_from_slice(&cur[..k]);
+                    cur = &cur[k..];
+                    need -= k;
                 }
-                self.out.extend_from_slice(&codec::body_head(chunk.len()));
-                self.out.extend_from_slice(&chunk);
-                chunk.clear();
+                left -= n;
                 self.flush(t).await?;
                 // SMFIR_SKIP (offered with SMFIP_SKIP): the filter has seen enough of the
                 // body; go straight to end-of-message.
