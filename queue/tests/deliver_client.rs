@@ -1072,6 +1072,171 @@ fn chunking_with_every_recipient_refused_reads_the_bdat_reply_and_keeps_the_conn
 }
 
 #[test]
+fn chunking_uses_data_for_bare_line_endings_and_large_bodies() {
+    let big: &'static [u8] = Box::leak(
+        b"Subject: big\r\n\r\n"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(b"0123456789abcde\r\n".iter().copied(), 5000).flatten())
+            .collect::<Vec<u8>>()
+            .into_boxed_slice(),
+    );
+    assert!(big.len() > tern_queue::client::PIPELINED_CHUNK_MAX);
+    let bare: &'static [u8] = b"Subject: b\r\n\r\nbare\nlf\r\n";
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING"]);
+        // A bare LF: DATA, which repairs it (never a bare LF on the wire).
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<a@x>");
+        p.expect("DATA");
+        p.say("250 ok\r\n250 ok\r\n354 go\r\n");
+        assert_eq!(p.data(), b"Subject: b\r\n\r\nbare\r\nlf\r\n.\r\n");
+        p.say("250 2.0.0 repaired\r\n");
+        // Too large to pipeline: DATA after the replies.
+        p.expect("RSET");
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<a@x>");
+        p.expect("DATA");
+        p.say("250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n");
+        let d = p.data();
+        assert_eq!(d.len(), big.len() + 3);
+        p.say("250 2.0.0 big\r\n");
+        p.quit();
+    });
+    let addr = srv.addr;
+    let (a, b) = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        let a = c.send(&env(&["a@x"]), &[0], bare).await.unwrap();
+        let b = c.send(&env(&["a@x"]), &[0], big).await.unwrap();
+        c.quit().await;
+        (a, b)
+    });
+    assert_eq!(a[0].1.text, "repaired");
+    assert_eq!(b[0].1.text, "big");
+    srv.finish();
+}
+
+#[test]
+fn a_refused_rset_with_the_message_pipelined_reads_on_and_keeps_a_taken_message() {
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING"]);
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<a@x>");
+        let n: usize = p
+            .line()
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
+        p.exact(n);
+        p.say("250 ok\r\n250 ok\r\n250 2.0.0 first\r\n");
+        // Second message on the reused connection: RSET refused, but the server takes
+        // the message all the same. It must count as delivered (not sent again).
+        p.expect("RSET");
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<b@x>");
+        let n: usize = p
+            .line()
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
+        p.exact(n);
+        p.say("451 4.3.0 odd\r\n250 ok\r\n250 ok\r\n250 2.0.0 taken anyway\r\n");
+    });
+    let addr = srv.addr;
+    let (first, second, usable) = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        let first = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        let second = c.send(&env(&["b@x"]), &[0], BODY).await;
+        let usable = c.is_usable();
+        c.quit().await;
+        (first, second, usable)
+    });
+    assert_eq!(first[0].1.text, "first");
+    let second = second.expect("a message the server took is a result, not an error");
+    assert_eq!(codes(&second), [(0, 250)]);
+    assert_eq!(second[0].1.text, "taken anyway");
+    assert!(!usable, "a connection that refused RSET is not used again");
+    srv.finish();
+}
+
+#[test]
+fn a_refused_rset_with_the_message_pipelined_and_not_taken_is_an_error_to_retry() {
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING"]);
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<a@x>");
+        let n: usize = p
+            .line()
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
+        p.exact(n);
+        p.say("250 ok\r\n250 ok\r\n250 2.0.0 first\r\n");
+        p.expect("RSET");
+        p.expect("MAIL FROM:");
+        p.expect("RCPT TO:<b@x>");
+        let n: usize = p
+            .line()
+            .trim_start_matches("BDAT ")
+            .trim_end_matches(" LAST")
+            .parse()
+            .unwrap();
+        p.exact(n);
+        // A 5xx here follows from the refused RSET: it must not bounce the message.
+        p.say("503 5.5.1 bad sequence\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n");
+    });
+    let addr = srv.addr;
+    let second = run(async move {
+        let mut c = connect(addr, &opts()).await.unwrap();
+        c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        let second = c.send(&env(&["b@x"]), &[0], BODY).await;
+        c.quit().await;
+        second
+    });
+    match second {
+        Err(ClientError::Unexpected {
+            stage: Stage::Rset,
+            reply,
+        }) => assert_eq!(reply.code, 503),
+        other => panic!("expected an RSET error, got {other:?}"),
+    }
+    srv.finish();
+}
+
+#[test]
+fn binarymime_with_chunking_off_waits_for_the_rcpt_replies_before_bdat() {
+    let body: &'static [u8] = b"Subject: bin\r\n\r\n\x00\x01";
+    let srv = server(move |p| {
+        p.say("220 mx.test\r\n");
+        p.ehlo(&["PIPELINING", "CHUNKING", "BINARYMIME"]);
+        p.expect("MAIL FROM:<from@example.org> BODY=BINARYMIME");
+        p.expect("RCPT TO:<a@x>");
+        p.say("250 ok\r\n550 5.1.1 no such user\r\n");
+        // Nothing was accepted: a client that waited sends no chunk at all.
+        p.quit();
+    });
+    let addr = srv.addr;
+    let r = run(async move {
+        let mut o = opts();
+        o.chunking = false;
+        let mut c = connect(addr, &o).await.unwrap();
+        let mut e = env(&["a@x"]);
+        e.body_type = BodyType::BinaryMime;
+        let r = c.send(&e, &[0], body).await.unwrap();
+        c.quit().await;
+        r
+    });
+    assert_eq!(codes(&r), [(0, 550)]);
+    srv.finish();
+}
+
+#[test]
 fn chunking_off_sends_data_although_the_server_offers_chunking() {
     let srv = server(|p| {
         p.say("220 mx.test\r\n");

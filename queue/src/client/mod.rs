@@ -45,7 +45,7 @@ use rustls::pki_types::ServerName;
 
 pub use reply::{parse_reply, Reply, ReplyError, ReplyParser};
 pub use tls::TlsConfigError;
-pub use transaction::{DataPieces, Extensions};
+pub use transaction::{DataPieces, Extensions, PIPELINED_CHUNK_MAX};
 
 use crate::envelope::{BodyType, Envelope};
 use transaction::sasl;
@@ -775,14 +775,13 @@ impl Connection {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let plan =
-            match transaction::plan(env, rcpts, body.len(), &self.ext, self.chunking, now_micros) {
-                Ok(p) => p,
-                Err(reply) => {
-                    tracing::info!(peer = %self.peer, id = %env.id, %reply, "not sent");
-                    return Ok(rcpts.iter().map(|&i| (i, reply.clone())).collect());
-                }
-            };
+        let plan = match transaction::plan(env, rcpts, body, &self.ext, self.chunking, now_micros) {
+            Ok(p) => p,
+            Err(reply) => {
+                tracing::info!(peer = %self.peer, id = %env.id, %reply, "not sent");
+                return Ok(rcpts.iter().map(|&i| (i, reply.clone())).collect());
+            }
+        };
         if env.body_type == BodyType::EightBitMime
             && !self.ext.eightbitmime
             && transaction::has_8bit(body)
@@ -807,26 +806,39 @@ impl Connection {
                 batch.push_str(cmd);
             }
             let first = if rset_first { Stage::Rset } else { Stage::Mail };
-            if plan.bdat {
+            if plan.bdat_with_commands {
                 // RFC 3030 §4.2: BDAT may be pipelined; the body follows its command at
                 // once, so the whole transaction is one write and one round trip. The
                 // server consumes the chunk even when it refuses it (no recipient).
                 batch.push_str(&format!("BDAT {} LAST\r\n", body.len()));
-                self.write_pieces(first, [batch.as_bytes(), body]).await?;
+                if let Err(e) = self.write_pieces(first, [batch.as_bytes(), body]).await {
+                    self.broken = true;
+                    return self
+                        .replies_after_failed_write(&plan, rset_first, results, e)
+                        .await;
+                }
             } else {
-                batch.push_str("DATA\r\n");
+                if !plan.bdat {
+                    batch.push_str("DATA\r\n");
+                }
                 self.write(first, t.mail, batch.as_bytes()).await?;
             }
+            // A refused RSET with the message already sent: only the replies tell whether
+            // the server took it anyway (then it must not be sent again).
+            let mut rset_refused = None;
             if rset_first {
                 let reply = self.read_reply(Stage::Rset, t.helo).await?;
                 if !reply.is_positive() {
                     // The rest of the group is answered too, out of step with us: this
                     // connection is not used again.
                     self.broken = true;
-                    return Err(ClientError::Unexpected {
-                        stage: Stage::Rset,
-                        reply,
-                    });
+                    if !plan.bdat_with_commands {
+                        return Err(ClientError::Unexpected {
+                            stage: Stage::Rset,
+                            reply,
+                        });
+                    }
+                    rset_refused = Some(reply);
                 }
             }
             let mail = self.read_reply(Stage::Mail, t.mail).await?;
@@ -842,17 +854,32 @@ impl Connection {
                     results.push((*i, r));
                 }
             }
-            if plan.bdat {
+            if plan.bdat_with_commands {
                 // The chunk went with the commands: its reply comes whatever the others
                 // said, and is the message's outcome only if some recipient was accepted.
                 let last = self.read_reply(Stage::Bdat, t.data_final).await?;
                 no_intermediate(Stage::Bdat, &last)?;
-                if !accepted.is_empty() && mail.is_positive() {
+                let taken = mail.is_positive() && !accepted.is_empty() && last.is_positive();
+                if let Some(reply) = rset_refused {
+                    if !taken {
+                        // Not taken (or its refusals follow from the refused RSET): try
+                        // again later on a fresh connection.
+                        return Err(ClientError::Unexpected {
+                            stage: Stage::Rset,
+                            reply,
+                        });
+                    }
+                }
+                if mail.is_positive() && !accepted.is_empty() {
                     results.extend(accepted.iter().map(|&i| (i, last.clone())));
                 }
                 return Ok(results);
             }
-            let data = Some(self.read_reply(Stage::Data, t.data_init).await?);
+            let data = if plan.bdat {
+                None
+            } else {
+                Some(self.read_reply(Stage::Data, t.data_init).await?)
+            };
             if accepted.is_empty() {
                 if let Some(d) = &data {
                     if d.code == 354 {
@@ -926,6 +953,40 @@ impl Connection {
         };
         no_intermediate(Stage::DataFinal, &final_reply)?;
         results.extend(accepted.iter().map(|&i| (i, final_reply.clone())));
+        Ok(results)
+    }
+
+    /// The pipelined write carrying the body failed: a server that refused MAIL or every
+    /// RCPT may have closed without taking the chunk. Its replies, if they arrived, are the
+    /// answer (a 5xx bounces now rather than the upload being retried until `max_age`);
+    /// otherwise, or if any recipient was accepted, the write's error stands (deferred).
+    async fn replies_after_failed_write(
+        &mut self,
+        plan: &transaction::Plan,
+        rset_first: bool,
+        mut results: Vec<(usize, Reply)>,
+        err: ClientError,
+    ) -> Result<Vec<(usize, Reply)>, ClientError> {
+        let d = self.timeouts.mail.min(Duration::from_secs(5));
+        if rset_first {
+            match self.read_reply(Stage::Rset, d).await {
+                Ok(r) if r.is_positive() => {}
+                _ => return Err(err),
+            }
+        }
+        let Ok(mail) = self.read_reply(Stage::Mail, d).await else {
+            return Err(err);
+        };
+        if mail.is_transient() || mail.is_permanent() {
+            results.extend(plan.rcpts.iter().map(|(i, _)| (*i, mail.clone())));
+            return Ok(results);
+        }
+        for (i, _) in &plan.rcpts {
+            match self.read_reply(Stage::Rcpt, d).await {
+                Ok(r) if r.is_transient() || r.is_permanent() => results.push((*i, r)),
+                _ => return Err(err),
+            }
+        }
         Ok(results)
     }
 

@@ -92,6 +92,30 @@ pub struct Plan {
     pub refused: Vec<(usize, Reply)>,
     /// Send the body with `BDAT n LAST` (RFC 3030) instead of DATA.
     pub bdat: bool,
+    /// ... in the same write as MAIL and RCPT (one round trip), rather than after their
+    /// replies.
+    pub bdat_with_commands: bool,
+}
+
+/// The largest body sent pipelined behind MAIL and RCPT. Up to this it fits the socket
+/// buffers, so the write completes whether or not the server has read its commands yet;
+/// a larger one would wait for the server's RCPT checks under a body timeout, and make
+/// a server that refuses early read (and discard) a large chunk for nothing.
+pub const PIPELINED_CHUNK_MAX: usize = 64 * 1024;
+
+/// Whether `body` has a CR or LF that is not part of a CRLF pair. DATA repairs those
+/// (`DataPieces`); BDAT sends the body as stored, so such a body goes by DATA (RFC 5321
+/// §2.3.8: no bare CR or LF on the wire; they are what SMTP smuggling is made of).
+pub fn has_bare_line_ending(body: &[u8]) -> bool {
+    let mut ends = memchr::memchr2_iter(b'\r', b'\n', body);
+    while let Some(i) = ends.next() {
+        // An LF here was not the second half of a CRLF; a CR must have its LF next.
+        if body[i] == b'\n' || body.get(i + 1) != Some(&b'\n') {
+            return true;
+        }
+        ends.next(); // that LF
+    }
+    false
 }
 
 /// Decides whether and how `env` can be sent to a server with `ext` at `now_unix_micros`.
@@ -106,8 +130,9 @@ pub struct Plan {
 /// late delivery; the runner sends a "relayed" DSN when the server lacks DSN as well.
 ///
 /// With `chunking` (`ClientOptions::chunking`) and a server offering CHUNKING and
-/// PIPELINING, the body goes with `BDAT n LAST` pipelined behind MAIL and RCPT (one round
-/// trip); a BINARYMIME body always does (RFC 3030 §3 allows nothing else).
+/// PIPELINING, a body of at most [`PIPELINED_CHUNK_MAX`] without bare CR or LF goes with
+/// `BDAT n LAST` pipelined behind MAIL and RCPT (one round trip); a BINARYMIME body always
+/// goes by BDAT (RFC 3030 §3 allows nothing else), pipelined under the same conditions.
 ///
 /// Policy on an 8-bit body to a server without 8BITMIME: send it anyway, without BODY=
 /// (what Postfix does with MIME conversion off, and what every such server we know of
@@ -116,11 +141,12 @@ pub struct Plan {
 pub fn plan(
     env: &Envelope,
     rcpts: &[usize],
-    body_len: usize,
+    body: &[u8],
     ext: &Extensions,
     chunking: bool,
     now_unix_micros: u64,
 ) -> Result<Plan, Reply> {
+    let body_len = body.len();
     if !safe_address(&env.sender) {
         return Err(Reply::local(
             553,
@@ -225,15 +251,23 @@ pub fn plan(
         }
     }
     mail.push_str("\r\n");
-    // BDAT for every body where it saves the DATA round trip (pipelined with the
-    // commands); BINARYMIME has no other way.
-    let bdat = binary || (chunking && ext.chunking && ext.pipelining);
+    // BDAT pipelined with the commands wherever it saves the DATA round trip and the body
+    // can go exactly as stored; BINARYMIME has no other way than BDAT (after the RCPT
+    // replies when it is not pipelined).
+    let bdat_with_commands = chunking
+        && ext.chunking
+        && ext.pipelining
+        && body_len <= PIPELINED_CHUNK_MAX
+        // DATA ends an unterminated last line; BDAT would not.
+        && (binary || (!has_bare_line_ending(body) && (body.is_empty() || body.ends_with(b"\r\n"))));
+    let bdat = binary || bdat_with_commands;
 
     let mut plan = Plan {
         mail,
         rcpts: Vec::with_capacity(rcpts.len()),
         refused: Vec::new(),
         bdat,
+        bdat_with_commands,
     };
     for &i in rcpts {
         let Some(r) = env.recipients.get(i) else {
@@ -443,6 +477,19 @@ pub fn has_8bit(body: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bare_line_endings_are_found_and_crlf_is_not() {
+        use super::has_bare_line_ending as bare;
+        assert!(!bare(b""));
+        assert!(!bare(b"a\r\nb\r\n\r\n"));
+        assert!(bare(b"a\nb"));
+        assert!(bare(b"a\rb"));
+        assert!(bare(b"a\r\n\n"));
+        assert!(bare(b"a\r\r\n"));
+        assert!(bare(b"end\r"));
+        assert!(bare(b"\n"));
+    }
+
     use super::*;
     use base64::engine::general_purpose::STANDARD as B64;
     use base64::Engine as _;
@@ -527,9 +574,12 @@ mod tests {
         let without = ehlo("mx\nDSN");
         // 10.2 s after arrival: 11 s count as spent (rounded up).
         let now = 1_000_000_000 + 10_200_000;
-        let mail = |e: &Envelope, x: &Extensions| plan(e, &[0], 10, x, true, now).map(|p| p.mail);
+        let mail =
+            |e: &Envelope, x: &Extensions| plan(e, &[0], &[b'x'; 10], x, true, now).map(|p| p.mail);
         let rcpt = |e: &Envelope, x: &Extensions| {
-            plan(e, &[0], 10, x, true, now).unwrap().rcpts[0].1.clone()
+            plan(e, &[0], &[b'x'; 10], x, true, now).unwrap().rcpts[0]
+                .1
+                .clone()
         };
 
         let e = by_env(100, DeliverByMode::Return, 0);
