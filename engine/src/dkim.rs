@@ -418,6 +418,20 @@ impl Signer {
         self.sign_body(&msg.body)
     }
 
+    /// [`Signer::sign_body`], with a panic in the computation turned into an error for
+    /// this message (451) rather than the end of the thread signing it: a shard and its
+    /// sessions, or the signing thread and every later signature.
+    pub fn sign_body_or_fail(&self, body: &[Bytes]) -> Result<Vec<(Algorithm, Bytes)>, SignError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.sign_body(body)))
+            .unwrap_or_else(|_| {
+                Err(SignError {
+                    domain: String::new(),
+                    selector: String::new(),
+                    why: "the signature computation panicked".into(),
+                })
+            })
+    }
+
     /// [`Signer::sign`] for any message body, whoever sent it.
     pub fn sign_body(&self, body: &[Bytes]) -> Result<Vec<(Algorithm, Bytes)>, SignError> {
         let Some(header) = tern_smtp::sender::header_section(body) else {

@@ -82,16 +82,7 @@ impl SigningThread {
                 // Ends when the shard's handle (the only sender) is dropped.
                 for job in rx {
                     // A panic fails this message only: the thread must stay for the next.
-                    let answer = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        job.signer.sign_body(&job.body)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(SignError {
-                            domain: String::new(),
-                            selector: String::new(),
-                            why: "the signature computation panicked".into(),
-                        })
-                    });
+                    let answer = job.signer.sign_body_or_fail(&job.body);
                     // The session may have gone (client timeout): nothing to tell.
                     let _ = job.done.send(answer);
                 }

@@ -95,7 +95,7 @@ impl ShardStore {
             return Ok(());
         }
         let signed = match signer.mode() {
-            SignerMode::Inline => signer.sign_body(&msg.body),
+            SignerMode::Inline => signer.sign_body_or_fail(&msg.body),
             SignerMode::Thread if !signer.has_keys_for(&msg.body) => Ok(Vec::new()),
             SignerMode::Thread => match self.signing_thread() {
                 Some(t) => match t.sign(signer.clone(), msg.body.to_vec()).await {
@@ -103,12 +103,12 @@ impl ShardStore {
                     Err(Gone) => self.sign_without_thread(&signer, &msg.body),
                 },
                 // No thread could be started: sign here rather than refuse mail.
-                None => signer.sign_body(&msg.body),
+                None => signer.sign_body_or_fail(&msg.body),
             },
             SignerMode::Auto => match signer.needs_rsa(&msg.body) {
                 None => Ok(Vec::new()),
                 // Ed25519 alone costs about what the hand-off would.
-                Some(false) => signer.sign_body(&msg.body),
+                Some(false) => signer.sign_body_or_fail(&msg.body),
                 Some(true) => match self.signing_thread() {
                     Some(t) if t.in_flight() < AUTO_MAX_IN_FLIGHT => {
                         match t.sign(signer.clone(), msg.body.to_vec()).await {
@@ -117,7 +117,7 @@ impl ShardStore {
                         }
                     }
                     // Behind (a saturated shard starves the niced thread): here.
-                    _ => signer.sign_body(&msg.body),
+                    _ => signer.sign_body_or_fail(&msg.body),
                 },
             },
         };
@@ -147,7 +147,7 @@ impl ShardStore {
                 "the DKIM signing thread has stopped: signing on the shard's thread from now on"
             );
         }
-        signer.sign_body(body)
+        signer.sign_body_or_fail(body)
     }
 
     /// The shard's signing thread, started on first use (`None` if the OS refused it,
@@ -306,7 +306,7 @@ impl ShardStore {
                 warned: false,
                 held: true,
             };
-            if let Err(e) = self.commit.commit_state(&change).await {
+            if let Err(e) = self.commit.commit_state_now(&change).await {
                 self.withdraw(msg, Some(c.id), recipients, &e).await;
                 return Err(e);
             }
@@ -353,7 +353,7 @@ impl ShardStore {
             warned: false,
             held: false,
         };
-        match self.commit.commit_state(&change).await {
+        match self.commit.commit_state_now(&change).await {
             Ok(_) => {
                 // Its segment no longer waits for it.
                 let _ = self.commit.with_spool(|s| s.finished(msg));

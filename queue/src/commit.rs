@@ -25,8 +25,10 @@
 //! otherwise they wait and go with the next batch that carries a message (sharing its
 //! fdatasync costs a message one small pwrite). Even when nothing is in flight, state
 //! records queued alone first wait up to `spool.state_commit_delay` for a message to
-//! ride with: at low rates a delivery would otherwise cost a second fdatasync per
-//! message (the runner's bookkeeping waits; no session does).
+//! ride with, while messages keep arriving (one was queued within that delay): at low
+//! rates a delivery would otherwise cost a second fdatasync per message. Only the
+//! runner's bookkeeping waits; a queue drained with no new mail never does, and the state
+//! records sessions wait for (`commit_state_now`) start like messages.
 //!
 //! Why threads of their own rather than glommio's `spawn_blocking`: the blocking pool is
 //! shared with other slow work (Maildir deliveries fsync each file and directory), and a
@@ -134,6 +136,9 @@ struct Inner {
     /// How long state records queued alone wait for a message to ride with
     /// ([`GroupCommit::set_state_commit_delay`]).
     state_delay: Duration,
+    /// When the last message record was queued: state records wait for the next one only
+    /// while messages keep coming (a queue drained with no new mail never waits).
+    last_message_at: Option<Instant>,
     /// Batches started and not yet released to their waiters (kept by the committer).
     in_flight: usize,
     /// Tasks waiting in [`GroupCommit::close`] for the queue and the flights to empty.
@@ -381,6 +386,7 @@ impl GroupCommit {
             queued_messages: 0,
             committer: None,
             state_delay: DEFAULT_STATE_COMMIT_DELAY,
+            last_message_at: None,
             in_flight: 0,
             closers: Vec::new(),
             sync_times: Histogram::default(),
@@ -424,10 +430,25 @@ impl GroupCommit {
     /// written never reached the disk, so it is prepared again (in a newer segment), up to
     /// three times, rather than reported as failed.
     pub async fn commit_state(&self, change: &StateChange) -> Result<Committed, SpoolError> {
+        self.commit_state_with(change, false).await
+    }
+
+    /// Like [`GroupCommit::commit_state`], for a state record a session waits for (a
+    /// quarantined message's hold before its 250, a withdrawal before its 4xx): it starts
+    /// a batch as a message record would, never waiting for `state_commit_delay`.
+    pub async fn commit_state_now(&self, change: &StateChange) -> Result<Committed, SpoolError> {
+        self.commit_state_with(change, true).await
+    }
+
+    async fn commit_state_with(
+        &self,
+        change: &StateChange,
+        urgent: bool,
+    ) -> Result<Committed, SpoolError> {
         let mut tries = 0;
         loop {
             let w = self.with_spool(|s| s.prepare_state(change))?;
-            match self.commit(w).await {
+            match self.commit_with(w, urgent).await {
                 Err(SpoolError::SegmentUnusable { .. }) if tries < 2 => tries += 1,
                 r => return r,
             }
@@ -456,13 +477,25 @@ impl GroupCommit {
     /// Queues `write` for the next batch and waits until it is durable (or failed).
     /// Must be called inside the shard's glommio executor.
     pub async fn commit(&self, write: PendingWrite) -> Result<Committed, SpoolError> {
+        self.commit_with(write, false).await
+    }
+
+    /// `urgent`: a state record a session waits for, started like a message record.
+    async fn commit_with(
+        &self,
+        write: PendingWrite,
+        urgent: bool,
+    ) -> Result<Committed, SpoolError> {
         let (tx, rx) = oneshot::channel();
         let queued = Instant::now();
         let message = !write.is_state();
         let idle_committer = {
             let mut inner = self.inner.borrow_mut();
             inner.queue.push((write, tx, queued));
-            inner.queued_messages += usize::from(message);
+            inner.queued_messages += usize::from(message || urgent);
+            if message {
+                inner.last_message_at = Some(queued);
+            }
             inner.committer.take()
         };
         if let Some(w) = idle_committer {
@@ -600,7 +633,10 @@ async fn committer(inner: Weak<RefCell<Inner>>, slots: usize) {
                     if let Some(&(_, _, oldest)) = i.queue.first() {
                         let due = oldest + i.state_delay;
                         let now = Instant::now();
-                        if now >= due {
+                        let messages_coming = i
+                            .last_message_at
+                            .is_some_and(|t| now.saturating_duration_since(t) < i.state_delay);
+                        if now >= due || !messages_coming {
                             start = true;
                         } else {
                             if linger.as_ref().is_none_or(|(d, _)| *d != due) {

@@ -118,3 +118,75 @@ fn a_state_record_with_no_message_after_it_still_commits_once_the_delay_is_over(
     assert_eq!(st.batch_messages.count, 2);
     assert_eq!(st.messages_sharing, 0);
 }
+
+/// Waits for `f`, but gives up after 60 s (a guard against a hang, not a timing claim).
+async fn within_a_minute<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(f.await) }, async {
+        glommio::timer::sleep(Duration::from_secs(60)).await;
+        None
+    })
+    .await
+}
+
+#[test]
+fn a_state_record_waits_for_nothing_when_no_message_came_lately() {
+    // A queue being drained after a restart: no message arrives, so a delivery's state
+    // record must not wait out the (here very long) delay.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let p1 = path.clone();
+    let stored = LocalExecutorBuilder::new(Placement::Unbound)
+        .ring_depth(64)
+        .io_memory(128 << 10)
+        .make()
+        .unwrap()
+        .run(async move {
+            let (spool, _) = ShardSpool::open(
+                &p1,
+                0,
+                SpoolOptions {
+                    segment_size: 1 << 20,
+                },
+            )
+            .unwrap();
+            let commit = GroupCommit::with_commits_in_flight(spool, 1);
+            store(&commit).await
+        });
+    let (r, id) = stored;
+    let done = LocalExecutorBuilder::new(Placement::Unbound)
+        .ring_depth(64)
+        .io_memory(128 << 10)
+        .make()
+        .unwrap()
+        .run(async move {
+            let (spool, _) = ShardSpool::open(
+                &path,
+                0,
+                SpoolOptions {
+                    segment_size: 1 << 20,
+                },
+            )
+            .unwrap();
+            let commit = GroupCommit::with_commits_in_flight(spool, 1);
+            commit.set_state_commit_delay(Duration::from_secs(3600));
+            within_a_minute(commit.commit_state(&delivered(r, id))).await
+        });
+    assert!(
+        matches!(done, Some(Ok(_))),
+        "the state record waited for a message that was not coming: {done:?}"
+    );
+}
+
+#[test]
+fn a_state_record_a_session_waits_for_starts_at_once() {
+    let st = with_commit(Duration::from_secs(3600), |commit| async move {
+        let (r, id) = store(&commit).await;
+        let done = within_a_minute(commit.commit_state_now(&delivered(r, id))).await;
+        assert!(matches!(done, Some(Ok(_))), "{done:?}");
+    });
+    assert_eq!(
+        st.batch_messages.count, 2,
+        "the message, then the state record alone"
+    );
+    assert_eq!(st.messages_sharing, 0);
+}
