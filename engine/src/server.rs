@@ -890,6 +890,9 @@ async fn shard_main(
                         let fresh = session_config(&new, kind, &auth_shared, hooks);
                         *ctx.session.borrow_mut() = Rc::new(fresh);
                     }
+                    // "configuration reloaded" is said when the shards are told; from
+                    // this line on, this shard's new sessions have the new settings.
+                    tracing::info!(shard = id, "configuration applied");
                     // Outbound TLS: re-read the CA files (a changed bundle takes effect,
                     // and sessions verified under the old one are not resumed).
                     let runner = control_shard.store.runner().clone();

@@ -1443,6 +1443,22 @@ pub fn haproxy_wait_status(
     );
 }
 
+/// Waits until `reloads` configuration reloads have been applied by every one of
+/// `shards` shards, as `log` (a server's stderr) says. "configuration reloaded" is said
+/// when the shards are told; each applies it on its own a moment later, and a session
+/// landing on a shard before that still gets the old settings.
+pub fn wait_applied(log: &Mutex<String>, shards: usize, reloads: usize) {
+    wait_for(
+        "every shard to apply the reload",
+        Duration::from_secs(10),
+        || {
+            log.lock()
+                .map(|l| l.matches("configuration applied").count() >= reloads * shards)
+                .unwrap_or(false)
+        },
+    );
+}
+
 /// Reads `r` (a child's stderr) to its end on a thread of its own, so a full pipe never
 /// blocks the child; the text so far is in the returned buffer.
 pub fn drain_text(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {

@@ -135,7 +135,14 @@ fn drops_to_the_configured_user_on_every_thread() {
     // process dropped root before they started: RLIMIT_NICE was raised for them. Raising
     // a hard limit needs CAP_SYS_RESOURCE, which some containers' root lacks: there tern
     // keeps nice 0 and says so.
-    let can_raise = has_cap(24); // CAP_SYS_RESOURCE
+    let mut nice_limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct passed.
+    unsafe { libc::getrlimit(libc::RLIMIT_NICE, &mut nice_limit) };
+    // CAP_SYS_RESOURCE, or a hard limit already high enough (then only the soft one moves).
+    let can_raise = has_cap(24) || nice_limit.rlim_max >= 30;
     let want_nice = if can_raise { -10 } else { 0 };
     let mut syncers = 0;
     for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tern_tests::{tern_bin, wait_for, Client};
+use tern_tests::{tern_bin, Client};
 
 fn write_config(path: &std::path::Path, dir: &std::path::Path, recipients: u32, smtp: &str) {
     std::fs::write(
@@ -41,7 +41,7 @@ fn sighup_applies_new_limits_to_new_sessions_only() {
     let mut smtp = None;
     let start = Instant::now();
     let mut line = String::new();
-    loop {
+    let shards: usize = loop {
         line.clear();
         assert!(
             out.read_line(&mut line).unwrap() > 0,
@@ -51,11 +51,11 @@ fn sighup_applies_new_limits_to_new_sessions_only() {
         if let Some(a) = line.trim().strip_prefix("listening: smtp ") {
             smtp = Some(a.parse::<std::net::SocketAddr>().unwrap());
         }
-        if line.starts_with("ready:") {
-            break;
+        if let Some(n) = line.strip_prefix("ready: ") {
+            break n.split_whitespace().next().unwrap().parse().unwrap();
         }
         assert!(start.elapsed() < Duration::from_secs(30));
-    }
+    };
     let smtp = smtp.unwrap();
 
     // A session opened before the reload.
@@ -67,9 +67,7 @@ fn sighup_applies_new_limits_to_new_sessions_only() {
     // New limit, and a listener change that cannot apply without a restart.
     write_config(&cfg, dir.path(), 1, "127.0.0.1:1");
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    wait_for("the reload", Duration::from_secs(10), || {
-        log.lock().unwrap().contains("configuration reloaded")
-    });
+    tern_tests::wait_applied(&log, shards, 1);
     let text = log.lock().unwrap().clone();
     assert!(
         text.contains("takes effect after a restart") && text.contains("listeners"),
