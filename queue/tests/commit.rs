@@ -7,8 +7,7 @@ mod common;
 use std::time::Duration;
 
 use bytes::Bytes;
-use glommio::{LocalExecutorBuilder, Placement};
-use tern_queue::{GroupCommit, MsgId, MsgRef, RcptState, ShardSpool, SpoolOptions, StateChange};
+use tern_queue::{GroupCommit, MsgId, MsgRef, RcptState, StateChange};
 
 /// Runs `script` with a fresh spool's committer (one in flight at a time, so the batches
 /// are easy to count) and returns its statistics afterwards.
@@ -19,25 +18,12 @@ where
 {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .ring_depth(64)
-        .io_memory(128 << 10)
-        .make()
-        .unwrap()
-        .run(async move {
-            let (spool, _) = ShardSpool::open(
-                &path,
-                0,
-                SpoolOptions {
-                    segment_size: 1 << 20,
-                },
-            )
-            .unwrap();
-            let commit = GroupCommit::with_commits_in_flight(spool, 1);
-            commit.set_state_commit_delay(delay);
-            script(commit.clone()).await;
-            commit.stats()
-        })
+    common::on_executor(async move {
+        let commit = GroupCommit::with_commits_in_flight(common::open_spool(&path), 1);
+        commit.set_state_commit_delay(delay);
+        script(commit.clone()).await;
+        commit.stats()
+    })
 }
 
 /// Stores a one-recipient message; its place and id.
@@ -135,42 +121,15 @@ fn a_state_record_waits_for_nothing_when_no_message_came_lately() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
     let p1 = path.clone();
-    let stored = LocalExecutorBuilder::new(Placement::Unbound)
-        .ring_depth(64)
-        .io_memory(128 << 10)
-        .make()
-        .unwrap()
-        .run(async move {
-            let (spool, _) = ShardSpool::open(
-                &p1,
-                0,
-                SpoolOptions {
-                    segment_size: 1 << 20,
-                },
-            )
-            .unwrap();
-            let commit = GroupCommit::with_commits_in_flight(spool, 1);
-            store(&commit).await
-        });
-    let (r, id) = stored;
-    let done = LocalExecutorBuilder::new(Placement::Unbound)
-        .ring_depth(64)
-        .io_memory(128 << 10)
-        .make()
-        .unwrap()
-        .run(async move {
-            let (spool, _) = ShardSpool::open(
-                &path,
-                0,
-                SpoolOptions {
-                    segment_size: 1 << 20,
-                },
-            )
-            .unwrap();
-            let commit = GroupCommit::with_commits_in_flight(spool, 1);
-            commit.set_state_commit_delay(Duration::from_secs(3600));
-            within_a_minute(commit.commit_state(&delivered(r, id))).await
-        });
+    let (r, id) = common::on_executor(async move {
+        let commit = GroupCommit::with_commits_in_flight(common::open_spool(&p1), 1);
+        store(&commit).await
+    });
+    let done = common::on_executor(async move {
+        let commit = GroupCommit::with_commits_in_flight(common::open_spool(&path), 1);
+        commit.set_state_commit_delay(Duration::from_secs(3600));
+        within_a_minute(commit.commit_state(&delivered(r, id))).await
+    });
     assert!(
         matches!(done, Some(Ok(_))),
         "the state record waited for a message that was not coming: {done:?}"

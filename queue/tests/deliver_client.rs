@@ -86,6 +86,17 @@ impl Peer {
             assert!(self.fill() > 0, "client closed inside DATA");
         }
     }
+    /// A `BDAT n LAST` command and its chunk.
+    fn bdat_last(&mut self) -> Vec<u8> {
+        let cmd = self.line();
+        let n: usize = cmd
+            .strip_prefix("BDAT ")
+            .and_then(|r| r.strip_suffix(" LAST"))
+            .unwrap_or_else(|| panic!("expected BDAT n LAST, got {cmd:?}"))
+            .parse()
+            .unwrap();
+        self.exact(n)
+    }
     fn exact(&mut self, n: usize) -> Vec<u8> {
         while self.buf.len() < n {
             assert!(self.fill() > 0, "client closed inside BDAT");
@@ -1033,26 +1044,14 @@ fn chunking_with_every_recipient_refused_reads_the_bdat_reply_and_keeps_the_conn
         p.ehlo(&["PIPELINING", "CHUNKING"]);
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<a@x>");
-        let bdat = p.line();
-        let n: usize = bdat
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        p.exact(n);
+        p.bdat_last();
         // RFC 3030: the server consumes the chunk and refuses it.
         p.say("250 ok\r\n550 5.1.1 no such user\r\n554 5.5.1 no valid recipients\r\n");
         // The same connection carries the next message, in step.
         p.expect("RSET");
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<b@x>");
-        let bdat = p.line();
-        let n: usize = bdat
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        assert_eq!(p.exact(n), BODY);
+        assert_eq!(p.bdat_last(), BODY);
         p.say("250 reset\r\n250 ok\r\n250 ok\r\n250 2.0.0 second ok\r\n");
         p.quit();
     });
@@ -1117,88 +1116,58 @@ fn chunking_uses_data_for_bare_line_endings_and_large_bodies() {
     srv.finish();
 }
 
-#[test]
-fn a_refused_rset_with_the_message_pipelined_reads_on_and_keeps_a_taken_message() {
+/// Two messages on one connection, each pipelined with BDAT; the server answers the
+/// second group (RSET, MAIL, RCPT, BDAT) with `second`. The second message's outcome, and
+/// whether the connection is still usable afterwards.
+fn second_message_after_refused_rset(
+    second: &'static str,
+) -> (Result<Vec<(usize, Reply)>, ClientError>, bool) {
     let srv = server(move |p| {
         p.say("220 mx.test\r\n");
         p.ehlo(&["PIPELINING", "CHUNKING"]);
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<a@x>");
-        let n: usize = p
-            .line()
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        p.exact(n);
+        p.bdat_last();
         p.say("250 ok\r\n250 ok\r\n250 2.0.0 first\r\n");
-        // Second message on the reused connection: RSET refused, but the server takes
-        // the message all the same. It must count as delivered (not sent again).
         p.expect("RSET");
         p.expect("MAIL FROM:");
         p.expect("RCPT TO:<b@x>");
-        let n: usize = p
-            .line()
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        p.exact(n);
-        p.say("451 4.3.0 odd\r\n250 ok\r\n250 ok\r\n250 2.0.0 taken anyway\r\n");
+        p.bdat_last();
+        p.say(second);
     });
     let addr = srv.addr;
-    let (first, second, usable) = run(async move {
+    let r = run(async move {
         let mut c = connect(addr, &opts()).await.unwrap();
         let first = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
+        assert_eq!(first[0].1.text, "first");
         let second = c.send(&env(&["b@x"]), &[0], BODY).await;
         let usable = c.is_usable();
         c.quit().await;
-        (first, second, usable)
+        (second, usable)
     });
-    assert_eq!(first[0].1.text, "first");
+    srv.finish();
+    r
+}
+
+#[test]
+fn a_refused_rset_with_the_message_pipelined_reads_on_and_keeps_a_taken_message() {
+    // RSET refused, but the server takes the message all the same: delivered, not sent
+    // again.
+    let (second, usable) = second_message_after_refused_rset(
+        "451 4.3.0 odd\r\n250 ok\r\n250 ok\r\n250 2.0.0 taken anyway\r\n",
+    );
     let second = second.expect("a message the server took is a result, not an error");
     assert_eq!(codes(&second), [(0, 250)]);
     assert_eq!(second[0].1.text, "taken anyway");
     assert!(!usable, "a connection that refused RSET is not used again");
-    srv.finish();
 }
 
 #[test]
 fn a_refused_rset_with_the_message_pipelined_and_not_taken_is_an_error_to_retry() {
-    let srv = server(move |p| {
-        p.say("220 mx.test\r\n");
-        p.ehlo(&["PIPELINING", "CHUNKING"]);
-        p.expect("MAIL FROM:");
-        p.expect("RCPT TO:<a@x>");
-        let n: usize = p
-            .line()
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        p.exact(n);
-        p.say("250 ok\r\n250 ok\r\n250 2.0.0 first\r\n");
-        p.expect("RSET");
-        p.expect("MAIL FROM:");
-        p.expect("RCPT TO:<b@x>");
-        let n: usize = p
-            .line()
-            .trim_start_matches("BDAT ")
-            .trim_end_matches(" LAST")
-            .parse()
-            .unwrap();
-        p.exact(n);
-        // A 5xx here follows from the refused RSET: it must not bounce the message.
-        p.say("503 5.5.1 bad sequence\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n");
-    });
-    let addr = srv.addr;
-    let second = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
-        let second = c.send(&env(&["b@x"]), &[0], BODY).await;
-        c.quit().await;
-        second
-    });
+    // A 5xx here follows from the refused RSET: it must not bounce the message.
+    let (second, _) = second_message_after_refused_rset(
+        "503 5.5.1 bad sequence\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n503 5.5.1 no\r\n",
+    );
     match second {
         Err(ClientError::Unexpected {
             stage: Stage::Rset,
@@ -1206,7 +1175,6 @@ fn a_refused_rset_with_the_message_pipelined_and_not_taken_is_an_error_to_retry(
         }) => assert_eq!(reply.code, 503),
         other => panic!("expected an RSET error, got {other:?}"),
     }
-    srv.finish();
 }
 
 #[test]

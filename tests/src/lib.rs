@@ -1443,6 +1443,32 @@ pub fn haproxy_wait_status(
     );
 }
 
+/// The nice value of each thread of process `pid` whose name starts with `prefix`
+/// (from /proc: field 19 of the thread's stat, counted after the ")" that ends its name).
+pub fn thread_nices(pid: u32, prefix: &str) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for t in tasks.flatten() {
+        let t = t.path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(t.join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+            continue;
+        };
+        if let Some(nice) = rest.split_whitespace().nth(16).and_then(|n| n.parse().ok()) {
+            out.push((comm.trim().to_string(), nice));
+        }
+    }
+    out
+}
+
 /// Waits until `reloads` configuration reloads have been applied by every one of
 /// `shards` shards, as `log` (a server's stderr) says. "configuration reloaded" is said
 /// when the shards are told; each applies it on its own a moment later, and a session

@@ -297,19 +297,7 @@ fn spool_syncer_threads_run_at_the_configured_nice_value() {
         return;
     }
     let s = Server::start(None, &["spool.syncer_nice=-7"]);
-    let mut nices = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{}/task", s.pid())).unwrap() {
-        let t = t.unwrap().path();
-        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        if !comm.starts_with("tern-sync-") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.join("stat")).unwrap();
-        // After the ")" that ends comm, field 3 (state) comes first; nice is field 19.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
-        nices.push((comm.trim().to_string(), nice));
-    }
+    let nices = tern_tests::thread_nices(s.pid(), "tern-sync-");
     assert!(!nices.is_empty(), "no tern-sync-* thread");
     assert!(nices.iter().all(|(_, n)| *n == -7), "{nices:?}");
 }

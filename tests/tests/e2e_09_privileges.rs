@@ -144,21 +144,11 @@ fn drops_to_the_configured_user_on_every_thread() {
     // CAP_SYS_RESOURCE, or a hard limit already high enough (then only the soft one moves).
     let can_raise = has_cap(24) || nice_limit.rlim_max >= 30;
     let want_nice = if can_raise { -10 } else { 0 };
-    let mut syncers = 0;
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().path();
-        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
-        if !comm.starts_with("tern-sync-") {
-            continue;
-        }
-        let stat = std::fs::read_to_string(t.join("stat")).unwrap();
-        // Fields after the ")" of comm: state is field 3, nice field 19.
-        let rest = &stat[stat.rfind(')').unwrap() + 2..];
-        let nice: i32 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
-        assert_eq!(nice, want_nice, "{} ({})", comm.trim(), t.display());
-        syncers += 1;
+    let syncers = tern_tests::thread_nices(pid, "tern-sync-");
+    for (name, nice) in &syncers {
+        assert_eq!(*nice, want_nice, "{name}");
     }
-    assert!(syncers >= 1, "no tern-sync-* thread found");
+    assert!(!syncers.is_empty(), "no tern-sync-* thread found");
     // It still works as that user: a message is accepted and its spool is the user's.
     let mut c = Client::connect(smtp.unwrap());
     c.expect_greeting();

@@ -418,6 +418,29 @@ impl Harness {
     }
 }
 
+/// Runs `f` on a small glommio executor of its own, as a shard would.
+pub fn on_executor<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .ring_depth(64)
+        .io_memory(128 << 10)
+        .make()
+        .unwrap()
+        .run(f)
+}
+
+/// Shard 0's spool in `dir` (1 MiB segments), recovered.
+pub fn open_spool(dir: &Path) -> ShardSpool {
+    ShardSpool::open(
+        dir,
+        0,
+        SpoolOptions {
+            segment_size: 1 << 20,
+        },
+    )
+    .unwrap()
+    .0
+}
+
 /// Runs a runner with `cfg` on a fresh spool while `script` drives it, then stops it.
 pub fn run_script<F, Fut>(cfg: RunnerConfig, script: F) -> Run
 where
@@ -426,40 +449,27 @@ where
 {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_path_buf();
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .ring_depth(64)
-        .io_memory(128 << 10)
-        .make()
-        .unwrap()
-        .run(async move {
-            let (spool, _) = ShardSpool::open(
-                &path,
-                0,
-                SpoolOptions {
-                    segment_size: 1 << 20,
-                },
-            )
-            .unwrap();
-            let commit = GroupCommit::new(spool);
-            let runner = Runner::new(0, cfg, commit.clone(), Vec::new());
-            glommio::spawn_local(runner.clone().run()).detach();
-            let h = std::rc::Rc::new(Harness {
-                runner: runner.clone(),
-                commit,
-            });
-            script(h).await;
-            runner.stop();
-            // Let deliveries and state writes in flight finish before the executor goes
-            // (a blocking-thread job outliving it panics in glommio's thread).
-            let t = Instant::now();
-            while runner.in_flight() > 0 && t.elapsed() < Duration::from_secs(10) {
-                glommio::timer::sleep(Duration::from_millis(20)).await;
-            }
-            Run {
-                left: runner.len(),
-                counts: runner.delivery_counts(),
-            }
-        })
+    on_executor(async move {
+        let commit = GroupCommit::new(open_spool(&path));
+        let runner = Runner::new(0, cfg, commit.clone(), Vec::new());
+        glommio::spawn_local(runner.clone().run()).detach();
+        let h = std::rc::Rc::new(Harness {
+            runner: runner.clone(),
+            commit,
+        });
+        script(h).await;
+        runner.stop();
+        // Let deliveries and state writes in flight finish before the executor goes
+        // (a blocking-thread job outliving it panics in glommio's thread).
+        let t = Instant::now();
+        while runner.in_flight() > 0 && t.elapsed() < Duration::from_secs(10) {
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+        }
+        Run {
+            left: runner.len(),
+            counts: runner.delivery_counts(),
+        }
+    })
 }
 
 /// Until the queue is empty.
