@@ -694,6 +694,8 @@ async fn shard_main(
     ready_tx: std::sync::mpsc::Sender<(usize, Result<(), String>)>,
     cluster: Option<crate::cluster::Link>,
 ) {
+    // How long deliveries in flight may still finish after a stop (the sessions' grace).
+    let grace = cfg.shutdown.grace;
     // Join the anvil mesh first: every shard must join before any can go on, so a shard
     // must not bail out of start-up before this point.
     let anvil = match Anvil::join(
@@ -924,10 +926,18 @@ async fn shard_main(
     .detach();
 
     let _ = stop_rx.await;
+    let stop_at = std::time::Instant::now();
     shard.stopping.fire();
-    shard.store.runner().stop();
+    let runner = shard.store.runner().clone();
+    runner.stop();
     // Sessions finish their transaction (bounded by the grace period) and close.
     while shard.connections.get() > 0 {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    // Deliveries in flight finish too, within the same grace: one cut short after the
+    // next hop's 250 but before its state record is on disk would be sent again after the
+    // restart. (A stuck one is cut at the grace, as before: at least once, not lost.)
+    while runner.in_flight() > 0 && stop_at.elapsed() < grace {
         glommio::timer::sleep(Duration::from_millis(20)).await;
     }
     // Every batch still in flight (on the io_uring path: tasks of this executor, which

@@ -299,6 +299,13 @@ fn kill9_rounds(tag: &str, r: Rounds, extra: &[&str], mut before_kill: impl FnMu
     // side, the deliveries the next hop took but the relay had not recorded yet, at most
     // the destination's concurrency on every shard. The next hop itself is never killed.
     let bound = r.rounds * (r.senders + relay.shards as u32 * DEST_CONCURRENCY);
+    // A graceful stop lets the deliveries in flight finish and record themselves, and
+    // answers every stored message before it closes: nothing is sent twice.
+    assert!(
+        !r.graceful || duplicates == 0,
+        "{duplicates} duplicates after {} graceful stops",
+        r.rounds
+    );
     assert!(
         duplicates <= bound,
         "{duplicates} duplicates after {} kills: more than the {bound} that can be in flight",
