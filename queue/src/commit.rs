@@ -913,7 +913,7 @@ mod tests {
 mod fault_tests {
     use super::*;
     use crate::segment::SyncFault;
-    use crate::{BodyType, Envelope, SpoolOptions};
+    use crate::SpoolOptions;
     use bytes::Bytes;
     use glommio::{LocalExecutorBuilder, Placement};
 
@@ -926,29 +926,14 @@ mod fault_tests {
             .run(f)
     }
 
-    fn envelope(id: String, size: u64) -> Envelope {
-        Envelope {
-            id,
-            sender: "s@example.org".into(),
-            recipients: Vec::new(),
-            arrival_unix_micros: 0,
-            size,
-            body_type: BodyType::SevenBit,
-            smtputf8: false,
-            ret: None,
-            envid: None,
-            deliver_by: None,
-            auth: None,
-            client_helo: "h".into(),
-            client_addr: "192.0.2.1:1".into(),
-        }
-    }
-
     fn prepare(commit: &GroupCommit) -> PendingWrite {
         commit.with_spool(|s| {
             let id = s.id_gen().next();
-            s.prepare(&envelope(id, 5), &[Bytes::from_static(b"hello")])
-                .expect("prepare")
+            s.prepare(
+                &crate::spool::tests::env(&id, 5),
+                &[Bytes::from_static(b"hello")],
+            )
+            .expect("prepare")
         })
     }
 

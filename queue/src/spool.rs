@@ -1379,11 +1379,12 @@ fn message_at(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::envelope::BodyType;
 
-    fn env(id: &str, size: u64) -> Envelope {
+    /// A recipient-less envelope with `id` and `size` (also for other modules' tests).
+    pub(crate) fn env(id: &str, size: u64) -> Envelope {
         Envelope {
             id: id.into(),
             sender: String::new(),

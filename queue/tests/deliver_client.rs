@@ -208,6 +208,23 @@ fn env(rcpts: &[&str]) -> Envelope {
     }
 }
 
+/// Connects to `addr` with `o`, sends `e` with `body` to its recipients `rcpts`, quits:
+/// the per-recipient results.
+fn send_once(
+    addr: SocketAddr,
+    o: ClientOptions,
+    e: Envelope,
+    rcpts: &'static [usize],
+    body: Vec<u8>,
+) -> Vec<(usize, Reply)> {
+    run(async move {
+        let mut c = connect(addr, &o).await.unwrap();
+        let r = c.send(&e, rcpts, &body).await.unwrap();
+        c.quit().await;
+        r
+    })
+}
+
 fn codes(v: &[(usize, Reply)]) -> Vec<(usize, u16)> {
     v.iter().map(|(i, r)| (*i, r.code)).collect()
 }
@@ -357,12 +374,7 @@ fn all_recipients_refused_but_server_sends_354_gets_an_empty_message() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        let r = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let r = send_once(addr, opts(), env(&["a@x"]), &[0], BODY.to_vec());
     assert_eq!(codes(&r), [(0, 550)]);
     srv.finish();
 }
@@ -383,12 +395,7 @@ fn dot_stuffing_and_line_endings_are_byte_exact_at_the_server() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        let r = c.send(&env(&["a@x"]), &[0], body).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let r = send_once(addr, opts(), env(&["a@x"]), &[0], body.to_vec());
     assert_eq!(codes(&r), [(0, 250)]);
     srv.finish();
 }
@@ -426,12 +433,7 @@ fn large_body_arrives_intact() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        let r = c.send(&env(&["a@x"]), &[0], &body).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let r = send_once(addr, opts(), env(&["a@x"]), &[0], body.to_vec());
     assert_eq!(codes(&r), [(0, 250)]);
     srv.finish();
 }
@@ -1190,16 +1192,11 @@ fn binarymime_with_chunking_off_waits_for_the_rcpt_replies_before_bdat() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut o = opts();
-        o.chunking = false;
-        let mut c = connect(addr, &o).await.unwrap();
-        let mut e = env(&["a@x"]);
-        e.body_type = BodyType::BinaryMime;
-        let r = c.send(&e, &[0], body).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let mut o = opts();
+    o.chunking = false;
+    let mut e = env(&["a@x"]);
+    e.body_type = BodyType::BinaryMime;
+    let r = send_once(addr, o, e, &[0], body.to_vec());
     assert_eq!(codes(&r), [(0, 550)]);
     srv.finish();
 }
@@ -1220,14 +1217,9 @@ fn chunking_off_sends_data_although_the_server_offers_chunking() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut o = opts();
-        o.chunking = false;
-        let mut c = connect(addr, &o).await.unwrap();
-        let r = c.send(&env(&["a@x"]), &[0], BODY).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let mut o = opts();
+    o.chunking = false;
+    let r = send_once(addr, o, env(&["a@x"]), &[0], BODY.to_vec());
     assert_eq!(r[0].1.text, "data ok");
     srv.finish();
 }
@@ -1248,14 +1240,9 @@ fn bdat_for_binarymime() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        let mut e = env(&["a@x"]);
-        e.body_type = BodyType::BinaryMime;
-        let r = c.send(&e, &[0], body).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let mut e = env(&["a@x"]);
+    e.body_type = BodyType::BinaryMime;
+    let r = send_once(addr, opts(), e, &[0], body.to_vec());
     assert_eq!(r[0].1.text, "binary ok");
     srv.finish();
 }
@@ -1269,14 +1256,9 @@ fn binarymime_without_server_support_fails_locally_with_5_6_3() {
         p.quit();
     });
     let addr = srv.addr;
-    let r = run(async move {
-        let mut c = connect(addr, &opts()).await.unwrap();
-        let mut e = env(&["a@x", "b@x"]);
-        e.body_type = BodyType::BinaryMime;
-        let r = c.send(&e, &[0, 1], BODY).await.unwrap();
-        c.quit().await;
-        r
-    });
+    let mut e = env(&["a@x", "b@x"]);
+    e.body_type = BodyType::BinaryMime;
+    let r = send_once(addr, opts(), e, &[0, 1], BODY.to_vec());
     assert_eq!(codes(&r), [(0, 554), (1, 554)]);
     assert_eq!(r[0].1.enhanced, Some((5, 6, 3)));
     srv.finish();

@@ -810,7 +810,9 @@ impl Connection {
                 // RFC 3030 §4.2: BDAT may be pipelined; the body follows its command at
                 // once, so the whole transaction is one write and one round trip. The
                 // server consumes the chunk even when it refuses it (no recipient).
-                batch.push_str(&format!("BDAT {} LAST\r\n", body.len()));
+                // Into the batch directly: no second string per message.
+                let _ =
+                    fmt::Write::write_fmt(&mut batch, format_args!("BDAT {} LAST\r\n", body.len()));
                 if let Err(e) = self.write_pieces(first, [batch.as_bytes(), body]).await {
                     self.broken = true;
                     return self
